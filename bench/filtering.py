@@ -1,0 +1,254 @@
+"""Consistency filtering against naive binarisation, on a simulation with known ground truth.
+
+Run: ``python bench/filtering.py`` (no arguments; a few seconds). Options: ``--prompts``,
+``--responses``, ``--position-bias``, ``--seed``.
+
+Simulation (all draws from one seeded generator)
+- Each prompt has ``responses`` responses with latent quality q ~ N(0, 1) and log length
+  l ~ N(log 600, 0.35) characters (independent of q). Ground truth: x is better than y iff
+  q_x > q_y (strictly, so a pair of equal quality counts as wrong whichever way it goes).
+- ``near_duplicate_rate`` of responses are a copy of another response of their prompt with
+  a few words changed, with the same quality; ``truncation_rate`` are cut at the token limit
+  (RESPONSES.truncated) and lose 0.5 quality.
+- Three judges. Judge k sees x first and y second and answers
+  P("A") = clip(sigmoid(a_k (q_x - q_y) + lambda_k (l_x - l_y) + e) + position_bias, 0.01, 0.99),
+  e ~ N(0, sigma_k) drawn afresh for each order. "Position bias 0.2" is this additive
+  shift of P("A") by +0.2 towards whichever response is shown first. Both orders are
+  judged; p_a = (p_first_ab + 1 - p_first_ba) / 2 as in the JUDGMENTS table.
+  Judges: (a, sigma, lambda) = (1.5, 0.6, 0.3), (1.2, 0.8, 0.5), (1.0, 1.0, 0.2).
+- Rubric ratings: every judge rates every response;
+  expected score = clip(3 + 0.6 q + 0.6 (l - mean l) + N(0, 1.0), 1, 5): a single rating
+  correlates ~0.5 with quality, and verbosity pulls it. Single-text ratings are noisier
+  than pairwise comparisons (QuRating's premise; Peering Through Preferences finds ratings
+  and rankings disagree often), but how much noisier is an assumption: the gain over (a)
+  is set mostly by this noise, since ours is near the ceiling. The run therefore also
+  prints (a) and (c) for rating noise 0.6 and 1.4 (``sensitivity``).
+
+Methods, each emitting at most one pair per prompt
+- (a) argmax: distilabel-style binarisation, argmax/argmin of the mean rubric score per
+  prompt, no checks (:func:`argmax_baseline_pairs`);
+- (b) single_order: judge 1 only, a-first order only, verdicts at face value, Copeland
+  best-vs-worst per prompt (:func:`single_order_pairs`);
+- (c) ours: :func:`apply_filters` with its defaults (mean jury, every default check,
+  best_vs_worst by Bradley-Terry margin, one pair per prompt).
+
+Reported: agreement = share of emitted pairs whose chosen has the higher latent quality,
+in percent. ``kept_share`` = prompts for which ours emits a pair / prompts, i.e. our pairs
+relative to the one pair per prompt that (a) emits; the share of candidate pairs that pass
+every check is printed too (``passed_checks``), and is lower, since best-vs-worst needs only
+one surviving pair per prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from prefcurate.tasks.filter import (
+    FilterParams,
+    apply_filters,
+    argmax_baseline_pairs,
+    single_order_pairs,
+)
+
+JUDGES = [("judge-1", "alpha-7b", 1.5, 0.6, 0.3), ("judge-2", "beta-8b", 1.2, 0.8, 0.5), ("judge-3", "gamma-9b", 1.0, 1.0, 0.2)]
+RATING_NOISE = 1.0
+RATING_LENGTH_PULL = 0.6
+WORDS = np.array(
+    "the of and to in is that for it as with was on be by this are or an from at which but not have "
+    "has were can all their more one its also when been other these into than then some could only "
+    "model data answer result value method step first second because example number function".split()
+)
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-x))
+
+
+def simulate(
+    n_prompts: int = 2000,
+    n_responses: int = 4,
+    position_bias: float = 0.2,
+    near_duplicate_rate: float = 0.03,
+    truncation_rate: float = 0.03,
+    seed: int = 0,
+    rating_noise: float = RATING_NOISE,
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, dict[str, float]]:
+    """(judgments, ratings, responses, true quality by response id)."""
+    rng = np.random.default_rng(seed)
+    n = n_prompts * n_responses
+    prompt_of = np.repeat(np.arange(n_prompts), n_responses)
+    quality = rng.normal(0.0, 1.0, n)
+    log_len = rng.normal(np.log(600), 0.35, n)
+
+    n_words = np.maximum((np.exp(log_len) / 5.0).astype(int), 5)
+    texts = [" ".join(rng.choice(WORDS, size=k)) for k in n_words]
+    # near-duplicates: copy the previous response of the same prompt, change a few words
+    copy = (rng.random(n) < near_duplicate_rate) & (np.arange(n) % n_responses > 0)
+    for i in np.flatnonzero(copy):
+        words = texts[i - 1].split()
+        for position in rng.choice(len(words), size=min(3, len(words)), replace=False):
+            words[position] = str(rng.choice(WORDS))
+        texts[i] = " ".join(words)
+        quality[i] = quality[i - 1]
+        log_len[i] = np.log(len(texts[i]))
+    truncated = rng.random(n) < truncation_rate
+    quality = quality - 0.5 * truncated
+
+    prompt_ids = np.array([f"p{p:05d}" for p in prompt_of])
+    # random id suffixes: which response of a pair is "response_a" (smaller id) carries no signal
+    ids = np.array([f"{prompt}-{suffix:012x}" for prompt, suffix in zip(prompt_ids, rng.integers(0, 1 << 48, n))])
+    generators = np.array(["gen-small", "gen-large"])[rng.integers(0, 2, n)]
+    responses = pl.DataFrame(
+        {
+            "response_id": ids,
+            "prompt_id": prompt_ids,
+            "generator": generators,
+            "model": np.where(generators == "gen-small", "org/delta-1b", "org/epsilon-3b"),
+            "text": texts,
+            "truncated": truncated,
+        }
+    )
+
+    left, right = np.triu_indices(n_responses, k=1)
+    base = (np.arange(n_prompts) * n_responses)[:, None]
+    i = (base + left[None, :]).ravel()
+    j = (base + right[None, :]).ravel()
+    swap = ids[i] > ids[j]  # response_a < response_b in id order
+    a = np.where(swap, j, i)
+    b = np.where(swap, i, j)
+
+    judgment_frames = []
+    rating_frames = []
+    for name, model, slope, noise, length_pull in JUDGES:
+        def first_prob(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+            logit = slope * (quality[x] - quality[y]) + length_pull * (log_len[x] - log_len[y])
+            logit = logit + rng.normal(0.0, noise, x.size)
+            return np.clip(_sigmoid(logit) + position_bias, 0.01, 0.99)
+
+        p_ab = first_prob(a, b)
+        p_ba = first_prob(b, a)
+        judgment_frames.append(
+            pl.DataFrame(
+                {
+                    "judgment_id": [f"{name}-{k}" for k in range(a.size)],
+                    "prompt_id": prompt_ids[a],
+                    "response_a": ids[a],
+                    "response_b": ids[b],
+                    "judge": name,
+                    "judge_model": model,
+                    "criterion": "overall",
+                    "template": "pairwise",
+                    "template_hash": "t0",
+                    "mode": "probability",
+                    "p_first_ab": p_ab,
+                    "p_first_ba": p_ba,
+                    "p_a": (p_ab + 1.0 - p_ba) / 2.0,
+                    "valid": True,
+                    "error": None,
+                },
+                schema_overrides={"error": pl.String},
+            )
+        )
+        score = 3.0 + 0.6 * quality + RATING_LENGTH_PULL * (log_len - log_len.mean()) + rng.normal(0.0, rating_noise, n)
+        rating_frames.append(
+            pl.DataFrame(
+                {
+                    "rating_id": [f"{name}-r{k}" for k in range(n)],
+                    "prompt_id": prompt_ids,
+                    "response_id": ids,
+                    "judge": name,
+                    "judge_model": model,
+                    "aspect": "helpfulness",
+                    "template_hash": "r0",
+                    "expected_score": np.clip(score, 1.0, 5.0),
+                    "valid": True,
+                    "error": None,
+                },
+                schema_overrides={"error": pl.String},
+            )
+        )
+    truth = dict(zip(ids.tolist(), quality.tolist()))
+    return pl.concat(judgment_frames), pl.concat(rating_frames), responses, truth
+
+
+def agreement(pairs: pl.DataFrame, truth: dict[str, float]) -> float:
+    """Percent of pairs whose chosen response has the strictly higher latent quality."""
+    if pairs.height == 0:
+        return float("nan")
+    quality = pl.DataFrame({"response_id": list(truth), "q": list(truth.values())})
+    joined = pairs.join(quality.rename({"response_id": "chosen_id", "q": "qc"}), on="chosen_id").join(
+        quality.rename({"response_id": "rejected_id", "q": "qr"}), on="rejected_id"
+    )
+    return 100.0 * float((joined["qc"] > joined["qr"]).mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompts", type=int, default=2000)
+    parser.add_argument("--responses", type=int, default=4)
+    parser.add_argument("--position-bias", type=float, default=0.2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+
+    judgments, ratings, responses, truth = simulate(args.prompts, args.responses, args.position_bias, seed=args.seed)
+    n_prompts = responses["prompt_id"].n_unique()
+    print(
+        f"simulation: {n_prompts} prompts x {args.responses} responses, {judgments['judge'].n_unique()} judges, "
+        f"position bias +{args.position_bias} on P('A'), {judgments.height} judgments"
+    )
+
+    started = time.perf_counter()
+    baseline = argmax_baseline_pairs(ratings, responses)
+    single = single_order_pairs(judgments)
+    baseline_s = time.perf_counter() - started
+    started = time.perf_counter()
+    ours, drops, report = apply_filters(judgments, ratings, responses, FilterParams())
+    ours_s = time.perf_counter() - started
+
+    rows = [
+        ("(a) argmax over ratings", baseline, agreement(baseline, truth)),
+        ("(b) single-order judge", single, agreement(single, truth)),
+        ("(c) ours (filtered)", ours, agreement(ours, truth)),
+    ]
+    print(f"{'method':<28}{'pairs':>7}{'per prompt':>12}{'agreement %':>14}")
+    for label, pairs, agree in rows:
+        print(f"{label:<28}{pairs.height:>7}{pairs.height / n_prompts:>12.3f}{agree:>14.1f}")
+    print(
+        f"ours: {report['candidates']} candidate pairs, {report['passed_checks']} passed every check "
+        f"({100 * report['kept_share']:.1f}%), Fleiss' kappa {report['fleiss_kappa']:.3f} "
+        f"over {report['fleiss_items']} items; filter {ours_s:.2f}s, baselines {baseline_s:.2f}s"
+    )
+    checks = {r: n for r, n in report["drops_per_reason"].items() if n}
+    print("distinct pairs per reason:", ", ".join(f"{r}={n}" for r, n in checks.items()))
+    print("judges:", ", ".join(f"{j}: flip {s['position_flip_rate']:.2f}" for j, s in report["judges"].items()))
+
+    sensitivity = []
+    for noise in (0.6, 1.4):
+        judged, rated, texts, quality = simulate(
+            args.prompts // 2, args.responses, args.position_bias, seed=args.seed + 1, rating_noise=noise
+        )
+        pairs, _, _ = apply_filters(judged, rated, texts, FilterParams())
+        sensitivity.append(
+            f"rating noise {noise}: argmax {agreement(argmax_baseline_pairs(rated, texts), quality):.1f}, "
+            f"ours {agreement(pairs, quality):.1f} ({pairs.height / (args.prompts // 2):.3f} kept)"
+        )
+    print(f"sensitivity ({args.prompts // 2} prompts each): " + "; ".join(sensitivity))
+
+    ours_agree, argmax_agree, single_agree = rows[2][2], rows[0][2], rows[1][2]
+    kept_share = ours.height / n_prompts
+    print(
+        f"RESULT gain_points={ours_agree - argmax_agree:.1f} kept_share={kept_share:.3f} "
+        f"ours={ours_agree:.1f} argmax={argmax_agree:.1f} single_order={single_agree:.1f}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The `prefcurate` command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+# Prefect's temporary API server can take long to start on a loaded 2-core machine.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+
+app = typer.Typer(
+    help=(
+        "Build and curate synthetic preference datasets (prompt, chosen, rejected).\n\n"
+        "A dataset is a directory: a DuckDB catalog plus Parquet shards. Stages: "
+        "ingest -> generate -> annotate -> filter -> score -> select -> export. "
+        "Start with `prefcurate build --config examples/quickstart.yaml`, then "
+        "`prefcurate status` and `prefcurate sql \"SELECT * FROM curated_pairs LIMIT 5\"`."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+models_app = typer.Typer(help="Local models: prepare the embedded default once (offline).", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+CONFIG_OPTION = typer.Option(
+    None, "--config", "-c", help="pipeline config YAML (default: built-in defaults)", exists=False
+)
+DATASET_OPTION = typer.Option(
+    None, "--dataset", "-d", envvar="PREFCURATE_DATASET",
+    help="dataset directory (default: the config's `dataset`, or $PREFCURATE_DATASET)",
+)
+SET_OPTION = typer.Option(
+    None, "--set", "-s", help="override a config value: --set ingest.limit=20 (YAML value syntax)"
+)
+
+
+def fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _overrides(pairs: Optional[List[str]]) -> dict:
+    import yaml
+
+    result = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            fail(f"--set expects KEY=VALUE, got {pair!r}")
+        key, value = pair.split("=", 1)
+        result[key.strip()] = yaml.safe_load(value)
+    return result
+
+
+def _dataset_for(config_path: Optional[Path], dataset: Optional[Path], overrides: dict | None = None) -> Path:
+    if dataset is not None:
+        return dataset
+    from prefcurate.config import ConfigError, load_config
+
+    try:
+        return Path(load_config(config_path, overrides).dataset)
+    except ConfigError as error:
+        fail(str(error))
+    raise AssertionError
+
+
+def _open_store(dataset: Path):
+    from prefcurate.store import NotADatasetError, Store
+
+    try:
+        store = Store.open(dataset)
+        return store
+    except NotADatasetError as error:
+        fail(str(error))
+
+
+def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict) -> dict:
+    from prefcurate.config import ConfigError, load_config
+    from prefcurate.flows.common import RunParameters
+    from prefcurate.store import NotADatasetError
+
+    try:
+        load_config(config, overrides)  # fail fast, with line numbers, before Prefect starts
+    except ConfigError as error:
+        fail(str(error))
+    parameters = RunParameters(
+        config_path=str(config) if config else None, dataset=str(dataset) if dataset else None, overrides=overrides
+    )
+    try:
+        if stage is None:
+            from prefcurate.flows.build_dataset import build_dataset
+
+            return build_dataset(parameters)
+        from prefcurate.flows.stage import run_stage_flow
+
+        return run_stage_flow(stage, parameters)
+    except (NotADatasetError, ConfigError) as error:
+        fail(str(error))
+    except Exception as error:  # surface the stage's own clear error without a traceback wall
+        from prefcurate.tasks.ingest import IngestError
+
+        if isinstance(error, (IngestError, FileNotFoundError)):
+            fail(str(error))
+        raise
+    raise AssertionError
+
+
+@app.command()
+def init(dataset: Path = typer.Argument(..., help="new (or empty) directory for the dataset")) -> None:
+    """Create a new, empty dataset directory (catalog, views, shard folders)."""
+    from prefcurate.store import NotADatasetError, Store
+
+    try:
+        store = Store.init(dataset)
+    except NotADatasetError as error:
+        fail(str(error))
+    typer.echo(f"dataset ready at {store.root}")
+
+
+@app.command()
+def ingest(
+    path: str = typer.Argument("bundled", help="JSONL, Parquet or CSV file, or 'bundled' for the demo prompts"),
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    prompt_field: Optional[str] = typer.Option(None, help="field holding the prompt (default 'prompt')"),
+    system_field: Optional[str] = typer.Option(None, help="field holding an optional system prompt"),
+    id_field: Optional[str] = typer.Option(None, help="field holding the record's own id"),
+    max_chars: Optional[int] = typer.Option(None, help="longer prompts are quarantined"),
+    limit: Optional[int] = typer.Option(None, help="accept at most this many prompts"),
+    set_: Optional[List[str]] = SET_OPTION,
+) -> None:
+    """Read prompts: validate, normalise (NFC, whitespace), de-duplicate, shard.
+
+    Bad rows go to the `quarantine` table with a reason; the file's accounting (read =
+    accepted + quarantined + duplicates) is printed and kept in `runs`.
+    """
+    overrides = _overrides(set_)
+    overrides["ingest.path"] = path if path == "bundled" else str(Path(path).resolve())
+    for key, value in (("prompt", prompt_field), ("system_prompt", system_field), ("id", id_field)):
+        if value is not None:
+            overrides[f"ingest.fields.{key}"] = value
+    if max_chars is not None:
+        overrides["ingest.max_chars"] = max_chars
+    if limit is not None:
+        overrides["ingest.limit"] = limit
+    dataset = _dataset_for(config, dataset, overrides)
+    from prefcurate.store import Store
+
+    Store.open_or_init(dataset)
+    summary = _run_flow("ingest", config, dataset, overrides)
+    typer.echo(
+        "read {rows_read:.0f} = accepted {accepted:.0f} + quarantined {quarantined:.0f} + duplicates {duplicates:.0f}".format(
+            **{k: summary.get(k, 0) for k in ("rows_read", "accepted", "quarantined", "duplicates")}
+        )
+        if summary.get("units_skipped", 0) == 0
+        else "this file was already ingested with these settings: nothing added"
+    )
+
+
+@app.command()
+def build(
+    config: Optional[Path] = CONFIG_OPTION,
+    dataset: Optional[Path] = DATASET_OPTION,
+    set_: Optional[List[str]] = SET_OPTION,
+    stages: Optional[str] = typer.Option(None, help="comma-separated subset of stages to run"),
+) -> None:
+    """Run the whole pipeline (resumes where a previous build stopped)."""
+    overrides = _overrides(set_)
+    if stages:
+        overrides["stages"] = [s.strip() for s in stages.split(",")]
+    result = _run_flow(None, config, dataset, overrides)
+    typer.echo(f"build {result['run_id']} completed in {result['seconds']:.0f} s: {result['dataset']}")
+    for summary in result["stages"]:
+        typer.echo(f"  {summary['stage']:<9} {summary['seconds']:7.1f} s")
+    typer.echo(f"next: prefcurate status -d {result['dataset']}")
+
+
+@app.command()
+def run(
+    stage: str = typer.Argument(..., help="ingest | generate | annotate | filter | score | select | export"),
+    config: Optional[Path] = CONFIG_OPTION,
+    dataset: Optional[Path] = DATASET_OPTION,
+    set_: Optional[List[str]] = SET_OPTION,
+) -> None:
+    """Run one stage alone over the dataset (its inputs must exist)."""
+    from prefcurate.steps import available_stages
+
+    if stage not in available_stages():
+        fail(f"unknown stage {stage!r}; available: {', '.join(available_stages())}")
+    overrides = _overrides(set_)
+    summary = _run_flow(stage, config, dataset, overrides)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def status(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CONFIG_OPTION) -> None:
+    """Runs, row counts per table, quarantine reasons, ingest accounting, judges, filters."""
+    from prefcurate.report import status_text
+
+    store = _open_store(_dataset_for(config, dataset))
+    typer.echo(status_text(store))
+
+
+@app.command()
+def sql(
+    query: str = typer.Argument(..., help="one read-only statement, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""),
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
+    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file (needed for parquet)"),
+    max_rows: int = typer.Option(50, help="rows shown in table format"),
+) -> None:
+    """Query the dataset with DuckDB SQL, read-only.
+
+    Tables/views: prompts, responses, judgments, ratings, jury, judge_calibration, pairs,
+    filter_drops, quality, embeddings, selections, request_metrics, quarantine, runs, and
+    the report views curated_pairs, current_pairs, judge_position_bias, filter_report,
+    quarantine_summary. Writes (INSERT, DROP, COPY ... TO, ATTACH, ...) are refused.
+    """
+    from prefcurate.sql import ReadOnlyViolation, run_read_only
+
+    if format not in ("table", "csv", "json", "parquet"):
+        fail("--format must be table, csv, json or parquet")
+    if format == "parquet" and output is None:
+        fail("--format parquet needs --output FILE")
+    store = _open_store(_dataset_for(config, dataset))
+    try:
+        frame = run_read_only(store, query)
+    except ReadOnlyViolation as error:
+        fail(str(error))
+    except Exception as error:
+        fail(f"query failed: {error}")
+    if format == "table":
+        import polars as pl
+
+        with pl.Config(tbl_rows=max_rows, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
+            typer.echo(frame)
+        return
+    target = output
+    if format == "csv":
+        text = frame.write_csv() if target is None else frame.write_csv(target)
+    elif format == "json":
+        text = frame.write_ndjson() if target is None else frame.write_ndjson(target)
+    else:
+        frame.write_parquet(target)
+        text = None
+    if target is None and text is not None:
+        sys.stdout.write(text)
+    else:
+        typer.echo(f"wrote {frame.height} rows to {target}")
+
+
+@app.command()
+def export(
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    set_: Optional[List[str]] = SET_OPTION,
+) -> None:
+    """Write the curated pairs as DPO JSONL + Parquet with a dataset card."""
+    overrides = _overrides(set_)
+    summary = _run_flow("export", config, dataset, overrides)
+    typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@models_app.command("prepare")
+def models_prepare(force: bool = typer.Option(False, help="convert again even if prepared")) -> None:
+    """Convert the packaged Gemma 3 270M GGUF into a float32 HF folder, once (offline)."""
+    from prefcurate.inference.models import embedding_model_path, prepare_default_model
+
+    prepared = prepare_default_model(force=force, log=typer.echo)
+    typer.echo(f"default model: {prepared.path} ({prepared.parameters / 1e6:.0f}M parameters)")
+    typer.echo(f"embedding model: {embedding_model_path()}")
+
+
+@models_app.command("path")
+def models_path() -> None:
+    """Print where the embedded default model lives (or would be prepared)."""
+    from prefcurate.inference.models import default_model_dir, is_prepared
+
+    folder = default_model_dir()
+    typer.echo(f"{folder} ({'prepared' if is_prepared(folder) else 'not prepared: run `prefcurate models prepare`'})")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

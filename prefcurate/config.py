@@ -1,0 +1,198 @@
+"""The pipeline config: one YAML file, validated by pydantic.
+
+Errors name the field and the line: ``examples/x.yaml:12: generate.generators.0.n: Input
+should be greater than or equal to 1``. Unknown keys are errors everywhere (a typo must not
+silently fall back to a default).
+
+Stage sections are the stage's own parameter models, defined beside the stage logic in
+``prefcurate/tasks``, so one place documents each parameter.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+
+from prefcurate.tasks.ingest import IngestParams
+
+
+class ConfigError(ValueError):
+    pass
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ExecutorConfig(Strict):
+    """Where shard tasks run: a Dask LocalCluster here, or an existing scheduler by address."""
+
+    kind: Literal["dask", "sequential"] = "dask"
+    address: str | None = Field(None, description="tcp://host:8786 of an existing Dask scheduler")
+    n_workers: int = Field(1, ge=1, description="LocalCluster worker processes")
+    threads_per_worker: int = Field(1, ge=1)
+
+
+class PipelineConfig(Strict):
+    """Everything a build needs. See examples/quickstart.yaml for a commented example."""
+
+    name: str = "prefcurate"
+    dataset: str = Field("datasets/quickstart", description="dataset directory (created if missing)")
+    seed: int = 0
+    pools: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"default": {"kind": "embedded", "model": "default"}},
+        description="named inference pools: an embedded engine or a list of vLLM servers",
+    )
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    stages: list[str] = Field(
+        default_factory=lambda: ["ingest", "generate", "annotate", "filter", "score", "select", "export"],
+        description="stages `build` runs, in order",
+    )
+    executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    export_dir: str | None = Field(None, description="where `export` writes; default DATASET/export")
+
+    # stage sections are attached below, when their modules are importable
+    generate: dict[str, Any] = Field(default_factory=dict)
+    annotate: dict[str, Any] = Field(default_factory=dict)
+    filter: dict[str, Any] = Field(default_factory=dict)
+    score: dict[str, Any] = Field(default_factory=dict)
+    select: dict[str, Any] = Field(default_factory=dict)
+
+    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _known_stages(self) -> "PipelineConfig":
+        unknown = [s for s in self.stages if s not in STAGE_ORDER]
+        if unknown:
+            raise ValueError(f"unknown stages {unknown}; known: {STAGE_ORDER}")
+        return self
+
+    def dataset_path(self, base: Path | None = None) -> Path:
+        path = Path(self.dataset).expanduser()
+        return path if path.is_absolute() or base is None else base / path
+
+
+STAGE_ORDER = ["ingest", "generate", "annotate", "filter", "score", "select", "export"]
+
+
+# ---- loading with line numbers ------------------------------------------------------------
+
+
+def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
+    """Map every key path in a YAML document to its 1-based line."""
+    lines = {path: node.start_mark.line + 1}
+    if isinstance(node, yaml.MappingNode):
+        for key, value in node.value:
+            child = path + (key.value,)
+            lines[child] = key.start_mark.line + 1
+            lines.update({k: v for k, v in _line_index(value, child).items() if k != child})
+    elif isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            lines.update(_line_index(item, path + (index,)))
+    return lines
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
+    loc = tuple(int(p) if isinstance(p, str) and p.isdigit() else p for p in loc)
+    for cut in range(len(loc), -1, -1):
+        key = tuple(str(p) if not isinstance(p, int) else p for p in loc[:cut])
+        if key in lines:
+            return lines[key]
+    return None
+
+
+def format_errors(items: list[dict], source: str, lines: dict[tuple, int]) -> str:
+    messages = []
+    for item in items:
+        loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        line = _line_of(lines, loc)
+        where = f"{source}:{line}" if line else source
+        field = ".".join(str(p) for p in loc) or "(top level)"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling; see examples/quickstart.yaml)"
+        messages.append(f"{where}: {field}: {message}")
+    return "invalid config:\n  " + "\n  ".join(messages)
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> PipelineConfig:
+    """Load and validate a config file (or the defaults), with optional dotted overrides."""
+    data: dict = {}
+    lines: dict[tuple, int] = {}
+    source = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        text = path.read_text()
+        try:
+            node = yaml.compose(text)
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+        lines = _line_index(node) if node is not None else {}
+    for dotted, value in (overrides or {}).items():
+        _set_dotted(data, dotted, value)
+    try:
+        config = PipelineConfig.model_validate(data)
+    except ValidationError as error:
+        raise ConfigError(format_errors(error.errors(), source, lines)) from None
+    errors = _validate_sections(config)
+    if errors:
+        raise ConfigError(format_errors(errors, source, lines))
+    return config
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    cursor = data
+    for key in keys[:-1]:
+        cursor = cursor.setdefault(key, {})
+    cursor[keys[-1]] = value
+
+
+# Stage sections are validated by the stage's own parameter model. Each entry is
+# (section, loader) where loader returns the model class; registered by the stage modules'
+# presence so the config stays importable while stages are added.
+def _section_models() -> dict[str, type[BaseModel]]:
+    from prefcurate.tasks import stage_params
+
+    return stage_params.SECTION_MODELS
+
+
+def _validate_sections(config: PipelineConfig) -> list[dict]:
+    errors: list[dict] = []
+    for name, model in _section_models().items():
+        try:
+            config._sections[name] = model.model_validate(getattr(config, name) or {})
+        except ValidationError as error:
+            errors.extend({**item, "loc": (name,) + tuple(item["loc"])} for item in error.errors())
+    return errors + _validate_pools(config)
+
+
+def _validate_pools(config: PipelineConfig) -> list[dict]:
+    try:
+        from prefcurate.inference.pools import EngineConfig
+    except ImportError:
+        return []
+    errors = []
+    for name, raw in config.pools.items():
+        try:
+            EngineConfig.model_validate(raw)
+        except ValidationError as error:
+            for item in error.errors():
+                errors.append({**item, "loc": ("pools", name) + tuple(item["loc"])})
+    return errors
+
+
+def section(config: PipelineConfig, name: str) -> BaseModel:
+    """The parsed parameter model of a stage section."""
+    if name not in config._sections:
+        config._sections[name] = _section_models()[name].model_validate(getattr(config, name) or {})
+    return config._sections[name]

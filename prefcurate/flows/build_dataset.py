@@ -1,0 +1,69 @@
+"""The end-to-end build: every stage in order, over one dataset, on one Dask cluster.
+
+Each stage runs as its own subflow, so a failed build resumes from the stage (and the unit)
+where it stopped: finished units are registered and skipped on the next run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+from prefect import flow, get_run_logger
+
+from prefcurate.flows.common import RunParameters, publish_report, resolve, stage_report_markdown
+from prefcurate.flows.stage import run_stage_flow
+from prefcurate.steps import available_stages
+
+
+@contextlib.contextmanager
+def shared_cluster(config):
+    """One LocalCluster for the whole build, so workers keep loaded models across stages."""
+    if config.executor.kind != "dask" or config.executor.address:
+        yield config.executor.address
+        return
+    from distributed import LocalCluster
+
+    cluster = LocalCluster(
+        n_workers=config.executor.n_workers,
+        threads_per_worker=config.executor.threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+    )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        cluster.close()
+
+
+@flow(name="build-dataset", log_prints=True)
+def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str] | None = None) -> dict:
+    """Build (or resume) a curated preference dataset: ingest -> ... -> export."""
+    logger = get_run_logger()
+    config, store = resolve(parameters)
+    wanted = stages or config.stages
+    runnable = [s for s in wanted if s in available_stages()]
+    missing = [s for s in wanted if s not in runnable]
+    if missing:
+        logger.warning("stages not available in this version, skipped: %s", missing)
+    build_run = store.start_run("build", {"stages": runnable, "config_path": parameters.config_path,
+                                          "overrides": parameters.overrides})
+    started = time.perf_counter()
+    summaries = []
+    try:
+        with shared_cluster(config) as address:
+            for stage in runnable:
+                summaries.append(run_stage_flow(stage, parameters, address=address, parent_run=build_run))
+        seconds = time.perf_counter() - started
+        counts = {s["stage"]: {k: v for k, v in s.items() if k not in ("stage", "run_id")} for s in summaries}
+        store.finish_run(build_run, "completed", counts, {"seconds": seconds})
+        publish_report("prefcurate build", stage_report_markdown(summaries, store), key="build-report")
+        return {"run_id": build_run, "dataset": str(store.root), "seconds": seconds, "stages": summaries}
+    except BaseException as error:
+        store.finish_run(build_run, "failed", {}, {"seconds": time.perf_counter() - started},
+                         message=f"{type(error).__name__}: {error}")
+        raise
+
+
+if __name__ == "__main__":
+    build_dataset()

@@ -1,0 +1,143 @@
+"""Orchestration shared by every stage flow: plan, map units, register, report.
+
+No stage logic lives here: a stage is a :class:`prefcurate.steps.base.Step`, and this module
+only decides where its units run (the flow's task runner: Dask by default), retries them,
+caches them by content, registers their shards as they finish, and records the run.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefcurate.config import PipelineConfig, load_config
+from prefcurate.steps import get_step
+from prefcurate.steps.base import StageContext, Step, Unit, UnitResult, context_for
+from prefcurate.store import Store
+
+
+class RunParameters(BaseModel):
+    """What the Prefect UI asks for when a stage or build is run by hand."""
+
+    model_config = ConfigDict(extra="forbid")
+    config_path: str | None = Field(
+        "examples/quickstart.yaml", description="pipeline config YAML (relative to the working directory)"
+    )
+    dataset: str | None = Field(None, description="dataset directory; default: the config's `dataset`")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict,
+        description="dotted config overrides, e.g. {\"ingest.limit\": 20, \"select.budget\": 50}",
+    )
+
+
+def resolve(parameters: RunParameters) -> tuple[PipelineConfig, Store]:
+    config = load_config(parameters.config_path, parameters.overrides)
+    dataset = parameters.dataset or config.dataset
+    return config, Store.open_or_init(dataset)
+
+
+def _unit_cache_key(context, arguments) -> str:
+    ctx: StageContext = arguments["ctx"]
+    unit: Unit = arguments["unit"]
+    # the dataset's instance id keeps a re-created dataset from reusing stale results
+    return f"{Store.open(ctx.dataset).instance_id()}:{unit.stage}:{unit.key}"
+
+
+@task(
+    name="run-unit",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    retry_jitter_factor=0.5,
+    cache_key_fn=_unit_cache_key,
+    persist_result=True,
+)
+def run_unit_task(stage: str, unit: Unit, ctx: StageContext) -> UnitResult:
+    """One unit of a stage. Its persisted result holds shard ids only, never data."""
+    return get_step(stage).run_unit(unit, ctx)
+
+
+def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str | None = None,
+              parent_run: str | None = None) -> dict:
+    """Run one stage to completion; safe to re-run after a crash."""
+    logger = get_run_logger()
+    step: Step = get_step(stage)
+    run_id = store.start_run(stage, {"config_path": config_path, "parent_run": parent_run,
+                                     "config": config.model_dump(mode="json")})
+    ctx = context_for(store.root, config, run_id, config_path)
+    started = time.perf_counter()
+    totals: dict[str, float] = {}
+    results: list[UnitResult] = []
+    try:
+        units = step.plan(ctx)
+        todo, done = step.pending(ctx, units)
+        logger.info("%s: %d units (%d already done)", stage, len(units), len(done))
+        progress = create_progress_artifact(progress=0.0, description=f"{stage}: units done") if todo else None
+        futures = [run_unit_task.submit(stage, unit, ctx) for unit in todo]
+        for finished, future in enumerate(as_completed(futures), start=1):
+            result: UnitResult = future.result()
+            store.register(result.shards)  # visible as soon as it is complete
+            results.append(result)
+            for key, value in result.counts.items():
+                if isinstance(value, (int, float)):
+                    totals[key] = totals.get(key, 0) + value
+            totals["model_seconds"] = totals.get("model_seconds", 0.0) + result.model_seconds
+            if progress is not None:
+                update_progress_artifact(progress, progress=100.0 * finished / len(todo))
+        totals.update(step.finalize(ctx, results) or {})
+        totals["units"] = len(units)
+        totals["units_skipped"] = len(done)
+        seconds = time.perf_counter() - started
+        store.finish_run(run_id, "completed", totals, {"seconds": seconds})
+        logger.info("%s completed in %.1f s: %s", stage, seconds, _short(totals))
+        return {"stage": stage, "run_id": run_id, "seconds": seconds, **totals}
+    except BaseException as error:
+        store.finish_run(run_id, "failed", totals, {"seconds": time.perf_counter() - started},
+                         message=f"{type(error).__name__}: {error}")
+        raise
+
+
+def _short(counts: dict) -> str:
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in counts.items())
+
+
+def stage_report_markdown(summaries: list[dict], store: Store) -> str:
+    lines = ["| stage | seconds | counts |", "|---|---:|---|"]
+    for summary in summaries:
+        counts = {k: v for k, v in summary.items() if k not in ("stage", "run_id", "seconds")}
+        lines.append(f"| {summary['stage']} | {summary['seconds']:.1f} | {_short(counts)} |")
+    return "\n".join(lines)
+
+
+def publish_report(title: str, markdown: str, key: str | None = None) -> None:
+    create_markdown_artifact(markdown=f"# {title}\n\n{markdown}", key=key, description=title)
+
+
+def dataset_path(store: Store) -> Path:
+    return store.root
+
+
+def task_runner_for(config: PipelineConfig, address: str | None = None):
+    """Dask by default: a LocalCluster, or an existing scheduler by address."""
+    if config.executor.kind == "sequential":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        return ThreadPoolTaskRunner(max_workers=1)
+    from prefect_dask import DaskTaskRunner
+
+    address = address or config.executor.address
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_kwargs={
+            "n_workers": config.executor.n_workers,
+            "threads_per_worker": config.executor.threads_per_worker,
+            "processes": True,
+            "dashboard_address": None,
+        }
+    )

@@ -1,0 +1,14 @@
+"""The filter stage as a Prefect flow (deployable alone; see prefect.yaml)."""
+
+from __future__ import annotations
+
+from prefect import flow
+
+from prefcurate.flows.common import RunParameters
+from prefcurate.flows.stage import run_stage_flow
+
+
+@flow(name="filter", log_prints=True)
+def filter_flow(parameters: RunParameters = RunParameters()) -> dict:
+    """Run the filter stage over the dataset named by the config (or `parameters.dataset`)."""
+    return run_stage_flow("filter", parameters)

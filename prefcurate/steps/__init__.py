@@ -1,0 +1,22 @@
+"""Stage steps by name; imported lazily so a stage's heavy imports load only when used."""
+
+from __future__ import annotations
+
+import importlib
+
+from prefcurate.steps.base import Step
+
+_STEPS = {
+    "ingest": "prefcurate.steps.ingest:IngestStep",
+}
+
+
+def available_stages() -> list[str]:
+    return list(_STEPS)
+
+
+def get_step(name: str) -> Step:
+    if name not in _STEPS:
+        raise KeyError(f"unknown stage {name!r}; known: {list(_STEPS)}")
+    module, cls = _STEPS[name].split(":")
+    return getattr(importlib.import_module(module), cls)()

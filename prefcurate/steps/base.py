@@ -1,0 +1,163 @@
+"""Stage steps: the narrow interface between stage logic and orchestration.
+
+Modelled on datatrove's PipelineStep: a step is a small object with ``plan`` (which units of
+work exist, each with a deterministic key) and ``run_unit`` (do one unit, write its shard
+files, return their :class:`ShardInfo`). Steps know the store and the stage logic in
+``prefcurate.tasks``; they know nothing of Prefect or Dask. Flows map ``run_unit`` over the
+planned units and register the returned shards: that is all orchestration has to do.
+
+Resume and idempotency come from the keys: a unit whose output shards are registered is
+skipped; a unit whose complete shard file exists but was never registered (a crash between
+rename and registration) is adopted without recomputation.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from prefcurate.config import PipelineConfig, load_config
+from prefcurate.schemas.ids import content_id
+from prefcurate.store import ShardInfo, Store
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """What a worker needs to run a unit: small and picklable (paths and plain data)."""
+
+    dataset: str
+    config: dict  # PipelineConfig.model_dump()
+    run_id: str
+    config_path: str | None = None
+
+    def store(self) -> Store:
+        return Store.open(self.dataset)
+
+    def pipeline_config(self) -> PipelineConfig:
+        return _cached_config(json.dumps(self.config, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_config(config_json: str) -> PipelineConfig:
+    """Parsed once per process: workers run many units with the same config."""
+    from prefcurate.config import _validate_sections
+
+    config = PipelineConfig.model_validate(json.loads(config_json))
+    errors = _validate_sections(config)
+    if errors:
+        raise ValueError(f"invalid config sections: {errors}")
+    return config
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work. ``key`` decides the names of its output shards."""
+
+    stage: str
+    key: str
+    outputs: tuple[str, ...]  # tables this unit writes (one shard each, possibly empty)
+    payload: dict = field(default_factory=dict)  # e.g. the input shard path
+
+    def shard_key(self, table: str, index: int = 0) -> str:
+        return content_id(self.key, table, index)
+
+
+@dataclass
+class UnitResult:
+    unit_key: str
+    shards: list[ShardInfo]
+    counts: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    model_seconds: float = 0.0  # time spent inside model calls (for bench/pipeline.py)
+    skipped: bool = False
+
+
+class Step:
+    """Base class. Subclasses set ``name`` and implement ``plan`` and ``compute``."""
+
+    name: ClassVar[str]
+    #: steps that recompute their whole output per run (filter, select) instead of per unit
+    whole_dataset: ClassVar[bool] = False
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        raise NotImplementedError
+
+    def compute(self, unit: Unit, ctx: StageContext) -> tuple[dict[str, Any], dict]:
+        """Do the unit's work: ({table: frame or list of frames}, counts).
+
+        Frames may be empty; an empty frame still writes a (schema-only) shard so the unit
+        is recorded as done.
+        """
+        raise NotImplementedError
+
+    def finalize(self, ctx: StageContext, results: list[UnitResult]) -> dict:
+        """Called by the coordinator after all units are registered; returns extra counts."""
+        return {}
+
+    # -- shared machinery -----------------------------------------------------------
+    def pending(self, ctx: StageContext, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
+        """(units still to run, units already complete) according to the registry."""
+        store = ctx.store()
+        registered = {table: store.registered_keys(table) for table in {t for u in units for t in u.outputs}}
+        todo, done = [], []
+        for unit in units:
+            if all(unit.shard_key(t) in registered[t] for t in unit.outputs):
+                done.append(unit)
+            else:
+                todo.append(unit)
+        return todo, done
+
+    def run_unit(self, unit: Unit, ctx: StageContext) -> UnitResult:
+        """Run one unit in any process; returns shard infos for the coordinator.
+
+        The unit's manifest is written after all its shard files: a complete manifest means
+        every listed file is complete, so a crash before registration is adopted as is.
+        """
+        store = ctx.store()
+        manifest = _manifest_path(store, unit)
+        if manifest.exists():
+            shards = [ShardInfo(**item) for item in json.loads(manifest.read_text())["shards"]]
+            if all((store.root / s.path).exists() for s in shards):
+                return UnitResult(unit.key, shards, {"adopted": 1}, skipped=True)
+        started = time.perf_counter()
+        frames, counts = self.compute(unit, ctx)
+        shards = []
+        for table in unit.outputs:
+            parts = frames[table] if isinstance(frames[table], list) else [frames[table]]
+            for index, part in enumerate(parts or [None]):
+                if part is None:
+                    import pyarrow as pa
+
+                    from prefcurate.schemas.tables import TABLES
+
+                    part = pa.Table.from_pylist([], schema=TABLES[table])
+                shards.append(
+                    store.write(table, part, key=unit.shard_key(table, index), run_id=ctx.run_id, stage=self.name)
+                )
+        _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards]}))
+        model_seconds = float(counts.pop("model_seconds", 0.0))
+        return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
+
+
+def _manifest_path(store: Store, unit: Unit) -> Path:
+    return store.root / "_units" / unit.stage / f"{unit.key}.json"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def context_for(dataset: str | Path, config: PipelineConfig, run_id: str, config_path: str | None = None) -> StageContext:
+    return StageContext(str(Path(dataset).resolve()), config.model_dump(mode="json"), run_id, config_path)
+
+
+def load_context(dataset: str | Path, config_path: str | None, run_id: str) -> StageContext:
+    return context_for(dataset, load_config(config_path), run_id, config_path)

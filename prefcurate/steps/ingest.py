@@ -1,0 +1,62 @@
+"""Ingest step: one unit per input file; re-ingesting the same file is a no-op."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import polars as pl
+
+from prefcurate.steps.base import StageContext, Step, Unit
+from prefcurate.tasks.ingest import IngestParams, ingest_file, resolve_source, shard_frames
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class IngestStep(Step):
+    name = "ingest"
+
+    def __init__(self, params: IngestParams | None = None):
+        self.params = params
+
+    def _params(self, ctx: StageContext) -> IngestParams:
+        return self.params or ctx.pipeline_config().ingest
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        params = self._params(ctx)
+        path, fmt = resolve_source(params)  # raises IngestError for unusable input
+        from prefcurate.schemas.ids import content_id
+
+        key = content_id("ingest", _file_digest(path), params.model_dump(mode="json"))
+        return [Unit(self.name, key, ("prompts", "quarantine"), {"params": params.model_dump(mode="json")})]
+
+    def compute(self, unit: Unit, ctx: StageContext):
+        params = IngestParams.model_validate(unit.payload["params"])
+        store = ctx.store()
+        existing = store.query("SELECT prompt_id, source_id FROM prompts")
+        result = ingest_file(params, existing)
+        quarantine = result.quarantine
+        frames = {
+            "prompts": shard_frames(result.accepted, params.shard_rows),
+            "quarantine": quarantine,
+        }
+        return frames, dict(result.counts)
+
+
+def ingest_accounting(store) -> pl.DataFrame:
+    """rows read = accepted + quarantined + duplicates, summed over ingest runs."""
+    return store.query(
+        """
+        SELECT coalesce(sum(CAST(counts->>'rows_read' AS BIGINT)), 0) AS rows_read,
+               coalesce(sum(CAST(counts->>'accepted' AS BIGINT)), 0) AS accepted,
+               coalesce(sum(CAST(counts->>'quarantined' AS BIGINT)), 0) AS quarantined,
+               coalesce(sum(CAST(counts->>'duplicates' AS BIGINT)), 0) AS duplicates
+        FROM runs WHERE kind = 'ingest' AND status = 'completed'
+        """
+    )

@@ -1,0 +1,506 @@
+"""QuRating-style quality scoring: pairwise criterion judgments -> Bradley-Terry ratings.
+
+Method (Wettig et al., QuRating; public code princeton-nlp/QuRating), as we implement it:
+
+1. A sample of items (``sample_size``) is drawn; each is cut to an excerpt of at most
+   ``excerpt_chars`` characters, a random window when the text is longer (QuRating takes a
+   random 256-512 token window). We count characters, not tokens, so the task needs no
+   tokenizer; 1,200 characters is about 300 tokens, which keeps two excerpts plus the
+   template inside the embedded model's 1,024-token context.
+2. Comparisons: each item meets about ``pairs_per_item`` others (see
+   :func:`sample_comparisons`). QuRating compares all pairs inside small groups; we use
+   random cycles instead because they keep the comparison graph connected, which
+   Bradley-Terry needs for one common scale.
+3. Each pair is judged per criterion with QuRating's own prompt wording, in both orders, in
+   one ``score_choices`` batch. The judge's next-token probability of "B" replaces their 20
+   sampled one-token votes (votes_B / valid): the same quantity in one decode step.
+   ``p_j_beats_i = (p_ab + 1 - p_ba) / 2`` and is valid only when both orders are.
+4. Ratings: per criterion, Bradley-Terry with soft outcomes fitted only on confident
+   judgments ``|p - 0.5| >= confidence`` (QuRating trains with confidence threshold 0.5 in
+   their ``|p - 0.5| >= threshold / 2`` convention, i.e. 0.25 here).
+5. Scale past the sample: a small scorer over item embeddings is trained with the same
+   pairwise loss on the judged pairs (``tasks/scorer.py``), reports held-out pairwise
+   accuracy against the judge, and scores every item.
+
+Scores go to the QUALITY table: ``method="qurating_bt"`` for the judged sample's BT
+strengths, ``method="scorer"`` for every item; ``z_score`` is over the rows of one
+(criterion, method).
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import numpy as np
+import polars as pl
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefcurate.inference.base import ChoiceRequest, Engine
+from prefcurate.tasks.bradley_terry import confident_mask, fit_bradley_terry
+from prefcurate.tasks.sampling import zscore
+
+ItemKind = Literal["prompt", "response", "pair"]
+
+JUDGE_OPTIONS = ("A", "B")
+
+
+class QuRatingCriterion(BaseModel):
+    """One quality criterion. ``description`` completes the sentence
+    "Compare two text excerpts and choose the text which ..." (QuRating's template), e.g.
+    "has more educational value, e.g., ...". Write user-defined criteria the same way."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1, description="short identifier, stored as QUALITY.criterion")
+    description: str = Field(min_length=1, description='completes "choose the text which ..."')
+
+    @field_validator("name", "description")
+    @classmethod
+    def _strip(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("must not be blank")
+        return value
+
+
+#: QuRating's four criteria in the wording of their released pairwise templates
+QURATING_CRITERIA: tuple[QuRatingCriterion, ...] = (
+    QuRatingCriterion(
+        name="writing_style",
+        description="has a more polished and beautiful writing style.",
+    ),
+    QuRatingCriterion(
+        name="required_expertise",
+        description=(
+            "requires greater expertise and prerequisite knowledge to understand it."
+        ),
+    ),
+    QuRatingCriterion(
+        name="facts_and_trivia",
+        description=(
+            "contains more facts and trivia. Prefer specific facts and obscure trivia over "
+            "more common knowledge."
+        ),
+    ),
+    QuRatingCriterion(
+        name="educational_value",
+        description=(
+            "has more educational value, e.g., it includes clear explanations, step-by-step "
+            "reasoning, or questions and answers."
+        ),
+    ),
+)
+
+
+class QuRatingParams(BaseModel):
+    """Parameters of QuRating-style scoring (the ``score`` stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    criteria: list[QuRatingCriterion] = Field(
+        default_factory=lambda: list(QURATING_CRITERIA),
+        description="criteria to judge; defaults to QuRating's four",
+    )
+    extra_criteria: list[QuRatingCriterion] = Field(
+        default_factory=list,
+        description="user-defined criteria added to ``criteria`` (name + description)",
+    )
+    item_kind: ItemKind = Field("response", description="what the scores attach to")
+    sample_size: int = Field(512, ge=2, description="items judged pairwise (the rest are scored by the scorer)")
+    pairs_per_item: int = Field(4, ge=1, description="comparisons each judged item takes part in (about)")
+    confidence: float = Field(
+        0.25, ge=0.0, lt=0.5, description="BT and scorer use judgments with |p - 0.5| >= this"
+    )
+    excerpt_chars: int = Field(1200, ge=50, description="longest excerpt shown to the judge, in characters")
+    bt_l2: float | None = Field(
+        None, ge=0.0, description="L2 of the Bradley-Terry fit; None: fit_bradley_terry's default"
+    )
+    train_scorer: bool = Field(True, description="train the embedding scorer that scores every item")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> "QuRatingParams":
+        names = [c.name for c in self.all_criteria]
+        if not names:
+            raise ValueError("at least one criterion is needed")
+        duplicated = sorted({n for n in names if names.count(n) > 1})
+        if duplicated:
+            raise ValueError(f"criterion names must be unique: {duplicated}")
+        return self
+
+    @property
+    def all_criteria(self) -> list[QuRatingCriterion]:
+        return list(self.criteria) + list(self.extra_criteria)
+
+
+# --------------------------------------------------------------------------- prompts
+
+_JUDGE_TEMPLATE = """Compare two text excerpts and choose the text which {description}
+
+Aspects that should NOT influence your judgement:
+1. Which language the text is written in
+2. The length of the text
+3. The order in which the texts are presented
+
+Note that the texts are cut off, so you have to infer their contexts.
+The texts might have similar quality, but you should still make a relative judgement and choose the label of the preferred text.
+
+[Option A]
+... {text_a} ...
+
+
+[Option B]
+... {text_b} ...
+
+
+Now you have to choose between either A or B. Respond only with a single word.
+Answer:"""
+
+
+def build_judge_prompt(criterion: QuRatingCriterion, text_a: str, text_b: str) -> str:
+    """QuRating's pairwise template for ``criterion``, completion-style.
+
+    Their template ends "Respond only with a single word." and is sent as a chat turn; we
+    append "Answer:" so that a base model's next token is the verdict, which
+    ``score_choices`` reads as P("A"), P("B").
+    """
+    return _JUDGE_TEMPLATE.format(
+        description=criterion.description, text_a=text_a.strip(), text_b=text_b.strip()
+    )
+
+
+# --------------------------------------------------------------------------- sampling
+
+
+def sample_items(n_items: int, sample_size: int, seed: int) -> np.ndarray:
+    """Indices (sorted) of the items judged pairwise: all when there are few enough."""
+    if n_items <= sample_size:
+        return np.arange(n_items, dtype=np.int64)
+    rng = np.random.default_rng([seed, 1])
+    return np.sort(rng.choice(n_items, size=sample_size, replace=False)).astype(np.int64)
+
+
+def make_excerpts(texts: Sequence[str], max_chars: int, seed: int) -> list[str]:
+    """A window of at most ``max_chars`` characters from each text.
+
+    Longer texts get a random window (QuRating samples a random token window), snapped to
+    word boundaries. The window start depends on the seed and the text itself, not on the
+    text's position, so re-runs and re-orderings give the same excerpt.
+    """
+    out: list[str] = []
+    for text in texts:
+        text = text or ""
+        if len(text) <= max_chars:
+            out.append(text)
+            continue
+        rng = np.random.default_rng([seed, zlib.crc32(text.encode("utf-8"))])
+        start = int(rng.integers(0, len(text) - max_chars + 1))
+        window = text[start : start + max_chars]
+        if start > 0 and " " in window[:40]:
+            window = window[window.index(" ") + 1 :]
+        if start + max_chars < len(text) and " " in window[-40:]:
+            window = window[: window.rindex(" ")]
+        out.append(window)
+    return out
+
+
+def sample_comparisons(
+    n_items: int, pairs_per_item: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs (i, j), i != j, each unordered pair at most once, each item in about
+    ``pairs_per_item`` of them.
+
+    Built from ``ceil(pairs_per_item / 2)`` random Hamiltonian cycles over the items (each
+    cycle gives every item two comparisons and, on its own, a connected graph, so
+    Bradley-Terry strengths share one scale). Duplicate pairs across cycles are dropped;
+    which item is ``i`` is random.
+    """
+    if n_items < 2:
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng([seed, 2])
+    rounds = max(1, -(-pairs_per_item // 2))
+    firsts, seconds = [], []
+    for _ in range(rounds):
+        order = rng.permutation(n_items)
+        firsts.append(order)
+        seconds.append(np.roll(order, -1))
+    a = np.concatenate(firsts)
+    b = np.concatenate(seconds)
+    low, high = np.minimum(a, b), np.maximum(a, b)
+    keys = np.unique(low * n_items + high)
+    low, high = keys // n_items, keys % n_items
+    swap = rng.random(len(keys)) < 0.5
+    item_i = np.where(swap, high, low).astype(np.int64)
+    item_j = np.where(swap, low, high).astype(np.int64)
+    shuffle = rng.permutation(len(keys))
+    return item_i[shuffle], item_j[shuffle]
+
+
+# --------------------------------------------------------------------------- judging
+
+
+def _judge_many(
+    engine: Engine,
+    texts: Sequence[str],
+    item_i: np.ndarray,
+    item_j: np.ndarray,
+    criteria: Sequence[QuRatingCriterion],
+) -> pl.DataFrame:
+    """All criteria x pairs x both orders in one ``score_choices`` batch."""
+    item_i = np.asarray(item_i, dtype=np.int64)
+    item_j = np.asarray(item_j, dtype=np.int64)
+    n_pairs = len(item_i)
+    requests: list[ChoiceRequest] = []
+    for criterion in criteria:
+        # forward: i shown as A, j as B; backward: j as A, i as B
+        requests.extend(
+            ChoiceRequest(build_judge_prompt(criterion, texts[i], texts[j]), JUDGE_OPTIONS)
+            for i, j in zip(item_i.tolist(), item_j.tolist())
+        )
+        requests.extend(
+            ChoiceRequest(build_judge_prompt(criterion, texts[j], texts[i]), JUDGE_OPTIONS)
+            for i, j in zip(item_i.tolist(), item_j.tolist())
+        )
+    results = engine.score_choices(requests) if requests else []
+    p_b = np.array(
+        [r.probs[1] if r.error is None and len(r.probs) == 2 else np.nan for r in results],
+        dtype=np.float64,
+    ).reshape(len(criteria), 2, n_pairs)
+    p_ab, p_ba = p_b[:, 0, :], p_b[:, 1, :]
+    p_j = (p_ab + 1.0 - p_ba) / 2.0
+    valid = np.isfinite(p_j)
+    return pl.DataFrame(
+        {
+            "criterion": np.repeat([c.name for c in criteria], n_pairs),
+            "i": np.tile(item_i, len(criteria)),
+            "j": np.tile(item_j, len(criteria)),
+            "p_ab": p_ab.ravel(),
+            "p_ba": p_ba.ravel(),
+            "p_j_beats_i": np.where(valid, p_j, np.nan).ravel(),
+            "valid": valid.ravel(),
+        },
+        schema={
+            "criterion": pl.String,
+            "i": pl.Int64,
+            "j": pl.Int64,
+            "p_ab": pl.Float64,
+            "p_ba": pl.Float64,
+            "p_j_beats_i": pl.Float64,
+            "valid": pl.Boolean,
+        },
+    ).with_columns(pl.col("p_ab", "p_ba", "p_j_beats_i").fill_nan(None))
+
+
+def judge_criterion_pairs(
+    engine: Engine,
+    texts: Sequence[str],
+    item_i: Sequence[int] | np.ndarray,
+    item_j: Sequence[int] | np.ndarray,
+    criterion: QuRatingCriterion,
+) -> pl.DataFrame:
+    """Judge each pair (texts[i], texts[j]) on ``criterion`` in both orders.
+
+    Columns: ``criterion``, ``i``, ``j``; ``p_ab`` = P("B") with i shown as A and j as B
+    (j preferred); ``p_ba`` = P("B") with j shown as A and i as B (i preferred);
+    ``p_j_beats_i = (p_ab + 1 - p_ba) / 2``; ``valid`` false (and p null) when either order
+    failed. ``texts`` are shown as given: cut them with :func:`make_excerpts` first.
+    """
+    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), [criterion])
+
+
+def judge_all_criteria(
+    engine: Engine,
+    texts: Sequence[str],
+    item_i: Sequence[int] | np.ndarray,
+    item_j: Sequence[int] | np.ndarray,
+    criteria: Sequence[QuRatingCriterion],
+) -> pl.DataFrame:
+    """:func:`judge_criterion_pairs` for several criteria at once, in one batch (a larger
+    batch keeps a server pool busy and lets prefix caching share the template)."""
+    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), list(criteria))
+
+
+# --------------------------------------------------------------------------- ratings
+
+
+def fit_ratings(
+    judgments: pl.DataFrame,
+    item_ids: Sequence[str],
+    item_kind: ItemKind,
+    confidence: float = 0.25,
+    l2: float | None = None,
+) -> pl.DataFrame:
+    """Per-criterion Bradley-Terry strengths of the judged items, as QUALITY rows.
+
+    ``judgments`` has the columns of :func:`judge_criterion_pairs` (``i``/``j`` index
+    ``item_ids``). Only valid, confident judgments enter the fit, as soft outcomes. Items
+    with no confident comparison get no row: a strength fitted from the prior alone would
+    read as "average", which was never observed. ``method = "qurating_bt"``; ``z_score``
+    over the items of one criterion.
+    """
+    item_ids = list(item_ids)
+    frames = []
+    for (criterion,), rows in judgments.filter(pl.col("valid")).group_by(
+        "criterion", maintain_order=True
+    ):
+        i = rows["i"].to_numpy().astype(np.int64)
+        j = rows["j"].to_numpy().astype(np.int64)
+        p = rows["p_j_beats_i"].to_numpy().astype(np.float64)
+        keep = np.asarray(confident_mask(p, confidence), dtype=bool)
+        if not keep.any():
+            continue
+        i, j, p = i[keep], j[keep], p[keep]
+        kwargs = {} if l2 is None else {"l2": l2}
+        strengths = np.asarray(fit_bradley_terry(i, j, p, len(item_ids), **kwargs), dtype=np.float64)
+        seen = np.unique(np.concatenate([i, j]))
+        scores = strengths[seen]
+        frames.append(
+            _quality_frame([item_ids[k] for k in seen], item_kind, criterion, "qurating_bt", scores)
+        )
+    return pl.concat(frames) if frames else empty_quality_frame()
+
+
+def _quality_frame(
+    item_ids: Sequence[str], item_kind: str, criterion: str, method: str, scores: np.ndarray
+) -> pl.DataFrame:
+    scores = np.asarray(scores, dtype=np.float64)
+    z = np.asarray(zscore(scores), dtype=np.float64) if len(scores) else scores
+    return pl.DataFrame(
+        {
+            "item_id": list(item_ids),
+            "item_kind": [item_kind] * len(scores),
+            "criterion": [criterion] * len(scores),
+            "method": [method] * len(scores),
+            "score": scores,
+            "z_score": z,
+        },
+        schema=QUALITY_COLUMNS,
+    ).with_columns(pl.col("z_score").fill_nan(None))
+
+
+#: the QUALITY table's data columns (the store adds provenance)
+QUALITY_COLUMNS = {
+    "item_id": pl.String,
+    "item_kind": pl.String,
+    "criterion": pl.String,
+    "method": pl.String,
+    "score": pl.Float64,
+    "z_score": pl.Float64,
+}
+
+
+def empty_quality_frame() -> pl.DataFrame:
+    return pl.DataFrame(schema=QUALITY_COLUMNS)
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@dataclass
+class QuRatingResult:
+    """What :func:`score_items` produced.
+
+    ``judgments``: every judged pair (indices into ``sample``); ``quality``: QUALITY rows
+    (``qurating_bt`` for the sample, ``scorer`` for every item); ``scorer_reports``: the
+    scorer's report per criterion (held-out pairwise accuracy against the judge, ...).
+    """
+
+    sample: np.ndarray
+    judgments: pl.DataFrame
+    quality: pl.DataFrame
+    scorer_reports: dict[str, dict] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        valid = self.judgments["valid"]
+        return {
+            "sampled_items": int(len(self.sample)),
+            "judgments": int(self.judgments.height),
+            "valid_share": float(valid.mean()) if self.judgments.height else 0.0,
+            "scorer": self.scorer_reports,
+        }
+
+
+def score_items(
+    engine: Engine,
+    item_ids: Sequence[str],
+    texts: Sequence[str],
+    params: QuRatingParams,
+    embeddings: np.ndarray | None = None,
+    scorer_params=None,
+) -> QuRatingResult:
+    """The whole QuRating step over one set of items of kind ``params.item_kind``.
+
+    ``embeddings`` ([n_items, d], aligned with ``item_ids``) enable the scorer; without
+    them only the judged sample gets (BT) scores. ``scorer_params`` goes to
+    :func:`prefcurate.tasks.scorer.train_pairwise_scorer` (its defaults when None).
+    """
+    if len(item_ids) != len(texts):
+        raise ValueError("item_ids and texts differ in length")
+    criteria = params.all_criteria
+    sample = sample_items(len(texts), params.sample_size, params.seed)
+    excerpts = make_excerpts([texts[k] for k in sample], params.excerpt_chars, params.seed)
+    item_i, item_j = sample_comparisons(len(sample), params.pairs_per_item, params.seed)
+    judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria)
+    sample_ids = [item_ids[k] for k in sample]
+    frames = [
+        fit_ratings(judgments, sample_ids, params.item_kind, params.confidence, params.bt_l2)
+    ]
+    reports: dict[str, dict] = {}
+    if params.train_scorer and embeddings is not None:
+        from prefcurate.tasks.scorer import train_pairwise_scorer
+
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.shape[0] != len(item_ids):
+            raise ValueError("embeddings must have one row per item")
+        sample_embeddings = embeddings[sample]
+        for criterion in criteria:
+            rows = judgments.filter(pl.col("valid") & (pl.col("criterion") == criterion.name))
+            p = rows["p_j_beats_i"].to_numpy().astype(np.float64)
+            keep = np.asarray(confident_mask(p, params.confidence), dtype=bool)
+            if keep.sum() < 2:
+                reports[criterion.name] = {"skipped": "fewer than 2 confident judgments"}
+                continue
+            scorer, report = _train_scorer(
+                train_pairwise_scorer,
+                sample_embeddings,
+                rows["i"].to_numpy()[keep],
+                rows["j"].to_numpy()[keep],
+                p[keep],
+                scorer_params,
+                params.seed,
+            )
+            reports[criterion.name] = _report_dict(report)
+            frames.append(
+                _quality_frame(
+                    item_ids, params.item_kind, criterion.name, "scorer", _score(scorer, embeddings)
+                )
+            )
+    quality = pl.concat(frames) if frames else empty_quality_frame()
+    return QuRatingResult(sample=sample, judgments=judgments, quality=quality, scorer_reports=reports)
+
+
+def _train_scorer(train_fn, embeddings, item_i, item_j, p_j_beats_i, scorer_params, seed):
+    if scorer_params is None:
+        return train_fn(embeddings, item_i, item_j, p_j_beats_i, seed=seed)
+    return train_fn(embeddings, item_i, item_j, p_j_beats_i, scorer_params, seed=seed)
+
+
+def _score(scorer, embeddings: np.ndarray) -> np.ndarray:
+    """The scorer's scalar score per embedding row."""
+    if hasattr(scorer, "score"):
+        return np.asarray(scorer.score(embeddings), dtype=np.float64).ravel()
+    return np.asarray(scorer(embeddings), dtype=np.float64).ravel()
+
+
+def _report_dict(report) -> dict:
+    if isinstance(report, dict):
+        return report
+    if hasattr(report, "model_dump"):
+        return report.model_dump()
+    if hasattr(report, "__dataclass_fields__"):
+        from dataclasses import asdict
+
+        return asdict(report)
+    return {"report": repr(report)}
