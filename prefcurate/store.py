@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Iterator, Sequence
 
 import duckdb
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -85,11 +86,12 @@ def conform(table: str, frame: pl.DataFrame | pa.Table, *, run_id: str, stage: s
     schema = TABLES[table]
     data = frame.to_arrow() if isinstance(frame, pl.DataFrame) else frame
     n = data.num_rows
+    repeat = np.zeros(n, dtype=np.int64)  # constant columns by take(), not Python lists
     provenance = {
-        "run_id": pa.array([run_id] * n, pa.string()),
-        "stage": pa.array([stage] * n, pa.string()),
-        "code_version": pa.array([code_version()] * n, pa.string()),
-        "created_at": pa.array([now_utc()] * n, pa.timestamp("us", tz="UTC")),
+        "run_id": pa.array([run_id], pa.string()).take(repeat),
+        "stage": pa.array([stage], pa.string()).take(repeat),
+        "code_version": pa.array([code_version()], pa.string()).take(repeat),
+        "created_at": pa.array([now_utc()], pa.timestamp("us", tz="UTC")).take(repeat),
     }
     unknown = set(data.column_names) - set(schema.names)
     if unknown:

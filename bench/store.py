@@ -1,0 +1,86 @@
+"""Ingest 1,000,000 prompts into a dataset and GROUP BY over them, beside plain polars.
+
+Ours: the ingest step exactly as a build runs it (read, validate, NFC + whitespace
+normalisation, sha256 content ids, exact de-duplication, sharding, atomic shard writes,
+registration in the catalog), then a GROUP BY through the catalog view.
+Baseline: `polars.read_ndjson` + `write_parquet` of the same file, then the same GROUP BY
+with polars over the written file. rows/s = input rows / (ingest + group-by seconds).
+
+Usage: python bench/store.py [rows]   (default 1,000,000)
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from prefcurate.steps.base import StageContext  # noqa: E402
+from prefcurate.steps.ingest import IngestStep  # noqa: E402
+from prefcurate.store import Store  # noqa: E402
+from prefcurate.tasks.ingest import IngestParams  # noqa: E402
+
+CATEGORIES = ["coding", "math", "advice", "creative", "factual", "safety"]
+WORDS = "the a of to explain why how write code list steps compare summarise plan story".split()
+
+
+def make_file(path: Path, rows: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    with open(path, "w") as handle:
+        for i in range(rows):
+            # about 1% exact duplicates of an earlier prompt, as real prompt dumps have
+            n = i if rng.random() > 0.01 or i == 0 else rng.randrange(i)
+            words = " ".join(WORDS[(n * 7 + k * 3) % len(WORDS)] for k in range(8 + n % 20))
+            handle.write(json.dumps({"id": f"r{i}", "prompt": f"{words}  #{n}", "category": CATEGORIES[n % 6]}))
+            handle.write("\n")
+
+
+def ours(path: Path, root: Path) -> tuple[float, int]:
+    store = Store.init(root)
+    params = IngestParams(path=str(path), shard_rows=100_000)
+    ctx = StageContext(str(store.root), {}, "bench")
+    step = IngestStep(params)
+    started = time.perf_counter()
+    (unit,) = step.plan(ctx)
+    result = step.run_unit(unit, ctx)
+    store.register(result.shards)
+    groups = store.query("SELECT category, count(*) AS n, avg(char_len) AS mean_len FROM prompts GROUP BY ALL")
+    seconds = time.perf_counter() - started
+    assert groups["n"].sum() == store.count("prompts") == result.counts["accepted"]
+    assert result.counts["rows_read"] == result.counts["accepted"] + result.counts["quarantined"] + result.counts["duplicates"]
+    return seconds, result.counts["accepted"]
+
+
+def baseline(path: Path, out: Path) -> float:
+    started = time.perf_counter()
+    pl.read_ndjson(path).write_parquet(out)
+    pl.read_parquet(out).group_by("category").agg(pl.len().alias("n"), pl.col("prompt").str.len_chars().mean())
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    rows = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        source = tmp / "prompts.jsonl"
+        print(f"writing {rows:,} synthetic prompts...", flush=True)
+        make_file(source, rows)
+        base_s = baseline(source, tmp / "baseline.parquet")
+        ours_s, accepted = ours(source, tmp / "dataset")
+        print(f"ours:     {ours_s:7.2f} s  ({rows / ours_s:,.0f} rows/s; {accepted:,} accepted after dedup)")
+        print(f"baseline: {base_s:7.2f} s  ({rows / base_s:,.0f} rows/s; polars read_ndjson + write_parquet + group_by)")
+        print(
+            f"RESULT rows_per_s={rows / ours_s:.0f} baseline_rows_per_s={rows / base_s:.0f} "
+            f"ratio={base_s / ours_s:.3f}"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,66 @@
+import json
+
+import polars as pl
+import pytest
+
+from prefcurate.tasks.ingest import IngestError, IngestParams, ingest_file
+from tests.unit.bad_rows import EXPECTED_REASONS, write_bad_file
+
+
+def test_every_kind_of_bad_row_is_quarantined_with_its_record_and_reason(tmp_path):
+    result = ingest_file(IngestParams(path=str(write_bad_file(tmp_path)), max_chars=200))
+    reasons = dict(zip(result.quarantine["source_record"].to_list(), result.quarantine["reason"].to_list()))
+    assert reasons == EXPECTED_REASONS
+    for message, record in zip(result.quarantine["message"], result.quarantine["source_record"]):
+        assert str(record) in message
+    assert result.quarantine["raw"].null_count() == 0  # nothing is lost
+    # accounting: read = accepted + quarantined + duplicates (the blank line is not a record)
+    assert result.rows_read == 12
+    assert (result.accepted.height, result.quarantine.height, result.duplicates) == (3, 8, 1)
+    assert result.rows_read == result.accepted.height + result.quarantine.height + result.duplicates
+
+
+def test_normalisation_nfc_and_whitespace(tmp_path):
+    result = ingest_file(IngestParams(path=str(write_bad_file(tmp_path)), max_chars=200))
+    prompts = result.accepted["prompt"].to_list()
+    assert "What is the capital of France?" in prompts
+    assert "Caf\u00e9 au lait?" in prompts  # composed form
+    assert json.loads(result.accepted.filter(pl.col("source_id") == "a3")["metadata"][0]) == {"topic": "cs"}
+
+
+def test_same_text_gets_the_same_id_in_any_format(tmp_path):
+    frame = pl.DataFrame({"id": ["1", "2"], "prompt": ["Hello  world", "Second prompt"]})
+    frame.write_parquet(tmp_path / "p.parquet")
+    frame.write_csv(tmp_path / "p.csv")
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in frame.to_dicts()) + "\n")
+    ids = [
+        ingest_file(IngestParams(path=str(tmp_path / name)))
+        .accepted.sort("source_record")["prompt_id"].to_list()
+        for name in ("p.parquet", "p.csv", "p.jsonl")
+    ]
+    assert ids[0] == ids[1] == ids[2]
+
+
+def test_field_mapping_and_existing_dataset_dedup(tmp_path):
+    path = tmp_path / "q.csv"
+    pl.DataFrame({"key": ["k1", "k2"], "question": ["One?", "Two?"], "sys": ["Be brief.", ""]}).write_csv(path)
+    params = IngestParams.model_validate(
+        {"path": str(path), "fields": {"prompt": "question", "id": "key", "system_prompt": "sys"}}
+    )
+    first = ingest_file(params)
+    assert first.accepted["system_prompt"].to_list() == ["Be brief.", None]
+    again = ingest_file(params, existing=first.accepted.select("prompt_id", "source_id"))
+    assert again.accepted.height == 0 and again.duplicates == 2
+
+
+def test_unusable_input_is_a_clear_error(tmp_path):
+    with pytest.raises(IngestError, match="does not exist"):
+        ingest_file(IngestParams(path=str(tmp_path / "missing.jsonl")))
+    path = tmp_path / "other.jsonl"
+    path.write_text('{"text": "hi"}\n')
+    with pytest.raises(IngestError, match="prompt field 'prompt'.*text"):
+        ingest_file(IngestParams(path=str(path)))
+    weird = tmp_path / "data.bin"
+    weird.write_text("x")
+    with pytest.raises(IngestError, match="cannot tell the format"):
+        ingest_file(IngestParams(path=str(weird)))

@@ -1,0 +1,82 @@
+import polars as pl
+import pytest
+
+from prefcurate.steps.base import StageContext, Step, Unit
+from prefcurate.store import NotADatasetError, Store, write_shard
+
+
+def _prompts(ids):
+    return pl.DataFrame({
+        "prompt_id": ids, "prompt": [f"text {i}" for i in ids], "source_file": ["f"] * len(ids),
+        "source_record": list(range(1, len(ids) + 1)), "char_len": [6] * len(ids),
+    })
+
+
+def test_a_shard_is_invisible_until_registered(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    shard = write_shard(store.root, "prompts", _prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
+    assert (store.root / shard.path).exists()
+    assert store.count("prompts") == 0  # complete file, but not registered: does not exist
+    assert store.register([shard]) == 1
+    assert store.count("prompts") == 2
+    assert store.register([shard]) == 0  # registering twice adds nothing
+    assert store.count("prompts") == 2
+
+
+def test_rows_carry_provenance(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    store.commit("prompts", _prompts(["a"]), key="k", run_id="run-7", stage="ingest")
+    row = store.read("prompts").row(0, named=True)
+    assert row["run_id"] == "run-7" and row["stage"] == "ingest" and row["code_version"]
+    assert row["created_at"] is not None
+
+
+def test_directory_that_is_not_ours_is_refused(tmp_path):
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(NotADatasetError, match="not a prefcurate dataset"):
+        Store.init(tmp_path / "other")
+    with pytest.raises(NotADatasetError, match="not a prefcurate dataset"):
+        Store.open(tmp_path / "other")
+    with pytest.raises(NotADatasetError, match="does not exist"):
+        Store.open(tmp_path / "nowhere")
+
+
+class CrashingStep(Step):
+    """A step whose unit writes its shard and then the process 'dies' before registration."""
+
+    name = "ingest"
+
+    def __init__(self):
+        self.computed = 0
+
+    def compute(self, unit, ctx):
+        self.computed += 1
+        return {"prompts": _prompts(["x", "y", "z"])}, {}
+
+
+def test_crash_between_shard_write_and_registration_resumes_without_recompute(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    ctx = StageContext(str(store.root), {}, "run-1")
+    step = CrashingStep()
+    unit = Unit("ingest", "unit-1", ("prompts",))
+    result = step.run_unit(unit, ctx)  # files and manifest complete...
+    # ...and the coordinator crashed here, before store.register(result.shards)
+    assert store.count("prompts") == 0
+    todo, done = step.pending(ctx, [unit])
+    assert todo == [unit] and done == []
+    rerun = step.run_unit(unit, ctx)
+    assert rerun.skipped and step.computed == 1  # adopted the complete files
+    store.register(rerun.shards)
+    assert store.count("prompts") == 3
+    todo, done = step.pending(ctx, [unit])
+    assert todo == [] and done == [unit]
+    assert sorted(store.read("prompts")["prompt_id"].to_list()) == ["x", "y", "z"]
+
+
+def test_half_written_temporary_files_are_never_visible(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    (store.root / "prompts").mkdir(exist_ok=True)
+    (store.root / "prompts" / ".shard-k.parquet.123.tmp").write_bytes(b"PAR1 half")
+    assert store.count("prompts") == 0
+    assert store.sweep_temporary_files() == 1
