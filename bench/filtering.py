@@ -1,6 +1,6 @@
 """Consistency filtering against naive binarisation, on a simulation with known ground truth.
 
-Run: ``python bench/filtering.py`` (no arguments; a few seconds). Options: ``--prompts``,
+Run: ``python bench/filtering.py`` (no arguments; well under a minute). Options: ``--prompts``,
 ``--responses``, ``--position-bias``, ``--seed``.
 
 Simulation (all draws from one seeded generator)
@@ -58,14 +58,19 @@ from prefcurate.tasks.filter import (
     single_order_pairs,
 )
 
-JUDGES = [("judge-1", "alpha-7b", 1.5, 0.6, 0.3), ("judge-2", "beta-8b", 1.2, 0.8, 0.5), ("judge-3", "gamma-9b", 1.0, 1.0, 0.2)]
+JUDGES = [
+    ("judge-1", "alpha-7b", 1.5, 0.6, 0.3),
+    ("judge-2", "beta-8b", 1.2, 0.8, 0.5),
+    ("judge-3", "gamma-9b", 1.0, 1.0, 0.2),
+]
 RATING_NOISE = 1.0
 RATING_LENGTH_PULL = 0.6
-WORDS = np.array(
+VOCABULARY = (
     "the of and to in is that for it as with was on be by this are or an from at which but not have "
     "has were can all their more one its also when been other these into than then some could only "
-    "model data answer result value method step first second because example number function".split()
+    "model data answer result value method step first second because example number function"
 )
+WORDS = np.array(VOCABULARY.split())
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -104,7 +109,9 @@ def simulate(
 
     prompt_ids = np.array([f"p{p:05d}" for p in prompt_of])
     # random id suffixes: which response of a pair is "response_a" (smaller id) carries no signal
-    ids = np.array([f"{prompt}-{suffix:012x}" for prompt, suffix in zip(prompt_ids, rng.integers(0, 1 << 48, n))])
+    ids = np.array(
+        [f"{prompt}-{suffix:012x}" for prompt, suffix in zip(prompt_ids, rng.integers(0, 1 << 48, n))]
+    )
     generators = np.array(["gen-small", "gen-large"])[rng.integers(0, 2, n)]
     responses = pl.DataFrame(
         {
@@ -128,8 +135,11 @@ def simulate(
     judgment_frames = []
     rating_frames = []
     for name, model, slope, noise, length_pull in JUDGES:
-        def first_prob(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-            logit = slope * (quality[x] - quality[y]) + length_pull * (log_len[x] - log_len[y])
+
+        def first_prob(
+            x: np.ndarray, y: np.ndarray, slope=slope, noise=noise, pull=length_pull
+        ) -> np.ndarray:
+            logit = slope * (quality[x] - quality[y]) + pull * (log_len[x] - log_len[y])
             logit = logit + rng.normal(0.0, noise, x.size)
             return np.clip(_sigmoid(logit) + position_bias, 0.01, 0.99)
 
@@ -157,7 +167,12 @@ def simulate(
                 schema_overrides={"error": pl.String},
             )
         )
-        score = 3.0 + 0.6 * quality + RATING_LENGTH_PULL * (log_len - log_len.mean()) + rng.normal(0.0, rating_noise, n)
+        score = (
+            3.0
+            + 0.6 * quality
+            + RATING_LENGTH_PULL * (log_len - log_len.mean())
+            + rng.normal(0.0, rating_noise, n)
+        )
         rating_frames.append(
             pl.DataFrame(
                 {
@@ -198,10 +213,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 
-    judgments, ratings, responses, truth = simulate(args.prompts, args.responses, args.position_bias, seed=args.seed)
+    judgments, ratings, responses, truth = simulate(
+        args.prompts, args.responses, args.position_bias, seed=args.seed
+    )
     n_prompts = responses["prompt_id"].n_unique()
+    n_judges = judgments["judge"].n_unique()
     print(
-        f"simulation: {n_prompts} prompts x {args.responses} responses, {judgments['judge'].n_unique()} judges, "
+        f"simulation: {n_prompts} prompts x {args.responses} responses, {n_judges} judges, "
         f"position bias +{args.position_bias} on P('A'), {judgments.height} judgments"
     )
 
@@ -210,7 +228,7 @@ def main() -> None:
     single = single_order_pairs(judgments)
     baseline_s = time.perf_counter() - started
     started = time.perf_counter()
-    ours, drops, report = apply_filters(judgments, ratings, responses, FilterParams())
+    ours, _, report = apply_filters(judgments, ratings, responses, FilterParams())
     ours_s = time.perf_counter() - started
 
     rows = [
@@ -228,7 +246,9 @@ def main() -> None:
     )
     checks = {r: n for r, n in report["drops_per_reason"].items() if n}
     print("distinct pairs per reason:", ", ".join(f"{r}={n}" for r, n in checks.items()))
-    print("judges:", ", ".join(f"{j}: flip {s['position_flip_rate']:.2f}" for j, s in report["judges"].items()))
+    print(
+        "judges:", ", ".join(f"{j}: flip {s['position_flip_rate']:.2f}" for j, s in report["judges"].items())
+    )
 
     sensitivity = []
     for noise in (0.6, 1.4):

@@ -30,18 +30,22 @@ Method choices
   :class:`ExpectColumnPairValuesToDiffer` (vectorised ``column_A != column_B``), which keeps
   row indices and costs ~0.1 s for 100k rows. Rows with a null side are skipped there; the
   non-null expectations own those.
+- Nested columns (embedding vectors, rubric probability lists) reach GX as their lengths; see
+  :func:`_to_pandas` for why. Only their nullness is part of the contract.
 - Float comparisons are exact, except rubric expected scores, which get a 1e-9 slack because
   they are sums of ``s * p(s)`` over normalised probabilities and may round past 5.
 - NaN counts as null (pandas semantics): a NaN in a non-nullable column fails non-null; a NaN
   in a nullable, range-checked column is skipped like a null.
 
 Great Expectations is imported lazily (it takes seconds): importing this module is cheap,
-the first :func:`validate_batch` call pays for GX, one ephemeral context and the suite of that
-table; later calls reuse them (about 0.2 s for 100k rows and a handful of expectations).
+the first :func:`validate_batch` call pays for GX (~4 s CPU), one ephemeral context and the
+suite of that table; later calls reuse them (measured: ~0.4 s CPU for 100k ``pairs`` rows and
+14 expectations, ~0.2 s for 100k embeddings, ~0.2 s for a 10-row batch: GX's fixed overhead).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -57,11 +61,16 @@ from prefcurate.schemas.tables import PRIMARY_KEYS, PROVENANCE, TABLES
 if TYPE_CHECKING:
     import pandas as pd
 
+logger = logging.getLogger(__name__)
+
 # GX reads this when a context is created; set before it is ever imported.
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 
 #: how many offending values a failure carries as examples
 N_EXAMPLES = 5
+
+#: how many failures :func:`describe_failures` spells out
+MAX_DESCRIBED = 6
 
 #: slack on sums of ``s * p(s)`` (rounding can push a certain 5 to 5.000000000000001)
 SCORE_SLACK = 1e-9
@@ -110,7 +119,6 @@ TABLE_RULES: dict[str, list[Rule]] = {
     "prompts": [
         _at_least("char_len", 1, "an empty prompt is not a prompt"),
         _at_least("source_record", 1, "record numbers are 1-based"),
-        _at_least("shard", 0, "shard numbers are non-negative"),
         Rule("json", ("metadata",), "metadata is JSON text"),
     ],
     "responses": [
@@ -274,7 +282,13 @@ class _Runtime:
             expectations.append(
                 ge.ExpectColumnValuesToBeUnique(column=key, description=f"{key} is the primary key")
             )
-        expectations += [self._expectation(rule) for rule in TABLE_RULES.get(table, [])]
+        for rule in TABLE_RULES.get(table, []):
+            if not set(rule.columns) <= set(schema.names):
+                # a rule left behind by a schema change would fail every batch; the unit
+                # tests keep rules and schemas in step, at run time the rule is dropped loudly
+                logger.warning("%s: rule on unknown column(s) skipped: %s", table, rule)
+                continue
+            expectations.append(self._expectation(rule))
         suite = self.gx.ExpectationSuite(name=f"prefcurate.{table}")
         for expectation in expectations:
             # report a raising expectation as a failure instead of aborting the whole suite
@@ -394,7 +408,7 @@ def validate_batch(table: str, frame: pl.DataFrame | pa.Table) -> ContractResult
                 "return_unexpected_index_query": False,
             },
         )
-    return _summarise(table, outcome, len(pdf), set(pdf.columns))
+    return _summarise(table, outcome, len(pdf))
 
 
 def describe_failures(result: ContractResult) -> str:
@@ -402,7 +416,7 @@ def describe_failures(result: ContractResult) -> str:
     if result.success:
         return f"{result.table}: all {result.evaluated} expectations passed ({result.n_rows} rows)"
     parts = []
-    for failure in result.failed:
+    for failure in result.failed[:MAX_DESCRIBED]:
         if failure["row_level"]:
             detail = f"{failure['unexpected_count']} row(s)"
         else:
@@ -411,6 +425,8 @@ def describe_failures(result: ContractResult) -> str:
             shown = ", ".join(_short(e) for e in failure["examples"][:3])
             detail += f", e.g. {shown}"
         parts.append(f"{failure['expectation']} [{detail}]")
+    if len(result.failed) > MAX_DESCRIBED:
+        parts.append(f"and {len(result.failed) - MAX_DESCRIBED} more")
     scope = (
         "batch-level failure"
         if result.batch_level_failure
@@ -470,7 +486,7 @@ def _columns_of(kwargs: dict[str, Any]) -> list[str]:
 _SCHEMA = "expect_table_columns_to_match_set"
 
 
-def _summarise(table: str, outcome: Any, n_rows: int, present: set[str]) -> ContractResult:
+def _summarise(table: str, outcome: Any, n_rows: int) -> ContractResult:
     bad = np.zeros(n_rows, dtype=bool)
     failed: list[FailedExpectation] = []
     batch_level = False
@@ -490,7 +506,7 @@ def _summarise(table: str, outcome: Any, n_rows: int, present: set[str]) -> Cont
         raised = bool(errors)
         result = r.result or {}
         indices = result.get("unexpected_index_list")
-        if indices is None and any(c not in present for c in columns):
+        if indices is None and any(c in missing_columns for c in columns):
             # fails (or raises) because its column is absent: the schema failure says so
             continue
         row_level = (

@@ -94,6 +94,9 @@ REASONS = CHECK_REASONS + SELECTION_REASONS
 PAIR_KEY = ["prompt_id", "response_a", "response_b"]
 _PROVENANCE = {f.name for f in tables.PROVENANCE}
 _TIE_EPS = 1e-12
+#: slack on threshold comparisons, so a value at the threshold passes despite rounding
+#: (0.6 - 0.5 < 0.1 in floats)
+_EPS = 1e-9
 
 JuryMethod = Literal["mean", "majority", "weighted"]
 PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_above_margin"]
@@ -150,7 +153,9 @@ class TransitivityCheck(_Check):
     symmetric cycle (equal strengths) every edge."""
 
     margin: float = Field(0.1, ge=0.0)
-    l2: float = Field(1e-3, gt=0.0, description="L2 penalty of the per-prompt Bradley-Terry fit (see bradley_terry)")
+    l2: float = Field(
+        1e-3, gt=0.0, description="L2 penalty of the per-prompt Bradley-Terry fit (see bradley_terry)"
+    )
 
 
 class NearDuplicateCheck(_Check):
@@ -194,7 +199,9 @@ class FilterParams(BaseModel):
 
     criteria: list[str] | None = Field(None, description="judge criteria that vote; all when None")
     jury_method: JuryMethod = "mean"
-    judge_weights: dict[str, float] | None = Field(None, description="for jury_method='weighted'; missing = 1")
+    judge_weights: dict[str, float] | None = Field(
+        None, description="for jury_method='weighted'; missing = 1"
+    )
 
     position_flip: PositionFlipCheck = Field(default_factory=PositionFlipCheck)
     confidence: ConfidenceCheck = Field(default_factory=ConfidenceCheck)
@@ -278,7 +285,9 @@ def model_family(model: pl.Expr, families: dict[str, str] | None = None) -> pl.E
 
 
 # --- jury -------------------------------------------------------------------------------
-def judge_verdicts(judgments: pl.DataFrame, criteria: list[str] | None = None, by_criterion: bool = True) -> pl.DataFrame:
+def judge_verdicts(
+    judgments: pl.DataFrame, criteria: list[str] | None = None, by_criterion: bool = True
+) -> pl.DataFrame:
     """One row per (pair[, criterion], judge): the mean of the judge's valid judgments.
 
     Columns: pair key, [criterion], judge, judge_model, p_a, p_first_ab, p_first_ba,
@@ -309,9 +318,9 @@ def _jury_from_verdicts(
         p_expr = pl.col("p_a").mean()
     elif method == "majority":
         # share of judges voting a; a judge exactly at 0.5 counts half to each side
-        p_expr = ((pl.col("_side_a") + 0.5 * (1 - pl.col("_side_a") - pl.col("_side_b"))).sum() / pl.len()).cast(
-            pl.Float64
-        )
+        p_expr = (
+            (pl.col("_side_a") + 0.5 * (1 - pl.col("_side_a") - pl.col("_side_b"))).sum() / pl.len()
+        ).cast(pl.Float64)
     elif method == "weighted":
         p_expr = (pl.col("_w") * pl.col("p_a")).sum() / pl.col("_w").sum()
     else:
@@ -407,7 +416,9 @@ def verdict_fleiss_kappa(verdicts: pl.DataFrame, group: list[str] | None = None)
 # --- per-response features --------------------------------------------------------------
 def response_scores(ratings: pl.DataFrame, aspects: list[str] | None = None) -> pl.DataFrame:
     """Mean valid rubric expected score per response, over judges and aspects."""
-    rows = ratings.filter(pl.col("valid") & pl.col("expected_score").is_not_null() & pl.col("expected_score").is_not_nan())
+    rows = ratings.filter(
+        pl.col("valid") & pl.col("expected_score").is_not_null() & pl.col("expected_score").is_not_nan()
+    )
     if aspects is not None:
         rows = rows.filter(pl.col("aspect").is_in(aspects))
     return rows.group_by("response_id").agg(pl.col("expected_score").cast(pl.Float64).mean().alias("score"))
@@ -459,12 +470,18 @@ def _shingles(responses: pl.DataFrame, ngram: int) -> pl.DataFrame:
 def pair_text_similarity(pairs: pl.DataFrame, responses: pl.DataFrame, ngram: int = 5) -> pl.DataFrame:
     """``pairs`` (with response_a, response_b) plus a ``similarity`` column in [0, 1]; null
     when a text is missing. See :class:`NearDuplicateCheck`."""
+    needed = pl.concat(
+        [pairs.select(pl.col(side).alias("response_id")) for side in ("response_a", "response_b")]
+    )
+    responses = responses.join(needed.unique(), on="response_id", how="semi")
     texts = responses.select("response_id", _normalised_text(pl.col("text")).alias("_norm"))
     shingles = _shingles(responses, ngram)
     joined = pairs
     for side in ("a", "b"):
         joined = joined.join(
-            texts.rename({"response_id": f"response_{side}", "_norm": f"_norm_{side}"}), on=f"response_{side}", how="left"
+            texts.rename({"response_id": f"response_{side}", "_norm": f"_norm_{side}"}),
+            on=f"response_{side}",
+            how="left",
         ).join(
             shingles.rename({"response_id": f"response_{side}", "shingles": f"_sh_{side}"}),
             on=f"response_{side}",
@@ -479,7 +496,9 @@ def pair_text_similarity(pairs: pl.DataFrame, responses: pl.DataFrame, ngram: in
         .then(1.0)
         .otherwise(inter / pl.max_horizontal(union, pl.lit(1)))
     )
-    return joined.with_columns(similarity=similarity.cast(pl.Float64)).drop("_norm_a", "_norm_b", "_sh_a", "_sh_b")
+    return joined.with_columns(similarity=similarity.cast(pl.Float64)).drop(
+        "_norm_a", "_norm_b", "_sh_a", "_sh_b"
+    )
 
 
 def _response_features(responses: pl.DataFrame, families: dict[str, str] | None) -> pl.DataFrame:
@@ -498,7 +517,8 @@ def _with_sides(frame: pl.DataFrame, features: pl.DataFrame, columns: list[str])
     """Join per-response ``columns`` for response_a and response_b as ``<col>_a``/``<col>_b``."""
     for side in ("a", "b"):
         renamed = features.select(
-            pl.col("response_id").alias(f"response_{side}"), *[pl.col(c).alias(f"{c}_{side}") for c in columns]
+            pl.col("response_id").alias(f"response_{side}"),
+            *[pl.col(c).alias(f"{c}_{side}") for c in columns],
         )
         frame = frame.join(renamed, on=f"response_{side}", how="left")
     return frame
@@ -514,12 +534,17 @@ def prompt_strengths(jury: pl.DataFrame, l2: float = 1e-3) -> pl.DataFrame:
     the penalised likelihood separates over prompts. Strengths compare only within a prompt.
     """
     rows = jury.filter(pl.col("p_a").is_not_null()).select(*PAIR_KEY, "p_a")
-    items = pl.concat(
-        [
-            rows.select("prompt_id", pl.col("response_a").alias("response_id")),
-            rows.select("prompt_id", pl.col("response_b").alias("response_id")),
-        ]
-    ).unique(["response_id"]).sort(["prompt_id", "response_id"]).with_row_index("_item")
+    items = (
+        pl.concat(
+            [
+                rows.select("prompt_id", pl.col("response_a").alias("response_id")),
+                rows.select("prompt_id", pl.col("response_b").alias("response_id")),
+            ]
+        )
+        .unique(["response_id"])
+        .sort(["prompt_id", "response_id"])
+        .with_row_index("_item")
+    )
     if items.height == 0:
         return pl.DataFrame(schema={"response_id": pl.String, "strength": pl.Float64, "component": pl.Int64})
     index = items.select("response_id", "_item")
@@ -529,7 +554,9 @@ def prompt_strengths(jury: pl.DataFrame, l2: float = 1e-3) -> pl.DataFrame:
     item_a = indexed["_ia"].to_numpy().astype(np.int64)
     item_b = indexed["_ib"].to_numpy().astype(np.int64)
     p_a = indexed["p_a"].to_numpy().astype(np.float64)
-    strengths = np.asarray(fit_bradley_terry(item_a, item_b, 1.0 - p_a, items.height, l2=l2), dtype=np.float64)
+    strengths = np.asarray(
+        fit_bradley_terry(item_a, item_b, 1.0 - p_a, items.height, l2=l2), dtype=np.float64
+    )
 
     decided = np.abs(p_a - 0.5) > _TIE_EPS
     winner = np.where(p_a > 0.5, item_a, item_b)[decided]
@@ -546,7 +573,9 @@ def _candidate_frame(
     judgments: pl.DataFrame, ratings: pl.DataFrame, responses: pl.DataFrame, params: FilterParams
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(candidates with every per-pair signal, per-judge verdicts)."""
-    rows = judgments if params.criteria is None else judgments.filter(pl.col("criterion").is_in(params.criteria))
+    rows = (
+        judgments if params.criteria is None else judgments.filter(pl.col("criterion").is_in(params.criteria))
+    )
     candidates = rows.select(PAIR_KEY).unique().sort(PAIR_KEY)
     verdicts = judge_verdicts(rows, by_criterion=False)
     jury = _jury_from_verdicts(verdicts, PAIR_KEY, params.jury_method, params.judge_weights)
@@ -564,7 +593,17 @@ def _candidate_frame(
     frame = _with_sides(
         frame,
         per_response,
-        ["generator", "model", "family", "char_len", "truncated", "has_text", "score", "strength", "component"],
+        [
+            "generator",
+            "model",
+            "family",
+            "char_len",
+            "truncated",
+            "has_text",
+            "score",
+            "strength",
+            "component",
+        ],
     )
     a_wins = pl.col("p_a") > 0.5
     frame = frame.with_columns(
@@ -581,7 +620,10 @@ def _candidate_frame(
         return pl.when(pl.col("a_wins")).then(pl.col(first)).otherwise(pl.col(second))
 
     frame = frame.with_columns(
-        *[pick(c, True).alias(f"chosen_{c}") for c in ("generator", "family", "char_len", "score", "strength")],
+        *[
+            pick(c, True).alias(f"chosen_{c}")
+            for c in ("generator", "family", "char_len", "score", "strength")
+        ],
         *[pick(c, False).alias(f"rejected_{c}") for c in ("generator", "char_len", "score", "strength")],
     ).with_columns(margin=pl.col("chosen_strength") - pl.col("rejected_strength"))
 
@@ -596,7 +638,9 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
     distance = (pl.col("p_a") - 0.5).abs()
 
     drops.append(
-        _drop_rows(frame.filter(pl.col("p_a").is_null()), NO_VALID_JUDGMENT, pl.lit(None), None, "no valid judgment")
+        _drop_rows(
+            frame.filter(pl.col("p_a").is_null()), NO_VALID_JUDGMENT, pl.lit(None), None, "no valid judgment"
+        )
     )
     missing = frame.filter(~pl.col("has_text_a") | ~pl.col("has_text_b"))
     drops.append(
@@ -628,7 +672,9 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
             n_flip=pl.col("flip").sum().over(PAIR_KEY),
             n_judges=pl.len().over(PAIR_KEY),
         )
-        failing = flagged.filter(pl.col("flip") & (pl.col("flip_share") > params.position_flip.max_flip_share))
+        failing = flagged.filter(
+            pl.col("flip") & (pl.col("flip_share") > params.position_flip.max_flip_share + _EPS)
+        )
         drops.append(
             _drop_rows(
                 failing,
@@ -648,34 +694,45 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
         )
 
     if params.confidence.enabled:
-        low = judged.filter(distance < params.confidence.min_margin)
-        drops.append(_drop_rows(low, LOW_CONFIDENCE, distance, params.confidence.min_margin, "|jury p_a - 0.5|"))
+        low = judged.filter(distance < params.confidence.min_margin - _EPS)
+        drops.append(
+            _drop_rows(low, LOW_CONFIDENCE, distance, params.confidence.min_margin, "|jury p_a - 0.5|")
+        )
 
     if params.agreement.enabled:
-        split = judged.filter((pl.col("n_judges") >= 2) & (pl.col("agreement") < params.agreement.min_agreement))
+        split = judged.filter(
+            (pl.col("n_judges") >= 2) & (pl.col("agreement") < params.agreement.min_agreement - _EPS)
+        )
         drops.append(
             _drop_rows(
                 split,
                 JURY_DISAGREEMENT,
                 pl.col("agreement"),
                 params.agreement.min_agreement,
-                pl.format("{} for a, {} for b, of {} judges", pl.col("n_for_a"), pl.col("n_for_b"), pl.col("n_judges")),
+                pl.format(
+                    "{} for a, {} for b, of {} judges",
+                    pl.col("n_for_a"),
+                    pl.col("n_for_b"),
+                    pl.col("n_judges"),
+                ),
             )
         )
 
     if params.rating_vs_ranking.enabled:
         gap = pl.col("chosen_score") - pl.col("rejected_score")
         tol = params.rating_vs_ranking.tolerance
-        against = judged.filter(
-            (distance > _TIE_EPS) & gap.is_not_null() & (gap < -tol)
-        )
+        against = judged.filter((distance > _TIE_EPS) & gap.is_not_null() & (gap < -tol - _EPS))
         drops.append(
             _drop_rows(
                 against,
                 RATING_VS_RANKING,
                 gap,
                 -tol,
-                pl.format("rubric chosen={} rejected={}", _fmt(pl.col("chosen_score")), _fmt(pl.col("rejected_score"))),
+                pl.format(
+                    "rubric chosen={} rejected={}",
+                    _fmt(pl.col("chosen_score")),
+                    _fmt(pl.col("rejected_score")),
+                ),
             )
         )
 
@@ -683,7 +740,7 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
         on_cycle = judged.filter(
             (distance > _TIE_EPS)
             & (pl.col("component_a") == pl.col("component_b"))
-            & (pl.col("margin") < params.intransitivity.margin)
+            & (pl.col("margin") < params.intransitivity.margin - _EPS)
         )
         drops.append(
             _drop_rows(
@@ -691,14 +748,19 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
                 INTRANSITIVE,
                 pl.col("margin"),
                 params.intransitivity.margin,
-                pl.format("on a preference cycle; Bradley-Terry margin of the jury's verdict {}", _fmt(pl.col("margin"))),
+                pl.format(
+                    "on a preference cycle; Bradley-Terry margin of the jury's verdict {}",
+                    _fmt(pl.col("margin")),
+                ),
             )
         )
 
     if params.near_duplicate.enabled:
-        dup = frame.filter(pl.col("similarity") >= params.near_duplicate.threshold)
+        dup = frame.filter(pl.col("similarity") >= params.near_duplicate.threshold - _EPS)
         drops.append(
-            _drop_rows(dup, NEAR_DUPLICATE, pl.col("similarity"), params.near_duplicate.threshold, "text similarity")
+            _drop_rows(
+                dup, NEAR_DUPLICATE, pl.col("similarity"), params.near_duplicate.threshold, "text similarity"
+            )
         )
 
     if params.truncation.enabled:
@@ -726,7 +788,9 @@ def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterPara
             judge_family=model_family(pl.col("judge_model"), params.self_preference.families),
             judge_p_chosen=pl.when(pl.col("a_wins")).then(pl.col("p_a")).otherwise(1.0 - pl.col("p_a")),
         )
-        own = voters.filter((pl.col("judge_family") == pl.col("chosen_family")) & (pl.col("judge_p_chosen") > 0.5))
+        own = voters.filter(
+            (pl.col("judge_family") == pl.col("chosen_family")) & (pl.col("judge_p_chosen") > 0.5)
+        )
         drops.append(
             _drop_rows(
                 own,
@@ -745,7 +809,9 @@ def _select_pairs(survivors: pl.DataFrame, params: FilterParams) -> tuple[pl.Dat
     drops: list[pl.DataFrame] = []
     below = survivors.filter(pl.col("margin") < params.margin)
     drops.append(
-        _drop_rows(below, BELOW_MARGIN, pl.col("margin"), params.margin, "Bradley-Terry margin below the minimum")
+        _drop_rows(
+            below, BELOW_MARGIN, pl.col("margin"), params.margin, "Bradley-Terry margin below the minimum"
+        )
     )
     eligible = survivors.filter(pl.col("margin") >= params.margin)
     by_margin = ["prompt_id", "margin", "p_chosen", "chosen_id", "rejected_id"]
@@ -780,7 +846,11 @@ def _select_pairs(survivors: pl.DataFrame, params: FilterParams) -> tuple[pl.Dat
         selected = selected.with_columns(_len_ratio=ratio.cast(pl.Float64))
         long = selected.filter(pl.col("_len_ratio") >= guard.ratio)
         n_total, n_long = selected.height, long.height
-        allowed = n_long if guard.max_share >= 1.0 else int(np.floor(guard.max_share * (n_total - n_long) / (1.0 - guard.max_share) + 1e-9))
+        allowed = (
+            n_long
+            if guard.max_share >= 1.0
+            else int(np.floor(guard.max_share * (n_total - n_long) / (1.0 - guard.max_share) + 1e-9))
+        )
         if n_long > allowed:
             removed = long.sort(["margin", "prompt_id", "chosen_id"]).head(n_long - allowed)
             drops.append(
@@ -812,7 +882,9 @@ def _pairs_table(selected: pl.DataFrame, strategy: str) -> pl.DataFrame:
     pair_ids = [
         content_id(prompt, chosen, rejected)
         for prompt, chosen, rejected in zip(
-            selected["prompt_id"].to_list(), selected["chosen_id"].to_list(), selected["rejected_id"].to_list()
+            selected["prompt_id"].to_list(),
+            selected["chosen_id"].to_list(),
+            selected["rejected_id"].to_list(),
         )
     ]
     out = selected.with_columns(
@@ -826,7 +898,12 @@ def _count_map(frame: pl.DataFrame, key: str) -> dict:
     """{key value: {reason: distinct pairs}} from a drops frame with ``key`` and reason."""
     if frame.height == 0:
         return {}
-    counts = frame.unique([key, "reason", *PAIR_KEY]).group_by(key, "reason").agg(pl.len().alias("n")).sort(key, "reason")
+    counts = (
+        frame.unique([key, "reason", *PAIR_KEY])
+        .group_by(key, "reason")
+        .agg(pl.len().alias("n"))
+        .sort(key, "reason")
+    )
     result: dict = {}
     for value, reason, n in counts.iter_rows():
         result.setdefault(value, {})[reason] = int(n)
@@ -853,7 +930,9 @@ def apply_filters(
     check_drops = pl.concat(_check_drops(frame, verdicts, params), how="vertical")
     survivors = frame.join(check_drops.select(PAIR_KEY).unique(), on=PAIR_KEY, how="anti")
     selected, selection_drops = _select_pairs(survivors, params)
-    drops = pl.concat([check_drops, *selection_drops], how="vertical").sort([*PAIR_KEY, "reason", "judge"], nulls_last=True)
+    drops = pl.concat([check_drops, *selection_drops], how="vertical").sort(
+        [*PAIR_KEY, "reason", "judge"], nulls_last=True
+    )
     pairs = _pairs_table(selected, params.strategy)
     report = _report(frame, verdicts, drops, pairs, survivors, params)
     return pairs, drops, report
@@ -878,7 +957,9 @@ def _report(
             frame.select(*PAIR_KEY, pl.col("generator_b").alias("generator")),
         ]
     )
-    drops_gen = drops.join(generators, on=PAIR_KEY, how="left").with_columns(pl.col("generator").fill_null("?"))
+    drops_gen = drops.join(generators, on=PAIR_KEY, how="left").with_columns(
+        pl.col("generator").fill_null("?")
+    )
 
     judges: dict = {}
     if verdicts.height:
@@ -994,7 +1075,9 @@ def argmax_baseline_pairs(ratings: pl.DataFrame, responses: pl.DataFrame) -> pl.
 
 
 def single_order_pairs(
-    judgments: pl.DataFrame, judge: str | None = None, per_prompt: Literal["best_vs_worst", "all"] = "best_vs_worst"
+    judgments: pl.DataFrame,
+    judge: str | None = None,
+    per_prompt: Literal["best_vs_worst", "all"] = "best_vs_worst",
 ) -> pl.DataFrame:
     """A naive single-order pairwise judge: one judge (``judge``; default the first by name),
     only the a-first presentation (``p_first_ab``), verdicts taken at face value.
@@ -1021,7 +1104,9 @@ def single_order_pairs(
         pl.concat(
             [
                 oriented.select("prompt_id", pl.col("chosen_id").alias("response_id"), pl.lit(1).alias("w")),
-                oriented.select("prompt_id", pl.col("rejected_id").alias("response_id"), pl.lit(-1).alias("w")),
+                oriented.select(
+                    "prompt_id", pl.col("rejected_id").alias("response_id"), pl.lit(-1).alias("w")
+                ),
             ]
         )
         .group_by("response_id")
