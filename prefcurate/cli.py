@@ -12,6 +12,10 @@ import typer
 
 # Prefect's temporary API server can take long to start on a loaded 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 app = typer.Typer(
     help=(
@@ -81,13 +85,15 @@ def _open_store(dataset: Path):
 
 def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict) -> dict:
     from prefcurate.config import ConfigError, load_config
-    from prefcurate.flows.common import RunParameters
-    from prefcurate.store import NotADatasetError
 
     try:
         load_config(config, overrides)  # fail fast, with line numbers, before Prefect starts
     except ConfigError as error:
         fail(str(error))
+    from prefcurate.flows.common import RunParameters, ensure_prefect_api
+    from prefcurate.store import NotADatasetError
+
+    ensure_prefect_api()
     parameters = RunParameters(
         config_path=str(config) if config else None, dataset=str(dataset) if dataset else None, overrides=overrides
     )

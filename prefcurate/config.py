@@ -52,6 +52,7 @@ class PipelineConfig(Strict):
         description="stages `build` runs, in order",
     )
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
+    contracts: bool = Field(True, description="run the Great Expectations gates on every shard before it is written")
     export_dir: str | None = Field(None, description="where `export` writes; default DATASET/export")
 
     # stage sections are attached below, when their modules are importable

@@ -11,7 +11,13 @@ import time
 
 from prefect import flow, get_run_logger
 
-from prefcurate.flows.common import RunParameters, publish_report, resolve, stage_report_markdown
+from prefcurate.flows.common import (
+    RunParameters,
+    configure_dask,
+    publish_report,
+    resolve,
+    stage_report_markdown,
+)
 from prefcurate.flows.stage import run_stage_flow
 from prefcurate.steps import available_stages
 
@@ -24,6 +30,7 @@ def shared_cluster(config):
         return
     from distributed import LocalCluster
 
+    configure_dask()
     cluster = LocalCluster(
         n_workers=config.executor.n_workers,
         threads_per_worker=config.executor.threads_per_worker,

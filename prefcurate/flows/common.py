@@ -86,6 +86,8 @@ def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str
             for key, value in result.counts.items():
                 if isinstance(value, (int, float)):
                     totals[key] = totals.get(key, 0) + value
+                elif isinstance(value, dict):
+                    totals[key] = value  # a unit's report (whole-dataset steps have one unit)
             totals["model_seconds"] = totals.get("model_seconds", 0.0) + result.model_seconds
             if progress is not None:
                 update_progress_artifact(progress, progress=100.0 * finished / len(todo))
@@ -95,6 +97,9 @@ def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str
         seconds = time.perf_counter() - started
         store.finish_run(run_id, "completed", totals, {"seconds": seconds})
         logger.info("%s completed in %.1f s: %s", stage, seconds, _short(totals))
+        quarantined = {k: v for k, v in totals.items() if k.startswith("contract_quarantined")}
+        if quarantined:
+            logger.warning("%s: rows failed their data contract and were quarantined: %s", stage, quarantined)
         return {"stage": stage, "run_id": run_id, "seconds": seconds, **totals}
     except BaseException as error:
         store.finish_run(run_id, "failed", totals, {"seconds": time.perf_counter() - started},
@@ -103,7 +108,10 @@ def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str
 
 
 def _short(counts: dict) -> str:
-    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in counts.items())
+    return ", ".join(
+        f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+        for k, v in counts.items() if not isinstance(v, dict)
+    )
 
 
 def stage_report_markdown(summaries: list[dict], store: Store) -> str:
@@ -122,6 +130,31 @@ def dataset_path(store: Store) -> Path:
     return store.root
 
 
+def configure_dask() -> None:
+    """Dask workers must not be daemonic: vLLM's engine starts its own worker processes."""
+    import dask
+
+    dask.config.set({"distributed.worker.daemon": False})
+
+
+def ensure_prefect_api() -> None:
+    """Give this process and the Dask workers it starts one Prefect API.
+
+    Without PREFECT_API_URL, Prefect starts a temporary server per process, so every Dask
+    worker would start its own (slow, and their runs would not show in one place). We start
+    the temporary server once and export its URL; workers inherit the environment.
+    """
+    import os
+
+    if os.environ.get("PREFECT_API_URL"):
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+    os.environ["PREFECT_API_URL"] = server.api_url
+
+
 def task_runner_for(config: PipelineConfig, address: str | None = None):
     """Dask by default: a LocalCluster, or an existing scheduler by address."""
     if config.executor.kind == "sequential":
@@ -130,6 +163,7 @@ def task_runner_for(config: PipelineConfig, address: str | None = None):
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
+    configure_dask()
     address = address or config.executor.address
     if address:
         return DaskTaskRunner(address=address)

@@ -8,6 +8,10 @@ from prefcurate.steps.base import Step
 
 _STEPS = {
     "ingest": "prefcurate.steps.ingest:IngestStep",
+    "generate": "prefcurate.steps.model_stages:GenerateStep",
+    "annotate": "prefcurate.steps.model_stages:AnnotateStep",
+    "filter": "prefcurate.steps.filter:FilterStep",
+    "score": "prefcurate.steps.score_select:ScoreStep",
 }
 
 

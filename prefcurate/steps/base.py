@@ -21,6 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+import polars as pl
+import pyarrow as pa
+
 from prefcurate.config import PipelineConfig, load_config
 from prefcurate.schemas.ids import content_id
 from prefcurate.store import ShardInfo, Store
@@ -126,22 +129,59 @@ class Step:
                 return UnitResult(unit.key, shards, {"adopted": 1}, skipped=True)
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
+        gate = ctx.config.get("contracts", True)
         shards = []
+        rejected: list[pl.DataFrame] = []
         for table in unit.outputs:
             parts = frames[table] if isinstance(frames[table], list) else [frames[table]]
             for index, part in enumerate(parts or [None]):
-                if part is None:
-                    import pyarrow as pa
-
-                    from prefcurate.schemas.tables import TABLES
-
-                    part = pa.Table.from_pylist([], schema=TABLES[table])
+                part = _as_polars(table, part)
+                if gate and table != "quarantine" and part.height:
+                    part, bad = contract_gate(table, part, self.name, unit.key)
+                    if bad is not None:
+                        rejected.append(bad)
+                        counts[f"contract_quarantined.{table}"] = counts.get(f"contract_quarantined.{table}", 0) + bad.height
                 shards.append(
                     store.write(table, part, key=unit.shard_key(table, index), run_id=ctx.run_id, stage=self.name)
                 )
+        if rejected:
+            shards.append(store.write("quarantine", pl.concat(rejected, how="vertical_relaxed"),
+                                      key=unit.shard_key("quarantine", 999), run_id=ctx.run_id, stage=self.name))
         _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards]}))
         model_seconds = float(counts.pop("model_seconds", 0.0))
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
+
+
+def _as_polars(table: str, part) -> pl.DataFrame:
+    if part is None:
+        from prefcurate.schemas.tables import TABLES
+
+        return pl.from_arrow(pa.Table.from_pylist([], schema=TABLES[table]))
+    return part if isinstance(part, pl.DataFrame) else pl.from_arrow(part)
+
+
+def contract_gate(table: str, frame: pl.DataFrame, stage: str, unit_key: str) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Great Expectations gate between stages: rows that break the table's contract go to
+    quarantine with the failed expectation named; the rest go on. Nothing is dropped."""
+    from prefcurate.schemas.expectations import describe_failures, validate_batch
+
+    result = validate_batch(table, frame)
+    if result.success:
+        return frame, None
+    mask = pl.Series(result.quarantine_mask)
+    failed_columns = sorted({c for f in result.failed for c in f.get("columns", [])})
+    message = describe_failures(result)
+    bad = frame.with_row_index("_row").filter(mask)
+    quarantine = bad.select(
+        pl.lit(f"{table} (stage {stage}, unit {unit_key[:12]})").alias("source_file"),
+        (pl.col("_row").cast(pl.Int64) + 1).alias("source_record"),
+        pl.lit(",".join(failed_columns) or None, pl.String).alias("field"),
+        pl.lit("contract_failed").alias("reason"),
+        pl.lit(message).alias("message"),
+        pl.struct([c for c in frame.columns if frame.schema[c] != pl.Array(pl.Float32, 384)])
+        .struct.json_encode().alias("raw"),
+    )
+    return frame.filter(~mask), quarantine
 
 
 def _manifest_path(store: Store, unit: Unit) -> Path:

@@ -4,4 +4,14 @@ from __future__ import annotations
 
 from pydantic import BaseModel
 
-SECTION_MODELS: dict[str, type[BaseModel]] = {}
+from prefcurate.tasks.annotate import AnnotateParams
+from prefcurate.tasks.filter import FilterParams
+from prefcurate.tasks.generate import GenerateParams
+from prefcurate.tasks.score import ScoreParams
+
+SECTION_MODELS: dict[str, type[BaseModel]] = {
+    "generate": GenerateParams,
+    "annotate": AnnotateParams,
+    "filter": FilterParams,
+    "score": ScoreParams,
+}
