@@ -61,6 +61,7 @@ class PipelineConfig(Strict):
     filter: dict[str, Any] = Field(default_factory=dict)
     score: dict[str, Any] = Field(default_factory=dict)
     select: dict[str, Any] = Field(default_factory=dict)
+    export: dict[str, Any] = Field(default_factory=dict)
 
     _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
 

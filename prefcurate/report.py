@@ -57,3 +57,61 @@ def status_text(store: Store) -> str:
         if frame.height:
             out.write(title + "\n" + _table(frame) + "\n\n")
     return out.getvalue().rstrip() + "\n"
+
+
+def _markdown_table(frame: pl.DataFrame, digits: int = 3) -> str:
+    if frame.height == 0:
+        return "_none_"
+    frame = frame.with_columns(pl.col(pl.Float64).round(digits))
+    header = "| " + " | ".join(frame.columns) + " |"
+    rule = "|" + "---|" * len(frame.columns)
+    rows = ["| " + " | ".join("" if v is None else str(v) for v in row) + " |" for row in frame.iter_rows()]
+    return "\n".join([header, rule, *rows])
+
+
+def text_histogram(values, bins: int = 10, width: int = 30) -> str:
+    """A histogram as text bars, readable in a Prefect markdown artifact and a terminal."""
+    import numpy as np
+
+    values = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if values.size == 0:
+        return "_no values_"
+    counts, edges = np.histogram(values, bins=bins)
+    top = counts.max() or 1
+    lines = [
+        f"{edges[i]:>7.2f} .. {edges[i + 1]:<7.2f} {'█' * int(round(width * c / top)):<{width}} {c}"
+        for i, c in enumerate(counts)
+    ]
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def build_report_markdown(store: Store, summaries: list[dict]) -> str:
+    """The run report: what each stage did, why pairs were dropped, how the judges behaved."""
+    parts = ["## Stages", "| stage | seconds | model seconds | counts |", "|---|---:|---:|---|"]
+    for summary in summaries:
+        counts = {k: v for k, v in summary.items()
+                  if k not in ("stage", "run_id", "seconds", "model_seconds") and not isinstance(v, dict)}
+        shown = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in counts.items())
+        parts.append(f"| {summary['stage']} | {summary['seconds']:.1f} | {summary.get('model_seconds', 0):.1f} | {shown} |")
+    parts += ["", "## Rows per table", _markdown_table(table_counts(store).filter(pl.col("rows") > 0))]
+    sections = [
+        ("Judge calibration on gold pairs",
+         "SELECT DISTINCT ON (judge) judge, gold_pairs, accuracy, position_flip_rate, first_position_pref "
+         "FROM judge_calibration ORDER BY judge, created_at DESC"),
+        ("Judge position bias on this dataset", "SELECT * FROM judge_position_bias"),
+        ("Jury agreement", "SELECT criterion, count(*) AS pairs, avg(agreement) AS mean_agreement, "
+                            "avg(abs(p_a - 0.5) * 2) AS mean_confidence FROM jury GROUP BY ALL"),
+        ("Filter drops by reason (latest filter run)",
+         "SELECT reason, count(*) AS drops FROM current_filter_drops GROUP BY ALL ORDER BY drops DESC"),
+        ("Quarantine", "SELECT * FROM quarantine_summary"),
+    ]
+    for title, sql in sections:
+        parts += ["", f"## {title}", _markdown_table(store.query(sql))]
+    quality = store.query("SELECT criterion, method, score FROM quality")
+    for (criterion, method), group in quality.group_by(["criterion", "method"], maintain_order=True):
+        parts += ["", f"## Score distribution: {criterion} ({method})", text_histogram(group["score"].to_list())]
+    curated = store.query("SELECT p_chosen FROM curated_pairs")
+    if curated.height:
+        parts += ["", f"## Curated pairs: {curated.height}", "P(chosen better) by the jury:",
+                  text_histogram(curated["p_chosen"].to_list())]
+    return "\n".join(parts)

@@ -10,14 +10,15 @@ import contextlib
 import time
 
 from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
 
 from prefcurate.flows.common import (
     RunParameters,
     configure_dask,
     publish_report,
     resolve,
-    stage_report_markdown,
 )
+from prefcurate.report import build_report_markdown
 from prefcurate.flows.stage import run_stage_flow
 from prefcurate.steps import available_stages
 
@@ -64,7 +65,11 @@ def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str]
         seconds = time.perf_counter() - started
         counts = {s["stage"]: {k: v for k, v in s.items() if k not in ("stage", "run_id")} for s in summaries}
         store.finish_run(build_run, "completed", counts, {"seconds": seconds})
-        publish_report("prefcurate build", stage_report_markdown(summaries, store), key="build-report")
+        publish_report("prefcurate build", build_report_markdown(store, summaries), key="build-report")
+        export_dir = store.root / "export"
+        if export_dir.exists():
+            create_link_artifact(link=export_dir.as_uri(), link_text="curated export (DPO JSONL, Parquet, card)",
+                                 key="curated-export")
         return {"run_id": build_run, "dataset": str(store.root), "seconds": seconds, "stages": summaries}
     except BaseException as error:
         store.finish_run(build_run, "failed", {}, {"seconds": time.perf_counter() - started},

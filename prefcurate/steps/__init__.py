@@ -12,6 +12,8 @@ _STEPS = {
     "annotate": "prefcurate.steps.model_stages:AnnotateStep",
     "filter": "prefcurate.steps.filter:FilterStep",
     "score": "prefcurate.steps.score_select:ScoreStep",
+    "select": "prefcurate.steps.score_select:SelectStep",
+    "export": "prefcurate.steps.score_select:ExportStep",
 }
 
 

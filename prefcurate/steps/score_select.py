@@ -6,6 +6,7 @@ that have no vector yet for the configured model, and writes those as part of it
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -92,3 +93,98 @@ class ScoreStep(Step):
                   "embedded": new_embeddings.height, "model_seconds": model_seconds,
                   "report": outcome.report}
         return {"quality": outcome.quality, "embeddings": new_embeddings}, counts
+
+
+def _candidate_pairs(store) -> pl.DataFrame:
+    """The latest filter run's pairs with the texts selection and export need."""
+    return store.query(
+        """
+        SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
+        FROM current_pairs p
+        JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
+        JOIN (SELECT DISTINCT ON (response_id) response_id, text FROM responses) c ON c.response_id = p.chosen_id
+        JOIN (SELECT DISTINCT ON (response_id) response_id, text FROM responses) r ON r.response_id = p.rejected_id
+        ORDER BY p.pair_id
+        """
+    )
+
+
+class SelectStep(Step):
+    name = "select"
+    whole_dataset = True
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        store = ctx.store()
+        params = section(ctx.pipeline_config(), "select")
+        key = content_id("select", _fingerprint(store, ["pairs", "quality"]), params.model_dump(mode="json"))
+        return [Unit(self.name, key, ("selections", "embeddings"))]
+
+    def compute(self, unit: Unit, ctx: StageContext):
+        from prefcurate.inference.models import EMBEDDING_MODEL_NAME
+        from prefcurate.tasks.embed import embed_texts, pair_embedding_text
+        from prefcurate.tasks.score import pair_quality
+        from prefcurate.tasks.selection import select_items, selection_report
+
+        store = ctx.store()
+        params = section(ctx.pipeline_config(), "select")
+        pairs = _candidate_pairs(store)
+        if pairs.height == 0:
+            return {"selections": None, "embeddings": None}, {"pairs": 0, "selected": 0}
+        quality = pair_quality(pairs, store.query("SELECT * FROM quality"))
+        pairs = pairs.join(quality, on="pair_id", how="left").with_columns(pl.col("quality").fill_null(0.0))
+        items = pl.DataFrame({"item_id": pairs["pair_id"], "text": pair_embedding_text(pairs["prompt"], pairs["chosen"])})
+        vectors, new_embeddings, embed_seconds = embed_with_cache(store, items, "pair", EMBEDDING_MODEL_NAME, embed_texts)
+        quality_values = pairs["quality"].to_numpy()
+        result = select_items(vectors, quality_values, params, texts=items["text"])
+        report = selection_report(vectors, quality_values, result, seed=params.seed)
+        selections = result.to_frame(pairs["pair_id"])
+        counts = {"pairs": pairs.height, "selected": int(result.selected.sum()),
+                  "near_duplicates": result.info.get("n_near_duplicates", 0),
+                  "exact_duplicates": result.info.get("n_exact_duplicates", 0),
+                  "model_seconds": embed_seconds, "report": json.loads(json.dumps(report, default=float))}
+        return {"selections": selections, "embeddings": new_embeddings}, counts
+
+
+class ExportStep(Step):
+    """Writes files, not tables: runs every time (cheap), keyed by its run."""
+
+    name = "export"
+    whole_dataset = True
+
+    def plan(self, ctx: StageContext) -> list[Unit]:
+        return [Unit(self.name, content_id("export", ctx.run_id), ())]
+
+    def pending(self, ctx, units):
+        return list(units), []
+
+    def compute(self, unit: Unit, ctx: StageContext):
+        from prefcurate.tasks.export import export_pairs
+
+        store = ctx.store()
+        config = ctx.pipeline_config()
+        params = section(config, "export")
+        curated = store.query("SELECT * FROM curated_pairs")
+        out_dir = Path(params.out_dir or config.export_dir or (store.root / "export"))
+        if curated.height == 0:
+            return {}, {"exported": 0, "note": 0}
+        select_run = store.query(
+            "SELECT counts FROM runs WHERE kind = 'select' AND status = 'completed' ORDER BY started_at DESC LIMIT 1"
+        )
+        filter_run = store.query(
+            "SELECT counts FROM runs WHERE kind = 'filter' AND status = 'completed' ORDER BY started_at DESC LIMIT 1"
+        )
+        stats = {
+            "title": f"{config.name}: curated preference pairs",
+            "sources": store.query("SELECT source_file, count(*) AS prompts FROM prompts GROUP BY ALL").to_dicts(),
+            "filters": (json.loads(filter_run["counts"][0]).get("report", {}).get("drops_per_reason", {})
+                        if filter_run.height else {}),
+            "selection": json.loads(select_run["counts"][0]).get("report", {}) if select_run.height else {},
+            "cluster_pool_counts": dict(store.query(
+                "SELECT cluster, count(*) AS n FROM selections WHERE run_id = "
+                "(SELECT run_id FROM selections ORDER BY created_at DESC LIMIT 1) GROUP BY ALL"
+            ).iter_rows()),
+            "provenance": {"dataset": str(store.root), "select_run": curated["select_run_id"][0],
+                           "filter_run": curated["filter_run_id"][0]},
+        }
+        written = export_pairs(curated, out_dir, formats=params.formats, card_stats=stats, plots=params.plots)
+        return {}, {"exported": curated.height, "files": {k: str(v) for k, v in written.items()}}
