@@ -152,11 +152,22 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    """``generate.generators.0.n = 3``: dict keys by name, list items by index."""
     keys = dotted.split(".")
-    cursor = data
-    for key in keys[:-1]:
-        cursor = cursor.setdefault(key, {})
-    cursor[keys[-1]] = value
+    cursor: Any = data
+    for position, key in enumerate(keys):
+        last = position == len(keys) - 1
+        if isinstance(cursor, list):
+            if not key.isdigit() or int(key) >= len(cursor):
+                raise ConfigError(f"override {dotted!r}: {key!r} is not an index of that list (0..{len(cursor) - 1})")
+            if last:
+                cursor[int(key)] = value
+            else:
+                cursor = cursor[int(key)]
+        elif last:
+            cursor[key] = value
+        else:
+            cursor = cursor.setdefault(key, {})
 
 
 # Stage sections are validated by the stage's own parameter model. Each entry is

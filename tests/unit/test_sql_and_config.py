@@ -39,6 +39,30 @@ def test_config_errors_name_the_field_and_line(tmp_path):
     assert f"{path}:6: surprise: unknown key" in text
 
 
-def test_quickstart_config_is_valid():
-    config = load_config("examples/quickstart.yaml")
-    assert config.ingest.path == "bundled"
+@pytest.mark.parametrize("path", ["examples/quickstart.yaml", "examples/gpu_cluster.yaml"])
+def test_shipped_configs_are_valid(path):
+    from prefcurate.config import section
+
+    config = load_config(path)
+    for name in ("generate", "annotate", "filter", "score", "select", "export"):
+        section(config, name)
+    assert {"generators", "judges"} <= set(config.pools)
+
+
+def test_stage_section_errors_name_the_line(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("generate:\n  generators:\n    - name: g\n      n: 0\nfilter:\n  strategy: best_of_all\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    text = str(error.value)
+    assert f"{path}:4: generate.generators.0.n" in text
+    assert f"{path}:6: filter.strategy" in text
+
+
+def test_dotted_overrides_reach_list_items():
+    from prefcurate.config import section
+
+    config = load_config("examples/quickstart.yaml", {"generate.generators.1.n": 3, "ingest.limit": 5})
+    assert section(config, "generate").generators[1].n == 3 and config.ingest.limit == 5
+    with pytest.raises(ConfigError, match="not an index"):
+        load_config("examples/quickstart.yaml", {"generate.generators.7.n": 3})
