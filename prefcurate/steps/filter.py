@@ -10,19 +10,13 @@ from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.filter import aggregate_jury, apply_filters
 
 
-def _input_fingerprint(store, tables: list[str]) -> list:
-    """The registered shards of the inputs: a new judgment shard means a new filter unit."""
-    return [sorted(store.registered_keys(t)) for t in tables]
-
-
 class FilterStep(Step):
     name = "filter"
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        store = ctx.store()
         params = section(ctx.pipeline_config(), "filter")
-        key = content_id("filter", _input_fingerprint(store, ["judgments", "ratings", "responses"]),
+        key = content_id("filter", self.input_fingerprint(ctx, ["judgments", "ratings", "responses"]),
                          params.model_dump(mode="json"))
         return [Unit(self.name, key, ("pairs", "filter_drops", "jury"))]
 

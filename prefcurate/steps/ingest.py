@@ -2,21 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-from pathlib import Path
-
 import polars as pl
 
+from prefcurate.schemas.ids import content_id, file_sha256
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.ingest import IngestParams, ingest_file, resolve_source, shard_frames
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class IngestStep(Step):
@@ -31,9 +21,7 @@ class IngestStep(Step):
     def plan(self, ctx: StageContext) -> list[Unit]:
         params = self._params(ctx)
         path, fmt = resolve_source(params)  # raises IngestError for unusable input
-        from prefcurate.schemas.ids import content_id
-
-        key = content_id("ingest", _file_digest(path), params.model_dump(mode="json"))
+        key = content_id("ingest", file_sha256(path), params.model_dump(mode="json"))
         return [Unit(self.name, key, ("prompts", "quarantine"), {"params": params.model_dump(mode="json")})]
 
     def compute(self, unit: Unit, ctx: StageContext):

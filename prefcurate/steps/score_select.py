@@ -21,10 +21,6 @@ from prefcurate.steps.engines import engine_for
 _PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
 
 
-def _fingerprint(store, tables: list[str]) -> list:
-    return [sorted(store.registered_keys(t)) for t in tables]
-
-
 def _latest(store, table: str, key: str) -> pl.DataFrame:
     frame = store.read(table)
     return frame.sort("created_at").unique(key, keep="last").drop(_PROVENANCE) if frame.height else frame.drop(_PROVENANCE)
@@ -60,9 +56,8 @@ class ScoreStep(Step):
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        store = ctx.store()
         params = section(ctx.pipeline_config(), "score")
-        key = content_id("score", _fingerprint(store, ["responses", "prompts"]), params.model_dump(mode="json"))
+        key = content_id("score", self.input_fingerprint(ctx, ["responses", "prompts"]), params.model_dump(mode="json"))
         return [Unit(self.name, key, ("quality", "embeddings"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -114,9 +109,8 @@ class SelectStep(Step):
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        store = ctx.store()
         params = section(ctx.pipeline_config(), "select")
-        key = content_id("select", _fingerprint(store, ["pairs", "quality"]), params.model_dump(mode="json"))
+        key = content_id("select", self.input_fingerprint(ctx, ["pairs", "quality"]), params.model_dump(mode="json"))
         return [Unit(self.name, key, ("selections", "embeddings"))]
 
     def compute(self, unit: Unit, ctx: StageContext):

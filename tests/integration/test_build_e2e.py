@@ -10,7 +10,7 @@ import pytest
 from prefcurate.sql import run_read_only
 from prefcurate.store import Store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
 
 TINY = [
     "ingest.limit=4", "ingest.shard_rows=2",
