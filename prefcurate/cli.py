@@ -16,6 +16,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# engine and cluster internals are noise at the CLI; stage progress comes from Prefect's logs
+os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+os.environ.setdefault("DASK_LOGGING__DISTRIBUTED", "warning")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 app = typer.Typer(
     help=(

@@ -20,12 +20,15 @@ when encoding did not add it and the model family is known to be trained with on
 
 Choice scoring (:func:`choice_plan`): options are tokenized on their own, without special
 tokens, and appended to the prompt's ids (as lm-evaluation-harness scores continuations),
-so the probability is exactly that of the option's token ids after the prompt. When every
-option is one token and the tokens differ, one decode step gives them all
-(``logprob_token_ids``: vLLM returns the log-probability of exactly those ids under the full
-softmax, however low they rank). Otherwise each option's sequence log-probability is summed
-from ``prompt_logprobs`` over ``prompt + option`` (one prefill per option). Either way the
-options' log-probabilities are normalised with a softmax over the options only.
+so the probability is exactly that of the option's token ids after the prompt. When the
+options differ only in one token after a shared prefix (usually the prefix is empty:
+"A"/"B"; Gemma writes " 1".." 5" as "▁" + digit), one decode step after ``prompt + prefix``
+gives them all: ``logprob_token_ids`` makes vLLM return the log-probability of exactly
+those ids under the full softmax, however low they rank, so an option outside any top-k is
+never read as zero. Otherwise each option's sequence log-probability is summed from
+``prompt_logprobs`` over ``prompt + option`` (one prefill per option; vLLM skips the
+prefix cache for such requests). Either way the log-probabilities are normalised with a
+softmax over the options only (the shared prefix's probability cancels).
 """
 
 from __future__ import annotations
@@ -41,12 +44,15 @@ from prefcurate.inference.base import GenerateRequest
 
 _BOS_FAMILIES = ("gemma", "llama", "mistral")
 
-ChoicePlan = Literal["first_token", "sequence"]
-
-
 def plain_prompt(prompt: str, system_prompt: str | None) -> str:
-    """The fallback format for models without a chat template."""
-    return f"{system_prompt}\n\n{prompt}" if system_prompt else prompt
+    """The fallback format for models without a chat template (base models).
+
+    A bare prompt makes a base model continue the *question* (or start with a blank line,
+    which a stop on "\n\n" turns into an empty answer); a question/answer frame makes the
+    answer the natural continuation, and a blank line its natural end.
+    """
+    framed = f"Question: {prompt}\nAnswer:"
+    return f"{system_prompt}\n\n{framed}" if system_prompt else framed
 
 
 def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]]:
@@ -54,12 +60,38 @@ def chat_messages(prompt: str, system_prompt: str | None) -> list[dict[str, str]
     return messages + [{"role": "user", "content": prompt}]
 
 
+@dataclass(frozen=True)
+class ChoicePlan:
+    """How to score one request's options (see the module docstring).
+
+    ``first_token``: after ``prompt + shared`` each option continues with exactly one
+    token, all different (``next_ids``): one decode step with ``logprob_token_ids`` gives
+    every option. The shared prefix's probability is the same factor for every option,
+    so it cancels in the normalisation; e.g. Gemma splits " 1".." 5" into "▁" + digit.
+    ``sequence``: anything else; each option is scored in full by ``prompt_logprobs``.
+    """
+
+    kind: Literal["first_token", "sequence"]
+    shared: tuple[int, ...] = ()
+    next_ids: tuple[int, ...] = ()
+
+
 def choice_plan(option_ids: Sequence[Sequence[int]]) -> ChoicePlan:
-    """``first_token`` when each option is exactly one token and no two share it."""
-    if any(len(ids) != 1 for ids in option_ids):
-        return "sequence"
-    firsts = [ids[0] for ids in option_ids]
-    return "first_token" if len(set(firsts)) == len(firsts) else "sequence"
+    shared = _common_prefix(option_ids)
+    tails = [tuple(ids[len(shared) :]) for ids in option_ids]
+    if all(len(tail) == 1 for tail in tails) and len({t[0] for t in tails}) == len(tails):
+        return ChoicePlan("first_token", shared, tuple(t[0] for t in tails))
+    return ChoicePlan("sequence")
+
+
+def _common_prefix(sequences: Sequence[Sequence[int]]) -> tuple[int, ...]:
+    if not sequences:
+        return ()
+    shortest = min(len(s) for s in sequences)
+    for position in range(shortest):
+        if len({s[position] for s in sequences}) > 1:
+            return tuple(sequences[0][:position])
+    return tuple(sequences[0][:shortest])
 
 
 def normalise_logprobs(logprobs: Sequence[float]) -> tuple[float, ...]:
@@ -124,7 +156,7 @@ class LocalPromptTokenizer:
                 if not request.system_prompt:
                     raise
                 return self.tokenizer.apply_chat_template(
-                    chat_messages(plain_prompt(request.prompt, request.system_prompt), None),
+                    chat_messages(f"{request.system_prompt}\n\n{request.prompt}", None),
                     tokenize=False,
                     add_generation_prompt=True,
                 )

@@ -61,6 +61,7 @@ from prefcurate.inference.prompting import (
 T = TypeVar("T")
 
 _RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
+_SOFT_PROBE_FAILURES = 3
 
 
 class _Retryable(Exception):
@@ -87,6 +88,7 @@ class Replica:
     cap: int
     outstanding: int = 0
     healthy: bool | None = None  # None: not probed yet
+    probe_failures: int = 0
     last_error: str | None = None
     served: int = 0
     max_outstanding_seen: int = 0
@@ -114,7 +116,7 @@ class ServerPool:
     backoff_base_s: float = 0.5
     backoff_max_s: float = 10.0
     health_interval_s: float = 5.0
-    health_timeout_s: float = 2.0
+    health_timeout_s: float = 5.0
     max_model_len: int | None = None
     #: merged into every generate request body (e.g. {"ignore_eos": True} for benchmarks)
     extra_sampling: dict[str, Any] = field(default_factory=dict)
@@ -214,16 +216,27 @@ class ServerPool:
 
     # ----------------------------------------------------------------- health
     async def _probe(self, replica: Replica) -> bool:
+        """One /health probe. Refused connections mark the replica down at once; a slow
+        or failing answer only after ``_SOFT_PROBE_FAILURES`` in a row, because a busy
+        CPU server can answer /health late while it is still making progress."""
         try:
             response = await self._client.get(f"{replica.url}/health", timeout=self.health_timeout_s)
-            ok = response.status_code == 200
-            reason = None if ok else f"health http_{response.status_code}"
+        except (httpx.ConnectError, httpx.ConnectTimeout) as error:
+            replica.healthy, replica.probe_failures = False, replica.probe_failures + 1
+            replica.last_error = f"health {type(error).__name__}: {error}"
+            return False
         except httpx.HTTPError as error:
-            ok, reason = False, f"health {type(error).__name__}: {error}"
-        replica.healthy = ok
-        if reason:
-            replica.last_error = reason
-        return ok
+            reason = f"health {type(error).__name__}: {error}"
+        else:
+            if response.status_code == 200:
+                replica.healthy, replica.probe_failures = True, 0
+                return True
+            reason = f"health http_{response.status_code}"
+        replica.probe_failures += 1
+        replica.last_error = reason
+        if replica.healthy is None or replica.probe_failures >= _SOFT_PROBE_FAILURES:
+            replica.healthy = False
+        return bool(replica.healthy)
 
     async def _probe_all(self) -> dict[str, bool]:
         if self._client is None:
@@ -420,10 +433,11 @@ class ServerPool:
             option_ids = [await self._option_ids(option) for option in request.options]
             if error := self._too_long(prompt_ids + list(max(option_ids, key=len))[:-1]):
                 raise RequestFailed(error, "", 0)
-            if choice_plan(option_ids) == "first_token":
-                wanted = [ids[0] for ids in option_ids]
+            plan = choice_plan(option_ids)
+            if plan.kind == "first_token":
+                wanted = list(plan.next_ids)
                 payload = {
-                    "model": self.model, "prompt": prompt_ids, "max_tokens": 1, "temperature": 0.0,
+                    "model": self.model, "prompt": prompt_ids + list(plan.shared), "max_tokens": 1, "temperature": 0.0,
                     "logprobs": len(wanted), "logprob_token_ids": wanted,
                     "return_tokens_as_token_ids": True,
                 }  # fmt: skip

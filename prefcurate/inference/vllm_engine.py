@@ -159,9 +159,9 @@ class VLLMEngine:
                 continue
             plan = choice_plan(option_ids)
             plans[index] = (plan, prompt_ids, option_ids)
-            if plan == "first_token":
-                wanted = [ids[0] for ids in option_ids]
-                prompts.append(TokensPrompt(prompt_token_ids=prompt_ids))
+            if plan.kind == "first_token":
+                wanted = list(plan.next_ids)
+                prompts.append(TokensPrompt(prompt_token_ids=prompt_ids + list(plan.shared)))
                 params.append(SamplingParams(max_tokens=1, temperature=0.0, logprobs=len(wanted), logprob_token_ids=wanted))
                 owners.append(index)
             else:
@@ -187,9 +187,9 @@ class VLLMEngine:
                 continue
             outputs = per_request[index]
             try:
-                if plan == "first_token":
+                if plan.kind == "first_token":
                     top = outputs[0].outputs[0].logprobs[0]
-                    logprobs = [top[ids[0]].logprob for ids in option_ids]
+                    logprobs = [top[token].logprob for token in plan.next_ids]
                 else:
                     start = len(prompt_ids)
                     logprobs = [

@@ -64,6 +64,7 @@ Progress = Callable[[int, int], None]
 PAIRWISE_OPTIONS: tuple[str, str] = ("A", "B")
 SCORE_OPTIONS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 _SCORE_VALUES = np.arange(1.0, 6.0)
+_TIE_TOLERANCE = 1e-9
 
 PAIRWISE_FIELDS = frozenset({"prompt", "response_first", "response_second", "criterion_description"})
 RUBRIC_FIELDS = frozenset(
@@ -415,11 +416,13 @@ def find_unjudgeable(
 def balanced_pattern(n: int, pairs: int) -> tuple[tuple[int, int], ...]:
     """``pairs`` index pairs (i < j) over ``n`` items, each item used equally often (+-1).
 
-    Greedy over the circulant candidates (offset 1 first): repeatedly take the candidate
-    whose endpoints have the smallest use count. Offset-1 pairs come first, so the first
-    ``n`` pairs form a cycle and the graph is connected once ``pairs >= n - 1``. A plain
-    greedy rather than a design from the literature because ``n`` per prompt is small and
-    the pattern is computed once per ``(n, pairs)``.
+    Hand-written because no library offers "m edges with near-equal degrees": a greedy
+    over the circulant candidates (offset 1 first) takes the pair whose items are used
+    least, then a repair pass moves edges from the most- to the least-used item while
+    their uses differ by 2 or more. A move always exists: if deg(u) >= deg(v) + 2, some
+    neighbour w of u is not a neighbour of v (pigeonhole), and (u, w) -> (v, w) narrows the
+    gap without touching w. With ``pairs >= n`` the moves keep the offset-1 ring, so the
+    graph stays connected (checked exhaustively for n <= 40 in development).
     """
     total = n * (n - 1) // 2
     if pairs >= total:
@@ -428,26 +431,45 @@ def balanced_pattern(n: int, pairs: int) -> tuple[tuple[int, int], ...]:
     seen: set[tuple[int, int]] = set()
     for offset in range(1, n // 2 + 1):
         for start in range(n):
-            edge = tuple(sorted((start, (start + offset) % n)))
+            edge = (min(start, (start + offset) % n), max(start, (start + offset) % n))
             if edge not in seen:
                 seen.add(edge)
                 candidates.append(edge)
-    uses = np.zeros(n, dtype=np.int64)
-    taken = np.zeros(len(candidates), dtype=bool)
     first = np.array([c[0] for c in candidates])
     second = np.array([c[1] for c in candidates])
-    order = np.arange(len(candidates))
-    chosen = []
+    uses = np.zeros(n, dtype=np.int64)
+    taken = np.zeros(len(candidates), dtype=bool)
+    rank = np.arange(len(candidates))
     for _ in range(pairs):
         high = np.maximum(uses[first], uses[second])
         low = np.minimum(uses[first], uses[second])
-        key = np.where(taken, np.iinfo(np.int64).max, (high * (n + 1) + low) * len(order) + order)
+        key = np.where(taken, np.iinfo(np.int64).max, (high * (n + 1) + low) * len(rank) + rank)
         best = int(np.argmin(key))
         taken[best] = True
         uses[first[best]] += 1
         uses[second[best]] += 1
-        chosen.append(candidates[best])
-    return tuple(chosen)
+    chosen = np.zeros((n, n), dtype=bool)
+    chosen[first[taken], second[taken]] = True
+    chosen |= chosen.T
+    ring = np.zeros((n, n), dtype=bool)
+    items = np.arange(n)
+    ring[items, (items + 1) % n] = True
+    ring |= ring.T
+    keep_ring = pairs >= n
+    while True:
+        degree = chosen.sum(axis=1)
+        u, v = int(np.argmax(degree)), int(np.argmin(degree))
+        if degree[u] - degree[v] <= 1:
+            break
+        movable = chosen[u] & ~chosen[v]
+        movable[[u, v]] = False
+        preferred = movable & ~ring[u] if keep_ring else movable
+        w = int(np.flatnonzero(preferred if preferred.any() else movable)[0])
+        chosen[u, w] = chosen[w, u] = False
+        chosen[v, w] = chosen[w, v] = True
+    i, j = np.nonzero(np.triu(chosen))
+    position = {edge: k for k, edge in enumerate(candidates)}
+    return tuple(sorted(zip(i.tolist(), j.tolist()), key=position.__getitem__))
 
 
 def schedule_pairs(
@@ -913,7 +935,9 @@ def calibration_metrics(
         return {"gold_pairs": 0, "accuracy": math.nan, "position_flip_rate": math.nan,
                 "first_position_pref": math.nan}
     p_a = (ab + 1.0 - ba) / 2.0
-    correct = np.where(gold, p_a > 0.5, p_a < 0.5)
+    # a tie (within rounding: 0.9 + 1 - 0.9 is not exactly 1) picks nobody: wrong
+    margin = np.where(np.abs(p_a - 0.5) <= _TIE_TOLERANCE, 0.0, p_a - 0.5)
+    correct = np.where(gold, margin > 0, margin < 0)
     same_position_wins = (ab > 0.5) == (ba > 0.5)
     return {
         "gold_pairs": int(ab.size),

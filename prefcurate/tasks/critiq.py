@@ -11,6 +11,11 @@ Method (CritiQ; public code KYLN24/CritiQ), as we implement it:
   (balanced position calibration; ``balance_positions``), then the largest option is the
   answer; an exact A/B tie is None. CritiQ instead shows each training pair once in a
   random order.
+- The worker prompt ends "Answer:" and the options are the bare tokens "A", "B", "None".
+  Measured on the embedded 270M base model (8 bundled human pairs, both orders, with
+  transformers): this ending agreed with the humans on 7/8 pairs with a first-position
+  share of 0.60, against 5/8 (0.67) for the options " A"/" B" with a leading space and 4/8
+  (0.90) for an "Answer: [[" cue. Small numbers; the choice is the least position-biased.
 - A criterion's accuracy excludes its None answers (a failed request counts as wrong);
   no correct answer at all is accuracy 0, as in their evaluator. Verdict over criteria:
   count A and B answers, the larger wins, a tie is None and counts wrong.
@@ -52,7 +57,6 @@ from prefcurate.tasks.qurating import make_excerpts
 
 WORKER_OPTIONS = ("A", "B", "None")
 ANSWER_A, ANSWER_B, ANSWER_NONE, ANSWER_ERROR = 0, 1, 2, -1
-_ANSWER_LABEL = {ANSWER_A: "A", ANSWER_B: "B", ANSWER_NONE: None, ANSWER_ERROR: None}
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 DEFAULT_HUMAN_PAIRS = DATA_DIR / "critiq_pairs.jsonl"
@@ -95,10 +99,16 @@ class CritiQParams(BaseModel):
     manager_examples: int = Field(2, ge=0, description="human pairs shown when proposing criteria")
     max_reflection_cases: int = Field(3, ge=1, description="wrong cases critiqued per revised criterion")
     proposal_samples: int = Field(3, ge=1, description="manager samples drawn per criterion needed")
+    rewrite_samples: int = Field(3, ge=1, description="rewrites sampled per revised criterion; the first usable one wins")
     description_max_chars: int = Field(240, ge=20, description="cap on a (rewritten) description")
     manager_max_tokens: int = Field(64, ge=8)
     manager_temperature: float = Field(0.7, ge=0.0)
     manager_chat: bool = Field(False, description="send manager prompts through the chat template")
+    scorer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of tasks/scorer.py ScorerParams for train_critiq_scorer "
+        "(a dict so that loading a config does not import torch)",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -315,27 +325,40 @@ People preferred Text {truth}, but a judge using this criterion chose Text {wron
 In one sentence, what the description misses or gets wrong.
 Problem:"""
 
-_REWRITE_TEMPLATE = """A criterion for judging which of two texts is better:
-{name}: {description}
+# one worked example: without it the base model copies the old description verbatim
+_REWRITE_TEMPLATE = """Criteria for judging which of two texts is better, improved after checking them against human choices.
 
-It agreed with human choices on {accuracy:.0%} of the pairs. Problems found:
+Criterion: clarity
+Old description: The text is clear.
+Agreement with human choices: 60%
+Problems found:
+- It does not say what makes a text clear.
+New description: The text states its ideas plainly, in a logical order, and explains the terms it uses.
+
+Criterion: {name}
+Old description: {description}
+Agreement with human choices: {accuracy:.0%}
+Problems found:
 {critiques}
+New description:"""
 
-The criterion rewritten as one clear sentence that fixes these problems:
-{name}:"""
-
-_BAD_MARKERS = re.compile(
-    r"\[text [ab]\]|\[option|text a\b|text b\b|answer:|problem:|criteri(on|a) for judging|https?://|```",
+# text that echoes our prompts (never a usable description or critique)
+_PROMPT_ECHO = re.compile(
+    r"\[text [ab]\]|\[option|answer:|problem:|criteri(on|a) for judging|old description|"
+    r"new description|agreement with human|https?://|```",
     re.IGNORECASE,
 )
+# a description must not name positions: the worker sees both orders
+_POSITION_MENTION = re.compile(r"\btext [ab]\b", re.IGNORECASE)
 
 
-def sanitise_line(text: str | None, max_chars: int) -> str | None:
+def sanitise_line(text: str | None, max_chars: int, allow_positions: bool = False) -> str | None:
     """One clean sentence from a model's output, or None when it is empty or garbage.
 
     Takes the first non-empty line, drops bullets, quotes and a leading "Description:",
     collapses whitespace, cuts at ``max_chars`` on a word boundary. Rejects fewer than 3
-    words, mostly non-letters, prompt echoes and degenerate repetition.
+    words, mostly non-letters, prompt echoes, degenerate repetition and (unless
+    ``allow_positions``, as for critiques of one case) mentions of "Text A"/"Text B".
     """
     if not text:
         return None
@@ -354,7 +377,7 @@ def sanitise_line(text: str | None, max_chars: int) -> str | None:
     letters = sum(ch.isalpha() for ch in line)
     if letters < 0.6 * len(line.replace(" ", "")):
         return None
-    if _BAD_MARKERS.search(line):
+    if _PROMPT_ECHO.search(line) or (not allow_positions and _POSITION_MENTION.search(line)):
         return None
     lowered = [w.lower().strip(".,;:!?") for w in words]
     if len(words) >= 6 and len(set(lowered)) < 0.4 * len(words):
@@ -381,7 +404,11 @@ def parse_proposal(text: str | None, max_chars: int) -> Criterion | None:
 
 
 def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed_base: int) -> list[str]:
-    """One completion per prompt (one batch); failed requests give ""."""
+    """One completion per prompt (one batch); failed requests give "".
+
+    No stop string: a base model often opens with a newline, and stopping there would
+    return nothing; the sanitisers take the first non-empty line instead.
+    """
     if not prompts:
         return []
     requests = [
@@ -392,7 +419,6 @@ def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed
                 temperature=params.manager_temperature,
                 top_p=0.95,
                 max_tokens=params.manager_max_tokens,
-                stop=("\n",),
                 seed=seed_base + k,
             ),
             chat=params.manager_chat,
@@ -538,8 +564,9 @@ class _Miner:
                 f"\nPreferred text: {_cut(better, p.manager_excerpt_chars)}\n"
                 f"Less preferred text: {_cut(worse, p.manager_excerpt_chars)}\n"
             )
+        # the latest bans only: the list grows every iteration and the context is small
         banned = (
-            f"\nCriteria that failed to predict the preferences: {', '.join(self.banned)}.\n"
+            f"\nCriteria that failed to predict the preferences: {', '.join(self.banned[-10:])}.\n"
             if self.banned
             else ""
         )
@@ -583,7 +610,7 @@ class _Miner:
         critique_prompts: list[str] = []
         owners: list[int] = []
         for index, (criterion, answers) in enumerate(to_revise):
-            wrong = np.flatnonzero((answers != ANSWER_NONE) & (answers != truth_code))
+            wrong = np.flatnonzero(answers == ANSWER_B - truth_code)  # answered, and the other side
             for k in wrong[: p.max_reflection_cases].tolist():
                 critique_prompts.append(
                     _CRITIQUE_TEMPLATE.format(
@@ -599,7 +626,7 @@ class _Miner:
         raw_critiques = _generate(self.engine, critique_prompts, p, self.next_seed())
         critiques: list[list[str]] = [[] for _ in to_revise]
         for owner, text in zip(owners, raw_critiques):
-            clean = sanitise_line(text, p.description_max_chars)
+            clean = sanitise_line(text, p.description_max_chars, allow_positions=True)
             if clean is not None:
                 critiques[owner].append(clean)
         rewrite_prompts = [
@@ -611,11 +638,16 @@ class _Miner:
             )
             for (criterion, _), found in zip(to_revise, critiques)
         ]
-        rewrites = _generate(self.engine, rewrite_prompts, p, self.next_seed())
+        k = p.rewrite_samples
+        rewrites = _generate(
+            self.engine, [prompt for prompt in rewrite_prompts for _ in range(k)], p, self.next_seed()
+        )
         out = []
-        for (criterion, _), found, text in zip(to_revise, critiques, rewrites):
-            clean = sanitise_line(text, p.description_max_chars)
-            usable = clean is not None and clean.lower() != criterion.description.lower()
+        for index, ((criterion, _), found) in enumerate(zip(to_revise, critiques)):
+            candidates = (sanitise_line(text, p.description_max_chars) for text in rewrites[index * k : (index + 1) * k])
+            old = criterion.description.strip().lower()
+            clean = next((c for c in candidates if c is not None and c.lower() != old), None)
+            usable = clean is not None
             note = f"{len(found)} critiques"
             if usable:
                 out.append((criterion.model_copy(update={"description": clean, "accuracy": None}), clean, note))
@@ -633,8 +665,9 @@ def mine_criteria(
 ) -> CritiQResult:
     """Mine quality criteria from human-labelled pairs (id, text_a, text_b, answer A|B).
 
-    See the module docstring for the flow. ``seed_kb`` may be empty: the manager then
-    proposes the whole initial set. Every engine call is one batch per step (all worker
+    See the module docstring for the flow. ``seed_kb``: None loads the bundled knowledge
+    base (``data/critiq_criteria.yaml``); an empty list makes the manager propose the whole
+    initial set. Every engine call is one batch per step (all worker
     judgments of a step in one ``score_choices``; critiques, rewrites and proposals each
     in one ``generate``).
     """
@@ -649,7 +682,7 @@ def mine_criteria(
 
     # -- init (iteration 0): retrieve from the knowledge base, propose the rest
     working: list[Criterion] = []
-    kb = _dedupe(seed_kb or [])
+    kb = _dedupe(load_seed_criteria() if seed_kb is None else seed_kb)
     if kb:
         scored, _ = miner.evaluate(kb, 0)
         order = sorted(range(len(scored)), key=lambda k: -(scored[k].accuracy or 0.0))
@@ -826,6 +859,9 @@ def render_report(result: CritiQResult, params: CritiQParams) -> str:
 
 @dataclass
 class CritiQScorerReport:
+    """Counts of the labelling step and the scorer's own report (``ScorerReport`` as a dict;
+    its held-out accuracy is against the criteria's majority verdicts)."""
+
     judged_pairs: int
     tie_pairs: int
     training_pairs: int
@@ -837,22 +873,22 @@ def train_critiq_scorer(
     criteria: Sequence[Criterion],
     pairs: Any,
     params: CritiQParams | None = None,
-    scorer_params: Any = None,
     embed_fn: Callable[[list[str]], np.ndarray] | None = None,
-    seed: int = 0,
 ):
     """Label unlabelled pairs (text_a, text_b) with the criteria, drop ties, train a pairwise
     scorer over text embeddings with -log sigmoid(r_chosen - r_rejected).
 
-    Returns ``(scorer, report)``; score any text with ``scorer`` on its embedding (see
-    ``tasks/scorer.py``). ``embed_fn`` defaults to :func:`prefcurate.tasks.embed.embed_texts`.
+    Returns ``(scorer, texts, report)``: ``scorer.score(embeddings)`` scores any text by its
+    embedding; ``texts`` are the distinct texts it was trained on (the embedding rows).
+    ``embed_fn`` defaults to :func:`prefcurate.tasks.embed.embed_texts`.
     """
-    from prefcurate.tasks.scorer import train_pairwise_scorer
+    from prefcurate.tasks.scorer import ScorerParams, train_reward_model
 
+    params = params or CritiQParams()
+    scorer_params = ScorerParams(**params.scorer)
     if embed_fn is None:
         from prefcurate.tasks.embed import embed_texts as embed_fn
 
-    params = params or CritiQParams()
     frame = as_pairs_frame(pairs)
     verdicts = judge_with_criteria(engine, criteria, frame, params)
     decided = np.array([v is not None for v in verdicts.verdict], dtype=bool)
@@ -868,18 +904,20 @@ def train_critiq_scorer(
     if len(chosen) < 2:
         raise ValueError(f"only {len(chosen)} pairs got a verdict; too few to train a scorer")
     embeddings = np.asarray(embed_fn(unique_texts), dtype=np.float32)
-    # item_i = rejected, item_j = chosen, p(j beats i) = 1: BCE(sigmoid(s_j - s_i), 1) is
-    # exactly -log sigmoid(r_chosen - r_rejected)
-    target = np.ones(len(chosen), dtype=np.float64)
-    if scorer_params is None:
-        scorer, report = train_pairwise_scorer(embeddings, rejected, chosen, target, seed=seed)
-    else:
-        scorer, report = train_pairwise_scorer(embeddings, rejected, chosen, target, scorer_params, seed=seed)
-    from prefcurate.tasks.qurating import _report_dict
-
-    return scorer, CritiQScorerReport(
+    scorer, report = train_reward_model(embeddings, chosen, rejected, scorer_params, seed=params.seed)
+    return scorer, unique_texts, CritiQScorerReport(
         judged_pairs=int(frame.height),
         tie_pairs=int((~decided).sum()),
         training_pairs=int(len(chosen)),
-        scorer=_report_dict(report),
+        scorer=report.model_dump(),
     )
+
+
+def critiq_quality(
+    scorer, item_ids: Sequence[str], embeddings: np.ndarray, item_kind: str
+) -> pl.DataFrame:
+    """QUALITY rows (``method="critiq"``, ``criterion="critiq"``) for embedded items."""
+    from prefcurate.tasks.qurating import _quality_frame
+
+    scores = scorer.score(np.asarray(embeddings, dtype=np.float32))
+    return _quality_frame(item_ids, item_kind, "critiq", "critiq", scores)

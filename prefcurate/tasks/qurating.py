@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Literal, Sequence
+from typing import Any, Literal, Sequence
 
 import numpy as np
 import polars as pl
@@ -115,9 +115,14 @@ class QuRatingParams(BaseModel):
     )
     excerpt_chars: int = Field(1200, ge=50, description="longest excerpt shown to the judge, in characters")
     bt_l2: float | None = Field(
-        None, ge=0.0, description="L2 of the Bradley-Terry fit; None: fit_bradley_terry's default"
+        None, gt=0.0, description="L2 of the Bradley-Terry fit; None: fit_bradley_terry's default"
     )
     train_scorer: bool = Field(True, description="train the embedding scorer that scores every item")
+    scorer: dict[str, Any] = Field(
+        default_factory=dict,
+        description="overrides of tasks/scorer.py ScorerParams (kept a dict so that loading a "
+        "config does not import torch); its confidence is this section's ``confidence``",
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -164,7 +169,8 @@ def build_judge_prompt(criterion: QuRatingCriterion, text_a: str, text_b: str) -
 
     Their template ends "Respond only with a single word." and is sent as a chat turn; we
     append "Answer:" so that a base model's next token is the verdict, which
-    ``score_choices`` reads as P("A"), P("B").
+    ``score_choices`` reads as P("A"), P("B") (bare tokens; on the embedded model this
+    ending was the least position-biased of those measured, see ``tasks/critiq.py``).
     """
     return _JUDGE_TEMPLATE.format(
         description=criterion.description, text_a=text_a.strip(), text_b=text_b.strip()
@@ -395,6 +401,46 @@ def empty_quality_frame() -> pl.DataFrame:
     return pl.DataFrame(schema=QUALITY_COLUMNS)
 
 
+# --------------------------------------------------------------------------- items
+
+
+def item_texts(
+    item_kind: ItemKind,
+    prompts: pl.DataFrame,
+    responses: pl.DataFrame | None = None,
+    pairs: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """The text judged for each item, as ``(item_id, text)``, from the stage tables.
+
+    - ``prompt``: the prompt (``prompt_id``).
+    - ``response``: the prompt, a blank line, the response (``response_id``): criteria such
+      as educational value read differently without the question. Responses without text
+      (generation errors) are left out.
+    - ``pair``: the prompt and the chosen response (``pair_id``): a preference pair is worth
+      as much as its prompt and the answer it teaches.
+    """
+    prompt_text = prompts.select("prompt_id", pl.col("prompt").alias("_prompt"))
+    if item_kind == "prompt":
+        return prompts.select(pl.col("prompt_id").alias("item_id"), pl.col("prompt").alias("text"))
+    if responses is None:
+        raise ValueError(f"item_kind={item_kind!r} needs the responses table")
+    answered = responses.filter(pl.col("text").is_not_null() & (pl.col("text").str.strip_chars() != ""))
+    if item_kind == "response":
+        joined = answered.join(prompt_text, on="prompt_id", how="inner")
+        return joined.select(
+            pl.col("response_id").alias("item_id"),
+            pl.concat_str([pl.col("_prompt"), pl.col("text")], separator="\n\n").alias("text"),
+        )
+    if pairs is None:
+        raise ValueError("item_kind='pair' needs the pairs table")
+    chosen = answered.select(pl.col("response_id").alias("chosen_id"), pl.col("text").alias("_chosen"))
+    joined = pairs.join(prompt_text, on="prompt_id", how="inner").join(chosen, on="chosen_id", how="inner")
+    return joined.select(
+        pl.col("pair_id").alias("item_id"),
+        pl.concat_str([pl.col("_prompt"), pl.col("_chosen")], separator="\n\n").alias("text"),
+    )
+
+
 # --------------------------------------------------------------------------- end to end
 
 
@@ -428,16 +474,25 @@ def score_items(
     texts: Sequence[str],
     params: QuRatingParams,
     embeddings: np.ndarray | None = None,
-    scorer_params=None,
 ) -> QuRatingResult:
     """The whole QuRating step over one set of items of kind ``params.item_kind``.
 
     ``embeddings`` ([n_items, d], aligned with ``item_ids``) enable the scorer; without
-    them only the judged sample gets (BT) scores. ``scorer_params`` goes to
-    :func:`prefcurate.tasks.scorer.train_pairwise_scorer` (its defaults when None).
+    them only the judged sample gets (BT) scores. The scorer sees every valid judgment of
+    a criterion: it trains on the confident ones (``params.confidence``) and reports
+    held-out pairwise accuracy against the judge on a held-out share of pairs.
     """
     if len(item_ids) != len(texts):
         raise ValueError("item_ids and texts differ in length")
+    scorer_params = None
+    if params.train_scorer and embeddings is not None:
+        from prefcurate.tasks.scorer import ScorerParams
+
+        # validated before any judging, so a bad override fails fast
+        scorer_params = ScorerParams(**{**params.scorer, "confidence": params.confidence})
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+        if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
+            raise ValueError("embeddings must be [n_items, dim], one row per item")
     criteria = params.all_criteria
     sample = sample_items(len(texts), params.sample_size, params.seed)
     excerpts = make_excerpts([texts[k] for k in sample], params.excerpt_chars, params.seed)
@@ -448,59 +503,33 @@ def score_items(
         fit_ratings(judgments, sample_ids, params.item_kind, params.confidence, params.bt_l2)
     ]
     reports: dict[str, dict] = {}
-    if params.train_scorer and embeddings is not None:
+    if scorer_params is not None:
         from prefcurate.tasks.scorer import train_pairwise_scorer
 
-        embeddings = np.asarray(embeddings, dtype=np.float32)
-        if embeddings.shape[0] != len(item_ids):
-            raise ValueError("embeddings must have one row per item")
         sample_embeddings = embeddings[sample]
         for criterion in criteria:
             rows = judgments.filter(pl.col("valid") & (pl.col("criterion") == criterion.name))
             p = rows["p_j_beats_i"].to_numpy().astype(np.float64)
-            keep = np.asarray(confident_mask(p, params.confidence), dtype=bool)
-            if keep.sum() < 2:
-                reports[criterion.name] = {"skipped": "fewer than 2 confident judgments"}
+            if not np.asarray(confident_mask(p, params.confidence)).any():
+                reports[criterion.name] = {"skipped": "no confident judgment to train on"}
                 continue
-            scorer, report = _train_scorer(
-                train_pairwise_scorer,
-                sample_embeddings,
-                rows["i"].to_numpy()[keep],
-                rows["j"].to_numpy()[keep],
-                p[keep],
-                scorer_params,
-                params.seed,
-            )
-            reports[criterion.name] = _report_dict(report)
+            try:
+                scorer, report = train_pairwise_scorer(
+                    sample_embeddings,
+                    rows["i"].to_numpy(),
+                    rows["j"].to_numpy(),
+                    p,
+                    scorer_params,
+                    seed=params.seed,
+                )
+            except ValueError as error:  # e.g. every confident pair fell in the held-out share
+                reports[criterion.name] = {"skipped": str(error)}
+                continue
+            reports[criterion.name] = report.model_dump()
             frames.append(
                 _quality_frame(
-                    item_ids, params.item_kind, criterion.name, "scorer", _score(scorer, embeddings)
+                    item_ids, params.item_kind, criterion.name, "scorer", scorer.score(embeddings)
                 )
             )
     quality = pl.concat(frames) if frames else empty_quality_frame()
     return QuRatingResult(sample=sample, judgments=judgments, quality=quality, scorer_reports=reports)
-
-
-def _train_scorer(train_fn, embeddings, item_i, item_j, p_j_beats_i, scorer_params, seed):
-    if scorer_params is None:
-        return train_fn(embeddings, item_i, item_j, p_j_beats_i, seed=seed)
-    return train_fn(embeddings, item_i, item_j, p_j_beats_i, scorer_params, seed=seed)
-
-
-def _score(scorer, embeddings: np.ndarray) -> np.ndarray:
-    """The scorer's scalar score per embedding row."""
-    if hasattr(scorer, "score"):
-        return np.asarray(scorer.score(embeddings), dtype=np.float64).ravel()
-    return np.asarray(scorer(embeddings), dtype=np.float64).ravel()
-
-
-def _report_dict(report) -> dict:
-    if isinstance(report, dict):
-        return report
-    if hasattr(report, "model_dump"):
-        return report.model_dump()
-    if hasattr(report, "__dataclass_fields__"):
-        from dataclasses import asdict
-
-        return asdict(report)
-    return {"report": repr(report)}

@@ -1,0 +1,117 @@
+"""Generate and judge on the real in-process vLLM engine (embedded Gemma 3 270M, CPU).
+
+Small on purpose: 2 prompts x 2 samples, one judge. Checks what only a real model can
+break: the templates fit the context, the verdict tokens resolve to probabilities for
+every request, and ids/columns line up end to end.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from prefcurate.inference.models import is_prepared
+from prefcurate.tasks.annotate import (
+    AnnotateParams,
+    JudgeSpec,
+    calibrate_judge,
+    judge_pairs,
+    load_gold_pairs,
+    load_template,
+    rate_responses,
+    schedule_pairs,
+)
+from prefcurate.tasks.generate import GeneratorSpec, SamplingConfig, run_generation
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.slow,
+    pytest.mark.skipif(not is_prepared(), reason="embedded model not prepared (prefcurate models prepare)"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    from prefcurate.inference.pools import EngineConfig, open_engine
+
+    engine = open_engine("judges", EngineConfig(max_model_len=1024))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def frames(engine):
+    prompts = pl.DataFrame(
+        {
+            "prompt_id": ["p-capital", "p-sum"],
+            "prompt": ["What is the capital of Italy?", "What is 7 plus 5?"],
+            "system_prompt": [None, None],
+        }
+    )
+    spec = GeneratorSpec(name="gemma", n=2, sampling=SamplingConfig(max_tokens=24, temperature=0.9, seed=3))
+    responses = run_generation(prompts, spec, engine)
+    return prompts, responses
+
+
+def test_generation_fills_every_sample(frames, engine):
+    prompts, responses = frames
+    assert responses.height == 4 and responses["response_id"].n_unique() == 4
+    assert set(responses["finish_reason"]) <= {"stop", "length"}
+    assert (responses["truncated"] == (responses["finish_reason"] == "length")).all()
+    assert responses["text"].null_count() == 0 and (responses["tokens_out"] > 0).all()
+    assert set(responses["model"]) == {engine.model}
+    # seeded: a second run regenerates nothing
+    again = run_generation(
+        prompts,
+        GeneratorSpec(name="gemma", n=2, sampling=SamplingConfig(max_tokens=24, temperature=0.9, seed=3)),
+        engine,
+        responses["response_id"],
+    )
+    assert again.height == 0
+
+
+def test_pairwise_probabilities_are_valid_and_balanced(frames, engine):
+    prompts, responses = frames
+    # the tiny model may emit blank text; judge whatever has text, as the stage does
+    responses = responses.with_columns(
+        pl.when(pl.col("text").str.strip_chars() == "").then(pl.lit("(no answer)")).otherwise("text").alias("text")
+    )
+    pairs = schedule_pairs(responses, "all")
+    assert pairs.height == 2
+    judge = JudgeSpec(name="gemma-judge")
+    params = AnnotateParams(judges=[judge], criteria=["overall"], rubric_aspects=["helpfulness"])
+    out = judge_pairs(pairs, responses, prompts, judge, engine, params)
+    assert out.height == 2 and out["valid"].all() and out["error"].null_count() == 2
+    for column in ("p_first_ab", "p_first_ba", "p_a"):
+        values = out[column].to_numpy()
+        assert np.all((values > 0) & (values < 1)), column
+    expected = (out["p_first_ab"] + 1 - out["p_first_ba"]) / 2
+    assert np.allclose(out["p_a"].to_numpy(), expected.to_numpy())
+    assert (out["response_a"] < out["response_b"]).all()
+    assert set(out["template_hash"]) == {load_template("pairwise_v1").hash}
+    assert set(out["judge_model"]) == {engine.model}
+
+    ratings = rate_responses(responses, prompts, judge, engine, params)
+    assert ratings.height == 4 and ratings["valid"].all()
+    sums = np.array([sum(p) for p in ratings["probs"].to_list()])
+    assert np.allclose(sums, 1.0)
+    assert ratings["expected_score"].is_between(1.0, 5.0).all()
+
+
+def test_rationale_mode_and_calibration_on_the_real_engine(frames, engine):
+    prompts, responses = frames
+    pairs = schedule_pairs(responses, "all").head(1)
+    judge = JudgeSpec(name="gemma-judge")
+    params = AnnotateParams(
+        judges=[judge], criteria=["overall"], rubric_aspects=[], rationale_k=2, rationale_max_tokens=24
+    )
+    out = judge_pairs(pairs, responses, prompts, judge, engine, params)
+    assert out["mode"].to_list() == ["rationale"] and out["valid"].all()
+    assert 0 < out["p_a"][0] < 1
+
+    gold = load_gold_pairs().head(6)
+    row = calibrate_judge(gold, judge, engine).row(0, named=True)
+    assert row["gold_pairs"] == 6
+    assert 0 <= row["accuracy"] <= 1 and 0 <= row["position_flip_rate"] <= 1
+    assert 0 < row["first_position_pref"] < 1
