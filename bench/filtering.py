@@ -41,6 +41,12 @@ one surviving pair per prompt.
 
 from __future__ import annotations
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import argparse
 import sys
 import time

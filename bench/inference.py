@@ -1,35 +1,43 @@
 """Cost of the inference layers against direct ``vllm.LLM.generate`` (CPU, Gemma 3 270M).
 
-One run, the same prompts everywhere:
+One run, the same prompts (same token ids) everywhere, greedy, ``max_tokens`` fixed with
+``ignore_eos`` so every path decodes exactly the same number of tokens, n = 1:
 
-- direct: ``vllm.LLM.generate`` on token-id prompts with one ``SamplingParams``
-  (greedy, ``max_tokens`` fixed, ``ignore_eos`` so every path decodes exactly the same
-  number of tokens);
-- engine: :class:`VLLMEngine` wrapping *the same* ``vllm.LLM`` instance (so only the layer
-  differs: rendering, tokenization, per-request parameters, result conversion, metrics);
+- direct: ``vllm.LLM.generate`` on token-id prompts with one ``SamplingParams``;
+- engine: :class:`VLLMEngine` wrapping *the same* ``vllm.LLM`` instance, so only the layer
+  differs (rendering, tokenization, per-request parameters, result conversion, metrics);
 - pool: :class:`ServerPool` over one ``vllm serve`` replica started with the same settings
   (dtype, max_model_len, KV cache, max_num_seqs, prefix caching), with a concurrency cap
   above the batch size so the server batches the whole batch as ``LLM.generate`` does.
 
 Each instance of this float32 model takes ~6 GB on this CPU build, so the server phase
 runs first and its replica is stopped before the in-process ``vllm.LLM`` loads (one model
-in memory at a time). Each path is warmed up first (first-request costs, prefix caches, so
-every measured round is equally warm); ``ROUNDS`` rounds follow, direct and engine in
-rotating order; tokens/s per path is the median over rounds and the ratios are
-median(path) / median(direct). Medians damp a shared machine's drift, but the pool phase
-and the direct phase run minutes apart, so other load on the machine moves pool_ratio
-more than engine_ratio (which interleaves its two paths). On this CPU build vLLM binds
-each engine core to one core and keeps the other for its front end, so the server and the
-in-process engine get the same compute.
+in memory at a time). Every path is warmed up first (first-request costs, prefix caches:
+all measured rounds are equally warm), then ``ROUNDS`` rounds; direct and engine alternate.
 
-``verdicts_per_s``: ``score_choices`` on ``VERDICTS`` pairwise-judge prompts (" A"/" B")
-through the embedded engine, the stages' default (the pool's figure and a direct
-``logprob_token_ids`` baseline are printed too).
+The ratios use tokens per CPU-second: decoded tokens divided by the user+system CPU time
+of every process that served them (this process with its client thread, plus the vLLM
+front end, engine core and worker processes: the server's process tree for the pool, our
+children in-process), median over rounds, then median(path) / median(direct). The layers'
+extra work (HTTP, JSON, tokenization, bookkeeping) is all CPU time, so this is their cost.
+Wall-clock tokens/s are printed too, but on this shared 2-core machine (load averages of
+10-20 from other jobs) they move by 2-3x between phases minutes apart, which swamps a 10%
+effect; CPU time does not count the time other jobs hold the cores.
+
+``verdicts_per_s``: wall-clock ``score_choices`` throughput on ``VERDICTS`` pairwise-judge
+prompts (" A"/" B") through the embedded engine, the stages' default (pool and a direct
+``logprob_token_ids`` baseline are printed too); it reflects the machine's load at the time.
 
 Last line: ``RESULT pool_ratio=.. engine_ratio=.. ratio=<min of the two> verdicts_per_s=..``
 """
 
 from __future__ import annotations
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import os
 import sys
@@ -42,6 +50,7 @@ import importlib.util  # noqa: E402
 import statistics  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,7 +62,7 @@ from prefcurate.inference.models import resolve_model_path  # noqa: E402
 N_PROMPTS = 32
 MAX_TOKENS = 32
 ROUNDS = 3
-VERDICTS = 64
+VERDICTS = 32
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 64
 KV_CACHE_GB = 1
@@ -93,23 +102,25 @@ def main() -> None:
     requests = [GenerateRequest(f"Write a paragraph about {t}.", params=params) for t in TOPICS[:N_PROMPTS]]
     choice_requests = [ChoiceRequest(judge_prompt(i), (" A", " B")) for i in range(VERDICTS)]
 
-    pool_rates, pool_vps = measure_pool(model, requests, choice_requests)
+    pool_runs, pool_vps = measure_pool(model, requests, choice_requests)
     print(f"[{time.perf_counter() - started:.0f} s] pool measured; server stopped", flush=True)
-    direct_rates, engine_rates, direct_vps, engine_vps = measure_in_process(model, requests, choice_requests)
+    in_process_runs, direct_vps, engine_vps = measure_in_process(model, requests, choice_requests)
+    runs = {**in_process_runs, **pool_runs}
 
-    median = {
-        "direct": statistics.median(direct_rates),
-        "engine": statistics.median(engine_rates),
-        "pool": statistics.median(pool_rates),
-    }
-    engine_ratio = median["engine"] / median["direct"]
-    pool_ratio = median["pool"] / median["direct"]
-    print(
-        f"tokens/s (median of {ROUNDS} rounds, {N_PROMPTS} prompts x {MAX_TOKENS} tokens, greedy, ignore_eos): "
-        + " ".join(f"{name}={value:.1f}" for name, value in median.items())
-    )
-    print(f"verdicts/s ({VERDICTS} A/B judgments): direct={direct_vps:.1f} engine={engine_vps:.1f} pool={pool_vps:.1f}")
+    per_cpu = {name: statistics.median(r.per_cpu_s for r in rs) for name, rs in runs.items()}
+    wall = {name: statistics.median(r.per_wall_s for r in rs) for name, rs in runs.items()}
+    best_wall = {name: max(r.per_wall_s for r in rs) for name, rs in runs.items()}
+    print(f"{N_PROMPTS} prompts x {MAX_TOKENS} tokens, greedy, ignore_eos; {ROUNDS} rounds per path")
+    for name in ("direct", "engine", "pool"):
+        print(
+            f"  {name:7s} tokens per CPU-second {per_cpu[name]:7.1f} (ratio {per_cpu[name] / per_cpu['direct']:.3f})"
+            f"   wall tokens/s median {wall[name]:6.1f} (ratio {wall[name] / wall['direct']:.3f})"
+            f" best {best_wall[name]:6.1f} (ratio {best_wall[name] / best_wall['direct']:.3f})"
+        )
+    print(f"verdicts/s ({VERDICTS} A/B judgments, wall): direct={direct_vps:.2f} engine={engine_vps:.2f} pool={pool_vps:.2f}")
     print(f"total {time.perf_counter() - started:.0f} s")
+    engine_ratio = per_cpu["engine"] / per_cpu["direct"]
+    pool_ratio = per_cpu["pool"] / per_cpu["direct"]
     print(
         f"RESULT pool_ratio={pool_ratio:.3f} engine_ratio={engine_ratio:.3f} "
         f"ratio={min(pool_ratio, engine_ratio):.3f} verdicts_per_s={engine_vps:.2f}",
@@ -117,20 +128,66 @@ def main() -> None:
     )
 
 
-def timed_rounds(paths: dict, rounds: int) -> dict[str, list[float]]:
-    """tokens/s per path per round; the order rotates each round (no path always first)."""
+@dataclass
+class Run:
+    tokens: int
+    wall_s: float
+    cpu_s: float
+
+    @property
+    def per_wall_s(self) -> float:
+        return self.tokens / self.wall_s
+
+    @property
+    def per_cpu_s(self) -> float:
+        return self.tokens / self.cpu_s
+
+
+def cpu_seconds(root_pids: list[int]) -> float:
+    """user+system CPU seconds of these processes and all their descendants (Linux /proc).
+
+    Hand-written rather than psutil (not a dependency): one pass over /proc/*/stat."""
+    stats = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        stats[int(entry.name)] = (int(fields[1]), int(fields[11]) + int(fields[12]))  # ppid, utime+stime
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, stack, seen = 0, list(root_pids), set()
+    while stack:
+        pid = stack.pop()
+        if pid in seen or pid not in stats:
+            continue
+        seen.add(pid)
+        total += stats[pid][1]
+        stack.extend(children.get(pid, []))
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def timed_rounds(paths: dict, rounds: int, root_pids: list[int]) -> dict[str, list[Run]]:
+    """One Run per path per round; the order rotates each round (no path always first)."""
     for fn in paths.values():  # warm-up: first-request costs, prefix caches
         fn()
     names = list(paths)
-    rates: dict[str, list[float]] = {name: [] for name in names}
+    runs: dict[str, list[Run]] = {name: [] for name in names}
     for round_index in range(rounds):
         shift = round_index % len(names)
         for name in names[shift:] + names[:shift]:
-            t0 = time.perf_counter()
+            cpu0, t0 = cpu_seconds(root_pids), time.perf_counter()
             tokens = paths[name]()
-            rates[name].append(tokens / (time.perf_counter() - t0))
-        print(f"  round {round_index + 1}: " + "  ".join(f"{n}={rates[n][-1]:.1f} tok/s" for n in names), flush=True)
-    return rates
+            runs[name].append(Run(tokens, time.perf_counter() - t0, cpu_seconds(root_pids) - cpu0))
+        print(
+            f"  round {round_index + 1}: "
+            + "  ".join(f"{n}={runs[n][-1].per_cpu_s:.1f} tok/cpu-s ({runs[n][-1].per_wall_s:.1f} tok/s)" for n in names),
+            flush=True,
+        )
+    return runs
 
 
 def verdicts_per_s(fn) -> float:
@@ -176,11 +233,11 @@ def measure_pool(model, requests, choice_requests):
         )  # fmt: skip
         with pool:
             print("pool (one vllm serve replica):", flush=True)
-            rates = timed_rounds({"pool": lambda: checked_tokens(pool, requests)}, ROUNDS)["pool"]
+            runs = timed_rounds({"pool": lambda: checked_tokens(pool, requests)}, ROUNDS, [os.getpid(), replica.pid])
             vps = verdicts_per_s(lambda: checked_scores(pool, choice_requests))
     finally:
         launch.stop(pid_file, log=lambda m: None)
-    return rates, vps
+    return runs, vps
 
 
 def measure_in_process(model, requests, choice_requests):
@@ -205,7 +262,8 @@ def measure_in_process(model, requests, choice_requests):
 
     try:
         print("in-process (direct vllm.LLM.generate vs VLLMEngine on the same instance):", flush=True)
-        rates = timed_rounds({"direct": direct, "engine": lambda: checked_tokens(engine, requests)}, ROUNDS)
+        paths = {"direct": direct, "engine": lambda: checked_tokens(engine, requests)}
+        runs = timed_rounds(paths, ROUNDS, [os.getpid()])  # the engine core runs in our children
 
         option_ids = [engine.tokenizer.option_ids(o) for o in (" A", " B")]
         assert all(len(ids) == 1 for ids in option_ids), option_ids
@@ -216,7 +274,7 @@ def measure_in_process(model, requests, choice_requests):
         engine_vps = verdicts_per_s(lambda: checked_scores(engine, choice_requests))
     finally:
         llm.llm_engine.engine_core.shutdown()
-    return rates["direct"], rates["engine"], direct_vps, engine_vps
+    return runs, direct_vps, engine_vps
 
 
 if __name__ == "__main__":

@@ -30,6 +30,12 @@ baseline_parse_failures=<baseline>``.
 
 from __future__ import annotations
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import sys
 from pathlib import Path
 
@@ -90,7 +96,8 @@ def build_prompts() -> tuple[list[str], np.ndarray]:
         ~pl.col("first_is_better"),
     )
     # interleave (ab, ba) per pair, as the stage sends them
-    orders = pl.concat([ab.with_row_index("pair"), ba.with_row_index("pair")]).sort("pair", maintain_order=True)
+    orders = pl.concat([ab.with_row_index("pair"), ba.with_row_index("pair")])
+    orders = orders.sort("pair", maintain_order=True)
     return template.render_column(orders), orders["first_is_better"].to_numpy()
 
 

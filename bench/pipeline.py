@@ -15,7 +15,10 @@ dataset's ``runs`` table:
 - ``load_s``: starting engines (loading weights, vLLM's profile and warm-up). TimedEngine does
   not count it, so this script times it itself: it is also the Dask workers' preload
   (``dask_setup`` below), which wraps ``prefcurate.inference.pools.open_engine`` in each
-  worker and appends each engine start's seconds to a file.
+  worker and appends each engine start's seconds to a file (failed starts too: on a shared
+  machine vLLM may find no memory for its KV cache, and Prefect retries the unit). A failed
+  unit attempt's model calls are not in the runs table, so they land in the overhead; the
+  script lists Prefect's retries so such a run can be told apart.
 - ``model_s = calls_s + load_s``. Decision: loading the model is model time, not
   orchestration, storage or validation overhead (it is the same cost a bare ``vllm.LLM``
   script pays, and it does not grow with the orchestration); the share without it is printed
@@ -29,6 +32,12 @@ Last line: ``RESULT overhead_share=<(wall_s - model_s) / wall_s> wall_s=.. model
 """
 
 from __future__ import annotations
+
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import os
 import sys
@@ -66,12 +75,15 @@ def dask_setup(worker=None) -> None:  # called by distributed when this file is 
     original = pools.open_engine
 
     def timed_open_engine(name, config=None):
-        started = time.perf_counter()
-        engine = original(name, config)
-        seconds = time.perf_counter() - started
-        with open(log, "a") as handle:
-            handle.write(json.dumps({"pool": name, "seconds": seconds, "pid": os.getpid()}) + "\n")
-        return engine
+        started, ok = time.perf_counter(), False
+        try:
+            engine = original(name, config)
+            ok = True
+            return engine
+        finally:  # a failed start (e.g. no memory for the KV cache) is engine time too
+            seconds = time.perf_counter() - started
+            with open(log, "a") as handle:
+                handle.write(json.dumps({"pool": name, "seconds": seconds, "ok": ok, "pid": os.getpid()}) + "\n")
 
     timed_open_engine._bench_timed = True
     pools.open_engine = timed_open_engine
@@ -157,7 +169,10 @@ def main() -> None:
     other_s = wall_s - model_s
     share = other_s / wall_s
     share_excl_load = (wall_s - calls_s) / wall_s
-    starts = ", ".join(f"{item['pool']} {item['seconds']:.1f} s (pid {item['pid']})" for item in loads) or "none"
+    starts = ", ".join(
+        f"{item['pool']} {item['seconds']:.1f} s{'' if item.get('ok', True) else ' FAILED'} (pid {item['pid']})"
+        for item in loads
+    ) or "none"
     print(f"engine starts: {len(loads)} ({starts})")
     if retries:
         print(f"unit retries: {len(retries)} (a failed attempt's model calls count as overhead here):")

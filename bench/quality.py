@@ -23,6 +23,12 @@ after centring> seconds=<ours, full 1M> peak_mb=<ours, full 1M, tracemalloc>``.
 
 from __future__ import annotations
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import resource
 import sys
 import time

@@ -35,6 +35,12 @@ The last line is ``RESULT recall=... seconds=... peak_mb=... speedup=...``.
 
 from __future__ import annotations
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import sys
 from pathlib import Path
 
@@ -135,14 +141,19 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1_000_000)
     parser.add_argument("--sample", type=int, default=100_000)
     parser.add_argument("--budget", type=float, default=0.10, help="share of the de-duplicated items")
-    parser.add_argument("--time-limit", type=float, default=18 * 60, help="seconds the whole run should stay under")
+    parser.add_argument(
+        "--time-limit", type=float, default=18 * 60, help="seconds the whole run should stay under"
+    )
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     started = time.perf_counter()
 
     x, quality, source = synthetic(args.n, args.seed)
-    print(f"data: {args.n} x {DIM} float32 ({x.nbytes / 2**20:.0f} MiB), {int((source >= 0).sum())} planted "
-          f"copies; generated in {time.perf_counter() - started:.1f}s", flush=True)
+    print(
+        f"data: {args.n} x {DIM} float32 ({x.nbytes / 2**20:.0f} MiB), {int((source >= 0).sum())} planted "
+        f"copies; generated in {time.perf_counter() - started:.1f}s",
+        flush=True,
+    )
 
     # 1. ours at full size
     params = SelectParams(budget_share=args.budget, seed=args.seed)
@@ -169,10 +180,12 @@ def main() -> None:
     sel, rnd = report["selected"], report["random"]
     print(
         f"selected vs random ({sel['n']} each): mean quality {sel['mean_quality']:.3f} vs "
-        f"{rnd['mean_quality']:.3f}; pool items' cosine to nearest member {sel['pool_coverage_similarity']:.4f} vs "
-        f"{rnd['pool_coverage_similarity']:.4f}; mean pairwise cosine distance "
-        f"{sel['mean_pairwise_cosine_distance']:.4f} vs {rnd['mean_pairwise_cosine_distance']:.4f}; "
-        f"coverage of {info['n_clusters']} clusters {sel['cluster_coverage']:.3f} vs {rnd['cluster_coverage']:.3f}",
+        f"{rnd['mean_quality']:.3f}; pool items' cosine to nearest member "
+        f"{sel['pool_coverage_similarity']:.4f} vs {rnd['pool_coverage_similarity']:.4f}; "
+        f"mean pairwise cosine distance {sel['mean_pairwise_cosine_distance']:.4f} vs "
+        f"{rnd['mean_pairwise_cosine_distance']:.4f}; "
+        f"coverage of {info['n_clusters']} clusters {sel['cluster_coverage']:.3f} vs "
+        f"{rnd['cluster_coverage']:.3f}",
         flush=True,
     )
 
@@ -188,16 +201,22 @@ def main() -> None:
     left = args.time_limit - (time.perf_counter() - started) - 30.0
     if projected > left:
         size = int(rows.size * np.sqrt(max(left, 10.0) / projected))
-        print(f"NOTE: scikit-learn on {rows.size} rows projects to {projected:.0f}s but {left:.0f}s are left; "
-              f"sample shrunk to about {size} rows", flush=True)
+        print(
+            f"NOTE: scikit-learn on {rows.size} rows projects to {projected:.0f}s but {left:.0f}s are left; "
+            f"sample shrunk to about {size} rows",
+            flush=True,
+        )
         rows = structured_sample(source, size, args.seed + 1)
     xs, qs = np.ascontiguousarray(x[rows]), quality[rows]
     del x
     t0, cpu0 = time.perf_counter(), time.process_time()
     keep_ours, _, pairs_ours, _ = semantic_duplicates_detail(xs, qs, THRESHOLD)
     ours_s, ours_cpu = time.perf_counter() - t0, time.process_time() - cpu0
-    print(f"sample {len(rows)}: ours {ours_s:.2f}s wall ({ours_cpu:.1f}s CPU), {len(pairs_ours)} pairs, "
-          f"{int((~keep_ours).sum())} dropped", flush=True)
+    print(
+        f"sample {len(rows)}: ours {ours_s:.2f}s wall ({ours_cpu:.1f}s CPU), {len(pairs_ours)} pairs, "
+        f"{int((~keep_ours).sum())} dropped",
+        flush=True,
+    )
     t0, cpu0 = time.perf_counter(), time.process_time()
     pairs_exact, keep_exact = sklearn_dedup(xs, qs)
     base_s, base_cpu = time.perf_counter() - t0, time.process_time() - cpu0
@@ -206,9 +225,10 @@ def main() -> None:
     precision = float(np.isin(found, truth).mean()) if found.size else 1.0
     same_drop = float((keep_ours == keep_exact).mean())
     print(
-        f"sample {len(rows)}: scikit-learn brute radius {base_s:.1f}s wall ({base_cpu:.1f}s CPU), {truth.size} "
-        f"pairs; pair recall {recall:.4f}, precision {precision:.4f}; same keep/drop decision on "
-        f"{same_drop:.5f} of items; speedup wall {base_s / ours_s:.1f}x, CPU {base_cpu / ours_cpu:.1f}x",
+        f"sample {len(rows)}: scikit-learn brute radius {base_s:.1f}s wall ({base_cpu:.1f}s CPU), "
+        f"{truth.size} pairs; pair recall {recall:.4f}, precision {precision:.4f}; "
+        f"same keep/drop decision on {same_drop:.5f} of items; "
+        f"speedup wall {base_s / ours_s:.1f}x, CPU {base_cpu / ours_cpu:.1f}x",
         flush=True,
     )
     print(f"total bench time {time.perf_counter() - started:.0f}s; seconds and speedup below are wall clock")

@@ -11,6 +11,12 @@ Usage: python bench/store.py [rows]   (default 1,000,000)
 
 from __future__ import annotations
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+sys.path[0] = str(Path(__file__).resolve().parents[1])
+
 import json
 import random
 import sys

@@ -37,7 +37,12 @@ from prefcurate.inference.base import (
     Generation,
 )
 from prefcurate.inference.models import resolve_model_path
-from prefcurate.inference.prompting import LocalPromptTokenizer, choice_plan, normalise_logprobs
+from prefcurate.inference.prompting import (
+    ChoicePlan,
+    LocalPromptTokenizer,
+    choice_plan,
+    normalise_logprobs,
+)
 
 REPLICA = "in-process"
 
@@ -142,7 +147,7 @@ class VLLMEngine:
         from vllm.inputs import TokensPrompt
 
         results: list[ChoiceScore | None] = [None] * len(requests)
-        plans: dict[int, tuple[str, list[int], list[tuple[int, ...]]]] = {}
+        plans: dict[int, tuple[ChoicePlan, list[int], list[tuple[int, ...]]]] = {}
         prompts, params, owners = [], [], []
         for index, request in enumerate(requests):
             if not request.options:

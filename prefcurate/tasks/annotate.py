@@ -640,23 +640,30 @@ def _p_first_rationale(
         chunk = gen_prompts[start : start + step]
         results = engine.generate([GenerateRequest(p, None, sampling, chat=False) for p in chunk])
         for result in results:
-            texts = [] if result.error else [c.text.strip() for c in result.completions]
+            # a blank sample carries no evidence: it is not one of the k valid samples
+            texts = [] if result.error else [c.text.strip() for c in result.completions if c.text.strip()]
             rationales.append(texts)
             gen_errors.append(result.error or (None if texts else "no rationale generated"))
         if progress is not None:
             progress(min(start + step, len(gen_prompts)), total_steps)
-    expanded = orders.with_row_index("row").with_columns(
-        pl.Series("rationale", rationales, dtype=pl.List(pl.String))
-    ).explode("rationale").filter(pl.col("rationale").is_not_null())
+    expanded = (
+        orders.with_row_index("row")
+        .with_columns(pl.Series("rationale", rationales, dtype=pl.List(pl.String)))
+        .explode("rationale")
+        .filter(pl.col("rationale").is_not_null())
+    )
+
+    def verdict_progress(done: int, total: int) -> None:
+        # the second half of the work: verdicts, reported on the same 0..2N scale
+        if progress is not None:
+            progress(len(gen_prompts) + done * len(gen_prompts) // max(total, 1), total_steps)
+
     verdict_probs, verdict_errors = score_options(
         engine,
         template.render_column(expanded),
         PAIRWISE_OPTIONS,
         batch_size=params.batch_size,
-        progress=None if progress is None else (
-            lambda done, total: progress(len(gen_prompts) + done * len(gen_prompts) // max(total, 1),
-                                         total_steps)
-        ),
+        progress=verdict_progress,
     )
     per_row = (
         expanded.select("row")

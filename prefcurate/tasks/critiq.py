@@ -429,6 +429,11 @@ def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed
     return [r.completions[0].text if r.error is None and r.completions else "" for r in results]
 
 
+def _quote(text: str, max_chars: int = 80) -> str:
+    """A model output as a short one-line quote for the report."""
+    return repr(_cut(text, max_chars))
+
+
 def _cut(text: str, max_chars: int) -> str:
     text = re.sub(r"\s+", " ", text).strip()
     return text if len(text) <= max_chars else text[:max_chars].rsplit(" ", 1)[0] + " ..."
@@ -576,9 +581,15 @@ class _Miner:
         outputs = _generate(self.engine, [prompt] * (needed * p.proposal_samples), p, self.next_seed())
         taken = {c.name for c in working} | set(self.banned) | {n for n, _ in _FORMAT_EXAMPLES if not working}
         proposals: list[Criterion] = []
+        unusable: list[str] = []
+        duplicates: list[str] = []
         for text in outputs:
             candidate = parse_proposal(text, p.description_max_chars)
-            if candidate is None or candidate.name in taken:
+            if candidate is None:
+                unusable.append(text)
+                continue
+            if candidate.name in taken:
+                duplicates.append(candidate.name)
                 continue
             taken.add(candidate.name)
             proposals.append(candidate)
@@ -596,7 +607,11 @@ class _Miner:
                     "description_before": None,
                     "description_after": None,
                     "note": f"manager gave {len(proposals)} usable of {needed} criteria needed "
-                    f"({len(outputs)} samples)",
+                    f"({len(outputs)} samples: {len(unusable)} unparseable"
+                    + (f", e.g. {_quote(unusable[0])}" if unusable else "")
+                    + f"; {len(duplicates)} repeated a taken name"
+                    + (f" ({', '.join(sorted(set(duplicates)))})" if duplicates else "")
+                    + ")",
                 }
             )
         return proposals
@@ -644,15 +659,19 @@ class _Miner:
         )
         out = []
         for index, ((criterion, _), found) in enumerate(zip(to_revise, critiques)):
-            candidates = (sanitise_line(text, p.description_max_chars) for text in rewrites[index * k : (index + 1) * k])
+            raw = rewrites[index * k : (index + 1) * k]
             old = criterion.description.strip().lower()
+            candidates = (sanitise_line(text, p.description_max_chars) for text in raw)
             clean = next((c for c in candidates if c is not None and c.lower() != old), None)
             usable = clean is not None
             note = f"{len(found)} critiques"
             if usable:
                 out.append((criterion.model_copy(update={"description": clean, "accuracy": None}), clean, note))
             else:
-                note += "; rewrite rejected (empty, garbage or unchanged): description kept"
+                note += (
+                    f"; rewrite rejected (empty, garbage or unchanged, e.g. {_quote(raw[0] if raw else '')}): "
+                    "description kept"
+                )
                 out.append((criterion.model_copy(update={"accuracy": None}), None, note))
         return out
 

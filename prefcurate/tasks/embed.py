@@ -128,13 +128,17 @@ def embed_with_params(texts: Sequence[str] | pl.Series, params: EmbedParams | No
 
 def pair_embedding_text(prompt: pl.Series | Sequence[str], chosen: pl.Series | Sequence[str]) -> pl.Series:
     """The text embedded for a preference pair: prompt, a blank line, the chosen response."""
-    frame = pl.DataFrame({"prompt": pl.Series(prompt, dtype=pl.String), "chosen": pl.Series(chosen, dtype=pl.String)})
+    frame = pl.DataFrame(
+        {"prompt": pl.Series(prompt, dtype=pl.String), "chosen": pl.Series(chosen, dtype=pl.String)}
+    )
     return frame.select(
         pl.concat_str([pl.col("prompt").fill_null(""), pl.col("chosen").fill_null("")], separator="\n\n")
     ).to_series()
 
 
-def texts_needing_embeddings(item_ids: Sequence[str] | pl.Series, cached_ids: Sequence[str] | pl.Series) -> np.ndarray:
+def texts_needing_embeddings(
+    item_ids: Sequence[str] | pl.Series, cached_ids: Sequence[str] | pl.Series
+) -> np.ndarray:
     """Positions in ``item_ids`` whose id is not in ``cached_ids`` (first occurrence only)."""
     ids = pl.Series("item_id", item_ids, dtype=pl.String)
     cached = pl.Series("cached", cached_ids, dtype=pl.String)

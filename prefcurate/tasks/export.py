@@ -49,7 +49,7 @@ def export_pairs(
     """Write the pairs and the card; returns ``{"jsonl", "parquet", "card", plot names...}`` -> path.
 
     ``card_stats`` feeds the card. Recognised keys: ``title``, ``description``, ``sources``
-    (dict or list), ``filters`` (dict, e.g. reason -> dropped count or parameter -> value),
+    (dict, list of records or list), ``filters`` (dict, e.g. reason -> dropped count or parameter -> value),
     ``selection`` (dict, e.g. :func:`prefcurate.tasks.selection.selection_report`),
     ``cluster_pool_counts`` (cluster -> items before selection), ``provenance`` (dict);
     anything else is listed under "Other statistics".
@@ -68,7 +68,9 @@ def export_pairs(
 
     written: dict[str, Path] = {}
     if "jsonl" in formats:
-        written["jsonl"] = _atomic_write(out / "data" / f"{SPLIT}.jsonl", lambda p: _json_ready(frame).write_ndjson(p))
+        written["jsonl"] = _atomic_write(
+            out / "data" / f"{SPLIT}.jsonl", lambda p: _json_ready(frame).write_ndjson(p)
+        )
     if "parquet" in formats:
         written["parquet"] = _atomic_write(
             out / "data" / f"{SPLIT}.parquet", lambda p: frame.write_parquet(p, compression="zstd")
@@ -85,8 +87,13 @@ def export_pairs(
         if cluster_plot is not None:
             plot_paths["cluster_plot"] = cluster_plot
     written.update(plot_paths)
-    card = dataset_card(frame, stats, data_files={k: written[k] for k in ("parquet", "jsonl") if k in written},
-                        plots=plot_paths, root=out)
+    card = dataset_card(
+        frame,
+        stats,
+        data_files={k: written[k] for k in ("parquet", "jsonl") if k in written},
+        plots=plot_paths,
+        root=out,
+    )
     written["card"] = _atomic_write(out / "README.md", lambda p: Path(p).write_text(card, encoding="utf-8"))
     return written
 
@@ -168,7 +175,10 @@ def plot_cluster_coverage(
     if "cluster" not in frame.columns or frame.height == 0:
         return None
     counts = (
-        frame.group_by("cluster").len().sort(["len", "cluster"], descending=[True, False]).drop_nulls("cluster")
+        frame.group_by("cluster")
+        .len()
+        .sort(["len", "cluster"], descending=[True, False])
+        .drop_nulls("cluster")
     )
     if counts.height == 0:
         return None
@@ -186,7 +196,9 @@ def plot_cluster_coverage(
     ax = figure.subplots()
     positions = np.arange(len(labels))
     if pool:
-        ax.bar(positions, [pool.get(c, 0) for c in clusters], color="#DDDDDD", label="pool (before selection)")
+        ax.bar(
+            positions, [pool.get(c, 0) for c in clusters], color="#DDDDDD", label="pool (before selection)"
+        )
     ax.bar(positions, exported, color="#4C72B0", label="exported")
     covered = f"{len(exported_by_cluster)} of {len(pool)}" if pool else str(len(exported_by_cluster))
     ax.set_title(f"pairs per cluster ({covered} clusters)", fontsize=10)
@@ -204,7 +216,12 @@ def plot_cluster_coverage(
 
 
 def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if n < limit:
             return name
     return "1M<n<10M"
@@ -297,6 +314,10 @@ def dataset_card(
     sources = stats.get("sources")
     if isinstance(sources, Mapping):
         body += [_table(_flatten(sources), ("source", "value")), ""]
+    elif isinstance(sources, (list, tuple)) and sources and all(isinstance(s, Mapping) for s in sources):
+        # records (e.g. rows of a SQL query): one table, columns in first-seen order
+        columns = list(dict.fromkeys(key for record in sources for key in record))
+        body += [_table([tuple(r.get(c, "") for c in columns) for r in sources], tuple(columns)), ""]
     elif isinstance(sources, (list, tuple)):
         body += [f"- {_cell(s)}" for s in sources] + [""]
     for column in ("source_file", "category", "chosen_generator", "rejected_generator", "strategy"):
@@ -365,4 +386,3 @@ def dataset_card(
     if other:
         body += ["## Other statistics", "", _table(_flatten(other), ("statistic", "value")), ""]
     return "\n".join(header + body).rstrip() + "\n"
-

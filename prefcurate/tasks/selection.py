@@ -40,14 +40,15 @@ reported. Methods (ALGORITHMS.md, "Diversity" and "Quality scoring"):
     Greedy maximisation of the monotone submodular objective
     ``F(S) = (1 - lambda) / k * sum_{i in S} q_i + lambda / N * sum_j max_{i in S} max(0, cos(i, j))``:
     a modular quality term and facility-location coverage, each scaled to [0, 1] over the
-    budget, so lambda weighs comparable quantities. Lazy greedy (Minoux) with a heap gives
-    exactly the greedy picks (1 - 1/e guarantee).
+    budget, so lambda weighs comparable quantities. Lazy greedy (Minoux; stale gains are
+    upper bounds, refreshed in vectorised batches) gives exactly the greedy picks, with the
+    (1 - 1/e) guarantee of greedy on a monotone submodular function.
 
 Scale: blocks
     Up to ``block_size`` candidates, k-center and facility location run on the full
     similarity matrix. Beyond, similarities are restricted to k-means blocks of about
-    ``block_size`` items (the de-duplication index's cells are reused when they are about
-    that size): a block-diagonal approximation in which an item covers, and is distant
+    ``block_size`` items (the de-duplication index's cells are reused, or merged, when
+    there are enough of them): a block-diagonal approximation in which an item covers, and is distant
     from, only items of its block. Then the objective is a sum over blocks, the global
     greedy order is the merge by gain of the per-block greedy sequences (gains are
     non-increasing within a block by submodularity, and for k-center because distances only
@@ -56,8 +57,17 @@ Scale: blocks
     until none is. Cost ~ N x block_size x d instead of k x N x d.
 
 Clusters (the ``cluster`` column, quotas, coverage) are ``n_clusters`` coarse k-means
-clusters; at scale, a weighted k-means of the block centroids (so no second pass over
-all vectors). Dropped duplicates carry their representative's cluster.
+clusters; at scale, a weighted k-means of the block means (so no second k-means over all
+vectors). Dropped duplicates carry their representative's cluster.
+
+Measured (``bench/select.py``, 1,000,000 x 384, 2 shared CPU cores): de-duplication plus
+facility-location selection of 10 % in ~76 CPU seconds (~38 each), peak RSS 2.3 GB with the
+1.5 GB input; the selection's mean quality 1.90 vs -0.02 for a random set of the same size,
+at slightly better pool coverage (mean cosine of pool items to their nearest member).
+
+Threads: the work runs in :func:`prefcurate.tasks.dedup.compute_threads`, which limits BLAS
+to one thread process-wide while it runs (cells and blocks are small matrices, processed in
+a thread pool instead).
 """
 
 from __future__ import annotations
@@ -307,7 +317,9 @@ def percentile_rank(values: np.ndarray) -> np.ndarray:
 # --- blocks and clusters ----------------------------------------------------------------
 
 
-def _blocks(x: np.ndarray, candidates: np.ndarray, partition: Partition | None, params: SelectParams) -> list[np.ndarray]:
+def _blocks(
+    x: np.ndarray, candidates: np.ndarray, partition: Partition | None, params: SelectParams
+) -> list[np.ndarray]:
     """Positions (into ``candidates``) of each working block, none larger than 2 x block_size."""
     n_cand = candidates.size
     if n_cand == 0:
@@ -322,7 +334,11 @@ def _blocks(x: np.ndarray, candidates: np.ndarray, partition: Partition | None, 
         # many small cells: merge them into blocks by a weighted k-means of the cell centroids
         sizes = np.bincount(partition.labels[candidates], minlength=partition.n_cells).astype(np.float32)
         merged = kmeans_partition(
-            partition.centroids, wanted, seed=params.seed, train_points_per_cluster=256, weights=sizes,
+            partition.centroids,
+            wanted,
+            seed=params.seed,
+            train_points_per_cluster=256,
+            weights=sizes,
             threads=params.dedup.threads,
         )
         labels = merged.labels[partition.labels[candidates]]
@@ -348,8 +364,10 @@ def _blocks(x: np.ndarray, candidates: np.ndarray, partition: Partition | None, 
     return blocks
 
 
-def _split_block(x: np.ndarray, candidates: np.ndarray, members: np.ndarray, params: SelectParams) -> list[np.ndarray]:
-    """An oversized k-means cell, split by a k-means of its own (then in index chunks if it will not split)."""
+def _split_block(
+    x: np.ndarray, candidates: np.ndarray, members: np.ndarray, params: SelectParams
+) -> list[np.ndarray]:
+    """An oversized k-means cell, split by a k-means of its own (then in chunks if it will not split)."""
     parts = math.ceil(members.size / params.block_size)
     sub = kmeans_partition(x, parts, seed=params.seed, threads=1, rows=candidates[members])
     order, offsets = cells_of(sub.labels, sub.n_cells)
@@ -362,7 +380,9 @@ def _split_block(x: np.ndarray, candidates: np.ndarray, members: np.ndarray, par
     return out
 
 
-def _coarse_clusters(x: np.ndarray, candidates: np.ndarray, blocks: list[np.ndarray], params: SelectParams) -> np.ndarray:
+def _coarse_clusters(
+    x: np.ndarray, candidates: np.ndarray, blocks: list[np.ndarray], params: SelectParams
+) -> np.ndarray:
     n_cand = candidates.size
     if n_cand == 0:
         return np.zeros(0, dtype=np.int32)
@@ -376,14 +396,24 @@ def _coarse_clusters(x: np.ndarray, candidates: np.ndarray, blocks: list[np.ndar
         means /= np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12)
         sizes = np.array([b.size for b in blocks], dtype=np.float32)
         part = kmeans_partition(
-            means, n_clusters, seed=params.seed, train_points_per_cluster=256, weights=sizes, threads=params.dedup.threads
+            means,
+            n_clusters,
+            seed=params.seed,
+            train_points_per_cluster=256,
+            weights=sizes,
+            threads=params.dedup.threads,
         )
         labels = np.empty(n_cand, dtype=np.int32)
         for b, block_label in zip(blocks, part.labels, strict=True):
             labels[b] = block_label
         return labels
     part = kmeans_partition(
-        x, n_clusters, seed=params.seed, train_points_per_cluster=256, threads=params.dedup.threads, rows=candidates
+        x,
+        n_clusters,
+        seed=params.seed,
+        train_points_per_cluster=256,
+        threads=params.dedup.threads,
+        rows=candidates,
     )
     return part.labels.astype(np.int32)
 
@@ -507,9 +537,7 @@ def blockwise_greedy(
                 sequences[b] = result
             order, from_block, step = _merge(sequences, quality_rank, blocks, k)
             taken = np.bincount(from_block, minlength=len(blocks))
-            pending = [
-                b for b in range(len(blocks)) if taken[b] == caps[b] and caps[b] < blocks[b].size
-            ]
+            pending = [b for b in range(len(blocks)) if taken[b] == caps[b] and caps[b] < blocks[b].size]
             if not pending:
                 return order
             for b in pending:
@@ -575,7 +603,11 @@ def _facility_location_block(
             if fresh_at[i] == step:
                 break
             available = int(np.count_nonzero(bound > -np.inf))
-            stale = np.argpartition(-bound, batch)[:batch] if available > batch else np.flatnonzero(bound > -np.inf)
+            stale = (
+                np.argpartition(-bound, batch)[:batch]
+                if available > batch
+                else np.flatnonzero(bound > -np.inf)
+            )
             rows = np.maximum(similarity[stale] - covered, 0.0).sum(axis=1, dtype=np.float64)
             bound[stale] = w_quality * quality_rank[stale] + w_cover * rows
             fresh_at[stale] = step
@@ -608,8 +640,14 @@ def set_statistics(
       normalised entropy of the members' cluster mix (1 = even).
     """
     if members.size == 0:
-        return {"n": 0, "mean_quality": None, "mean_pairwise_cosine_distance": None,
-                "pool_coverage_similarity": None, "cluster_coverage": 0.0, "cluster_entropy": 0.0}
+        return {
+            "n": 0,
+            "mean_quality": None,
+            "mean_pairwise_cosine_distance": None,
+            "pool_coverage_similarity": None,
+            "cluster_coverage": 0.0,
+            "cluster_entropy": 0.0,
+        }
     picked = members if members.size <= sample else rng.choice(members, size=sample, replace=False)
     vectors = x[np.sort(picked)]
     distance = None
@@ -661,6 +699,10 @@ def selection_report(
     return {
         "method": result.method,
         **result.info,
-        "selected": set_statistics(x, quality, result.cluster, selected, pool_probe, pool_clusters, rng, sample),
-        "random": set_statistics(x, quality, result.cluster, random_set, pool_probe, pool_clusters, rng, sample),
+        "selected": set_statistics(
+            x, quality, result.cluster, selected, pool_probe, pool_clusters, rng, sample
+        ),
+        "random": set_statistics(
+            x, quality, result.cluster, random_set, pool_probe, pool_clusters, rng, sample
+        ),
     }

@@ -75,7 +75,10 @@ def test_pairwise_probabilities_are_valid_and_balanced(frames, engine):
     prompts, responses = frames
     # the tiny model may emit blank text; judge whatever has text, as the stage does
     responses = responses.with_columns(
-        pl.when(pl.col("text").str.strip_chars() == "").then(pl.lit("(no answer)")).otherwise("text").alias("text")
+        pl.when(pl.col("text").str.strip_chars() == "")
+        .then(pl.lit("(no answer)"))
+        .otherwise("text")
+        .alias("text")
     )
     pairs = schedule_pairs(responses, "all")
     assert pairs.height == 2

@@ -123,7 +123,8 @@ def test_template_missing_a_placeholder_raises_naming_it(tmp_path):
 def test_unknown_criterion_aspect_or_pool_raise_clearly():
     with pytest.raises(ValueError, match="unknown criterion 'wit'"):
         resolve_criteria(["wit"])
-    assert resolve_criteria(["wit"], {"wit": "Which answer is funnier."}) == {"wit": "Which answer is funnier."}
+    funnier = {"wit": "Which answer is funnier."}
+    assert resolve_criteria(["wit"], funnier) == funnier
     with pytest.raises(ValueError, match="unknown criterion 'wit'"):
         AnnotateParams(criteria=["wit"])
     with pytest.raises(ValueError, match="unknown rubric aspect 'style'"):
@@ -133,7 +134,8 @@ def test_unknown_criterion_aspect_or_pool_raise_clearly():
     with pytest.raises(ValueError, match="repeated: j"):
         AnnotateParams(judges=[JudgeSpec(name="j"), JudgeSpec(name="j")])
     # the built-in UltraFeedback aspects load from prefcurate/data/rubrics.yaml
-    assert AnnotateParams().rubric_aspects == ["helpfulness", "honesty", "instruction_following", "truthfulness"]
+    ultrafeedback = ["helpfulness", "honesty", "instruction_following", "truthfulness"]
+    assert AnnotateParams().rubric_aspects == ultrafeedback
 
 
 # ------------------------------------------------------------------------ scheduling
@@ -150,8 +152,10 @@ def test_all_pairs_and_unjudgeable_prompts():
     prompts = prompts.vstack(pl.DataFrame({"prompt_id": ["p3", "p4"], "prompt": ["x", "y"]}))
     pairs = schedule_pairs(responses, "all")
     assert pairs.rows() == [("p1", "r1", "r2"), ("p1", "r1", "r3"), ("p1", "r2", "r3"), ("p2", "r4", "r5")]
-    assert schedule_pairs(responses, "all", exclude_truncated=True).filter(pl.col("prompt_id") == "p1").height == 1
-    skipped = find_unjudgeable(responses.vstack(responses.head(1).with_columns(prompt_id=pl.lit("p9"))), prompts)
+    untruncated = schedule_pairs(responses, "all", exclude_truncated=True)
+    assert untruncated.filter(pl.col("prompt_id") == "p1").height == 1
+    orphan = responses.head(1).with_columns(prompt_id=pl.lit("p9"))
+    skipped = find_unjudgeable(responses.vstack(orphan), prompts)
     assert skipped.select("prompt_id", "reason").rows() == [
         ("p3", "fewer_than_two_responses"),
         ("p4", "fewer_than_two_responses"),
@@ -327,7 +331,8 @@ def test_calibration_metrics_of_a_position_biased_judge():
     assert result["gold_pairs"] == 4 and result["accuracy"] == 1.0
     assert result["position_flip_rate"] == 0.0
     assert result["first_position_pref"] == pytest.approx(np.concatenate([ab, ba]).mean())
-    assert result["first_position_pref"] > 0.5 and result["template_hash"] == load_template("pairwise_v1").hash
+    assert result["first_position_pref"] > 0.5
+    assert result["template_hash"] == load_template("pairwise_v1").hash
 
     # a judge that always says "A" with 0.9: every pair flips, accuracy is chance-level
     always_a = ScriptedEngine(choice_fn=lambda p, o: [0.9, 0.1], model="m")
@@ -338,7 +343,9 @@ def test_calibration_metrics_of_a_position_biased_judge():
 
 def test_calibration_metrics_closed_form():
     metrics = calibration_metrics(
-        np.array([0.9, 0.7, 0.2, np.nan]), np.array([0.3, 0.6, 0.1, 0.5]), np.array([True, False, False, True])
+        np.array([0.9, 0.7, 0.2, np.nan]),
+        np.array([0.3, 0.6, 0.1, 0.5]),
+        np.array([True, False, False, True]),
     )
     # p_a = [0.8, 0.55, 0.55]: correct = [T, F, F]; the same position wins both orders in
     # pairs 2 (first, first) and 3 (second, second): flips = [F, T, T]
@@ -380,7 +387,8 @@ def test_annotate_runs_every_judge_and_reports_unjudgeable_prompts():
                "j2": ScriptedEngine(choice_fn=any_choice, model="m2")}
     result = annotate(responses, prompts, params, engines)
     assert result.judgments.height == 2 * 4  # 2 judges x (3 + 1 pairs) x 1 criterion
-    assert dict(result.judgments.select("judge", "judge_model").unique().iter_rows()) == {"j1": "m1", "j2": "m2"}
+    judge_models = result.judgments.select("judge", "judge_model").unique()
+    assert dict(judge_models.iter_rows()) == {"j1": "m1", "j2": "m2"}
     assert result.ratings.height == 2 * 6 and result.ratings["expected_score"].to_list() == [3.0] * 12
     assert result.unjudgeable.select("prompt_id", "reason").rows() == [("p3", "fewer_than_two_responses")]
     with pytest.raises(ValueError, match="no engine given for judge"):

@@ -33,8 +33,9 @@ def test_similar_texts_are_closer_than_unrelated_ones():
     assert sims[0, 1] > sims[0, 2] + 0.4 and sims[0, 1] > sims[0, 3] + 0.4
     # the model is cached per process, and a repeat gives the same vectors
     assert load_model(device="cpu") is load_model(device="cpu")
-    np.testing.assert_allclose(embed_with_params(texts[:2], EmbedParams(device="cpu", batch_size=1)), vectors[:2],
-                               atol=1e-5)
+    np.testing.assert_allclose(
+        embed_with_params(texts[:2], EmbedParams(device="cpu", batch_size=1)), vectors[:2], atol=1e-5
+    )
 
 
 def test_empty_and_missing_texts():

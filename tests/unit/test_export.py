@@ -20,7 +20,7 @@ def pairs() -> pl.DataFrame:
         {
             "pair_id": [f"pair-{i:03d}" for i in range(n)],
             "prompt_id": [f"prompt-{i // 2}" for i in range(n)],
-            "prompt": [f"Question {i}: what is ünïcode \"quoted\"\nnew line?" for i in range(n)],
+            "prompt": [f'Question {i}: what is ünïcode "quoted"\nnew line?' for i in range(n)],
             "chosen": [f"A careful answer {i}." for i in range(n)],
             "rejected": [f"A sloppy answer {i}" for i in range(n)],
             "p_chosen": rng.uniform(0.6, 1.0, n),
@@ -30,7 +30,7 @@ def pairs() -> pl.DataFrame:
             "cluster": (np.arange(n) % 5).astype(np.int32),
             "chosen_generator": ["gen-a", "gen-b"] * (n // 2),
             "strategy": ["best_vs_worst"] * n,
-            "created_at": [dt.datetime(2025, 5, 1, 12, 0, i % 60, tzinfo=dt.timezone.utc) for i in range(n)],
+            "created_at": [dt.datetime(2025, 5, 1, 12, 0, i % 60, tzinfo=dt.UTC) for i in range(n)],
         }
     )
 
@@ -46,15 +46,25 @@ def test_round_trip_through_datasets(pairs, tmp_path, monkeypatch):
     out = tmp_path / "export"
     written = export_pairs(pairs, out, card_stats={"filters": {"position_flip": 3}})
     assert {"jsonl", "parquet", "card", "score_plot", "cluster_plot"} <= set(written)
-    expected = pairs.select(["prompt", "chosen", "rejected"] + [c for c in pairs.columns if c not in
-                                                                ("prompt", "chosen", "rejected")])
+    expected = pairs.select(
+        ["prompt", "chosen", "rejected"]
+        + [c for c in pairs.columns if c not in ("prompt", "chosen", "rejected")]
+    )
     from_parquet = load("parquet", written["parquet"], tmp_path / "cache").to_polars()
     assert from_parquet.columns[:3] == ["prompt", "chosen", "rejected"]
     assert from_parquet.equals(expected)
 
     from_json = load("json", written["jsonl"], tmp_path / "cache").to_polars()
     assert from_json.columns == expected.columns
-    for column in ("prompt", "chosen", "rejected", "pair_id", "chosen_generator", "rejected_score", "cluster"):
+    for column in (
+        "prompt",
+        "chosen",
+        "rejected",
+        "pair_id",
+        "chosen_generator",
+        "rejected_score",
+        "cluster",
+    ):
         assert from_json[column].to_list() == expected[column].to_list(), column
     np.testing.assert_allclose(from_json["p_chosen"].to_numpy(), expected["p_chosen"].to_numpy())
     # timestamps travel as ISO-8601 text in JSON
@@ -81,7 +91,10 @@ def test_jsonl_lines_are_dpo_records(pairs, tmp_path):
 def test_card_and_files_are_complete(pairs, tmp_path):
     stats = {
         "title": "Test pairs",
-        "sources": {"prompts.jsonl": 20},
+        "sources": [
+            {"source_file": "prompts.jsonl", "prompts": 20},
+            {"source_file": "more.jsonl", "prompts": 3},
+        ],
         "filters": {"drops": {"position_flip": 3, "low_confidence": 5}, "margin": 0.5},
         "selection": {"method": "facility_location", "selected": {"mean_quality": 1.25}},
         "cluster_pool_counts": {c: 30 for c in range(7)},
@@ -92,6 +105,7 @@ def test_card_and_files_are_complete(pairs, tmp_path):
     assert card.startswith("---\nconfigs:")
     assert "path: data/train.parquet" in card
     assert "# Test pairs" in card
+    assert "| source_file | prompts |" in card and "| more.jsonl | 3 |" in card
     assert "| pairs | 40 |" in card and "| distinct prompts | 20 |" in card
     assert "| drops.position_flip | 3 |" in card and "| margin | 0.5 |" in card
     assert "| selected.mean_quality | 1.25 |" in card

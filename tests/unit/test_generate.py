@@ -54,7 +54,8 @@ def test_plan_covers_every_prompt_and_sample_and_skips_existing():
     assert missing["prompt_id"].to_list() == ["p2", "p2"]
     # the prompt's own system prompt wins; prompts without one get the generator's
     with_system = GeneratorSpec(name="g", n=1, system_prompt="Be brief.")
-    systems = dict(plan_generation(_prompts(), [with_system]).select("prompt_id", "system_prompt").iter_rows())
+    planned = plan_generation(_prompts(), [with_system])
+    systems = dict(planned.select("prompt_id", "system_prompt").iter_rows())
     assert systems == {"p1": "Be brief.", "p2": "Answer in French.", "p3": "Be brief."}
 
 
@@ -71,7 +72,9 @@ def test_run_generation_returns_response_rows_with_the_table_columns():
     engine = RecordingEngine()
     spec = GeneratorSpec(name="g", n=2, sampling=SamplingConfig(max_tokens=32), chat_template=False)
     progress = []
-    out = run_generation(_prompts(), spec, engine, batch_size=2, progress=lambda d, t: progress.append((d, t)))
+    out = run_generation(
+        _prompts(), spec, engine, batch_size=2, progress=lambda d, t: progress.append((d, t))
+    )
     expected_columns = [f.name for f in RESPONSES if f.name not in {p.name for p in PROVENANCE}]
     assert out.columns == expected_columns
     assert out.height == 6
@@ -86,7 +89,8 @@ def test_run_generation_returns_response_rows_with_the_table_columns():
     # one request per prompt asks for both samples; batches of 2 requests
     assert [len(b) for b in engine.batches] == [2, 1]
     assert all(r.params.n == 2 and r.chat is False for b in engine.batches for r in b)
-    assert {r.prompt: r.system_prompt for b in engine.batches for r in b}["Add 2 and 3."] == "Answer in French."
+    systems = {r.prompt: r.system_prompt for b in engine.batches for r in b}
+    assert systems["Add 2 and 3."] == "Answer in French."
     assert progress == [(4, 6), (6, 6)]
 
 
@@ -108,7 +112,9 @@ def test_truncated_responses_are_kept_and_flagged():
     class CutEngine(RecordingEngine):
         def generate(self, requests):
             return [
-                Generation([Completion("long text ...", "length", 32), Completion("short.", "stop", 2)], 7, 0.5)
+                Generation(
+                    [Completion("long text ...", "length", 32), Completion("short.", "stop", 2)], 7, 0.5
+                )
                 for _ in requests
             ]
 

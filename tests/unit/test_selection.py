@@ -40,7 +40,9 @@ def clustered(n: int = 1200, *, d: int = 48, n_centers: int = 12, seed: int = 0)
 @pytest.mark.parametrize("method", METHODS)
 def test_budget_ranks_and_reasons(method):
     x, quality, _ = clustered(seed=1)
-    result = select_items(x, quality, SelectParams(method=method, budget=150, diversity_weight=0.5, block_size=256))
+    result = select_items(
+        x, quality, SelectParams(method=method, budget=150, diversity_weight=0.5, block_size=256)
+    )
     assert result.selected.sum() == 150
     assert sorted(result.rank[result.selected].tolist()) == list(range(1, 151))
     assert (result.rank[~result.selected] == 0).all()
@@ -52,7 +54,9 @@ def test_budget_ranks_and_reasons(method):
 @pytest.mark.parametrize("method", METHODS)
 def test_zero_diversity_weight_is_quality_top_k(method):
     x, quality, _ = clustered(seed=2)
-    result = select_items(x, quality, SelectParams(method=method, budget=100, diversity_weight=0.0, block_size=256))
+    result = select_items(
+        x, quality, SelectParams(method=method, budget=100, diversity_weight=0.0, block_size=256)
+    )
     top = np.argsort(-quality, kind="stable")[:100]
     assert set(np.flatnonzero(result.selected).tolist()) == set(top.tolist())
 
@@ -65,7 +69,9 @@ def test_diversity_weight_one_is_more_diverse_than_zero(method):
         params = SelectParams(method=method, budget=120, diversity_weight=lam, block_size=256, n_clusters=12)
         result = select_items(x, quality, params)
         reports[lam] = selection_report(x, quality, result, seed=0)["selected"]
-    assert reports[1.0]["mean_pairwise_cosine_distance"] > reports[0.0]["mean_pairwise_cosine_distance"] + 0.05
+    assert (
+        reports[1.0]["mean_pairwise_cosine_distance"] > reports[0.0]["mean_pairwise_cosine_distance"] + 0.05
+    )
     assert reports[1.0]["cluster_entropy"] > reports[0.0]["cluster_entropy"]
     assert reports[1.0]["pool_coverage_similarity"] > reports[0.0]["pool_coverage_similarity"]
     assert reports[0.0]["mean_quality"] > reports[1.0]["mean_quality"]  # the trade-off is real
@@ -74,7 +80,9 @@ def test_diversity_weight_one_is_more_diverse_than_zero(method):
 def test_cluster_quotas_equal_and_proportional():
     x, quality, _ = clustered(n=1200, seed=4)
     equal = select_items(
-        x, quality, SelectParams(method="cluster_quota", budget=120, diversity_weight=1.0, quota="equal", n_clusters=8)
+        x,
+        quality,
+        SelectParams(method="cluster_quota", budget=120, diversity_weight=1.0, quota="equal", n_clusters=8),
     )
     counts = np.bincount(equal.cluster[equal.selected], minlength=8)
     capacity = np.bincount(equal.cluster[equal.reason != NEAR_DUPLICATE], minlength=8)
@@ -114,7 +122,9 @@ def naive_block_greedy(x, quality_rank, blocks, k, lam, method):
     if method == "facility_location":
         covered = np.zeros(n)
         for _ in range(k):
-            gain = (1 - lam) / k * quality_rank + lam / n * np.maximum(np.maximum(sims, 0) - covered, 0).sum(1)
+            gain = (1 - lam) / k * quality_rank + lam / n * np.maximum(np.maximum(sims, 0) - covered, 0).sum(
+                1
+            )
             gain[picked] = -np.inf
             i = int(np.argmax(gain))
             picked.append(i)
@@ -147,7 +157,11 @@ def test_duplicates_are_dropped_and_point_to_kept_items():
     x = np.vstack([x, x[:20], x[20:40] + 0.02 * np.random.default_rng(0).standard_normal((20, x.shape[1]))])
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     quality = np.concatenate([quality, quality[:20] - 1.0, quality[20:40] + 1.0])
-    texts = [f"text {i}" for i in range(600)] + [f"TEXT  {i}" for i in range(20)] + [f"para {i}" for i in range(20)]
+    texts = (
+        [f"text {i}" for i in range(600)]
+        + [f"TEXT  {i}" for i in range(20)]
+        + [f"para {i}" for i in range(20)]
+    )
     result = select_items(x, quality, SelectParams(method="facility_location", budget=100), texts=texts)
     assert (result.reason[600:620] == EXACT_DUPLICATE).all()
     assert (result.duplicate_of[600:620] == np.arange(20)).all()
@@ -184,7 +198,9 @@ def test_frame_matches_selections_table():
 
 def test_report_compares_with_random():
     x, quality, _ = clustered(n=1000, seed=8)
-    result = select_items(x, quality, SelectParams(method="facility_location", budget=100, diversity_weight=0.5))
+    result = select_items(
+        x, quality, SelectParams(method="facility_location", budget=100, diversity_weight=0.5)
+    )
     report = selection_report(x, quality, result)
     assert report["selected"]["n"] == report["random"]["n"] == 100
     assert report["selected"]["mean_quality"] > report["random"]["mean_quality"]
