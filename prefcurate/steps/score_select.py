@@ -115,6 +115,7 @@ class SelectStep(Step):
 
     def compute(self, unit: Unit, ctx: StageContext):
         from prefcurate.inference.models import EMBEDDING_MODEL_NAME
+        from prefcurate.tasks.dedup import pair_dedup_text
         from prefcurate.tasks.embed import embed_texts, pair_embedding_text
         from prefcurate.tasks.score import pair_quality
         from prefcurate.tasks.selection import select_items, selection_report
@@ -129,7 +130,8 @@ class SelectStep(Step):
         items = pl.DataFrame({"item_id": pairs["pair_id"], "text": pair_embedding_text(pairs["prompt"], pairs["chosen"])})
         vectors, new_embeddings, embed_seconds = embed_with_cache(store, items, "pair", EMBEDDING_MODEL_NAME, embed_texts)
         quality_values = pairs["quality"].to_numpy()
-        result = select_items(vectors, quality_values, params, texts=items["text"])
+        # exact duplicates: same prompt, chosen and rejected (the semantic check uses the embedding)
+        result = select_items(vectors, quality_values, params, texts=pair_dedup_text(pairs))
         report = selection_report(vectors, quality_values, result, seed=params.seed)
         selections = result.to_frame(pairs["pair_id"])
         counts = {"pairs": pairs.height, "selected": int(result.selected.sum()),
