@@ -24,9 +24,14 @@ Wall-clock tokens/s are printed too, but on this shared 2-core machine (load ave
 10-20 from other jobs) they move by 2-3x between phases minutes apart, which swamps a 10%
 effect; CPU time does not count the time other jobs hold the cores.
 
+Also printed: the pool against the same server's own batch request (one POST carrying all
+prompts), which isolates the pool's cost from the server's and needs no second phase.
+
 ``verdicts_per_s``: wall-clock ``score_choices`` throughput on ``VERDICTS`` pairwise-judge
 prompts (" A"/" B") through the embedded engine, the stages' default (pool and a direct
-``logprob_token_ids`` baseline are printed too); it reflects the machine's load at the time.
+``logprob_token_ids`` baseline are printed too). Each path scores its own prompt set after
+a warm-up on another, so only the judge template's shared prefix is cached, as in a real
+annotate stage; the figure reflects the machine's load at the time.
 
 Last line: ``RESULT pool_ratio=.. engine_ratio=.. ratio=<min of the two> verdicts_per_s=..``
 """
@@ -56,6 +61,8 @@ from pathlib import Path  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import httpx  # noqa: E402
+
 from prefcurate.inference.base import ChoiceRequest, GenerateRequest, SamplingParams  # noqa: E402
 from prefcurate.inference.models import resolve_model_path  # noqa: E402
 
@@ -66,6 +73,7 @@ VERDICTS = 32
 MAX_MODEL_LEN = 1024
 MAX_NUM_SEQS = 64
 KV_CACHE_GB = 1
+NEED_GIB = 6.5  # one float32 Gemma 3 270M instance here: ~4 GiB worker + front end + engine core
 
 TOPICS = [
     "the water cycle", "photosynthesis", "the French revolution", "binary search", "volcanoes",
@@ -76,6 +84,30 @@ TOPICS = [
     "chess openings", "the human heart", "solar panels", "ancient Egypt", "sourdough bread",
     "glaciers", "the Olympic games",
 ]  # fmt: skip
+
+
+def available_gib() -> float:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith("MemAvailable:"):
+            return int(line.split()[1]) / 2**20
+    return float("inf")
+
+
+def with_memory(what: str, load, need_gib: float = NEED_GIB, wait_s: float = 300.0, tries: int = 2):
+    """Load ``what`` once ~``need_gib`` is free (other jobs share this machine's 24 GiB),
+    retrying once if the load itself runs out of memory."""
+    for attempt in range(1, tries + 1):
+        deadline = time.monotonic() + wait_s
+        while available_gib() < need_gib and time.monotonic() < deadline:
+            time.sleep(5)
+        if available_gib() < need_gib:
+            print(f"  only {available_gib():.1f} GiB free for {what}; trying anyway", flush=True)
+        try:
+            return load()
+        except Exception as error:
+            if attempt == tries:
+                raise
+            print(f"  loading {what} failed ({type(error).__name__}: {str(error)[:200]}); retrying", flush=True)
 
 
 def load_launcher():
@@ -90,7 +122,7 @@ def judge_prompt(i: int) -> str:
     a, b = TOPICS[i % len(TOPICS)], TOPICS[(i * 7 + 3) % len(TOPICS)]
     return (
         "Choose the text which has more educational value.\n"
-        f"[Option A] A short explanation of {a}.\n[Option B] A short explanation of {b}.\n"
+        f"[Option A] A short explanation of {a} (draft {i}).\n[Option B] A short explanation of {b}.\n"
         "Respond only with a single letter.\nAnswer:"
     )
 
@@ -98,25 +130,31 @@ def judge_prompt(i: int) -> str:
 def main() -> None:
     started = time.perf_counter()
     model = resolve_model_path("default")
-    params = SamplingParams(n=1, temperature=0.0, max_tokens=MAX_TOKENS)
+    params = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS)
     requests = [GenerateRequest(f"Write a paragraph about {t}.", params=params) for t in TOPICS[:N_PROMPTS]]
-    choice_requests = [ChoiceRequest(judge_prompt(i), (" A", " B")) for i in range(VERDICTS)]
+    # disjoint verdict sets (warm-up, direct, engine, pool): each timed set is new to the
+    # prefix cache of the engine that scores it, beyond the judge template's shared prefix
+    verdict_sets = [
+        [ChoiceRequest(judge_prompt(k * VERDICTS + i), (" A", " B")) for i in range(VERDICTS)] for k in range(4)
+    ]
 
-    pool_runs, pool_vps = measure_pool(model, requests, choice_requests)
+    pool_runs, pool_vps = measure_pool(model, requests, verdict_sets[0], verdict_sets[3])
     print(f"[{time.perf_counter() - started:.0f} s] pool measured; server stopped", flush=True)
-    in_process_runs, direct_vps, engine_vps = measure_in_process(model, requests, choice_requests)
+    in_process_runs, direct_vps, engine_vps = measure_in_process(model, requests, verdict_sets)
     runs = {**in_process_runs, **pool_runs}
 
     per_cpu = {name: statistics.median(r.per_cpu_s for r in rs) for name, rs in runs.items()}
     wall = {name: statistics.median(r.per_wall_s for r in rs) for name, rs in runs.items()}
     best_wall = {name: max(r.per_wall_s for r in rs) for name, rs in runs.items()}
     print(f"{N_PROMPTS} prompts x {MAX_TOKENS} tokens, greedy, ignore_eos; {ROUNDS} rounds per path")
-    for name in ("direct", "engine", "pool"):
+    for name in ("direct", "engine", "server_batch", "pool"):
         print(
-            f"  {name:7s} tokens per CPU-second {per_cpu[name]:7.1f} (ratio {per_cpu[name] / per_cpu['direct']:.3f})"
+            f"  {name:12s} tokens per CPU-second {per_cpu[name]:7.1f} (ratio {per_cpu[name] / per_cpu['direct']:.3f})"
             f"   wall tokens/s median {wall[name]:6.1f} (ratio {wall[name] / wall['direct']:.3f})"
             f" best {best_wall[name]:6.1f} (ratio {best_wall[name] / best_wall['direct']:.3f})"
         )
+    batch_ratio = per_cpu["pool"] / per_cpu["server_batch"]
+    print(f"  pool / the same server's own batch request (one POST, all prompts): {batch_ratio:.3f} per CPU-s")
     print(f"verdicts/s ({VERDICTS} A/B judgments, wall): direct={direct_vps:.2f} engine={engine_vps:.2f} pool={pool_vps:.2f}")
     print(f"total {time.perf_counter() - started:.0f} s")
     engine_ratio = per_cpu["engine"] / per_cpu["direct"]
@@ -191,7 +229,6 @@ def timed_rounds(paths: dict, rounds: int, root_pids: list[int]) -> dict[str, li
 
 
 def verdicts_per_s(fn) -> float:
-    fn()  # warm
     t0 = time.perf_counter()
     fn()
     return VERDICTS / (time.perf_counter() - t0)
@@ -213,7 +250,7 @@ def checked_scores(layer, choice_requests) -> None:
         raise RuntimeError(f"verdict failed: {[r.error for r in results if r.error][:3]}")
 
 
-def measure_pool(model, requests, choice_requests):
+def measure_pool(model, requests, warm_verdicts, timed_verdicts):
     from prefcurate.inference.prompting import LocalPromptTokenizer
     from prefcurate.inference.server_pool import ServerPool
 
@@ -225,22 +262,35 @@ def measure_pool(model, requests, choice_requests):
         max_model_len=MAX_MODEL_LEN, kv_cache_space_gb=KV_CACHE_GB, max_num_seqs=MAX_NUM_SEQS,
     )  # fmt: skip
     try:
-        (replica,) = launch.start(spec, pid_file, workdir / "logs", 900, log=lambda m: None)
+        (replica,) = with_memory(
+            "the vllm serve replica", lambda: launch.start(spec, pid_file, workdir / "logs", 900, log=lambda m: None)
+        )
         pool = ServerPool(
             "bench", [replica.url], "gemma3-270m", LocalPromptTokenizer.from_folder(model),
             max_concurrency_per_replica=MAX_NUM_SEQS, timeout_s=900, max_model_len=MAX_MODEL_LEN,
             extra_sampling={"ignore_eos": True},
         )  # fmt: skip
+        batch_body = {
+            "model": "gemma3-270m", "prompt": [pool.tokenizer.generate_ids(r) for r in requests],
+            "max_tokens": MAX_TOKENS, "temperature": 0.0, "top_p": 1.0, "ignore_eos": True,
+        }  # fmt: skip
+
+        def server_batch() -> int:
+            response = httpx.post(f"{replica.url}/v1/completions", json=batch_body, timeout=900)
+            return int(response.json()["usage"]["completion_tokens"])
+
         with pool:
-            print("pool (one vllm serve replica):", flush=True)
-            runs = timed_rounds({"pool": lambda: checked_tokens(pool, requests)}, ROUNDS, [os.getpid(), replica.pid])
-            vps = verdicts_per_s(lambda: checked_scores(pool, choice_requests))
+            print("pool vs one batch POST to the same vllm serve replica:", flush=True)
+            paths = {"server_batch": server_batch, "pool": lambda: checked_tokens(pool, requests)}
+            runs = timed_rounds(paths, ROUNDS, [os.getpid(), replica.pid])
+            checked_scores(pool, warm_verdicts)
+            vps = verdicts_per_s(lambda: checked_scores(pool, timed_verdicts))
     finally:
         launch.stop(pid_file, log=lambda m: None)
     return runs, vps
 
 
-def measure_in_process(model, requests, choice_requests):
+def measure_in_process(model, requests, verdict_sets):
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GB))
     from vllm import LLM
     from vllm import SamplingParams as VllmSamplingParams
@@ -248,13 +298,13 @@ def measure_in_process(model, requests, choice_requests):
 
     from prefcurate.inference.vllm_engine import VLLMEngine
 
-    llm = LLM(
+    llm = with_memory("the in-process vllm.LLM", lambda: LLM(
         model=model, dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
         enable_prefix_caching=True, max_num_seqs=MAX_NUM_SEQS, seed=0,
-    )  # fmt: skip
+    ))  # fmt: skip
     engine = VLLMEngine(model, llm=llm, max_model_len=MAX_MODEL_LEN, extra_sampling={"ignore_eos": True})
     token_prompts = [TokensPrompt(prompt_token_ids=engine.tokenizer.generate_ids(r)) for r in requests]
-    direct_params = VllmSamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    direct_params = VllmSamplingParams(temperature=0.0, top_p=1.0, max_tokens=MAX_TOKENS, ignore_eos=True)
 
     def direct() -> int:
         outputs = llm.generate(token_prompts, direct_params, use_tqdm=False)
@@ -268,10 +318,12 @@ def measure_in_process(model, requests, choice_requests):
         option_ids = [engine.tokenizer.option_ids(o) for o in (" A", " B")]
         assert all(len(ids) == 1 for ids in option_ids), option_ids
         wanted = [ids[0] for ids in option_ids]
-        verdict_prompts = [TokensPrompt(prompt_token_ids=engine.tokenizer.prompt_ids(r.prompt)) for r in choice_requests]
+        warm, direct_set, engine_set = verdict_sets[0], verdict_sets[1], verdict_sets[2]
+        direct_prompts = [TokensPrompt(prompt_token_ids=engine.tokenizer.prompt_ids(r.prompt)) for r in direct_set]
         verdict_params = VllmSamplingParams(max_tokens=1, temperature=0.0, logprobs=2, logprob_token_ids=wanted)
-        direct_vps = verdicts_per_s(lambda: llm.generate(verdict_prompts, verdict_params, use_tqdm=False))
-        engine_vps = verdicts_per_s(lambda: checked_scores(engine, choice_requests))
+        checked_scores(engine, warm)
+        direct_vps = verdicts_per_s(lambda: llm.generate(direct_prompts, verdict_params, use_tqdm=False))
+        engine_vps = verdicts_per_s(lambda: checked_scores(engine, engine_set))
     finally:
         llm.llm_engine.engine_core.shutdown()
     return runs, direct_vps, engine_vps

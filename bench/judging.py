@@ -22,8 +22,10 @@ decode steps (each decode token also pays the 262k-vocabulary output layer), so 
 speedup is bounded near 2x by arithmetic. On a GPU, decode steps are memory-bound and
 cost far more than their FLOPs, which is where one-token verdicts gain most.
 
-Prints per-method verdicts/s, seconds and decode tokens per verdict, parse failures and
-per-verdict agreement with the human gold label; the last line is
+Prints per-method verdicts/s, seconds and decode tokens per verdict, CPU-seconds per
+verdict (the engine processes' user + system time: on a shared machine wall time mostly
+measures the other processes), parse failures and per-verdict agreement with the human
+gold label; the last line is
 ``RESULT speedup=<baseline s per verdict / ours> parse_failures=<ours>
 baseline_parse_failures=<baseline>``.
 """
@@ -126,6 +128,22 @@ def run_free_text(engine, prompts):
     return seconds, verdicts, tokens, texts
 
 
+def cpu_seconds() -> float:
+    """User + system CPU time of this process and its children (vLLM's engine core and
+    worker run in subprocesses): the compute a call used, whatever else loads the machine."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for process in [me, *me.children(recursive=True)]:
+        try:
+            times = process.cpu_times()
+        except psutil.Error:
+            continue
+        total += times.user + times.system
+    return total
+
+
 def reset_prefix_cache(engine) -> None:
     llm = getattr(engine, "llm", None)
     if llm is not None and hasattr(llm, "reset_prefix_cache"):
@@ -145,7 +163,7 @@ def main() -> None:
     # 1 GiB of KV cache holds this workload and leaves room on a shared machine
     engine = open_engine("bench-judge", EngineConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
-    ours_s = free_s = 0.0
+    ours_s = free_s = ours_cpu = free_cpu = 0.0
     p_first = np.full(n, np.nan)
     verdicts: list[str | None] = [None] * n
     tokens = [0] * n
@@ -161,26 +179,32 @@ def main() -> None:
             for chunk_index, start in enumerate(range(0, n, CHUNK)):
                 part = slice(start, start + CHUNK)
 
-                def ours() -> float:
+                def ours() -> tuple[float, float]:
                     reset_prefix_cache(engine)
+                    cpu = cpu_seconds()
                     seconds, p_part, _ = run_ours(engine, prompts[part])
                     p_first[part] = p_part
-                    return seconds
+                    return seconds, cpu_seconds() - cpu
 
-                def free() -> float:
+                def free() -> tuple[float, float]:
                     reset_prefix_cache(engine)
+                    cpu = cpu_seconds()
                     seconds, v_part, t_part, x_part = run_free_text(engine, free_prompts[part])
                     verdicts[part], tokens[part], texts[part] = v_part, t_part, x_part
-                    return seconds
+                    return seconds, cpu_seconds() - cpu
 
-                if (round_index + chunk_index) % 2 == 0:
-                    ours_s += ours()
-                    free_s += free()
-                else:
-                    free_s += free()
-                    ours_s += ours()
-            print(f"round {round_index + 1}: ours {ours_s:.1f} s, free text {free_s:.1f} s (cumulative)",
-                  flush=True)
+                runs = (ours, free) if (round_index + chunk_index) % 2 == 0 else (free, ours)
+                for run in runs:
+                    wall, cpu = run()
+                    if run is ours:
+                        ours_s, ours_cpu = ours_s + wall, ours_cpu + cpu
+                    else:
+                        free_s, free_cpu = free_s + wall, free_cpu + cpu
+            print(
+                f"round {round_index + 1}: ours {ours_s:.1f} s ({ours_cpu:.1f} cpu-s), "
+                f"free text {free_s:.1f} s ({free_cpu:.1f} cpu-s) (cumulative)",
+                flush=True,
+            )
         metrics = engine.drain_metrics() if hasattr(engine, "drain_metrics") else []
     finally:
         engine.close()
@@ -205,6 +229,11 @@ def main() -> None:
     if prompt_tokens:
         print(f"prompt tokens per verdict (both methods): {np.mean(prompt_tokens):.0f} "
               f"(a {PREFIX_NOTE})")
+    print(
+        f"compute per verdict (cpu-s, robust to load from other processes): ours "
+        f"{ours_cpu / (ROUNDS * n):.3f}, free text {free_cpu / (ROUNDS * n):.3f}, "
+        f"ratio {free_cpu / max(ours_cpu, 1e-9):.2f}"
+    )
     print("free-text samples:", [t[:40] for t in texts[:3]])
     print(
         f"RESULT speedup={free_per / ours_per:.2f} parse_failures={ours_failures} "

@@ -13,8 +13,8 @@ dataset's ``runs`` table:
   (``parent_run`` = the build's run id). ``TimedEngine`` (prefcurate/steps/engines.py) counts
   the wall seconds inside ``generate`` / ``score_choices`` only.
 - ``load_s``: starting engines (loading weights, vLLM's profile and warm-up). TimedEngine does
-  not count it, so this script times it itself: it is also the Dask workers' preload
-  (``dask_setup`` below), which wraps ``prefcurate.inference.pools.open_engine`` in each
+  not count it, so this script times it itself: a Dask worker preload
+  (``ENGINE_TIMER_PRELOAD`` below) wraps ``prefcurate.inference.pools.open_engine`` in each
   worker and appends each engine start's seconds to a file (failed starts too: on a shared
   machine vLLM may find no memory for its KV cache, and Prefect retries the unit). A failed
   unit attempt's model calls are not in the runs table, so they land in the overhead; the
@@ -39,22 +39,14 @@ from pathlib import Path  # noqa: E402
 # bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import os
-import sys
-
-if __name__ == "__main__":
-    # bench/ is sys.path[0] for a script, and it holds scripts named like stdlib modules
-    # (bench/select.py shadows `select`, which subprocess imports): keep it off the path
-    _HERE = os.path.dirname(os.path.abspath(__file__))
-    sys.path[:] = [p for p in sys.path if os.path.abspath(p or os.curdir) != _HERE]
-
 import json  # noqa: E402
+import os  # noqa: E402
 import re  # noqa: E402
 import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
+import textwrap  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_LOG_ENV = "PREFCURATE_BENCH_ENGINE_LOG"
@@ -63,30 +55,39 @@ DEFAULT_LIMIT = 4
 
 # ---- the Dask worker preload: time every engine start in the worker ----------------------
 
+#: given to the workers as text (distributed runs a preload that is not a name or a path as a
+#: script), so no worker imports this file
+ENGINE_TIMER_PRELOAD = textwrap.dedent(
+    """
+    import json, os, time
 
-def dask_setup(worker=None) -> None:  # called by distributed when this file is a preload
-    log = os.environ.get(ENGINE_LOG_ENV)
-    if not log:
-        return
-    import prefcurate.inference.pools as pools
 
-    if getattr(pools.open_engine, "_bench_timed", False):
-        return
-    original = pools.open_engine
+    def dask_setup(worker=None):
+        log = os.environ.get("PREFCURATE_BENCH_ENGINE_LOG")
+        if not log:
+            return
+        import prefcurate.inference.pools as pools
 
-    def timed_open_engine(name, config=None):
-        started, ok = time.perf_counter(), False
-        try:
-            engine = original(name, config)
-            ok = True
-            return engine
-        finally:  # a failed start (e.g. no memory for the KV cache) is engine time too
-            seconds = time.perf_counter() - started
-            with open(log, "a") as handle:
-                handle.write(json.dumps({"pool": name, "seconds": seconds, "ok": ok, "pid": os.getpid()}) + "\n")
+        if getattr(pools.open_engine, "_bench_timed", False):
+            return
+        original = pools.open_engine
 
-    timed_open_engine._bench_timed = True
-    pools.open_engine = timed_open_engine
+        def timed_open_engine(name, config=None):
+            started, ok = time.perf_counter(), False
+            try:
+                engine = original(name, config)
+                ok = True
+                return engine
+            finally:  # a failed start (e.g. no memory for the KV cache) is engine time too
+                record = {"pool": name, "seconds": time.perf_counter() - started, "ok": ok,
+                          "pid": os.getpid()}
+                with open(log, "a") as handle:
+                    handle.write(json.dumps(record) + "\\n")
+
+        timed_open_engine._bench_timed = True
+        pools.open_engine = timed_open_engine
+    """
+)
 
 
 # ---- the benchmark ---------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def run_build(dataset: Path, limit: int, engine_log: Path, log: Path) -> float:
     env = dict(os.environ)
     env.update(
         PYTHONPATH=f"{REPO}{os.pathsep}{env.get('PYTHONPATH', '')}",
-        DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([str(Path(__file__).resolve())]),
+        DASK_DISTRIBUTED__WORKER__PRELOAD=json.dumps([ENGINE_TIMER_PRELOAD]),
         **{ENGINE_LOG_ENV: str(engine_log)},
     )
     env.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "300")

@@ -35,12 +35,6 @@ The last line is ``RESULT recall=... seconds=... peak_mb=... speedup=...``.
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
-sys.path[0] = str(Path(__file__).resolve().parents[1])
-
 import sys
 from pathlib import Path
 

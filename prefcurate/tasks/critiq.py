@@ -52,7 +52,13 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefcurate.inference.base import ChoiceRequest, Engine, GenerateRequest, SamplingParams
+from prefcurate.inference.base import (
+    ChoiceRequest,
+    Engine,
+    GenerateRequest,
+    InferenceError,
+    SamplingParams,
+)
 from prefcurate.tasks.qurating import make_excerpts
 
 WORKER_OPTIONS = ("A", "B", "None")
@@ -269,6 +275,7 @@ def _worker_probs(
         for c in criteria
     ]
     results = engine.score_choices(requests)
+    _raise_if_all_failed(results, "worker")
     raw = np.array(
         [
             r.probs if r.error is None and len(r.probs) == 3 else (np.nan,) * 3
@@ -280,6 +287,14 @@ def _worker_probs(
         return raw[0]
     swapped_back = raw[1][..., [1, 0, 2]]
     return (raw[0] + swapped_back) / 2.0
+
+
+def _raise_if_all_failed(results: Sequence[Any], what: str) -> None:
+    """Per-request failures are data (a failed answer counts wrong); a batch in which every
+    request failed means the engine is gone, and accuracies computed from it would read as
+    real zeros, so it stops the run instead."""
+    if results and all(r.error is not None for r in results):
+        raise InferenceError(f"every {what} request of a batch of {len(results)} failed: {results[0].error}")
 
 
 def judge_with_criteria(
@@ -403,6 +418,17 @@ def parse_proposal(text: str | None, max_chars: int) -> Criterion | None:
     return Criterion(name=name, description=description)
 
 
+def parse_proposals(text: str | None, max_chars: int) -> list[Criterion]:
+    """Every usable "name: description" line of one manager output, in order.
+
+    A base model continuing the criteria list often writes several lines, and not always a
+    proposal first (it may open with a blank line or a stray remark); reading every line
+    gets more out of each sample than the first line alone.
+    """
+    found = (parse_proposal(line, max_chars) for line in (text or "").splitlines())
+    return [c for c in found if c is not None]
+
+
 def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed_base: int) -> list[str]:
     """One completion per prompt (one batch); failed requests give "".
 
@@ -426,6 +452,7 @@ def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed
         for k, prompt in enumerate(prompts)
     ]
     results = engine.generate(requests)
+    _raise_if_all_failed(results, "manager")
     return [r.completions[0].text if r.error is None and r.completions else "" for r in results]
 
 
@@ -580,20 +607,24 @@ class _Miner:
         prompt = _PROPOSE_TEMPLATE.format(examples=examples, banned=banned, existing=existing)
         outputs = _generate(self.engine, [prompt] * (needed * p.proposal_samples), p, self.next_seed())
         taken = {c.name for c in working} | set(self.banned) | {n for n, _ in _FORMAT_EXAMPLES if not working}
+        taken_descriptions = {c.description.lower() for c in listed}
         proposals: list[Criterion] = []
         unusable: list[str] = []
         duplicates: list[str] = []
         for text in outputs:
-            candidate = parse_proposal(text, p.description_max_chars)
-            if candidate is None:
+            candidates = parse_proposals(text, p.description_max_chars)
+            if not candidates:
                 unusable.append(text)
-                continue
-            if candidate.name in taken:
-                duplicates.append(candidate.name)
-                continue
-            taken.add(candidate.name)
-            proposals.append(candidate)
-            self.log(iteration, candidate, "propose", None, candidate.description)
+            for candidate in candidates:
+                if candidate.name in taken or candidate.description.lower() in taken_descriptions:
+                    duplicates.append(candidate.name)
+                    continue
+                taken.add(candidate.name)
+                taken_descriptions.add(candidate.description.lower())
+                proposals.append(candidate)
+                self.log(iteration, candidate, "propose", None, candidate.description)
+                if len(proposals) == needed:
+                    break
             if len(proposals) == needed:
                 break
         if len(proposals) < needed:
@@ -607,9 +638,9 @@ class _Miner:
                     "description_before": None,
                     "description_after": None,
                     "note": f"manager gave {len(proposals)} usable of {needed} criteria needed "
-                    f"({len(outputs)} samples: {len(unusable)} unparseable"
+                    f"({len(outputs)} samples: {len(unusable)} without a usable line"
                     + (f", e.g. {_quote(unusable[0])}" if unusable else "")
-                    + f"; {len(duplicates)} repeated a taken name"
+                    + f"; {len(duplicates)} repeated a taken name or description"
                     + (f" ({', '.join(sorted(set(duplicates)))})" if duplicates else "")
                     + ")",
                 }

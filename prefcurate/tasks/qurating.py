@@ -37,7 +37,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefcurate.inference.base import ChoiceRequest, Engine
+from prefcurate.inference.base import ChoiceRequest, Engine, InferenceError
 from prefcurate.tasks.bradley_terry import confident_mask, fit_bradley_terry
 from prefcurate.tasks.sampling import zscore
 
@@ -270,6 +270,9 @@ def _judge_many(
             for i, j in zip(item_i.tolist(), item_j.tolist())
         )
     results = engine.score_choices(requests) if requests else []
+    if results and all(r.error is not None for r in results):
+        # the engine is gone: an all-invalid frame would look like data that merely failed
+        raise InferenceError(f"every judge request of a batch of {len(results)} failed: {results[0].error}")
     p_b = np.array(
         [r.probs[1] if r.error is None and len(r.probs) == 2 else np.nan for r in results],
         dtype=np.float64,

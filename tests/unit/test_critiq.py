@@ -26,6 +26,7 @@ from prefcurate.tasks.critiq import (
     majority_vote,
     mine_criteria,
     parse_proposal,
+    parse_proposals,
     sanitise_line,
     split_pairs,
     train_critiq_scorer,
@@ -231,6 +232,9 @@ def test_parse_proposal():
     assert parse_proposal("x: too short", 200) is None
     assert parse_proposal("a very long name with far too many words: fine description here", 200) is None
     assert parse_proposal("", 200) is None
+    several = parse_proposals("\nSome remark without a colon\n- depth: explains the reasons behind claims.\n"
+                              "- tone: keeps a calm and even tone.", 200)
+    assert [c.name for c in several] == ["depth", "tone"]
 
 
 # ------------------------------------------------------------------ mining
@@ -402,3 +406,25 @@ def test_no_knowledge_base_given_uses_the_bundled_one():
     judged = {r["criterion"] for r in result.iterations if r["iteration"] == 0 and r["action"] in ("retrieve", "drop")}
     assert judged == {c.name for c in load_seed_criteria()}
     assert sum(r["action"] == "retrieve" for r in result.iterations if r["iteration"] == 0) <= 2
+
+
+def test_a_dead_engine_stops_mining_instead_of_scoring_zeros():
+    from prefcurate.inference.base import ChoiceScore, InferenceError
+
+    class Dead(CountingEngine):
+        def score_choices(self, requests):
+            return [ChoiceScore((), error="engine died") for _ in requests]
+
+    with pytest.raises(InferenceError, match="engine died"):
+        mine_criteria(Dead(), world_pairs(10), [crit("planted")], CritiQParams(iterations=1, n_criteria=1))
+
+
+def test_a_proposal_copying_an_existing_description_is_not_taken():
+    def copycat(request, i):
+        return " fresh_name: prefers the text written with care.\n- other_name: looks at the examples given.\n"
+
+    engine = CountingEngine(generate_fn=copycat)
+    kb = [crit("planted", "prefers the text written with care.")]
+    result = mine_criteria(engine, world_pairs(12), kb, CritiQParams(iterations=1, n_criteria=2))
+    proposed = [r["criterion"] for r in result.iterations if r["action"] == "propose" and r["iteration"] == 0]
+    assert proposed == ["other_name"]

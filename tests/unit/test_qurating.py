@@ -318,3 +318,14 @@ def test_item_texts_per_kind():
     assert item_texts("pair", prompts, responses, pairs).rows() == [("x", "Q1?\n\nans2")]
     with pytest.raises(ValueError):
         item_texts("pair", prompts, responses)
+
+
+def test_a_dead_engine_raises_instead_of_returning_an_all_invalid_frame():
+    from prefcurate.inference.base import InferenceError
+
+    class Dead(ScriptedEngine):
+        def score_choices(self, requests):
+            return [ChoiceScore((), error="engine died") for _ in requests]
+
+    with pytest.raises(InferenceError, match="engine died"):
+        judge_criterion_pairs(Dead(), ["a", "b"], [0], [1], EDU)
