@@ -456,6 +456,14 @@ def _generate(engine: Engine, prompts: Sequence[str], params: CritiQParams, seed
     return [r.completions[0].text if r.error is None and r.completions else "" for r in results]
 
 
+def _word_set(text: str) -> set[str]:
+    return set(re.findall(r"[a-z0-9]+", text.lower()))
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a or b else 1.0
+
+
 def _quote(text: str, max_chars: int = 80) -> str:
     """A model output as a short one-line quote for the report."""
     return repr(_cut(text, max_chars))
@@ -607,7 +615,8 @@ class _Miner:
         prompt = _PROPOSE_TEMPLATE.format(examples=examples, banned=banned, existing=existing)
         outputs = _generate(self.engine, [prompt] * (needed * p.proposal_samples), p, self.next_seed())
         taken = {c.name for c in working} | set(self.banned) | {n for n, _ in _FORMAT_EXAMPLES if not working}
-        taken_descriptions = {c.description.lower() for c in listed}
+        # a base model often copies a listed description under a new name: not a new criterion
+        taken_descriptions = [_word_set(c.description) for c in listed]
         proposals: list[Criterion] = []
         unusable: list[str] = []
         duplicates: list[str] = []
@@ -616,11 +625,12 @@ class _Miner:
             if not candidates:
                 unusable.append(text)
             for candidate in candidates:
-                if candidate.name in taken or candidate.description.lower() in taken_descriptions:
+                words = _word_set(candidate.description)
+                if candidate.name in taken or any(_jaccard(words, w) >= 0.7 for w in taken_descriptions):
                     duplicates.append(candidate.name)
                     continue
                 taken.add(candidate.name)
-                taken_descriptions.add(candidate.description.lower())
+                taken_descriptions.append(words)
                 proposals.append(candidate)
                 self.log(iteration, candidate, "propose", None, candidate.description)
                 if len(proposals) == needed:

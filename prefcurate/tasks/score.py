@@ -92,7 +92,7 @@ def score_responses(items: pl.DataFrame, embeddings: np.ndarray, params: ScorePa
         if pairs.height >= 2 and mined.criteria:
             try:
                 started = time.perf_counter()
-                scorer, scorer_report = train_critiq_scorer(
+                scorer, _, scorer_report = train_critiq_scorer(
                     critiq_engine, mined.criteria, pairs, params.critiq.params, embed_fn=embed_fn,
                     seed=params.qurating.seed,
                 )

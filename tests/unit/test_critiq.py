@@ -421,7 +421,11 @@ def test_a_dead_engine_stops_mining_instead_of_scoring_zeros():
 
 def test_a_proposal_copying_an_existing_description_is_not_taken():
     def copycat(request, i):
-        return " fresh_name: prefers the text written with care.\n- other_name: looks at the examples given.\n"
+        return (
+            " fresh_name: prefers the text written with care.\n"
+            "- near_copy: prefers the text written with much care.\n"
+            "- other_name: looks at the examples given.\n"
+        )
 
     engine = CountingEngine(generate_fn=copycat)
     kb = [crit("planted", "prefers the text written with care.")]
