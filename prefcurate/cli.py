@@ -91,13 +91,13 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
     from prefcurate.config import ConfigError, load_config
 
     try:
-        load_config(config, overrides)  # fail fast, with line numbers, before Prefect starts
+        pipeline = load_config(config, overrides)  # fail fast, with line numbers, before Prefect starts
     except ConfigError as error:
         fail(str(error))
     from prefcurate.flows.common import RunParameters, ensure_prefect_api
     from prefcurate.store import NotADatasetError
 
-    ensure_prefect_api()
+    ensure_prefect_api(pipeline)
     parameters = RunParameters(
         config_path=str(config) if config else None, dataset=str(dataset) if dataset else None, overrides=overrides
     )

@@ -115,13 +115,12 @@ fi
 import sys
 
 from prefcurate.config import load_config
+from prefcurate.inference.pools import concurrency_limits
 
 limits = {}
 for path in sys.argv[1:]:
-    for name, pool in load_config(path).pools.items():
-        # an embedded engine serves one unit at a time; a server pool one unit per replica
-        slots = 1 if pool.get("kind", "embedded") == "embedded" else max(1, len(pool.get("urls") or []))
-        limits[f"pool-{name}"] = max(limits.get(f"pool-{name}", 0), slots)
+    for name, slots in concurrency_limits(load_config(path).pools).items():
+        limits[name] = max(limits.get(name, 0), slots)
 for name, slots in sorted(limits.items()):
     print(name, slots)
 PY

@@ -6,7 +6,6 @@ where it stopped: finished units are registered and skipped on the next run.
 
 from __future__ import annotations
 
-import contextlib
 import time
 
 from prefect import flow, get_run_logger
@@ -14,34 +13,13 @@ from prefect.artifacts import create_link_artifact
 
 from prefcurate.flows.common import (
     RunParameters,
-    configure_dask,
+    dask_cluster,
     publish_report,
     resolve,
 )
 from prefcurate.report import build_report_markdown
 from prefcurate.flows.stage import run_stage_flow
 from prefcurate.steps import available_stages
-
-
-@contextlib.contextmanager
-def shared_cluster(config):
-    """One LocalCluster for the whole build, so workers keep loaded models across stages."""
-    if config.executor.kind != "dask" or config.executor.address:
-        yield config.executor.address
-        return
-    from distributed import LocalCluster
-
-    configure_dask()
-    cluster = LocalCluster(
-        n_workers=config.executor.n_workers,
-        threads_per_worker=config.executor.threads_per_worker,
-        processes=True,
-        dashboard_address=None,
-    )
-    try:
-        yield cluster.scheduler_address
-    finally:
-        cluster.close()
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -59,7 +37,7 @@ def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str]
     started = time.perf_counter()
     summaries = []
     try:
-        with shared_cluster(config) as address:
+        with dask_cluster(config) as address:
             for stage in runnable:
                 summaries.append(run_stage_flow(stage, parameters, address=address, parent_run=build_run))
         seconds = time.perf_counter() - started

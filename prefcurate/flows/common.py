@@ -7,9 +7,12 @@ caches them by content, registers their shards as they finish, and records the r
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -59,7 +62,35 @@ def _unit_cache_key(context, arguments) -> str:
 )
 def run_unit_task(stage: str, unit: Unit, ctx: StageContext) -> UnitResult:
     """One unit of a stage. Its persisted result holds shard ids only, never data."""
-    return get_step(stage).run_unit(unit, ctx)
+    step = get_step(stage)
+    with pool_slots(step.pools(ctx)):
+        return step.run_unit(unit, ctx)
+
+
+POOL_LIMITS_ENV = "PREFCURATE_POOL_LIMITS"
+
+
+@contextlib.contextmanager
+def pool_slots(pools: list[str], mode: str | None = None) -> Iterator[None]:
+    """Hold one slot of the global concurrency limit ``pool-<name>`` of each pool used.
+
+    So concurrent flow runs (a scheduled build and a UI run, say) queue for a pool instead
+    of overloading it. ``mode`` (default: $PREFCURATE_POOL_LIMITS, else ``lenient``):
+    ``strict`` fails when a limit does not exist (`make server` creates them), ``lenient``
+    takes the limits that exist (a temporary server has none), ``off`` asks no server.
+    """
+    mode = mode or os.environ.get(POOL_LIMITS_ENV, "lenient")
+    if mode not in ("strict", "lenient", "off"):
+        raise ValueError(f"{POOL_LIMITS_ENV}={mode!r}: expected strict, lenient or off")
+    if not pools or mode == "off":
+        yield
+        return
+    from prefect.concurrency.sync import concurrency
+
+    # a unit may run longer than a lease: a missed renewal must not kill an hour of inference
+    with concurrency([f"pool-{name}" for name in pools], occupy=1, strict=mode == "strict",
+                     raise_on_lease_renewal_failure=False):
+        yield
 
 
 def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str | None = None,
@@ -137,15 +168,15 @@ def configure_dask() -> None:
     dask.config.set({"distributed.worker.daemon": False})
 
 
-def ensure_prefect_api() -> None:
+def ensure_prefect_api(config: PipelineConfig | None = None) -> None:
     """Give this process and the Dask workers it starts one Prefect API.
 
     Without PREFECT_API_URL, Prefect starts a temporary server per process, so every Dask
     worker would start its own (slow, and their runs would not show in one place). We start
-    the temporary server once and export its URL; workers inherit the environment.
+    the temporary server once and export its URL; workers inherit the environment. The
+    temporary server gets the pools' concurrency limits that `make server` creates on a real
+    one, so units take their pool's slot the same way everywhere.
     """
-    import os
-
     if os.environ.get("PREFECT_API_URL"):
         return
     from prefect.server.api.server import SubprocessASGIServer
@@ -153,25 +184,69 @@ def ensure_prefect_api() -> None:
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     os.environ["PREFECT_API_URL"] = server.api_url
+    if config is not None:
+        create_pool_limits(config)
 
 
-def task_runner_for(config: PipelineConfig, address: str | None = None):
-    """Dask by default: a LocalCluster, or an existing scheduler by address."""
-    if config.executor.kind == "sequential":
+def create_pool_limits(config: PipelineConfig) -> dict[str, int]:
+    """Create the missing ``pool-<name>`` limits for the config's pools; returns them all."""
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from prefcurate.inference.pools import concurrency_limits
+
+    limits = concurrency_limits(config.pools)
+    with get_client(sync_client=True) as client:
+        for name, slots in limits.items():
+            try:
+                client.read_global_concurrency_limit_by_name(name)
+            except ObjectNotFound:
+                client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=slots))
+    return limits
+
+
+@contextlib.contextmanager
+def dask_cluster(config: PipelineConfig, address: str | None = None) -> Iterator[str | None]:
+    """The scheduler address units go to: ``address``, the config's, or a LocalCluster's.
+
+    A LocalCluster lives as long as the ``with`` block, so workers keep loaded models across
+    the stages of a build. Before it closes, every worker closes its engines: vLLM's engine
+    processes are the workers' children and would otherwise outlive them, busy-polling.
+    """
+    address = address or config.executor.address
+    if config.executor.kind != "dask" or address:
+        yield address
+        return
+    from distributed import Client, LocalCluster
+
+    from prefcurate.steps.engines import close_all
+
+    configure_dask()
+    cluster = LocalCluster(
+        n_workers=config.executor.n_workers,
+        threads_per_worker=config.executor.threads_per_worker,
+        processes=True,
+        dashboard_address=None,
+    )
+    try:
+        yield cluster.scheduler_address
+    finally:
+        try:
+            with Client(cluster, timeout=30) as client:
+                client.run(close_all)
+        except Exception as error:  # a dead worker took its engines with it; close the rest
+            logging.getLogger(__name__).warning("closing the workers' engines failed: %s", error)
+        cluster.close()
+
+
+def task_runner_for(config: PipelineConfig, address: str | None):
+    """Dask at ``address`` (see :func:`dask_cluster`), or one thread for ``sequential``."""
+    if config.executor.kind == "sequential" or address is None:
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=1)
     from prefect_dask import DaskTaskRunner
 
     configure_dask()
-    address = address or config.executor.address
-    if address:
-        return DaskTaskRunner(address=address)
-    return DaskTaskRunner(
-        cluster_kwargs={
-            "n_workers": config.executor.n_workers,
-            "threads_per_worker": config.executor.threads_per_worker,
-            "processes": True,
-            "dashboard_address": None,
-        }
-    )
+    return DaskTaskRunner(address=address)

@@ -97,6 +97,18 @@ class EngineConfig(BaseModel):
         return Path(self.model).name
 
 
+def concurrency_limits(pools: dict[str, dict]) -> dict[str, int]:
+    """The Prefect global concurrency limit guarding each pool: ``pool-<name>`` -> slots.
+
+    An embedded engine serves one unit at a time; a server pool one unit per replica.
+    """
+    limits = {}
+    for name, pool in pools.items():
+        config = EngineConfig.model_validate(pool)
+        limits[f"pool-{name}"] = 1 if config.kind == "embedded" else len(config.urls)
+    return limits
+
+
 def open_engine(name: str, config: EngineConfig | dict | None = None) -> Engine:
     """Open the pool ``name``: the in-process engine or a client over its servers."""
     if config is None:

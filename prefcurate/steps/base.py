@@ -102,6 +102,10 @@ class Step:
         """Called by the coordinator after all units are registered; returns extra counts."""
         return {}
 
+    def pools(self, ctx: StageContext) -> list[str]:
+        """The inference pools a unit of this step uses (each guarded by a concurrency limit)."""
+        return []
+
     # -- shared machinery -----------------------------------------------------------
     @staticmethod
     def input_fingerprint(ctx: StageContext, tables: list[str]) -> list:
@@ -139,7 +143,8 @@ class Step:
         shards = []
         rejected: list[pl.DataFrame] = []
         for table in unit.outputs:
-            parts = frames[table] if isinstance(frames[table], list) else [frames[table]]
+            produced = frames.get(table)  # a table the unit did not produce gets an empty shard
+            parts = produced if isinstance(produced, list) else [produced]
             for index, part in enumerate(parts or [None]):
                 # the gate sees exactly what will be written: schema columns, provenance
                 part = pl.from_arrow(conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name))

@@ -9,13 +9,18 @@ bench/pipeline.py reports as model time against everything else).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from typing import Sequence
 
+import polars as pl
+import pyarrow as pa
+
 from prefcurate.inference.base import ChoiceRequest, Engine, GenerateRequest
 
 _ENGINES: dict[str, Engine] = {}
+_log = logging.getLogger(__name__)
 _LOCK = threading.Lock()
 
 
@@ -35,10 +40,12 @@ class TimedEngine:
     shard of failures.
     """
 
-    def __init__(self, engine: Engine, cache_key: str | None = None):
+    def __init__(self, engine: Engine, cache_key: str | None = None, load_seconds: float = 0.0):
         self.engine = engine
         self.model = engine.model
         self.seconds = 0.0
+        #: seconds this view spent starting the engine (0 when the process had it already)
+        self.load_seconds = load_seconds
         self._cache_key = cache_key
 
     def _checked(self, results):
@@ -62,7 +69,12 @@ class TimedEngine:
         finally:
             self.seconds += time.perf_counter() - started
 
-    def close(self) -> None:  # shared engines are closed at process exit, not per unit
+    def drain_metrics(self) -> list[dict]:
+        """The engine's per-request rows since the last drain (shared by every view of it)."""
+        drain = getattr(self.engine, "drain_metrics", None)
+        return drain() if drain is not None else []
+
+    def close(self) -> None:  # shared engines are closed with the Dask worker, not per unit
         pass
 
 
@@ -78,10 +90,52 @@ def engine_for(pools: dict, name: str) -> TimedEngine:
 
     config = EngineConfig.model_validate(pool_config(pools, name))
     key = json.dumps(config.model_dump(mode="json"), sort_keys=True)
+    load_seconds = 0.0
     with _LOCK:
         if key not in _ENGINES:
+            started = time.perf_counter()
+            log = _logger()
+            log.info("starting the engine for pool %r (%s, model %s)", name, config.kind, config.model)
             _ENGINES[key] = open_engine(name, config)
-    return TimedEngine(_ENGINES[key], key)
+            load_seconds = time.perf_counter() - started
+            log.info("engine for pool %r ready in %.1f s", name, load_seconds)
+    return TimedEngine(_ENGINES[key], key, load_seconds)
+
+
+def request_metrics(*engines: TimedEngine | None) -> pl.DataFrame:
+    """The ``request_metrics`` rows of a unit's model calls (each engine drained once).
+
+    Views of one engine share its buffer; with one unit at a time per worker (the default)
+    the rows are exactly the unit's requests.
+    """
+    from prefcurate.schemas.tables import PROVENANCE, REQUEST_METRICS
+
+    columns = pa.schema([f for f in REQUEST_METRICS if f not in PROVENANCE])  # the store adds those
+    seen, rows = set(), []
+    for view in engines:
+        if view is not None and id(view.engine) not in seen:
+            seen.add(id(view.engine))
+            rows.extend(view.drain_metrics())
+    return pl.from_arrow(pa.Table.from_pylist(rows, schema=columns))
+
+
+def _logger():
+    """The Prefect task's logger inside a unit (shown in the UI and the console), else ours."""
+    try:
+        from prefect.logging import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return _log
+
+
+def model_time(*engines: TimedEngine | None) -> dict[str, float]:
+    """A unit's ``model_seconds`` (inside model calls) and ``model_load_seconds`` (engine starts)."""
+    present = [e for e in engines if e is not None]
+    return {
+        "model_seconds": sum(e.seconds for e in present),
+        "model_load_seconds": sum(e.load_seconds for e in present),
+    }
 
 
 def evict(key: str | None) -> None:

@@ -14,7 +14,7 @@ import polars as pl
 from prefcurate.config import section
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
-from prefcurate.steps.engines import engine_for
+from prefcurate.steps.engines import engine_for, model_time, request_metrics
 from prefcurate.tasks.annotate import (
     AnnotateParams,
     annotate,
@@ -40,8 +40,17 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
+def _gold_pairs(params: AnnotateParams) -> pl.DataFrame:
+    gold = load_gold_pairs()
+    return gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
+
+
 class GenerateStep(Step):
     name = "generate"
+
+    def pools(self, ctx: StageContext) -> list[str]:
+        params: GenerateParams = section(ctx.pipeline_config(), "generate")
+        return sorted({g.pool for g in params.generators})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         config = ctx.pipeline_config()
@@ -49,7 +58,7 @@ class GenerateStep(Step):
         check_pools(params.generators, config.pools)
         identity = [g.identity() | {"n": g.n} for g in params.generators]
         return [
-            Unit(self.name, content_id("generate", shard["shard_key"], identity), ("responses",),
+            Unit(self.name, content_id("generate", shard["shard_key"], identity), ("responses", "request_metrics"),
                  {"prompts_path": shard["path"]})
             for shard in _prompt_shards(ctx.store())
         ]
@@ -65,19 +74,22 @@ class GenerateStep(Step):
         )["response_id"].to_list()
         engines = {g.name: engine_for(config.pools, g.pool) for g in params.generators}
         responses = run_generators(prompts, params, engines, existing)
-        model_seconds = sum(e.seconds for e in engines.values())
         counts = {
             "responses": responses.height,
             "truncated": int(responses["truncated"].sum()) if responses.height else 0,
             "errors": int((responses["finish_reason"] == "error").sum()) if responses.height else 0,
             "tokens_out": int(responses["tokens_out"].fill_null(0).sum()) if responses.height else 0,
-            "model_seconds": model_seconds,
+            **model_time(*engines.values()),
         }
-        return {"responses": responses}, counts
+        return {"responses": responses, "request_metrics": request_metrics(*engines.values())}, counts
 
 
 class AnnotateStep(Step):
     name = "annotate"
+
+    def pools(self, ctx: StageContext) -> list[str]:
+        params: AnnotateParams = section(ctx.pipeline_config(), "annotate")
+        return sorted({j.pool for j in params.judges})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         store = ctx.store()
@@ -94,9 +106,11 @@ class AnnotateStep(Step):
                 "SELECT DISTINCT response_id FROM responses WHERE prompt_id IN (SELECT unnest(?))", [prompt_ids]
             )["response_id"].to_list()
             key = content_id("annotate", shard["shard_key"], _ids_digest(response_ids), judges, settings)
-            units.append(Unit(self.name, key, ("judgments", "ratings", "quarantine"), {"prompts_path": shard["path"]}))
-        gold_key = content_id("calibration", judges, settings, _ids_digest(load_gold_pairs()["id"].to_list()))
-        units.append(Unit(self.name, gold_key, ("judge_calibration",), {"calibration": True}))
+            units.append(Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
+                              {"prompts_path": shard["path"]}))
+        gold = _gold_pairs(params)
+        gold_key = content_id("calibration", judges, settings, _ids_digest(gold["id"].to_list()))
+        units.append(Unit(self.name, gold_key, ("judge_calibration", "request_metrics"), {"calibration": True}))
         return units
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -105,10 +119,10 @@ class AnnotateStep(Step):
         params: AnnotateParams = section(config, "annotate")
         engines = {j.name: engine_for(config.pools, j.pool) for j in params.judges}
         if unit.payload.get("calibration"):
-            gold = load_gold_pairs()
+            gold = _gold_pairs(params)
             rows = [calibrate_judge(gold, judge, engines[judge.name], params) for judge in params.judges]
-            seconds = sum(e.seconds for e in engines.values())
-            return {"judge_calibration": pl.concat(rows)}, {"model_seconds": seconds}
+            return ({"judge_calibration": pl.concat(rows), "request_metrics": request_metrics(*engines.values())},
+                    model_time(*engines.values()))
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
         ids = prompts["prompt_id"].to_list()
         responses = store.query(
@@ -131,12 +145,12 @@ class AnnotateStep(Step):
             pl.col("message"),
             pl.struct("prompt_id").struct.json_encode().alias("raw"),
         ) if result.unjudgeable.height else None
-        seconds = sum(e.seconds for e in engines.values())
         counts = {
             "judgments": result.judgments.height,
             "invalid_judgments": int((~result.judgments["valid"]).sum()) if result.judgments.height else 0,
             "ratings": result.ratings.height,
             "unjudgeable_prompts": result.unjudgeable.height,
-            "model_seconds": seconds,
+            **model_time(*engines.values()),
         }
-        return {"judgments": result.judgments, "ratings": result.ratings, "quarantine": quarantine}, counts
+        return {"judgments": result.judgments, "ratings": result.ratings, "quarantine": quarantine,
+                "request_metrics": request_metrics(*engines.values())}, counts

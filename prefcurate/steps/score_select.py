@@ -16,7 +16,7 @@ import polars as pl
 from prefcurate.config import section
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
-from prefcurate.steps.engines import engine_for
+from prefcurate.steps.engines import engine_for, model_time, request_metrics
 
 _PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
 
@@ -55,10 +55,14 @@ class ScoreStep(Step):
     name = "score"
     whole_dataset = True
 
+    def pools(self, ctx: StageContext) -> list[str]:
+        params = section(ctx.pipeline_config(), "score")
+        return sorted({params.pool} | ({params.critiq.pool} if params.critiq.enabled else set()))
+
     def plan(self, ctx: StageContext) -> list[Unit]:
         params = section(ctx.pipeline_config(), "score")
         key = content_id("score", self.input_fingerprint(ctx, ["responses", "prompts"]), params.model_dump(mode="json"))
-        return [Unit(self.name, key, ("quality", "embeddings"))]
+        return [Unit(self.name, key, ("quality", "embeddings", "request_metrics"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
         from prefcurate.inference.models import EMBEDDING_MODEL_NAME
@@ -83,11 +87,12 @@ class ScoreStep(Step):
             reports = Path(store.root) / "reports"
             reports.mkdir(exist_ok=True)
             (reports / f"critiq-{ctx.run_id}.md").write_text(outcome.critiq_markdown)
-        model_seconds = judge.seconds + (critiq.seconds if critiq else 0.0) + embed_seconds + outcome.embed_seconds
+        model = model_time(judge, critiq)
+        model["model_seconds"] += embed_seconds + outcome.embed_seconds
         counts = {"items": items.height, "quality_rows": outcome.quality.height,
-                  "embedded": new_embeddings.height, "model_seconds": model_seconds,
-                  "report": outcome.report}
-        return {"quality": outcome.quality, "embeddings": new_embeddings}, counts
+                  "embedded": new_embeddings.height, **model, "report": outcome.report}
+        return {"quality": outcome.quality, "embeddings": new_embeddings,
+                "request_metrics": request_metrics(judge, critiq)}, counts
 
 
 def _candidate_pairs(store) -> pl.DataFrame:

@@ -315,6 +315,9 @@ class AnnotateParams(BaseModel):
     max_prompt_chars: int | None = Field(2000, ge=1, description="longer prompts are cut")
     max_response_chars: int | None = Field(1500, ge=1, description="longer responses are cut")
     batch_size: int = Field(64, ge=2, description="requests per engine call")
+    calibration_pairs: int | None = Field(
+        None, ge=1, description="gold pairs judged for calibration (the first N); None = all (42)"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AnnotateParams:

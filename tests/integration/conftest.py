@@ -16,11 +16,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "integration: needs real services (vLLM CPU server, ...)")
-    config.addinivalue_line("markers", "slow: takes more than about a minute")
-
-
 def load_launcher():
     """infra/vllm/launch.py is a script, not a package module: load it by path."""
     name = "prefcurate_infra_vllm_launch"

@@ -1,8 +1,11 @@
 """The whole pipeline through the real CLI: Prefect flows, a Dask worker, in-process vLLM."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -10,29 +13,51 @@ import pytest
 from prefcurate.sql import run_read_only
 from prefcurate.store import Store
 
-pytestmark = [pytest.mark.integration, pytest.mark.timeout(2700)]
+BUILD_TIMEOUT_S = 2400  # ~6 min on a quiet 2-core machine; CI machines can be far slower
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(2 * BUILD_TIMEOUT_S + 300)]
 
 TINY = [
     "ingest.limit=4", "ingest.shard_rows=2",
     "generate.generators.0.sampling.max_tokens=24", "generate.generators.1.sampling.max_tokens=24",
-    "annotate.max_response_chars=300",
+    "annotate.max_response_chars=300", "annotate.calibration_pairs=6",
     "score.qurating.sample_size=6", "score.qurating.pairs_per_item=2",
     "score.qurating.criteria=[{name: educational_value, description: 'has more educational value'}]",
 ]
 
 
-def _build(dataset, *extra):
+def _progress(log: Path, lines: int = 60) -> str:
+    """The build's own progress lines (stage starts, unit completions, timings), not vLLM's warnings."""
+    kept = [
+        line for line in log.read_text(errors="replace").splitlines()
+        if line.strip() and "WARNING" not in line and not line.startswith((" ", "Loading"))
+    ]
+    return "\n".join(kept[-lines:])
+
+
+def _build(dataset, *extra) -> subprocess.Popen:
+    """Run `prefcurate build`; its output goes to a log beside the dataset, shown on failure."""
     args = [sys.executable, "-m", "prefcurate.cli", "build", "-c", "examples/quickstart.yaml", "-d", str(dataset)]
     for item in TINY + list(extra):
         args += ["--set", item]
-    return subprocess.run(args, capture_output=True, text=True, timeout=1500)
+    log = Path(f"{dataset}.build-{len(list(Path(dataset).parent.glob('*.log')))}.log")
+    with log.open("w") as sink:
+        # its own session, so a timeout takes the Dask worker and vLLM processes down with it
+        build = subprocess.Popen(args, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            build.wait(timeout=BUILD_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(build.pid, signal.SIGKILL)
+            build.wait()
+            pytest.fail(f"build did not finish in {BUILD_TIMEOUT_S} s; its progress:\n{_progress(log)}")
+    if build.returncode != 0:
+        pytest.fail(f"build exited {build.returncode}; its progress:\n{_progress(log)}")
+    return build
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     dataset = tmp_path_factory.mktemp("e2e") / "ds"
-    first = _build(dataset)
-    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    _build(dataset)
     return dataset
 
 
@@ -63,6 +88,24 @@ def test_both_orders_and_two_judges_are_recorded(built):
     assert calibration.height == 2 and (calibration["gold_pairs"] > 0).all()
 
 
+def test_every_model_request_is_metered(built):
+    store = Store.open(built)
+    metrics = store.query(
+        "SELECT kind, count(*) AS requests, sum(tokens_out) AS tokens_out, bool_and(ok) AS all_ok, "
+        "min(latency_s) AS fastest FROM request_metrics GROUP BY kind"
+    )
+    by_kind = {row["kind"]: row for row in metrics.to_dicts()}
+    assert set(by_kind) == {"generate", "score_choices"}
+    # both generators set a seed, so each sample is a request of its own (prefcurate/tasks/generate.py)
+    assert by_kind["generate"]["requests"] == store.count("responses")
+    generated = store.query("SELECT sum(tokens_out) AS n FROM responses")["n"][0]
+    assert by_kind["generate"]["tokens_out"] == generated
+    assert by_kind["generate"]["all_ok"] and by_kind["generate"]["fastest"] > 0
+    # at least both orders of every judgment, the ratings and the calibration pairs
+    verdicts = store.count("judgments") * 2 + store.count("ratings")
+    assert by_kind["score_choices"]["requests"] >= verdicts
+
+
 def test_export_loads_with_datasets(built):
     datasets = pytest.importorskip("datasets")
     export = built / "export"
@@ -77,8 +120,7 @@ def test_export_loads_with_datasets(built):
 def test_rebuild_adds_nothing_and_skips_finished_units(built):
     store = Store.open(built)
     before = {t: store.count(t) for t in ("prompts", "responses", "judgments", "ratings")}
-    again = _build(built)
-    assert again.returncode == 0, again.stderr[-4000:]
+    _build(built)
     after = {t: store.count(t) for t in before}
     assert after == before
     latest = store.query(

@@ -151,3 +151,34 @@ def test_adhoc_build_through_the_api(api, tmp_path):
     assert build_parameters["stages"] == ["ingest"]
     assert build_parameters["overrides"]["ingest.limit"] == 10
     assert json.loads(runs["ingest"]["parameters"])["parent_run"] == runs["build"]["run_id"]
+
+
+def test_a_unit_waits_for_its_pools_slot(api):
+    """Two runs wanting one embedded pool: the second unit waits until the first lets go."""
+    import threading
+    import time
+
+    from prefect.concurrency.sync import concurrency
+    from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+
+    from prefcurate.flows.common import pool_slots
+
+    entered = threading.Event()
+
+    def second_unit():
+        with pool_slots(["judges"], mode="strict"):
+            entered.set()
+
+    with concurrency("pool-judges", occupy=1, strict=True):  # the first run's unit holds the slot
+        waiting = threading.Thread(target=second_unit, daemon=True)
+        waiting.start()
+        assert not entered.wait(timeout=5), "the unit ran while the pool's only slot was taken"
+    assert entered.wait(timeout=120), "the unit never got the slot after it was released"
+    waiting.join(timeout=30)
+
+    with pytest.raises(ConcurrencySlotAcquisitionError):  # strict: a pool without a limit is an error
+        with pool_slots(["no-such-pool"], mode="strict"):
+            pass
+    started = time.perf_counter()
+    with pool_slots(["no-such-pool"], mode="lenient"):  # lenient: limits that exist, none here
+        assert time.perf_counter() - started < 60

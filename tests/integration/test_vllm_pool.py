@@ -71,10 +71,11 @@ class TestEmbeddedEngine:
         assert len(out[0].completions) == 1 and len(out[2].completions) == 3
         assert 1 <= out[0].completions[0].tokens_out <= 8 and out[0].completions[0].text
         assert all(c.finish_reason in ("stop", "length") for c in out[2].completions)
-        # tokens_in counts the BOS this layer prepends (the converted tokenizer omits it)
-        bos = embedded.tokenizer.tokenizer.bos_token_id
-        assert embedded.tokenizer.prompt_ids("The capital of France is")[0] == bos
-        assert out[0].tokens_in == len(embedded.tokenizer.prompt_ids("The capital of France is"))
+        # tokens_in counts the rendered prompt (no chat template: the plain frame) and the
+        # BOS this layer prepends (the converted tokenizer omits it)
+        rendered = embedded.tokenizer.generate_ids(requests[0])
+        assert rendered[0] == embedded.tokenizer.tokenizer.bos_token_id
+        assert out[0].tokens_in == len(rendered)
         again = embedded.generate([requests[0], requests[2]])
         assert again[0].completions[0].text == out[0].completions[0].text  # greedy
         assert [c.text for c in again[1].completions] == [c.text for c in out[2].completions]  # seeded
