@@ -1,33 +1,39 @@
-"""Probability-read judging vs a free-text judge, on the same pairs, engine and run.
+"""Probability-read judging vs free-text judges, on the same pairs, engine and run.
 
-Both judge the packaged gold pairs (``prefcurate/data/gold_pairs.jsonl``) in both orders
-on the embedded Gemma 3 270M (in-process vLLM, CPU):
+All judge the packaged gold pairs (``prefcurate/data/gold_pairs.jsonl``) in both orders on
+the embedded Gemma 3 270M (in-process vLLM, CPU):
 
 - ours: the pairwise template ending at ``[[``; ``score_choices`` reads P("A") vs P("B")
   from one decode step (``prefcurate.tasks.annotate.score_options``, as the stage does);
   a verdict fails only when no valid probability comes back.
-- baseline: the same prompt without the trailing ``[[`` (ending at "### Verdict"), greedy
-  generation of up to 24 tokens of verdict text, then a lenient regex for A/B
-  (``[[A]]``, "Answer A"/"Response B", or a bare leading letter); no match = parse failure.
+- baseline, the free-text judge as it is usually run (MT-Bench's and FairEval's judges:
+  evidence first, then the verdict): ``rationale_v1`` open at "### Evidence", greedy
+  generation of up to ``EVIDENCE_MAX_TOKENS`` tokens (a sentence or two of evidence, the
+  "### Verdict" header, ``[[A``; generation stops at ``]]``), then a lenient regex for the
+  verdict. This is the
+  RESULT's ``speedup`` and ``baseline_parse_failures``.
+- also printed, a verdict-only free-text judge: the pairwise prompt without the trailing
+  ``[[`` (ending at "### Verdict"), up to 24 tokens, stopping at ``]]``, the same regex
+  (``speedup_verdict_only``). It decodes only a few tokens, so on a CPU, where the prompt's
+  prefill costs about as much as ~24 decode steps (each decode step also pays the
+  262k-vocabulary output layer), its speedup is bounded near 2x by arithmetic; on a GPU
+  decode steps are memory-bound and cost far more than their FLOPs.
 
-The prefix cache is reset before every timed call, so neither method reuses the other's
-prefill (the prompts share everything up to the verdict cue); a warm-up precedes timing.
-The two methods alternate in chunks of ``CHUNK`` verdicts (swapping which goes first)
-over ``ROUNDS`` rounds and the times are summed, so bursts of load from other processes
-on the shared machine hit both alike.
+Parsing (both baselines): ``[[A]]`` (or ``[[A`` cut by the stop string), "Answer A"/"Response
+B", or a bare leading letter; no match = parse failure. A judge that writes little evidence
+(as this 270M base model does) costs little more than one decode step per verdict, so the
+speedup here is small; it grows with the evidence a judge writes (MT-Bench's GPT-4
+explanations run to ~100-200 tokens).
 
-What to expect on a CPU: the verdict prompt's unique part (~85 tokens here, after the
-prefix-cached few-shot header) costs about as much compute as the free-text judge's 24
-decode steps (each decode token also pays the 262k-vocabulary output layer), so the
-speedup is bounded near 2x by arithmetic. On a GPU, decode steps are memory-bound and
-cost far more than their FLOPs, which is where one-token verdicts gain most.
+The prefix cache is reset before every timed call, so no method reuses another's prefill
+(the prompts share the few-shot header); a warm-up precedes timing. The methods take turns
+in chunks of ``CHUNK`` verdicts (rotating which goes first) over ``ROUNDS`` rounds and the
+times are summed, so bursts of load from other processes hit all alike. CPU-seconds of the
+engine processes are printed too (robust to other load).
 
-Prints per-method verdicts/s, seconds and decode tokens per verdict, CPU-seconds per
-verdict (the engine processes' user + system time: on a shared machine wall time mostly
-measures the other processes), parse failures and per-verdict agreement with the human
-gold label; the last line is
-``RESULT speedup=<baseline s per verdict / ours> parse_failures=<ours>
-baseline_parse_failures=<baseline>``.
+Last line: ``RESULT speedup=<evidence-first free-text s per verdict / ours>
+parse_failures=<ours> baseline_parse_failures=<evidence-first> speedup_verdict_only=<..>
+verdict_only_parse_failures=<..>``.
 """
 
 from __future__ import annotations
@@ -37,15 +43,6 @@ from pathlib import Path  # noqa: E402
 
 # bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
 sys.path[0] = str(Path(__file__).resolve().parents[1])
-
-import sys
-from pathlib import Path
-
-# `python bench/judging.py` puts bench/ first on sys.path, where bench/select.py would
-# shadow the standard library's `select`; use the checkout root instead (no install needed)
-_HERE = Path(__file__).resolve().parent
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
-sys.path.insert(0, str(_HERE.parent))
 
 import re  # noqa: E402
 import time  # noqa: E402
@@ -67,21 +64,32 @@ BATCH = 64
 CHUNK = 28  # verdicts per alternation (14 pairs x 2 orders)
 PREFIX_NOTE = "176-token few-shot header shared by all, prefix-cached within a chunk"
 FREE_TEXT_MAX_TOKENS = 24
+#: one or two sentences of evidence (the template's example is 22 tokens), the "### Verdict"
+#: header and "[[A]]": 64 tokens leave room for all three
+EVIDENCE_MAX_TOKENS = 64
 VERDICT_CUE = "[["
-VERDICT_PATTERN = re.compile(
-    r"\[\[\s*([AB])\s*\]\]|\b(?:Answer|Response|Option)\s+([AB])\b|^\W*([AB])\b"
+#: a free-text judge stops once its verdict is out (the stop string is not returned, so
+#: "[[A" ends the text); without it the base model goes on writing the next few-shot item
+VERDICT_STOP = ("]]",)
+#: tried in order: the bracketed verdict wins over a letter in the evidence before it
+VERDICT_PATTERNS = (
+    re.compile(r"\[\[\s*([AB])\s*(?:\]\]|$)"),
+    re.compile(r"\b(?:Answer|Response|Option)\s+([AB])\b"),
+    re.compile(r"^\W*([AB])\b"),
 )
 
 
 def parse_verdict(text: str) -> str | None:
-    match = VERDICT_PATTERN.search(text)
-    if match is None:
-        return None
-    return next(group for group in match.groups() if group)
+    for pattern in VERDICT_PATTERNS:
+        match = pattern.search(text)
+        if match is not None:
+            return match.group(1)
+    return None
 
 
-def build_prompts() -> tuple[list[str], np.ndarray]:
-    """Rendered prompts for both orders of every gold pair, and which option is correct."""
+def build_prompts() -> tuple[list[str], list[str], np.ndarray]:
+    """For both orders of every gold pair: the verdict prompt, the evidence-first prompt
+    (rationale_v1 open at "### Evidence"), and which option is correct."""
     gold = load_gold_pairs()
     template = load_template("pairwise_v1")
     description = resolve_criteria(["overall"])["overall"]
@@ -100,7 +108,8 @@ def build_prompts() -> tuple[list[str], np.ndarray]:
     # interleave (ab, ba) per pair, as the stage sends them
     orders = pl.concat([ab.with_row_index("pair"), ba.with_row_index("pair")])
     orders = orders.sort("pair", maintain_order=True)
-    return template.render_column(orders), orders["first_is_better"].to_numpy()
+    evidence = load_template("rationale_v1", "rationale").render_column(orders, stop_before="rationale")
+    return template.render_column(orders), evidence, orders["first_is_better"].to_numpy()
 
 
 def run_ours(engine, prompts):
@@ -114,8 +123,8 @@ def run_ours(engine, prompts):
     return seconds, p_first, failures
 
 
-def run_free_text(engine, prompts):
-    sampling = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=FREE_TEXT_MAX_TOKENS)
+def run_free_text(engine, prompts, max_tokens=FREE_TEXT_MAX_TOKENS):
+    sampling = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=VERDICT_STOP)
     requests = [GenerateRequest(p, None, sampling, chat=False) for p in prompts]
     started = time.perf_counter()
     results = []
@@ -153,8 +162,8 @@ def reset_prefix_cache(engine) -> None:
 def main() -> None:
     from prefcurate.inference.pools import EngineConfig, open_engine
 
-    prompts, first_is_better = build_prompts()
-    free_prompts = [p[: -len(VERDICT_CUE)] for p in prompts]
+    prompts, evidence_prompts, first_is_better = build_prompts()
+    verdict_prompts = [p[: -len(VERDICT_CUE)] for p in prompts]
     assert all(p.endswith(VERDICT_CUE) for p in prompts)
     n = len(prompts)
     print(f"{n} verdicts per method ({n // 2} gold pairs x 2 orders), {ROUNDS} rounds, chunks of {CHUNK}")
@@ -163,81 +172,78 @@ def main() -> None:
     # 1 GiB of KV cache holds this workload and leaves room on a shared machine
     engine = open_engine("bench-judge", EngineConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
-    ours_s = free_s = ours_cpu = free_cpu = 0.0
     p_first = np.full(n, np.nan)
-    verdicts: list[str | None] = [None] * n
-    tokens = [0] * n
-    texts = [""] * n
+    free = {  # method -> (prompts, max_tokens, verdicts, decode tokens, texts)
+        "evidence": (evidence_prompts, EVIDENCE_MAX_TOKENS, [None] * n, [0] * n, [""] * n),
+        "verdict": (verdict_prompts, FREE_TEXT_MAX_TOKENS, [None] * n, [0] * n, [""] * n),
+    }
+    wall = dict.fromkeys(["ours", *free], 0.0)
+    cpu = dict.fromkeys(["ours", *free], 0.0)
     try:
         score_options(engine, prompts[:4], PAIRWISE_OPTIONS, batch_size=BATCH)  # warm-up
-        run_free_text(engine, free_prompts[:4])
+        for method_prompts, max_tokens, *_ in free.values():
+            run_free_text(engine, method_prompts[:4], max_tokens)
         if hasattr(engine, "drain_metrics"):
             engine.drain_metrics()  # count only the timed requests' prompt tokens
-        # alternate the methods chunk by chunk (and which goes first), so bursts of load
-        # from other processes on the shared machine hit both alike
+
+        def timed(method: str, part: slice) -> None:
+            reset_prefix_cache(engine)
+            cpu_before = cpu_seconds()
+            if method == "ours":
+                seconds, p_first[part], _ = run_ours(engine, prompts[part])
+            else:
+                method_prompts, max_tokens, verdicts, tokens, texts = free[method]
+                seconds, verdicts[part], tokens[part], texts[part] = run_free_text(
+                    engine, method_prompts[part], max_tokens
+                )
+            wall[method] += seconds
+            cpu[method] += cpu_seconds() - cpu_before
+
+        # the methods take turns chunk by chunk, in rotating order, so bursts of load from
+        # other processes on the shared machine hit all alike
+        order = ["ours", *free]
         for round_index in range(ROUNDS):
             for chunk_index, start in enumerate(range(0, n, CHUNK)):
-                part = slice(start, start + CHUNK)
-
-                def ours() -> tuple[float, float]:
-                    reset_prefix_cache(engine)
-                    cpu = cpu_seconds()
-                    seconds, p_part, _ = run_ours(engine, prompts[part])
-                    p_first[part] = p_part
-                    return seconds, cpu_seconds() - cpu
-
-                def free() -> tuple[float, float]:
-                    reset_prefix_cache(engine)
-                    cpu = cpu_seconds()
-                    seconds, v_part, t_part, x_part = run_free_text(engine, free_prompts[part])
-                    verdicts[part], tokens[part], texts[part] = v_part, t_part, x_part
-                    return seconds, cpu_seconds() - cpu
-
-                runs = (ours, free) if (round_index + chunk_index) % 2 == 0 else (free, ours)
-                for run in runs:
-                    wall, cpu = run()
-                    if run is ours:
-                        ours_s, ours_cpu = ours_s + wall, ours_cpu + cpu
-                    else:
-                        free_s, free_cpu = free_s + wall, free_cpu + cpu
-            print(
-                f"round {round_index + 1}: ours {ours_s:.1f} s ({ours_cpu:.1f} cpu-s), "
-                f"free text {free_s:.1f} s ({free_cpu:.1f} cpu-s) (cumulative)",
-                flush=True,
-            )
+                shift = (round_index + chunk_index) % len(order)
+                for method in order[shift:] + order[:shift]:
+                    timed(method, slice(start, start + CHUNK))
+            print(f"round {round_index + 1} (cumulative): "
+                  + ", ".join(f"{m} {wall[m]:.1f} s ({cpu[m]:.1f} cpu-s)" for m in order), flush=True)
         metrics = engine.drain_metrics() if hasattr(engine, "drain_metrics") else []
     finally:
         engine.close()
 
+    verdicts_timed = ROUNDS * n
+    per = {m: wall[m] / verdicts_timed for m in wall}
     ours_failures = int(np.sum(~np.isfinite(p_first)))
-    free_failures = sum(v is None for v in verdicts)
-    ours_per = ours_s / (ROUNDS * n)
-    free_per = free_s / (ROUNDS * n)
     ours_agree = float(np.mean((p_first > 0.5) == first_is_better))
-    parsed = [(v == "A") == f for v, f in zip(verdicts, first_is_better) if v]
-    prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     print(
-        f"ours      : {1 / ours_per:7.2f} verdicts/s  {ours_per * 1000:8.1f} ms/verdict  "
+        f"ours                  : {1 / per['ours']:7.2f} verdicts/s  {per['ours'] * 1000:8.1f} ms/verdict  "
         f"1.0 decode tokens/verdict  parse failures {ours_failures}/{n}  "
         f"agreement with gold {ours_agree:.2f}  mean P(A) {np.nanmean(p_first):.2f}"
     )
-    print(
-        f"free text : {1 / free_per:7.2f} verdicts/s  {free_per * 1000:8.1f} ms/verdict  "
-        f"{np.mean(tokens):.1f} decode tokens/verdict  parse failures {free_failures}/{n}  "
-        f"agreement with gold (parsed) {np.mean(parsed) if parsed else float('nan'):.2f} on {len(parsed)}"
-    )
+    failures = {}
+    for method, (_, max_tokens, verdicts, tokens, texts) in free.items():
+        failures[method] = sum(v is None for v in verdicts)
+        parsed = [(v == "A") == f for v, f in zip(verdicts, first_is_better) if v]
+        label = "free text, evidence" if method == "evidence" else "free text, verdict"
+        print(
+            f"{label:22s}: {1 / per[method]:7.2f} verdicts/s  {per[method] * 1000:8.1f} ms/verdict  "
+            f"{np.mean(tokens):.1f} decode tokens/verdict (max {max_tokens})  "
+            f"parse failures {failures[method]}/{n}  agreement with gold (parsed) "
+            f"{np.mean(parsed) if parsed else float('nan'):.2f} on {len(parsed)}  "
+            f"speedup {per[method] / per['ours']:.2f}x  "
+            f"compute ratio {cpu[method] / max(cpu['ours'], 1e-9):.2f}x (cpu-s)"
+        )
+        print(f"  samples: {[t[:60] for t in texts[:2]]}")
+    prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     if prompt_tokens:
-        print(f"prompt tokens per verdict (both methods): {np.mean(prompt_tokens):.0f} "
-              f"(a {PREFIX_NOTE})")
+        print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} (a {PREFIX_NOTE})")
     print(
-        f"compute per verdict (cpu-s, robust to load from other processes): ours "
-        f"{ours_cpu / (ROUNDS * n):.3f}, free text {free_cpu / (ROUNDS * n):.3f}, "
-        f"ratio {free_cpu / max(ours_cpu, 1e-9):.2f}"
-    )
-    print("free-text samples:", [t[:40] for t in texts[:3]])
-    print(
-        f"RESULT speedup={free_per / ours_per:.2f} parse_failures={ours_failures} "
-        f"baseline_parse_failures={free_failures}"
+        f"RESULT speedup={per['evidence'] / per['ours']:.2f} parse_failures={ours_failures} "
+        f"baseline_parse_failures={failures['evidence']} "
+        f"speedup_verdict_only={per['verdict'] / per['ours']:.2f} "
+        f"verdict_only_parse_failures={failures['verdict']}"
     )
 
 

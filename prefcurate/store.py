@@ -332,13 +332,22 @@ class Store:
     def read_shard(self, path: str) -> pl.DataFrame:
         return pl.read_parquet(self.root / path)
 
-    def sweep_temporary_files(self) -> int:
-        """Delete temporary files of writes that crashed before their rename."""
+    def sweep_temporary_files(self, older_than_s: float = 3600.0) -> int:
+        """Delete temporary files of writes that crashed before their rename.
+
+        Only files older than ``older_than_s``: a run writing into the same dataset right
+        now (a stage flow started by hand beside a build) keeps its in-flight files.
+        """
+        cutoff = time.time() - older_than_s
         removed = 0
         for table in TABLES:
             for temporary in (self.root / table).glob(".shard-*.tmp"):
-                temporary.unlink(missing_ok=True)
-                removed += 1
+                try:
+                    if temporary.stat().st_mtime < cutoff:
+                        temporary.unlink()
+                        removed += 1
+                except FileNotFoundError:  # renamed or swept by someone else meanwhile
+                    pass
         return removed
 
     # ---- reading ---------------------------------------------------------------------

@@ -32,6 +32,9 @@ def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str]
     missing = [s for s in wanted if s not in runnable]
     if missing:
         logger.warning("stages not available in this version, skipped: %s", missing)
+    swept = store.sweep_temporary_files()
+    if swept:
+        logger.info("removed %d temporary files left by a crashed write", swept)
     build_run = store.start_run("build", {"stages": runnable, "config_path": parameters.config_path,
                                           "overrides": parameters.overrides})
     started = time.perf_counter()

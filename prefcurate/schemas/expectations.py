@@ -197,6 +197,7 @@ class FailedExpectation(TypedDict):
     unexpected_count: int | None  # None when the failure is not about rows
     examples: list[Any]  # offending values, or the schema mismatch / error message
     row_level: bool  # True when the offending rows are marked in ``bad_row_mask``
+    rows: list[int]  # the offending row positions (row-level failures only)
 
 
 @dataclass(frozen=True, eq=False)
@@ -220,6 +221,21 @@ class ContractResult:
     @property
     def n_bad_rows(self) -> int:
         return int(self.bad_row_mask.sum())
+
+    def row_failures(self) -> tuple[list[str | None], list[str | None]]:
+        """Per row: (the failed expectations, their columns), None for a row that passed.
+
+        A batch-level failure is every row's reason, after the row's own failures.
+        """
+        names: list[list[str]] = [[] for _ in range(self.n_rows)]
+        columns: list[list[str]] = [[] for _ in range(self.n_rows)]
+        batch = [f for f in self.failed if not f["row_level"]]
+        for failure in self.failed:
+            rows = failure["rows"] if failure["row_level"] else (range(self.n_rows) if batch else [])
+            for row in rows:
+                names[row].append(failure["expectation"])
+                columns[row].extend(c for c in failure["columns"] if c not in columns[row])
+        return (["; ".join(n) or None for n in names], [",".join(c) or None for c in columns])
 
     @property
     def quarantine_mask(self) -> np.ndarray:
@@ -537,6 +553,7 @@ def _summarise(table: str, outcome: Any, n_rows: int) -> ContractResult:
                 unexpected_count=unexpected,
                 examples=examples[:N_EXAMPLES],
                 row_level=row_level,
+                rows=[int(i) for i in indices] if row_level else [],
             )
         )
     # schema first, then by name: stable text for quarantine reasons

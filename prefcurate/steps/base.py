@@ -181,15 +181,19 @@ def contract_gate(table: str, frame: pl.DataFrame, stage: str, unit_key: str) ->
     if result.success:
         return frame, None
     mask = pl.Series(result.quarantine_mask)
-    failed_columns = sorted({c for f in result.failed for c in f.get("columns", [])})
-    message = describe_failures(result)
-    bad = frame.with_row_index("_row").filter(mask)
+    # each row names the expectations it broke; the batch's summary follows, for context
+    expectations, columns = result.row_failures()
+    summary = describe_failures(result)
+    bad = frame.with_columns(
+        pl.Series("_failed", expectations, dtype=pl.String), pl.Series("_columns", columns, dtype=pl.String)
+    ).with_row_index("_row").filter(mask)
     quarantine = bad.select(
         pl.lit(f"{table} (stage {stage}, unit {unit_key[:12]})").alias("source_file"),
         (pl.col("_row").cast(pl.Int64) + 1).alias("source_record"),
-        pl.lit(",".join(failed_columns) or None, pl.String).alias("field"),
+        pl.col("_columns").alias("field"),
         pl.lit("contract_failed").alias("reason"),
-        pl.lit(message).alias("message"),
+        pl.concat_str([pl.lit("failed "), pl.col("_failed").fill_null("(batch)"), pl.lit(" | "), pl.lit(summary)])
+        .alias("message"),
         pl.struct([c for c in frame.columns if frame.schema[c] != pl.Array(pl.Float32, 384)])
         .struct.json_encode().alias("raw"),
     )

@@ -85,9 +85,13 @@ def test_contract_gate_splits_a_batch_and_names_the_failures():
     assert sorted(bad["source_record"].to_list()) == [SAME_SIDES + 1, BAD_PROBABILITY + 1]
     assert bad["reason"].unique().to_list() == ["contract_failed"]
     assert all("stage filter" in s for s in bad["source_file"])
+    # each row names what it broke (and the batch's summary, which names both failures)
+    same_sides, bad_probability = bad.sort("source_record").to_dicts()
+    assert same_sides["message"].startswith(f"failed {DIFFER} |")
+    assert bad_probability["message"].startswith(f"failed {PROBABILITY} |")
     for message in bad["message"]:
         assert DIFFER in message and PROBABILITY in message
-    assert set(bad["field"].item(0).split(",")) == {"chosen_id", "rejected_id", "p_chosen"}
+    assert same_sides["field"] == "chosen_id,rejected_id" and bad_probability["field"] == "p_chosen"
     restored = [json.loads(r) for r in bad["raw"]]
     assert [r["pair_id"] for r in restored] == [produced["pair_id"][SAME_SIDES], produced["pair_id"][BAD_PROBABILITY]]
     assert restored[1]["p_chosen"] == 1.3

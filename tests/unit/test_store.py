@@ -1,3 +1,6 @@
+import os
+import time
+
 import polars as pl
 import pytest
 
@@ -77,6 +80,12 @@ def test_crash_between_shard_write_and_registration_resumes_without_recompute(tm
 def test_half_written_temporary_files_are_never_visible(tmp_path):
     store = Store.init(tmp_path / "ds")
     (store.root / "prompts").mkdir(exist_ok=True)
-    (store.root / "prompts" / ".shard-k.parquet.123.tmp").write_bytes(b"PAR1 half")
+    crashed = store.root / "prompts" / ".shard-k.parquet.123.tmp"
+    crashed.write_bytes(b"PAR1 half")
+    in_flight = store.root / "prompts" / ".shard-m.parquet.456.tmp"  # another run, writing now
+    in_flight.write_bytes(b"PAR1 ha")
+    an_hour_ago = time.time() - 3700
+    os.utime(crashed, (an_hour_ago, an_hour_ago))
     assert store.count("prompts") == 0
     assert store.sweep_temporary_files() == 1
+    assert not crashed.exists() and in_flight.exists()

@@ -1,0 +1,57 @@
+"""What units hold and record about the inference pools they use: concurrency slots, request metrics."""
+
+from prefcurate.config import load_config
+from prefcurate.inference.pools import concurrency_limits
+from prefcurate.steps import get_step
+from prefcurate.steps.base import context_for
+
+
+def test_one_slot_per_engine_and_one_per_replica():
+    limits = concurrency_limits({
+        "generators": {"kind": "embedded", "model": "default"},
+        "judges": {"kind": "servers", "urls": ["http://a:8000/v1", "http://b:8000/v1", "http://c:8000/v1"]},
+    })
+    assert limits == {"pool-generators": 1, "pool-judges": 3}
+
+
+def test_units_hold_the_pools_their_stage_uses(tmp_path):
+    config = load_config("examples/quickstart.yaml", {
+        "pools.critic": {"kind": "embedded", "model": "default"},
+        "score.critiq.enabled": True, "score.critiq.pool": "critic",
+    })
+    ctx = context_for(tmp_path, config, "run-1", None)
+    held = {stage: get_step(stage).pools(ctx) for stage in ("ingest", "generate", "annotate", "filter",
+                                                            "score", "select", "export")}
+    assert held == {"ingest": [], "generate": ["generators"], "annotate": ["judges"], "filter": [],
+                    "score": ["critic", "judges"], "select": [], "export": []}
+
+
+class _MeteredScriptedEngine:
+    """A scripted test double: an engine that has served two requests."""
+
+    model = "scripted"
+
+    def __init__(self):
+        self.rows = [
+            {"pool": "judges", "replica": "in-process", "kind": "score_choices", "ok": True, "attempts": 1,
+             "tokens_in": 120, "tokens_out": 1, "latency_s": 0.2, "error": None},
+            {"pool": "judges", "replica": "in-process", "kind": "generate", "ok": False, "attempts": 3,
+             "tokens_in": 4000, "tokens_out": None, "latency_s": 0.01, "error": "too_long: 4000 > 1024"},
+        ]
+
+    def drain_metrics(self):
+        rows, self.rows = self.rows, []
+        return rows
+
+
+def test_a_units_request_metrics_drain_each_engine_once():
+    from prefcurate.schemas.tables import PROVENANCE, REQUEST_METRICS
+    from prefcurate.steps.engines import TimedEngine, request_metrics
+
+    engine = _MeteredScriptedEngine()
+    warm, cool = TimedEngine(engine), TimedEngine(engine)  # two generator settings, one engine
+    frame = request_metrics(warm, cool, None)
+    assert frame.height == 2
+    assert frame.columns == [f.name for f in REQUEST_METRICS if f not in PROVENANCE]
+    assert frame.filter(~frame["ok"])["error"].to_list() == ["too_long: 4000 > 1024"]
+    assert request_metrics(warm).height == 0  # drained: the next unit starts from nothing
