@@ -6,6 +6,19 @@ latest run of those stages.
 """
 
 REPORT_VIEWS: dict[str, str] = {
+    # One row per id. A failed model call is stored (with its error) and asked again by the
+    # next run (prefcurate/steps/model_stages.py); the retry's row has the same content id,
+    # and these views prefer a good row over a failed one, then the newest.
+    "current_responses": """
+        SELECT DISTINCT ON (response_id) * FROM responses
+        ORDER BY response_id, finish_reason = 'error', created_at DESC
+    """,
+    "current_judgments": """
+        SELECT DISTINCT ON (judgment_id) * FROM judgments ORDER BY judgment_id, NOT valid, created_at DESC
+    """,
+    "current_ratings": """
+        SELECT DISTINCT ON (rating_id) * FROM ratings ORDER BY rating_id, NOT valid, created_at DESC
+    """,
     # the latest filter run's pairs (filter re-runs recompute pairs over the whole dataset)
     "current_pairs": """
         SELECT * FROM pairs
@@ -34,8 +47,8 @@ REPORT_VIEWS: dict[str, str] = {
         FROM latest
         JOIN pair USING (pair_id)
         JOIN (SELECT DISTINCT ON (prompt_id) * FROM prompts) p ON p.prompt_id = pair.prompt_id
-        JOIN (SELECT DISTINCT ON (response_id) * FROM responses) c ON c.response_id = pair.chosen_id
-        JOIN (SELECT DISTINCT ON (response_id) * FROM responses) r ON r.response_id = pair.rejected_id
+        JOIN current_responses c ON c.response_id = pair.chosen_id
+        JOIN current_responses r ON r.response_id = pair.rejected_id
         ORDER BY latest.rank
     """,
     # per-judge position bias over pairwise judgments (both orders valid)
@@ -45,14 +58,14 @@ REPORT_VIEWS: dict[str, str] = {
                    AS position_flip_rate,
                avg((p_first_ab + p_first_ba) / 2) AS first_position_pref,
                avg(abs(p_a - 0.5) * 2) AS mean_confidence
-        FROM judgments WHERE valid
+        FROM current_judgments WHERE valid
         GROUP BY ALL ORDER BY judge, criterion
     """,
     "filter_report": """
         SELECT d.reason, coalesce(d.judge, '(jury)') AS judge,
                coalesce(ra.generator, '?') AS generator, count(*) AS drops
         FROM current_filter_drops d
-        LEFT JOIN (SELECT DISTINCT ON (response_id) response_id, generator FROM responses) ra
+        LEFT JOIN current_responses ra
                ON ra.response_id = d.response_a
         GROUP BY ALL ORDER BY drops DESC
     """,

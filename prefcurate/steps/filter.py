@@ -23,9 +23,9 @@ class FilterStep(Step):
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
         params = section(ctx.pipeline_config(), "filter")
-        judgments = store.read("judgments").drop("run_id", "stage", "code_version", "created_at")
-        ratings = store.read("ratings").drop("run_id", "stage", "code_version", "created_at")
-        responses = store.read("responses").drop("run_id", "stage", "code_version", "created_at")
+        judgments = store.read("current_judgments").drop("run_id", "stage", "code_version", "created_at")
+        ratings = store.read("current_ratings").drop("run_id", "stage", "code_version", "created_at")
+        responses = store.read("current_responses").drop("run_id", "stage", "code_version", "created_at")
         judgments = judgments.unique("judgment_id", keep="last")
         ratings = ratings.unique("rating_id", keep="last")
         responses = responses.unique("response_id", keep="last")

@@ -3,6 +3,13 @@
 A unit's key hashes its prompt shard, the stage parameters and (for annotate) the response
 ids it will judge, so a re-run skips finished shards and a new generator or judge makes new
 units that only compute what is missing (content-addressed row ids do the rest).
+
+Failed model calls are stored with their error (a response with finish_reason ``error``, a
+judgment or rating that is not ``valid``), and the next run asks them again: a shard whose
+finished units left failures gets a retry unit keyed by the failed ids, which computes
+exactly those (only good rows count as existing). Its new rows carry the same ids; the
+``current_*`` views prefer a good row. A failure that fails again the same way keeps the
+same retry key, so it is asked once per distinct set of failures, not on every run.
 """
 
 from __future__ import annotations
@@ -40,6 +47,33 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
+def _failed_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str]) -> list[str]:
+    """Ids in ``table`` for these prompts whose every stored row failed (``ok`` is false)."""
+    return store.query(
+        f"SELECT {id_column} AS id FROM {table} WHERE prompt_id IN (SELECT unnest(?)) "
+        f"GROUP BY {id_column} HAVING NOT bool_or({ok})", [prompt_ids]
+    )["id"].to_list()
+
+
+def _good_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str]) -> list[str]:
+    """Ids in ``table`` for these prompts with at least one good row: not asked again."""
+    return store.query(
+        f"SELECT DISTINCT {id_column} AS id FROM {table} WHERE prompt_id IN (SELECT unnest(?)) AND {ok}",
+        [prompt_ids],
+    )["id"].to_list()
+
+
+def _with_retry(unit: Unit, failed: list[str]) -> list[Unit]:
+    """``unit``, and a retry of the failed ids its earlier runs left (when there are any)."""
+    if not failed:
+        return [unit]
+    retry_key = content_id(unit.key, "retry", _ids_digest(failed))
+    return [unit, Unit(unit.stage, retry_key, unit.outputs, unit.payload | {"retry_of": unit.key})]
+
+
+_RESPONSE_OK = "finish_reason <> 'error'"
+
+
 def _gold_pairs(params: AnnotateParams) -> pl.DataFrame:
     gold = load_gold_pairs()
     return gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
@@ -57,21 +91,21 @@ class GenerateStep(Step):
         params: GenerateParams = section(config, "generate")
         check_pools(params.generators, config.pools)
         identity = [g.identity() | {"n": g.n} for g in params.generators]
-        return [
-            Unit(self.name, content_id("generate", shard["shard_key"], identity), ("responses", "request_metrics"),
-                 {"prompts_path": shard["path"]})
-            for shard in _prompt_shards(ctx.store())
-        ]
+        store = ctx.store()
+        units = []
+        for shard in _prompt_shards(store):
+            unit = Unit(self.name, content_id("generate", shard["shard_key"], identity),
+                        ("responses", "request_metrics"), {"prompts_path": shard["path"]})
+            prompt_ids = store.read_shard(shard["path"])["prompt_id"].to_list()
+            units += _with_retry(unit, _failed_ids(store, "responses", "response_id", _RESPONSE_OK, prompt_ids))
+        return units
 
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
         config = ctx.pipeline_config()
         params: GenerateParams = section(config, "generate")
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
-        existing = store.query(
-            "SELECT response_id FROM responses WHERE prompt_id IN (SELECT unnest(?))",
-            [prompts["prompt_id"].to_list()],
-        )["response_id"].to_list()
+        existing = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompts["prompt_id"].to_list())
         engines = {g.name: engine_for(config.pools, g.pool) for g in params.generators}
         responses = run_generators(prompts, params, engines, existing)
         counts = {
@@ -102,12 +136,14 @@ class AnnotateStep(Step):
         units = []
         for shard in _prompt_shards(store):
             prompt_ids = store.read_shard(shard["path"])["prompt_id"].to_list()
-            response_ids = store.query(
-                "SELECT DISTINCT response_id FROM responses WHERE prompt_id IN (SELECT unnest(?))", [prompt_ids]
-            )["response_id"].to_list()
+            # the judgeable responses: a failed response retried into a good one changes the key
+            response_ids = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompt_ids)
             key = content_id("annotate", shard["shard_key"], _ids_digest(response_ids), judges, settings)
-            units.append(Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
-                              {"prompts_path": shard["path"]}))
+            unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
+                        {"prompts_path": shard["path"]})
+            failed = (_failed_ids(store, "judgments", "judgment_id", "valid", prompt_ids)
+                      + _failed_ids(store, "ratings", "rating_id", "valid", prompt_ids))
+            units += _with_retry(unit, failed)
         gold = _gold_pairs(params)
         gold_key = content_id("calibration", judges, settings, _ids_digest(gold["id"].to_list()))
         units.append(Unit(self.name, gold_key, ("judge_calibration", "request_metrics"), {"calibration": True}))
@@ -126,15 +162,11 @@ class AnnotateStep(Step):
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
         ids = prompts["prompt_id"].to_list()
         responses = store.query(
-            "SELECT DISTINCT ON (response_id) * EXCLUDE (run_id, stage, code_version, created_at) "
-            "FROM responses WHERE prompt_id IN (SELECT unnest(?))", [ids]
+            "SELECT * EXCLUDE (run_id, stage, code_version, created_at) "
+            "FROM current_responses WHERE prompt_id IN (SELECT unnest(?))", [ids]
         )
-        existing_judgments = store.query(
-            "SELECT judgment_id FROM judgments WHERE prompt_id IN (SELECT unnest(?))", [ids]
-        )["judgment_id"].to_list()
-        existing_ratings = store.query(
-            "SELECT rating_id FROM ratings WHERE prompt_id IN (SELECT unnest(?))", [ids]
-        )["rating_id"].to_list()
+        existing_judgments = _good_ids(store, "judgments", "judgment_id", "valid", ids)
+        existing_ratings = _good_ids(store, "ratings", "rating_id", "valid", ids)
         result = annotate(responses, prompts, params, engines,
                           existing_judgment_ids=existing_judgments, existing_rating_ids=existing_ratings)
         quarantine = result.unjudgeable.select(

@@ -72,7 +72,7 @@ class ScoreStep(Step):
         store = ctx.store()
         config = ctx.pipeline_config()
         params = section(config, "score")
-        responses = _latest(store, "responses", "response_id")
+        responses = store.read("current_responses").drop(_PROVENANCE)
         prompts = _latest(store, "prompts", "prompt_id")
         items = item_texts(responses, prompts, params.max_text_chars)
         if items.height < 2:
@@ -102,8 +102,8 @@ def _candidate_pairs(store) -> pl.DataFrame:
         SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
         FROM current_pairs p
         JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
-        JOIN (SELECT DISTINCT ON (response_id) response_id, text FROM responses) c ON c.response_id = p.chosen_id
-        JOIN (SELECT DISTINCT ON (response_id) response_id, text FROM responses) r ON r.response_id = p.rejected_id
+        JOIN current_responses c ON c.response_id = p.chosen_id
+        JOIN current_responses r ON r.response_id = p.rejected_id
         ORDER BY p.pair_id
         """
     )
