@@ -247,7 +247,8 @@ class Store:
             select = f"SELECT * FROM _empty_{table}"
             if paths:
                 listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-                select += f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}])"
+                # by name: shards written before a column was added read it as NULL
+                select += f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}], union_by_name = true)"
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {select}")
         con.execute(
             "INSERT OR REPLACE INTO _meta VALUES ('root', ?)", [str(self.root)]

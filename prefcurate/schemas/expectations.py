@@ -45,6 +45,8 @@ suite of that table; later calls reuse them (measured: ~0.4 s CPU for 100k ``pai
 
 from __future__ import annotations
 
+import math
+
 import logging
 import os
 import threading
@@ -131,6 +133,7 @@ TABLE_RULES: dict[str, list[Rule]] = {
     ],
     "judgments": [
         *_probability("p_first_ab", "p_first_ba", "p_a"),
+        Rule("between", ("bpde",), "bpde is an entropy over 3 outcomes, in [0, ln 3]", 0.0, math.log(3) + 1e-9),
         _one_of("mode", "probability", "rationale"),
         _canonical_pair("response_a", "response_b"),
     ],

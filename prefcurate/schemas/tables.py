@@ -74,6 +74,10 @@ JUDGMENTS = _schema(
     pa.field("p_first_ba", pa.float64()),
     # P(response_a better), position-balanced: (p_first_ab + 1 - p_first_ba) / 2
     pa.field("p_a", pa.float64()),
+    # Balanced Position Diversity Entropy (FairEval): entropy of the win/tie/lose outcomes
+    # over every verdict sample of both orders (2 in probability mode, 2k with rationales);
+    # 0 = all samples agree, ln 3 = maximally split. High values are for a human to review.
+    pa.field("bpde", pa.float64()),
     pa.field("valid", pa.bool_(), nullable=False),
     pa.field("error", pa.string()),
 )

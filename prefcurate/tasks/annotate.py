@@ -608,13 +608,48 @@ def _order_frames(jobs: pl.DataFrame) -> pl.DataFrame:
 
 def _p_first_probability(
     jobs: pl.DataFrame, template: Template, engine: Engine, batch_size: int, progress
-) -> tuple[np.ndarray, list[str | None]]:
+) -> tuple[np.ndarray, list[str | None], pl.DataFrame]:
+    """P("A") per order row (ab, ba, ab, ...), errors, and the samples: (row, p) per verdict."""
     orders = _order_frames(jobs)
     probs, errors = score_options(
         engine, template.render_column(orders), PAIRWISE_OPTIONS,
         batch_size=batch_size, progress=progress,
     )
-    return probs[:, 0], errors
+    samples = pl.DataFrame({"row": np.arange(orders.height), "p": probs[:, 0]})
+    return probs[:, 0], errors, samples
+
+
+#: a verdict sample within this distance of 0.5 is a tie for BPDE
+BPDE_TIE_BAND = 0.1
+
+
+def balanced_position_entropy(samples: pl.DataFrame, n_jobs: int, tie_band: float = BPDE_TIE_BAND) -> np.ndarray:
+    """BPDE per job from its verdict samples: -sum p log p over win/tie/lose (natural log).
+
+    ``samples`` holds (row, p): row ``2 * job`` is the A/B order, ``2 * job + 1`` the B/A
+    order, ``p`` the sample's P(first shown is better). Each sample is turned toward
+    response_a (B/A samples: 1 - p), then counted as a win (> 0.5 + band), a loss
+    (< 0.5 - band) or a tie. NaN for a job without a valid sample.
+    """
+    outcomes = (
+        samples.filter(pl.col("p").is_not_nan() & pl.col("p").is_not_null())
+        .with_columns(
+            (pl.col("row") // 2).alias("job"),
+            pl.when(pl.col("row") % 2 == 0).then(pl.col("p")).otherwise(1.0 - pl.col("p")).alias("p_a"),
+        )
+        .with_columns(
+            pl.when(pl.col("p_a") > 0.5 + tie_band).then(pl.lit("win"))
+            .when(pl.col("p_a") < 0.5 - tie_band).then(pl.lit("lose"))
+            .otherwise(pl.lit("tie")).alias("outcome")
+        )
+        .group_by("job", "outcome").len()
+        .with_columns((pl.col("len") / pl.col("len").sum().over("job")).alias("share"))
+        .group_by("job")
+        .agg((-(pl.col("share") * pl.col("share").log())).sum().alias("bpde"))
+    )
+    entropy = np.full(n_jobs, np.nan)
+    entropy[outcomes["job"].to_numpy()] = outcomes["bpde"].to_numpy()
+    return entropy
 
 
 def _p_first_rationale(
@@ -623,8 +658,11 @@ def _p_first_rationale(
     engine: Engine,
     params: AnnotateParams,
     progress,
-) -> tuple[np.ndarray, list[str | None]]:
-    """MEC: k rationales per order, the verdict probability after each, averaged."""
+) -> tuple[np.ndarray, list[str | None], pl.DataFrame]:
+    """MEC: k rationales per order, the verdict probability after each, averaged.
+
+    Also returns every verdict sample as (row, p), for BPDE.
+    """
     orders = _order_frames(jobs)
     k = params.rationale_k
     sampling = SamplingParams(
@@ -686,7 +724,8 @@ def _p_first_rationale(
         gen_errors[r] or (first_error.get(r) if np.isnan(p_first[r]) else None)
         for r in range(orders.height)
     ]
-    return p_first, errors
+    samples = pl.DataFrame({"row": expanded["row"].to_numpy(), "p": verdict_probs[:, 0]})
+    return p_first, errors, samples
 
 
 def _join_errors(first: str | None, second: str | None) -> str | None:
@@ -794,10 +833,11 @@ def judge_pairs(
     if jobs.is_empty():
         return pl.DataFrame(schema=JUDGMENT_COLUMNS)
     if rationale:
-        p_first, errors = _p_first_rationale(jobs, template, engine, params, progress)
+        p_first, errors, samples = _p_first_rationale(jobs, template, engine, params, progress)
     else:
-        p_first, errors = _p_first_probability(jobs, template, engine, params.batch_size, progress)
+        p_first, errors, samples = _p_first_probability(jobs, template, engine, params.batch_size, progress)
     p_ab, p_ba = p_first[0::2], p_first[1::2]
+    bpde = balanced_position_entropy(samples, jobs.height)
     valid = np.isfinite(p_ab) & np.isfinite(p_ba)
     p_a = np.where(valid, (p_ab + 1.0 - p_ba) / 2.0, np.nan)
     error = [_join_errors(e1, e2) for e1, e2 in zip(errors[0::2], errors[1::2])]
@@ -816,6 +856,7 @@ def judge_pairs(
         pl.Series("p_first_ab", p_ab).fill_nan(None),
         pl.Series("p_first_ba", p_ba).fill_nan(None),
         pl.Series("p_a", p_a).fill_nan(None),
+        pl.Series("bpde", np.where(valid, bpde, np.nan)).fill_nan(None),
         pl.Series("valid", valid),
         pl.Series("error", error, dtype=pl.String),
     )
@@ -987,9 +1028,9 @@ def calibrate_judge(
         pl.lit(description).alias("criterion_description"),
     )
     if rationale:
-        p_first, _ = _p_first_rationale(jobs, template, engine, params, None)
+        p_first, _, _ = _p_first_rationale(jobs, template, engine, params, None)
     else:
-        p_first, _ = _p_first_probability(jobs, template, engine, params.batch_size, None)
+        p_first, _, _ = _p_first_probability(jobs, template, engine, params.batch_size, None)
     metrics = calibration_metrics(
         p_first[0::2], p_first[1::2], (gold["winner"] == "A").to_numpy()
     )

@@ -17,6 +17,7 @@ from prefcurate.tasks.annotate import (
     RubricSpec,
     annotate,
     balanced_pattern,
+    balanced_position_entropy,
     calibrate_judge,
     calibration_metrics,
     check_judge_pools,
@@ -268,9 +269,26 @@ def test_rationale_mode_averages_the_verdicts_after_each_rationale():
     assert len(requests) == 4 and all(r.params.n == 3 and not r.chat for r in requests)
     assert all(r.prompt.endswith("### Evidence\n") for r in requests)
     assert sum(len(b) for b in engine.choice_batches) == 12
+    # per pair: ab samples 0.9/0.6/0.3 (win, tie, lose for response_a) and ba samples the
+    # same for whichever is first (lose, tie, win): every outcome twice, the entropy is ln 3
+    assert out["bpde"].to_list() == pytest.approx([math.log(3)] * 2)
     # a different mode is a different judgment
     plain = judge_pairs(pairs, responses, prompts, JUDGE, BatchRecorder(choice_fn=biased_pairwise), PARAMS)
     assert not set(plain["judgment_id"]) & set(out["judgment_id"])
+
+
+def test_bpde_counts_wins_ties_and_losses_over_both_orders():
+    samples = pl.DataFrame({
+        "row": [0, 0, 1, 1, 2, 3, 4, 4, 4, 5, 5, 5, 6, 7],
+        # P(first shown is better); rows 2j are A/B, rows 2j+1 B/A
+        "p": [0.9, 0.8, 0.2, 0.1,   # job 0: response_a wins every sample
+              0.9, 0.9,             # job 1: the first shown always wins: one win, one loss
+              0.9, 0.5, 0.1, 0.9, 0.5, 0.1,  # job 2: two of each outcome
+              float("nan"), float("nan")],   # job 3: no valid sample
+    })
+    entropy = balanced_position_entropy(samples, n_jobs=4)
+    assert entropy[:3] == pytest.approx([0.0, math.log(2), math.log(3)])
+    assert math.isnan(entropy[3])
 
 
 # ---------------------------------------------------------------------------- rubric
