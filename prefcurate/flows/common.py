@@ -76,8 +76,9 @@ def pool_slots(pools: list[str], mode: str | None = None) -> Iterator[None]:
 
     So concurrent flow runs (a scheduled build and a UI run, say) queue for a pool instead
     of overloading it. ``mode`` (default: $PREFCURATE_POOL_LIMITS, else ``lenient``):
-    ``strict`` fails when a limit does not exist (`make server` creates them), ``lenient``
-    takes the limits that exist (a temporary server has none), ``off`` asks no server.
+    ``strict`` fails when a limit does not exist (`make server` creates them; so does
+    :func:`ensure_prefect_api` on the temporary server of a plain ``prefcurate build``),
+    ``lenient`` takes the limits that exist, ``off`` asks no server.
     """
     mode = mode or os.environ.get(POOL_LIMITS_ENV, "lenient")
     if mode not in ("strict", "lenient", "off"):
