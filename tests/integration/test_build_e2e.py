@@ -26,12 +26,25 @@ TINY = [
 
 
 def _progress(log: Path, lines: int = 60) -> str:
-    """The build's own progress lines (stage starts, unit completions, timings), not vLLM's warnings."""
-    kept = [
-        line for line in log.read_text(errors="replace").splitlines()
-        if line.strip() and "WARNING" not in line and not line.startswith((" ", "Loading"))
-    ]
+    """The build's own lines (stage starts, units, engine starts, Prefect and Dask warnings,
+    tracebacks), without vLLM's per-process chatter and progress bars."""
+    noise = ("(", "Loading ", "INFO ", "WARNING ", "[W", "Triton ")
+    kept = [line for line in log.read_text(errors="replace").splitlines()
+            if line.strip() and not line.startswith(noise)]
     return "\n".join(kept[-lines:])
+
+
+def _process_snapshot(session: int) -> str:
+    """State, CPU, memory and age of every process in the build's session, as a tree."""
+    listing = subprocess.run(
+        ["ps", "-s", str(session), "-o", "pid,ppid,stat,pcpu,rss,etime,args", "--forest"],
+        capture_output=True, text=True,
+    )
+    available = next((line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemAvailable")), "MemAvailable: ?")
+    load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    return "\n".join([available, load]
+                     + [line[:160] for line in listing.stdout.splitlines()])
 
 
 def _build(dataset, *extra) -> subprocess.Popen:
@@ -46,9 +59,11 @@ def _build(dataset, *extra) -> subprocess.Popen:
         try:
             build.wait(timeout=BUILD_TIMEOUT_S)
         except subprocess.TimeoutExpired:
+            processes = _process_snapshot(build.pid)  # spinning or waiting? how much memory?
             os.killpg(build.pid, signal.SIGKILL)
             build.wait()
-            pytest.fail(f"build did not finish in {BUILD_TIMEOUT_S} s; its progress:\n{_progress(log)}")
+            pytest.fail(f"build did not finish in {BUILD_TIMEOUT_S} s; its progress:\n{_progress(log)}\n"
+                        f"its processes at the timeout:\n{processes}")
     if build.returncode != 0:
         pytest.fail(f"build exited {build.returncode}; its progress:\n{_progress(log)}")
     return build
