@@ -23,12 +23,10 @@ class FilterStep(Step):
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
         params = section(ctx.pipeline_config(), "filter")
+        # the current_* views hold one row per id (a retried failure's good row wins)
         judgments = store.read("current_judgments").drop("run_id", "stage", "code_version", "created_at")
         ratings = store.read("current_ratings").drop("run_id", "stage", "code_version", "created_at")
         responses = store.read("current_responses").drop("run_id", "stage", "code_version", "created_at")
-        judgments = judgments.unique("judgment_id", keep="last")
-        ratings = ratings.unique("rating_id", keep="last")
-        responses = responses.unique("response_id", keep="last")
         pairs, drops, report = apply_filters(judgments, ratings, responses, params)
         jury = aggregate_jury(judgments.filter(judgments["valid"]), method=params.jury_method,
                               judge_weights=params.judge_weights)
