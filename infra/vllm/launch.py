@@ -36,6 +36,7 @@ from pathlib import Path
 
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_PID_FILE = ".vllm-pool.json"
+SMALL_MACHINE_CPUS = 2
 
 
 @dataclass
@@ -139,6 +140,10 @@ def replica_commands(spec: LaunchSpec) -> list[tuple[int, int | None, list[str],
                 # vLLM's "auto" binding puts every replica on the same cores; split them
                 share = len(cpus) // spec.replicas
                 env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, cpus[index * share : (index + 1) * share]))
+            elif len(cpus) <= SMALL_MACHINE_CPUS:
+                # as prefcurate.inference.vllm_engine.cpu_engine_env: on 2 cores vLLM's
+                # auto-binding would leave the model one thread (1.9x slower, measured)
+                env.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
         elif spec.device == "cuda":
             gpu = gpus[index]
             env["CUDA_VISIBLE_DEVICES"] = str(gpu)

@@ -476,6 +476,25 @@ def test_launcher_command_lines(tmp_path):
     assert "--enforce-eager" not in gpu[0][2]
 
 
+def test_a_single_cpu_replica_on_a_small_machine_gets_every_core(tmp_path, monkeypatch):
+    from prefcurate.inference.vllm_engine import cpu_engine_env
+
+    launch = _launcher()
+    monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    spec = launch.LaunchSpec(model=str(tmp_path), device="cpu", replicas=1, base_port=9100)
+    monkeypatch.setattr(launch, "_cpus", lambda: [0, 1])
+    [(_, _, _, small)] = launch.replica_commands(spec)
+    assert small["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0" == cpu_engine_env(2)["VLLM_CPU_NUM_OF_RESERVED_CPU"]
+    monkeypatch.setattr(launch, "_cpus", lambda: list(range(16)))
+    [(_, _, _, large)] = launch.replica_commands(spec)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in large and cpu_engine_env(16) == {}
+    # the user's setting wins
+    monkeypatch.setattr(launch, "_cpus", lambda: [0, 1])
+    monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", "1")
+    [(_, _, _, chosen)] = launch.replica_commands(spec)
+    assert chosen["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1"
+
+
 def test_launcher_spec_from_pool_definition():
     launch = _launcher()
     spec = launch.spec_from_pools(REPO / "infra" / "vllm" / "pools.cpu.yaml", "cpu")
