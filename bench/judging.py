@@ -6,34 +6,49 @@ the embedded Gemma 3 270M (in-process vLLM, CPU):
 - ours: the pairwise template ending at ``[[``; ``score_choices`` reads P("A") vs P("B")
   from one decode step (``prefcurate.tasks.annotate.score_options``, as the stage does);
   a verdict fails only when no valid probability comes back.
-- baseline, the free-text judge as it is usually run (MT-Bench's and FairEval's judges:
-  evidence first, then the verdict): ``rationale_v1`` open at "### Evidence", greedy
-  generation of up to ``EVIDENCE_MAX_TOKENS`` tokens (a sentence or two of evidence, the
-  "### Verdict" header, ``[[A``; generation stops at ``]]``), then a lenient regex for the
-  verdict. This is the
-  RESULT's ``speedup`` and ``baseline_parse_failures``.
-- also printed, a verdict-only free-text judge: the pairwise prompt without the trailing
-  ``[[`` (ending at "### Verdict"), up to 24 tokens, stopping at ``]]``, the same regex
-  (``speedup_verdict_only``). It decodes only a few tokens, so on a CPU, where the prompt's
-  prefill costs about as much as ~24 decode steps (each decode step also pays the
-  262k-vocabulary output layer), its speedup is bounded near 2x by arithmetic; on a GPU
-  decode steps are memory-bound and cost far more than their FLOPs.
+- baseline (the RESULT's ``speedup`` and ``baseline_parse_failures``): the free-text judge
+  as MT-Bench and FairEval run it, explanation first, then the verdict, parsed from the
+  text. ``bench/templates/rationale_explain_v1.txt`` asks for the comparison on
+  helpfulness, relevance, accuracy, depth and detail, then ``[[A]]``/``[[B]]``. The model
+  here is a base model that follows instructions only by imitation, so the template shows
+  one worked example whose explanation is 99 tokens, about what GPT-4 writes per MT-Bench
+  judgment (a public write-up of four MT-Bench runs, 4 x 160 single-answer judgments with
+  gpt-4-0613 as judge, counted ~60k completion tokens: ~94 per judgment). Greedy, up to
+  ``EXPLAIN_MAX_TOKENS``, stopping at ``]]``.
+- also printed, the same judge made to write an MT-Bench-length explanation: vLLM's
+  ``min_tokens`` = ``MTBENCH_EXPLANATION_TOKENS`` (94), so ``]]`` may end the text only
+  after that many tokens; the first bracketed verdict is parsed. The 270M base model
+  mostly skips the explanation it was shown (it writes ``[[B`` at once), so the plain
+  baseline measures a judge that writes ~30 tokens; this variant measures the cost of one
+  that writes what GPT-4 writes (``speedup_mtbench_length``).
+- and two cheaper free-text judges, so the speedup can be read as a function of what the
+  judge writes:
+  - short evidence: the stage's own MEC template ``rationale_v1`` (its example is a
+    22-token evidence sentence), up to ``EVIDENCE_MAX_TOKENS``;
+  - verdict only: the pairwise prompt without the trailing ``[[`` (ending at
+    "### Verdict"), up to ``FREE_TEXT_MAX_TOKENS``.
 
-Parsing (both baselines): ``[[A]]`` (or ``[[A`` cut by the stop string), "Answer A"/"Response
-B", or a bare leading letter; no match = parse failure. A judge that writes little evidence
-(as this 270M base model does) costs little more than one decode step per verdict, so the
-speedup here is small; it grows with the evidence a judge writes (MT-Bench's GPT-4
-explanations run to ~100-200 tokens).
+On a CPU the prompt's prefill costs about as much per token as a decode step's model body,
+and each decode step also pays the 262k-vocabulary output layer (the prompt pays it once),
+so a free-text judge costs roughly 1 + (decode tokens x ~5) / (unique prompt tokens) times
+ours: ~1.3x when it writes a verdict only, ~1.5x with a sentence of evidence, ~5x or more
+with an MT-Bench-length explanation. On a GPU decode steps are memory-bound and the gap is
+wider.
+
+Parsing (all free-text judges): ``[[A]]`` (or ``[[A`` cut by the stop string), "Answer A" /
+"Assistant B", or a bare leading letter; no match = parse failure.
 
 The prefix cache is reset before every timed call, so no method reuses another's prefill
-(the prompts share the few-shot header); a warm-up precedes timing. The methods take turns
+(the prompts share few-shot headers); a warm-up precedes timing. The methods take turns
 in chunks of ``CHUNK`` verdicts (rotating which goes first) over ``ROUNDS`` rounds and the
 times are summed, so bursts of load from other processes hit all alike. CPU-seconds of the
 engine processes are printed too (robust to other load).
 
-Last line: ``RESULT speedup=<evidence-first free-text s per verdict / ours>
-parse_failures=<ours> baseline_parse_failures=<evidence-first> speedup_verdict_only=<..>
-verdict_only_parse_failures=<..>``.
+Last line: ``RESULT speedup=<explanation-first free-text s per verdict / ours>
+parse_failures=<ours> baseline_parse_failures=<explanation-first> decode_tokens=<baseline's
+mean per verdict> speedup_mtbench_length=<..> mtbench_length_parse_failures=<..>
+speedup_short_evidence=<..> short_evidence_parse_failures=<..>
+speedup_verdict_only=<..> verdict_only_parse_failures=<..>``.
 """
 
 from __future__ import annotations
@@ -64,6 +79,14 @@ BATCH = 64
 CHUNK = 28  # verdicts per alternation (14 pairs x 2 orders)
 PREFIX_NOTE = "176-token few-shot header shared by all, prefix-cached within a chunk"
 FREE_TEXT_MAX_TOKENS = 24
+EXPLAIN_TEMPLATE = Path(__file__).resolve().parent / "templates" / "rationale_explain_v1.txt"
+#: MT-Bench lets its judge write up to 2048 tokens; 256 is 2.5x the worked example and
+#: still bounds a judge that never closes its verdict
+EXPLAIN_MAX_TOKENS = 256
+#: the write-up's ~94 tokens per GPT-4 judgment: the "explanation, MT-Bench length" variant
+#: makes the same judge write at least this many before its verdict may end the text
+MTBENCH_EXPLANATION_TOKENS = 94
+FORCED_MAX_TOKENS = MTBENCH_EXPLANATION_TOKENS + 32
 #: one or two sentences of evidence (the template's example is 22 tokens), the "### Verdict"
 #: header and "[[A]]": 64 tokens leave room for all three
 EVIDENCE_MAX_TOKENS = 64
@@ -74,7 +97,7 @@ VERDICT_STOP = ("]]",)
 #: tried in order: the bracketed verdict wins over a letter in the evidence before it
 VERDICT_PATTERNS = (
     re.compile(r"\[\[\s*([AB])\s*(?:\]\]|$)"),
-    re.compile(r"\b(?:Answer|Response|Option)\s+([AB])\b"),
+    re.compile(r"\b(?:Answer|Assistant|Response|Option)\s+([AB])\b"),
     re.compile(r"^\W*([AB])\b"),
 )
 
@@ -87,9 +110,10 @@ def parse_verdict(text: str) -> str | None:
     return None
 
 
-def build_prompts() -> tuple[list[str], list[str], np.ndarray]:
-    """For both orders of every gold pair: the verdict prompt, the evidence-first prompt
-    (rationale_v1 open at "### Evidence"), and which option is correct."""
+def build_prompts() -> tuple[list[str], list[str], list[str], np.ndarray]:
+    """For both orders of every gold pair: the verdict prompt, the explanation-first prompt
+    (open at "### Explanation"), the short-evidence prompt (rationale_v1 open at
+    "### Evidence"), and which option is correct."""
     gold = load_gold_pairs()
     template = load_template("pairwise_v1")
     description = resolve_criteria(["overall"])["overall"]
@@ -108,8 +132,9 @@ def build_prompts() -> tuple[list[str], list[str], np.ndarray]:
     # interleave (ab, ba) per pair, as the stage sends them
     orders = pl.concat([ab.with_row_index("pair"), ba.with_row_index("pair")])
     orders = orders.sort("pair", maintain_order=True)
+    explain = load_template(str(EXPLAIN_TEMPLATE), "rationale").render_column(orders, stop_before="rationale")
     evidence = load_template("rationale_v1", "rationale").render_column(orders, stop_before="rationale")
-    return template.render_column(orders), evidence, orders["first_is_better"].to_numpy()
+    return template.render_column(orders), explain, evidence, orders["first_is_better"].to_numpy()
 
 
 def run_ours(engine, prompts):
@@ -123,13 +148,18 @@ def run_ours(engine, prompts):
     return seconds, p_first, failures
 
 
-def run_free_text(engine, prompts, max_tokens=FREE_TEXT_MAX_TOKENS):
+def run_free_text(engine, prompts, max_tokens=FREE_TEXT_MAX_TOKENS, min_tokens=0):
     sampling = SamplingParams(n=1, temperature=0.0, top_p=1.0, max_tokens=max_tokens, stop=VERDICT_STOP)
     requests = [GenerateRequest(p, None, sampling, chat=False) for p in prompts]
+    # min_tokens is vLLM's own sampling parameter (stop strings count only after it)
+    engine.extra_sampling = {"min_tokens": min_tokens} if min_tokens else {}
     started = time.perf_counter()
     results = []
-    for start in range(0, len(requests), BATCH):
-        results.extend(engine.generate(requests[start : start + BATCH]))
+    try:
+        for start in range(0, len(requests), BATCH):
+            results.extend(engine.generate(requests[start : start + BATCH]))
+    finally:
+        engine.extra_sampling = {}
     seconds = time.perf_counter() - started
     texts = ["" if r.error else r.completions[0].text for r in results]
     tokens = [0 if r.error else r.completions[0].tokens_out for r in results]
@@ -162,7 +192,7 @@ def reset_prefix_cache(engine) -> None:
 def main() -> None:
     from prefcurate.inference.pools import EngineConfig, open_engine
 
-    prompts, evidence_prompts, first_is_better = build_prompts()
+    prompts, explain_prompts, evidence_prompts, first_is_better = build_prompts()
     verdict_prompts = [p[: -len(VERDICT_CUE)] for p in prompts]
     assert all(p.endswith(VERDICT_CUE) for p in prompts)
     n = len(prompts)
@@ -173,16 +203,18 @@ def main() -> None:
     engine = open_engine("bench-judge", EngineConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
     p_first = np.full(n, np.nan)
-    free = {  # method -> (prompts, max_tokens, verdicts, decode tokens, texts)
-        "evidence": (evidence_prompts, EVIDENCE_MAX_TOKENS, [None] * n, [0] * n, [""] * n),
-        "verdict": (verdict_prompts, FREE_TEXT_MAX_TOKENS, [None] * n, [0] * n, [""] * n),
+    free = {  # method -> (prompts, max_tokens, min_tokens, verdicts, decode tokens, texts)
+        "explain": (explain_prompts, EXPLAIN_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
+        "explain_94": (explain_prompts, FORCED_MAX_TOKENS, MTBENCH_EXPLANATION_TOKENS, [None] * n, [0] * n, [""] * n),
+        "evidence": (evidence_prompts, EVIDENCE_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
+        "verdict": (verdict_prompts, FREE_TEXT_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
     }
     wall = dict.fromkeys(["ours", *free], 0.0)
     cpu = dict.fromkeys(["ours", *free], 0.0)
     try:
         score_options(engine, prompts[:4], PAIRWISE_OPTIONS, batch_size=BATCH)  # warm-up
-        for method_prompts, max_tokens, *_ in free.values():
-            run_free_text(engine, method_prompts[:4], max_tokens)
+        for method_prompts, max_tokens, min_tokens, *_ in free.values():
+            run_free_text(engine, method_prompts[:4], max_tokens, min_tokens)
         if hasattr(engine, "drain_metrics"):
             engine.drain_metrics()  # count only the timed requests' prompt tokens
 
@@ -192,9 +224,9 @@ def main() -> None:
             if method == "ours":
                 seconds, p_first[part], _ = run_ours(engine, prompts[part])
             else:
-                method_prompts, max_tokens, verdicts, tokens, texts = free[method]
+                method_prompts, max_tokens, min_tokens, verdicts, tokens, texts = free[method]
                 seconds, verdicts[part], tokens[part], texts[part] = run_free_text(
-                    engine, method_prompts[part], max_tokens
+                    engine, method_prompts[part], max_tokens, min_tokens
                 )
             wall[method] += seconds
             cpu[method] += cpu_seconds() - cpu_before
@@ -218,30 +250,36 @@ def main() -> None:
     ours_failures = int(np.sum(~np.isfinite(p_first)))
     ours_agree = float(np.mean((p_first > 0.5) == first_is_better))
     print(
-        f"ours                  : {1 / per['ours']:7.2f} verdicts/s  {per['ours'] * 1000:8.1f} ms/verdict  "
+        f"ours                         : {1 / per['ours']:7.2f} verdicts/s  {per['ours'] * 1000:8.1f} ms/verdict  "
         f"1.0 decode tokens/verdict  parse failures {ours_failures}/{n}  "
         f"agreement with gold {ours_agree:.2f}  mean P(A) {np.nanmean(p_first):.2f}"
     )
     failures = {}
-    for method, (_, max_tokens, verdicts, tokens, texts) in free.items():
+    for method, (_, max_tokens, _, verdicts, tokens, texts) in free.items():
         failures[method] = sum(v is None for v in verdicts)
         parsed = [(v == "A") == f for v, f in zip(verdicts, first_is_better) if v]
-        label = "free text, evidence" if method == "evidence" else "free text, verdict"
+        label = {"explain": "free text, explanation", "explain_94": "explanation, MT-Bench length",
+                 "evidence": "free text, short evidence", "verdict": "free text, verdict"}[method]
         print(
-            f"{label:22s}: {1 / per[method]:7.2f} verdicts/s  {per[method] * 1000:8.1f} ms/verdict  "
+            f"{label:29s}: {1 / per[method]:7.2f} verdicts/s  {per[method] * 1000:8.1f} ms/verdict  "
             f"{np.mean(tokens):.1f} decode tokens/verdict (max {max_tokens})  "
             f"parse failures {failures[method]}/{n}  agreement with gold (parsed) "
             f"{np.mean(parsed) if parsed else float('nan'):.2f} on {len(parsed)}  "
             f"speedup {per[method] / per['ours']:.2f}x  "
             f"compute ratio {cpu[method] / max(cpu['ours'], 1e-9):.2f}x (cpu-s)"
         )
-        print(f"  samples: {[t[:60] for t in texts[:2]]}")
+        print(f"  samples: {[t[:160] for t in texts[:2]]}")
     prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     if prompt_tokens:
         print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} (a {PREFIX_NOTE})")
     print(
-        f"RESULT speedup={per['evidence'] / per['ours']:.2f} parse_failures={ours_failures} "
-        f"baseline_parse_failures={failures['evidence']} "
+        f"RESULT speedup={per['explain'] / per['ours']:.2f} parse_failures={ours_failures} "
+        f"baseline_parse_failures={failures['explain']} "
+        f"decode_tokens={np.mean(free['explain'][4]):.1f} "
+        f"speedup_mtbench_length={per['explain_94'] / per['ours']:.2f} "
+        f"mtbench_length_parse_failures={failures['explain_94']} "
+        f"speedup_short_evidence={per['evidence'] / per['ours']:.2f} "
+        f"short_evidence_parse_failures={failures['evidence']} "
         f"speedup_verdict_only={per['verdict'] / per['ours']:.2f} "
         f"verdict_only_parse_failures={failures['verdict']}"
     )
