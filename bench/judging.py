@@ -28,12 +28,14 @@ the embedded Gemma 3 270M (in-process vLLM, CPU):
   - verdict only: the pairwise prompt without the trailing ``[[`` (ending at
     "### Verdict"), up to ``FREE_TEXT_MAX_TOKENS``.
 
-On a CPU the prompt's prefill costs about as much per token as a decode step's model body,
-and each decode step also pays the 262k-vocabulary output layer (the prompt pays it once),
-so a free-text judge costs roughly 1 + (decode tokens x ~5) / (unique prompt tokens) times
-ours: ~1.3x when it writes a verdict only, ~1.5x with a sentence of evidence, ~5x or more
-with an MT-Bench-length explanation. On a GPU decode steps are memory-bound and the gap is
-wider.
+Why 5x is out of reach on this CPU: ours costs one prefill of the prompt (261 tokens, of
+which vLLM's prefix cache shares the first 128-token block of the few-shot header, within a
+batch too); a free-text judge costs that prefill plus its decode steps, and here one decode
+token (batch of 28) costs about as much as 8 prompt tokens. So the speedup is roughly
+1 + 8 x (decode tokens) / (~140 uncached prompt tokens) plus the baseline's longer prompt:
+measured 1.4x for a verdict only (7.5 tokens), 1.75x with a sentence of evidence (19),
+3.2x explanation-first (31.5, most of it the verdict), 4.4x at MT-Bench length (118). On a
+GPU, decode steps are memory-bound and cost far more than prompt tokens, so the gap widens.
 
 Parsing (all free-text judges): ``[[A]]`` (or ``[[A`` cut by the stop string), "Answer A" /
 "Assistant B", or a bare leading letter; no match = parse failure.
