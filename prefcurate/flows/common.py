@@ -162,11 +162,21 @@ def dataset_path(store: Store) -> Path:
     return store.root
 
 
+#: Dask's nanny starts workers with these at 1 (against oversubscription by many worker
+#: threads); the compute in our workers is vLLM's, which binds its own OpenMP threads, and
+#: MKL_NUM_THREADS=1 held its matrix products to one core (prefill 1.9x slower on 2 cores)
+THREAD_LIMITS_LEFT_TO_VLLM = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+
 def configure_dask() -> None:
-    """Dask workers must not be daemonic: vLLM's engine starts its own worker processes."""
+    """Dask workers must not be daemonic (vLLM's engine starts its own worker processes),
+    and must not pin the BLAS/OpenMP thread counts vLLM sets for its engine."""
     import dask
 
-    dask.config.set({"distributed.worker.daemon": False})
+    environ = dict(dask.config.get("distributed.nanny.pre-spawn-environ", {}))
+    for name in THREAD_LIMITS_LEFT_TO_VLLM:
+        environ.pop(name, None)
+    dask.config.set({"distributed.worker.daemon": False, "distributed.nanny.pre-spawn-environ": environ})
 
 
 def ensure_prefect_api(config: PipelineConfig | None = None) -> None:

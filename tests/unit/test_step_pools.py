@@ -55,3 +55,26 @@ def test_a_units_request_metrics_drain_each_engine_once():
     assert frame.columns == [f.name for f in REQUEST_METRICS if f not in PROVENANCE]
     assert frame.filter(~frame["ok"])["error"].to_list() == ["too_long: 4000 > 1024"]
     assert request_metrics(warm).height == 0  # drained: the next unit starts from nothing
+
+
+def test_build_workers_leave_thread_counts_to_vllm():
+    """Dask's nanny pins OMP/MKL/OpenBLAS to 1 thread; in a build's LocalCluster the model
+    engine must get the machine's cores, and Dask's other worker settings stay."""
+    import os
+
+    from distributed import Client
+
+    from prefcurate.flows.common import dask_cluster
+
+    threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
+
+    def worker_environ():
+        return {name: os.environ.get(name) for name in (*threads, "MALLOC_TRIM_THRESHOLD_")}
+
+    config = load_config("examples/quickstart.yaml")
+    here = worker_environ()  # before the nanny starts: it writes its settings into this process too
+    with dask_cluster(config) as address, Client(address) as client:
+        [seen] = client.run(worker_environ).values()
+    # the workers inherit this process's settings, and Dask adds none
+    assert {name: seen[name] for name in threads} == {name: here[name] for name in threads}
+    assert seen["MALLOC_TRIM_THRESHOLD_"] == "65536"
