@@ -155,11 +155,13 @@ def test_adhoc_build_through_the_api(api, tmp_path):
 
 def test_a_unit_waits_for_its_pools_slot(api):
     """Two runs wanting one embedded pool: the second unit waits until the first lets go."""
+    import contextvars
     import threading
     import time
 
-    from prefect.concurrency.sync import concurrency
+    from prefect import get_client
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
+    from prefect.concurrency.sync import concurrency
 
     from prefcurate.flows.common import pool_slots
 
@@ -170,11 +172,15 @@ def test_a_unit_waits_for_its_pools_slot(api):
             entered.set()
 
     with concurrency("pool-judges", occupy=1, strict=True):  # the first run's unit holds the slot
-        waiting = threading.Thread(target=second_unit, daemon=True)
+        # the thread runs in this context: Prefect's settings (the test server's URL) are a
+        # context variable, and without them the release would go to a temporary server
+        waiting = threading.Thread(target=contextvars.copy_context().run, args=(second_unit,), daemon=True)
         waiting.start()
         assert not entered.wait(timeout=5), "the unit ran while the pool's only slot was taken"
     assert entered.wait(timeout=120), "the unit never got the slot after it was released"
     waiting.join(timeout=30)
+    with get_client(sync_client=True) as client:  # both units gave their slot back to this server
+        assert client.read_global_concurrency_limit_by_name("pool-judges").active_slots == 0
 
     with pytest.raises(ConcurrencySlotAcquisitionError):  # strict: a pool without a limit is an error
         with pool_slots(["no-such-pool"], mode="strict"):
