@@ -283,12 +283,15 @@ def measure_pool(model, requests, warm_verdicts, timed_verdicts):
 
 
 def measure_in_process(model, requests, verdict_sets):
+    from prefcurate.inference.vllm_engine import VLLMEngine, cpu_engine_env, usable_cpus
+
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GB))
+    # the thread settings VLLMEngine and the server launcher apply, for the bare vllm.LLM too
+    for key, value in cpu_engine_env(usable_cpus()).items():
+        os.environ.setdefault(key, value)
     from vllm import LLM
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.inputs import TokensPrompt
-
-    from prefcurate.inference.vllm_engine import VLLMEngine
 
     llm = with_memory("the in-process vllm.LLM", lambda: LLM(
         model=model, dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
