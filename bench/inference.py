@@ -283,12 +283,10 @@ def measure_pool(model, requests, warm_verdicts, timed_verdicts):
 
 
 def measure_in_process(model, requests, verdict_sets):
-    from prefcurate.inference.vllm_engine import VLLMEngine, cpu_engine_env, usable_cpus
+    from prefcurate.inference.vllm_engine import VLLMEngine, apply_cpu_engine_defaults
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(KV_CACHE_GB))
-    # the thread settings VLLMEngine and the server launcher apply, for the bare vllm.LLM too
-    for key, value in cpu_engine_env(usable_cpus()).items():
-        os.environ.setdefault(key, value)
+    # the settings VLLMEngine and the server launcher apply, for the bare vllm.LLM too
+    apply_cpu_engine_defaults(KV_CACHE_GB)
     from vllm import LLM
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.inputs import TokensPrompt

@@ -63,6 +63,7 @@ sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import re  # noqa: E402
 import time  # noqa: E402
+from dataclasses import dataclass, field  # noqa: E402
 
 import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
@@ -102,6 +103,23 @@ VERDICT_PATTERNS = (
     re.compile(r"\b(?:Answer|Assistant|Response|Option)\s+([AB])\b"),
     re.compile(r"^\W*([AB])\b"),
 )
+
+
+@dataclass
+class FreeTextJudge:
+    """One free-text baseline: what it is asked and may write, and what it wrote per prompt."""
+
+    label: str
+    prompts: list[str]
+    max_tokens: int
+    min_tokens: int = 0
+    verdicts: list[str | None] = field(init=False)
+    tokens: list[int] = field(init=False)
+    texts: list[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        n = len(self.prompts)
+        self.verdicts, self.tokens, self.texts = [None] * n, [0] * n, [""] * n
 
 
 def parse_verdict(text: str) -> str | None:
@@ -205,18 +223,19 @@ def main() -> None:
     engine = open_engine("bench-judge", EngineConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
     p_first = np.full(n, np.nan)
-    free = {  # method -> (prompts, max_tokens, min_tokens, verdicts, decode tokens, texts)
-        "explain": (explain_prompts, EXPLAIN_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
-        "explain_94": (explain_prompts, FORCED_MAX_TOKENS, MTBENCH_EXPLANATION_TOKENS, [None] * n, [0] * n, [""] * n),
-        "evidence": (evidence_prompts, EVIDENCE_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
-        "verdict": (verdict_prompts, FREE_TEXT_MAX_TOKENS, 0, [None] * n, [0] * n, [""] * n),
+    free = {
+        "explain": FreeTextJudge("free text, explanation", explain_prompts, EXPLAIN_MAX_TOKENS),
+        "explain_94": FreeTextJudge("explanation, MT-Bench length", explain_prompts, FORCED_MAX_TOKENS,
+                                    MTBENCH_EXPLANATION_TOKENS),
+        "evidence": FreeTextJudge("free text, short evidence", evidence_prompts, EVIDENCE_MAX_TOKENS),
+        "verdict": FreeTextJudge("free text, verdict", verdict_prompts, FREE_TEXT_MAX_TOKENS),
     }
     wall = dict.fromkeys(["ours", *free], 0.0)
     cpu = dict.fromkeys(["ours", *free], 0.0)
     try:
         score_options(engine, prompts[:4], PAIRWISE_OPTIONS, batch_size=BATCH)  # warm-up
-        for method_prompts, max_tokens, min_tokens, *_ in free.values():
-            run_free_text(engine, method_prompts[:4], max_tokens, min_tokens)
+        for judge in free.values():
+            run_free_text(engine, judge.prompts[:4], judge.max_tokens, judge.min_tokens)
         if hasattr(engine, "drain_metrics"):
             engine.drain_metrics()  # count only the timed requests' prompt tokens
 
@@ -226,9 +245,9 @@ def main() -> None:
             if method == "ours":
                 seconds, p_first[part], _ = run_ours(engine, prompts[part])
             else:
-                method_prompts, max_tokens, min_tokens, verdicts, tokens, texts = free[method]
-                seconds, verdicts[part], tokens[part], texts[part] = run_free_text(
-                    engine, method_prompts[part], max_tokens, min_tokens
+                judge = free[method]
+                seconds, judge.verdicts[part], judge.tokens[part], judge.texts[part] = run_free_text(
+                    engine, judge.prompts[part], judge.max_tokens, judge.min_tokens
                 )
             wall[method] += seconds
             cpu[method] += cpu_seconds() - cpu_before
@@ -257,27 +276,25 @@ def main() -> None:
         f"agreement with gold {ours_agree:.2f}  mean P(A) {np.nanmean(p_first):.2f}"
     )
     failures = {}
-    for method, (_, max_tokens, _, verdicts, tokens, texts) in free.items():
-        failures[method] = sum(v is None for v in verdicts)
-        parsed = [(v == "A") == f for v, f in zip(verdicts, first_is_better) if v]
-        label = {"explain": "free text, explanation", "explain_94": "explanation, MT-Bench length",
-                 "evidence": "free text, short evidence", "verdict": "free text, verdict"}[method]
+    for method, judge in free.items():
+        failures[method] = sum(v is None for v in judge.verdicts)
+        parsed = [(v == "A") == f for v, f in zip(judge.verdicts, first_is_better) if v]
         print(
-            f"{label:29s}: {1 / per[method]:7.2f} verdicts/s  {per[method] * 1000:8.1f} ms/verdict  "
-            f"{np.mean(tokens):.1f} decode tokens/verdict (max {max_tokens})  "
+            f"{judge.label:29s}: {1 / per[method]:7.2f} verdicts/s  {per[method] * 1000:8.1f} ms/verdict  "
+            f"{np.mean(judge.tokens):.1f} decode tokens/verdict (max {judge.max_tokens})  "
             f"parse failures {failures[method]}/{n}  agreement with gold (parsed) "
             f"{np.mean(parsed) if parsed else float('nan'):.2f} on {len(parsed)}  "
             f"speedup {per[method] / per['ours']:.2f}x  "
             f"compute ratio {cpu[method] / max(cpu['ours'], 1e-9):.2f}x (cpu-s)"
         )
-        print(f"  samples: {[t[:160] for t in texts[:2]]}")
+        print(f"  samples: {[t[:160] for t in judge.texts[:2]]}")
     prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     if prompt_tokens:
         print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} (a {PREFIX_NOTE})")
     print(
         f"RESULT speedup={per['explain'] / per['ours']:.2f} parse_failures={ours_failures} "
         f"baseline_parse_failures={failures['explain']} "
-        f"decode_tokens={np.mean(free['explain'][4]):.1f} "
+        f"decode_tokens={np.mean(free['explain'].tokens):.1f} "
         f"speedup_mtbench_length={per['explain_94'] / per['ours']:.2f} "
         f"mtbench_length_parse_failures={failures['explain_94']} "
         f"speedup_short_evidence={per['evidence'] / per['ours']:.2f} "

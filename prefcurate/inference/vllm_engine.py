@@ -66,6 +66,14 @@ def cpu_engine_env(cpus: int) -> dict[str, str]:
     return {"VLLM_CPU_NUM_OF_RESERVED_CPU": "0"} if cpus <= SMALL_MACHINE_CPUS else {}
 
 
+def apply_cpu_engine_defaults(kv_cache_space_gb: int) -> None:
+    """Set the CPU engine's environment defaults (KV cache size, threads) where unset; call
+    before ``vllm.LLM`` is built (the engine and benchmarks that build a bare one)."""
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gb))
+    for key, value in cpu_engine_env(usable_cpus()).items():
+        os.environ.setdefault(key, value)
+
+
 class VLLMEngine:
     """:class:`~prefcurate.inference.base.Engine` over one in-process ``vllm.LLM``.
 
@@ -97,9 +105,7 @@ class VLLMEngine:
         self.extra_sampling = dict(extra_sampling or {})
         self._owns_llm = llm is None
         if llm is None:
-            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_space_gb))
-            for key, value in cpu_engine_env(usable_cpus()).items():
-                os.environ.setdefault(key, value)
+            apply_cpu_engine_defaults(kv_cache_space_gb)
             from vllm import LLM
 
             if max_num_seqs is not None:
