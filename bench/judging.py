@@ -1,14 +1,18 @@
 """Probability-read judging vs free-text judges, on the same pairs, engine and run.
 
 All judge the packaged gold pairs (``prefcurate/data/gold_pairs.jsonl``) in both orders on
-the embedded Gemma 3 270M (in-process vLLM, CPU):
+the embedded Gemma 3 270M (in-process vLLM, CPU, the stage's engine defaults), with the
+same prompt layout: instructions, a worked example, the criterion, then the request and
+the two answers (MT-Bench's order: the judge's instructions and criteria come before the
+question and answers).
 
-- ours: the pairwise template ending at ``[[``; ``score_choices`` reads P("A") vs P("B")
-  from one decode step (``prefcurate.tasks.annotate.score_options``, as the stage does);
-  a verdict fails only when no valid probability comes back.
+- ours: the stage's default pairwise template (``JudgeSpec().template``, ending at
+  ``[[``); ``score_choices`` reads P("A") vs P("B") from one decode step
+  (``prefcurate.tasks.annotate.score_options``, as the stage does); a verdict fails only
+  when no valid probability comes back.
 - baseline (the RESULT's ``speedup`` and ``baseline_parse_failures``): the free-text judge
   as MT-Bench and FairEval run it, explanation first, then the verdict, parsed from the
-  text. ``bench/templates/rationale_explain_v1.txt`` asks for the comparison on
+  text. ``bench/templates/rationale_explain_v2.txt`` asks for the comparison on
   helpfulness, relevance, accuracy, depth and detail, then ``[[A]]``/``[[B]]``. The model
   here is a base model that follows instructions only by imitation, so the template shows
   one worked example whose explanation is 99 tokens, about what GPT-4 writes per MT-Bench
@@ -18,24 +22,26 @@ the embedded Gemma 3 270M (in-process vLLM, CPU):
 - also printed, the same judge made to write an MT-Bench-length explanation: vLLM's
   ``min_tokens`` = ``MTBENCH_EXPLANATION_TOKENS`` (94), so ``]]`` may end the text only
   after that many tokens; the first bracketed verdict is parsed. The 270M base model
-  mostly skips the explanation it was shown (it writes ``[[B`` at once), so the plain
-  baseline measures a judge that writes ~30 tokens; this variant measures the cost of one
-  that writes what GPT-4 writes (``speedup_mtbench_length``).
+  often writes a shorter explanation than it was shown, or none; this variant measures the
+  cost of one that writes what GPT-4 writes (``speedup_mtbench_length``).
 - and two cheaper free-text judges, so the speedup can be read as a function of what the
   judge writes:
-  - short evidence: the stage's own MEC template ``rationale_v1`` (its example is a
-    22-token evidence sentence), up to ``EVIDENCE_MAX_TOKENS``;
-  - verdict only: the pairwise prompt without the trailing ``[[`` (ending at
-    "### Verdict"), up to ``FREE_TEXT_MAX_TOKENS``.
+  - short evidence: the stage's own MEC template (``JudgeSpec().rationale_template``,
+    its example is a 22-token evidence sentence), up to ``EVIDENCE_MAX_TOKENS``;
+  - verdict only: ours' prompt without the trailing ``[[`` (ending at "### Verdict"), up
+    to ``FREE_TEXT_MAX_TOKENS``.
 
-Why 5x is out of reach on this CPU: ours costs one prefill of the prompt (261 tokens, of
-which vLLM's prefix cache shares the first 128-token block of the few-shot header, within a
-batch too); a free-text judge costs that prefill plus its decode steps, and here one decode
-token (batch of 28) costs about as much as 8 prompt tokens. So the speedup is roughly
-1 + 8 x (decode tokens) / (~140 uncached prompt tokens) plus the baseline's longer prompt:
-measured 1.4x for a verdict only (7.5 tokens), 1.75x with a sentence of evidence (19),
-3.2x explanation-first (31.5, most of it the verdict), 4.4x at MT-Bench length (118). On a
-GPU, decode steps are memory-bound and cost far more than prompt tokens, so the gap widens.
+Where the time goes: ours costs the prefill of its prompt (261 tokens) less what vLLM's
+prefix cache shares within a batch, in whole KV blocks (32 tokens on CPU, see
+``prefcurate.inference.vllm_engine.CPU_BLOCK_SIZE``): the header and criterion are shared
+by every request and the request by both orders of a pair, so ~57 tokens per verdict are
+computed. A free-text judge costs the same kind of prefill plus its decode steps, and one
+decode token (a step of the batch's sequences, each through the 262k-word output layer)
+costs several prompt tokens here. Fewer computed prompt tokens per verdict is where this
+speedup comes from; with vLLM's CPU default of 128-token blocks, and the criterion after
+the answers (``pairwise_v1``), ours computed 133 tokens per verdict and the speedup over
+the explanation-first judge was 3.2x (stop 11). On a GPU, decode steps are memory-bound
+and cost far more than prompt tokens, so the gap widens.
 
 Parsing (all free-text judges): ``[[A]]`` (or ``[[A`` cut by the stop string), "Answer A" /
 "Assistant B", or a bare leading letter; no match = parse failure.
@@ -71,6 +77,7 @@ import polars as pl  # noqa: E402
 from prefcurate.inference.base import GenerateRequest, SamplingParams  # noqa: E402
 from prefcurate.tasks.annotate import (  # noqa: E402
     PAIRWISE_OPTIONS,
+    JudgeSpec,
     load_gold_pairs,
     load_template,
     resolve_criteria,
@@ -80,9 +87,11 @@ from prefcurate.tasks.annotate import (  # noqa: E402
 ROUNDS = 2
 BATCH = 64
 CHUNK = 28  # verdicts per alternation (14 pairs x 2 orders)
-PREFIX_NOTE = "176-token few-shot header shared by all, prefix-cached within a chunk"
+PREFIX_NOTE = (
+    "the header and criterion shared by all and the request by both orders are prefix-cached within a chunk"
+)
 FREE_TEXT_MAX_TOKENS = 24
-EXPLAIN_TEMPLATE = Path(__file__).resolve().parent / "templates" / "rationale_explain_v1.txt"
+EXPLAIN_TEMPLATE = Path(__file__).resolve().parent / "templates" / "rationale_explain_v2.txt"
 #: MT-Bench lets its judge write up to 2048 tokens; 256 is 2.5x the worked example and
 #: still bounds a judge that never closes its verdict
 EXPLAIN_MAX_TOKENS = 256
@@ -132,10 +141,11 @@ def parse_verdict(text: str) -> str | None:
 
 def build_prompts() -> tuple[list[str], list[str], list[str], np.ndarray]:
     """For both orders of every gold pair: the verdict prompt, the explanation-first prompt
-    (open at "### Explanation"), the short-evidence prompt (rationale_v1 open at
+    (open at "### Explanation"), the short-evidence prompt (the stage's MEC template open at
     "### Evidence"), and which option is correct."""
     gold = load_gold_pairs()
-    template = load_template("pairwise_v1")
+    judge = JudgeSpec(name="bench")
+    template = load_template(judge.template)
     description = resolve_criteria(["overall"])["overall"]
     ab = gold.select(
         "prompt",
@@ -153,7 +163,7 @@ def build_prompts() -> tuple[list[str], list[str], list[str], np.ndarray]:
     orders = pl.concat([ab.with_row_index("pair"), ba.with_row_index("pair")])
     orders = orders.sort("pair", maintain_order=True)
     explain = load_template(str(EXPLAIN_TEMPLATE), "rationale").render_column(orders, stop_before="rationale")
-    evidence = load_template("rationale_v1", "rationale").render_column(orders, stop_before="rationale")
+    evidence = load_template(judge.rationale_template, "rationale").render_column(orders, stop_before="rationale")
     return template.render_column(orders), explain, evidence, orders["first_is_better"].to_numpy()
 
 
@@ -290,7 +300,7 @@ def main() -> None:
         print(f"  samples: {[t[:160] for t in judge.texts[:2]]}")
     prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     if prompt_tokens:
-        print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} (a {PREFIX_NOTE})")
+        print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} ({PREFIX_NOTE})")
     print(
         f"RESULT speedup={per['explain'] / per['ours']:.2f} parse_failures={ours_failures} "
         f"baseline_parse_failures={failures['explain']} "

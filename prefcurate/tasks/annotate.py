@@ -275,10 +275,10 @@ class JudgeSpec(BaseModel):
     name: str = Field(..., min_length=1, description="unique name; stored with each judgment")
     pool: str = Field("judges", description="inference pool that serves this model")
     model: str = Field("default", description="model name or local folder ('default' = embedded)")
-    template: str = Field("pairwise_v1", description="pairwise template (name or .txt path)")
+    template: str = Field("pairwise_v3", description="pairwise template (name or .txt path)")
     rubric_template: str = Field("rubric_v1", description="rubric template (name or .txt path)")
     rationale_template: str = Field(
-        "rationale_v1", description="template for rationale (MEC) mode (name or .txt path)"
+        "rationale_v2", description="template for rationale (MEC) mode (name or .txt path)"
     )
 
 

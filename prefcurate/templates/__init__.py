@@ -8,6 +8,15 @@ on its own for common tokenizers (Gemma splits ``[[`` and digits into separate t
 A template is never edited in place: a change is a new version, so stored judgments stay
 traceable through their ``template_hash``.
 
+Layout, for vLLM's prefix cache: what is the same for every request of a judge (the
+instructions, the examples, the criterion) comes first, and the request and the answers
+last, so a batch computes the shared part once (the two orders of a pair share the request
+too). ``pairwise_v3`` and ``rationale_v2`` (the defaults) are ``pairwise_v1`` and
+``rationale_v1`` with the criterion moved ahead of the request: 57 instead of 85 prompt
+tokens to compute per verdict on the gold pairs (32-token KV blocks), 1.5x fewer. The rubric
+templates keep the aspect last on purpose: a response is rated on several aspects, and
+those requests share everything up to the aspect.
+
 Validation and hashing live in :func:`prefcurate.tasks.annotate.load_template`; this
 module only reads the packaged files.
 """

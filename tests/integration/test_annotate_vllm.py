@@ -92,7 +92,7 @@ def test_pairwise_probabilities_are_valid_and_balanced(frames, engine):
     expected = (out["p_first_ab"] + 1 - out["p_first_ba"]) / 2
     assert np.allclose(out["p_a"].to_numpy(), expected.to_numpy())
     assert (out["response_a"] < out["response_b"]).all()
-    assert set(out["template_hash"]) == {load_template("pairwise_v1").hash}
+    assert set(out["template_hash"]) == {load_template("pairwise_v3").hash}
     assert set(out["judge_model"]) == {engine.model}
 
     ratings = rate_responses(responses, prompts, judge, engine, params)
@@ -100,6 +100,33 @@ def test_pairwise_probabilities_are_valid_and_balanced(frames, engine):
     sums = np.array([sum(p) for p in ratings["probs"].to_list()])
     assert np.allclose(sums, 1.0)
     assert ratings["expected_score"].is_between(1.0, 5.0).all()
+
+
+def test_the_two_orders_of_a_pair_share_their_prefix_in_the_kv_cache(engine):
+    """The second order reuses the first's KV cache up to the first answer, in whole
+    32-token blocks (vLLM's CPU default of 128 would reuse a multiple of 128 only)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from prefcurate.inference.vllm_engine import CPU_BLOCK_SIZE
+
+    template = load_template(JudgeSpec(name="j").template)
+    fields = {"criterion_description": "Which answer is more polite.", "prompt": "Greet a new colleague."}
+    orders = [
+        template.text.format(**fields, response_first=first, response_second=second)
+        for first, second in [("Welcome aboard, glad to have you!", "What do you want?"),
+                              ("What do you want?", "Welcome aboard, glad to have you!")]
+    ]
+    ids = [engine.tokenizer.prompt_ids(text) for text in orders]
+    shared = next(i for i, (x, y) in enumerate(zip(*ids)) if x != y)
+    engine.llm.reset_prefix_cache()
+    cached = [
+        engine.llm.generate([TokensPrompt(prompt_token_ids=i)], SamplingParams(max_tokens=1), use_tqdm=False)[0]
+        .num_cached_tokens
+        for i in ids
+    ]
+    assert cached[0] == 0
+    assert cached[1] == shared // CPU_BLOCK_SIZE * CPU_BLOCK_SIZE > shared // 128 * 128
 
 
 def test_rationale_mode_and_calibration_on_the_real_engine(frames, engine):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import re
 
 import numpy as np
@@ -92,11 +93,30 @@ PARAMS = AnnotateParams(judges=[JUDGE], criteria=["overall", "helpfulness"], rub
 
 
 def test_packaged_templates_validate_and_end_at_the_answer_token():
-    for name, kind in [("pairwise_v1", "pairwise"), ("pairwise_v2", "pairwise"), ("rubric_v1", "rubric"),
-                       ("rationale_v1", "rationale")]:
+    for name, kind in [("pairwise_v1", "pairwise"), ("pairwise_v2", "pairwise"), ("pairwise_v3", "pairwise"),
+                       ("rubric_v1", "rubric"), ("rationale_v1", "rationale"), ("rationale_v2", "rationale")]:
         template = load_template(name)
         assert template.kind == kind and template.text.endswith(("[[", "("))
         assert len(template.hash) == 24 and load_template(name + ".txt").hash == template.hash
+
+
+def test_default_pairwise_templates_put_what_every_request_shares_first():
+    """The prefix cache reuses only a common prompt start: the criterion (the same for a
+    judge's every request) must come before the request and answers, and the request
+    before the answers (both orders of a pair share it)."""
+    judge = JudgeSpec(name="j")
+    for name in (judge.template, judge.rationale_template):
+        text = load_template(name).text
+        last_example = text.rindex("### Criterion")
+        positions = [text.index(f"{{{field}}}", last_example) for field in
+                     ("criterion_description", "prompt", "response_first", "response_second")]
+        assert positions == sorted(positions), name
+    # the rendered orders of one pair agree up to the first answer
+    fields = {"criterion_description": "Which is kinder.", "prompt": "Say hi."}
+    ab = load_template(judge.template).text.format(**fields, response_first="Hi!", response_second="Go away.")
+    ba = load_template(judge.template).text.format(**fields, response_first="Go away.", response_second="Hi!")
+    shared = len(os.path.commonprefix([ab, ba]))
+    assert ab[:shared].endswith("### Answer A\n") and "Say hi." in ab[:shared]
 
 
 def test_template_missing_a_placeholder_raises_naming_it(tmp_path):
@@ -216,7 +236,7 @@ def test_position_biased_judge_gives_the_expected_order_probabilities():
         assert row["valid"] and row["error"] is None
     # BPC removes the bias exactly for this judge: p_a is the unbiased sigmoid's mean
     assert set(out["mode"]) == {"probability"} and set(out["judge_model"]) == {"judge-model"}
-    assert set(out["template_hash"]) == {load_template("pairwise_v1").hash}
+    assert set(out["template_hash"]) == {load_template("pairwise_v3").hash}
     assert out["judgment_id"].n_unique() == out.height
     # both orders of every (pair, criterion) go out in the same score_choices batch
     for batch in engine.choice_batches:
@@ -264,7 +284,7 @@ def test_rationale_mode_averages_the_verdicts_after_each_rationale():
     assert set(out["mode"]) == {"rationale"}
     assert out["p_first_ab"].to_list() == pytest.approx([0.6, 0.6])
     assert out["p_a"].to_list() == pytest.approx([0.5, 0.5])
-    assert set(out["template_hash"]) == {load_template("rationale_v1").hash}
+    assert set(out["template_hash"]) == {load_template("rationale_v2").hash}
     requests = [r for b in engine.generate_batches for r in b]
     assert len(requests) == 4 and all(r.params.n == 3 and not r.chat for r in requests)
     assert all(r.prompt.endswith("### Evidence\n") for r in requests)
@@ -350,7 +370,7 @@ def test_calibration_metrics_of_a_position_biased_judge():
     assert result["position_flip_rate"] == 0.0
     assert result["first_position_pref"] == pytest.approx(np.concatenate([ab, ba]).mean())
     assert result["first_position_pref"] > 0.5
-    assert result["template_hash"] == load_template("pairwise_v1").hash
+    assert result["template_hash"] == load_template("pairwise_v3").hash
 
     # a judge that always says "A" with 0.9: every pair flips, accuracy is chance-level
     always_a = ScriptedEngine(choice_fn=lambda p, o: [0.9, 0.1], model="m")

@@ -476,6 +476,22 @@ def test_launcher_command_lines(tmp_path):
     assert "--enforce-eager" not in gpu[0][2]
 
 
+def test_cpu_replicas_use_the_engines_block_size_unless_told(tmp_path):
+    from prefcurate.inference.vllm_engine import CPU_BLOCK_SIZE
+
+    launch = _launcher()
+
+    def block_sizes(**spec):
+        argv = launch.replica_commands(launch.LaunchSpec(model=str(tmp_path), base_port=9100, **spec))[0][2]
+        return [argv[i + 1] for i, arg in enumerate(argv) if arg == "--block-size"]
+
+    assert block_sizes(device="cpu") == [str(CPU_BLOCK_SIZE)] == [str(launch.CPU_BLOCK_SIZE)]
+    assert block_sizes(device="cpu", block_size=64) == ["64"]
+    assert block_sizes(device="cpu", extra_args=["--block-size", "128"]) == ["128"]
+    assert block_sizes(device="cuda", gpus=[0]) == []
+    assert block_sizes(device="cuda", gpus=[0], block_size=16) == ["16"]
+
+
 def test_a_single_cpu_replica_on_a_small_machine_gets_every_core(tmp_path, monkeypatch):
     from prefcurate.inference.vllm_engine import cpu_engine_env
 
