@@ -283,7 +283,7 @@ def measure_pool(model, requests, warm_verdicts, timed_verdicts):
 
 
 def measure_in_process(model, requests, verdict_sets):
-    from prefcurate.inference.vllm_engine import VLLMEngine, apply_cpu_engine_defaults
+    from prefcurate.inference.vllm_engine import VLLMEngine, apply_cpu_engine_defaults, default_block_size
 
     # the settings VLLMEngine and the server launcher apply, for the bare vllm.LLM too
     apply_cpu_engine_defaults(KV_CACHE_GB)
@@ -291,9 +291,11 @@ def measure_in_process(model, requests, verdict_sets):
     from vllm import SamplingParams as VllmSamplingParams
     from vllm.inputs import TokensPrompt
 
+    block_size = default_block_size()
     llm = with_memory("the in-process vllm.LLM", lambda: LLM(
         model=model, dtype="float32", enforce_eager=True, max_model_len=MAX_MODEL_LEN,
         enable_prefix_caching=True, max_num_seqs=MAX_NUM_SEQS, seed=0,
+        **({"block_size": block_size} if block_size else {}),
     ))  # fmt: skip
     engine = VLLMEngine(model, llm=llm, max_model_len=MAX_MODEL_LEN, extra_sampling={"ignore_eos": True})
     token_prompts = [TokensPrompt(prompt_token_ids=engine.tokenizer.generate_ids(r)) for r in requests]

@@ -81,10 +81,11 @@ def apply_cpu_engine_defaults(kv_cache_space_gb: int) -> None:
         os.environ.setdefault(key, value)
 
 
-def _on_cpu_platform() -> bool:
+def default_block_size() -> int | None:
+    """:data:`CPU_BLOCK_SIZE` on vLLM's CPU platform, else None (vLLM's own default)."""
     from vllm.platforms import current_platform
 
-    return current_platform.is_cpu()
+    return CPU_BLOCK_SIZE if current_platform.is_cpu() else None
 
 
 class VLLMEngine:
@@ -124,8 +125,7 @@ class VLLMEngine:
 
             if max_num_seqs is not None:
                 llm_kwargs["max_num_seqs"] = max_num_seqs
-            if block_size is None and _on_cpu_platform():
-                block_size = CPU_BLOCK_SIZE
+            block_size = block_size or default_block_size()
             if block_size is not None:
                 llm_kwargs["block_size"] = block_size
             llm = LLM(
