@@ -218,51 +218,65 @@ def status(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CO
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="one read-only statement, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""),
+    query: str = typer.Argument(..., help="one read-only query, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""),
     dataset: Optional[Path] = DATASET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
-    output: Optional[Path] = typer.Option(None, "--output", "-o", help="write to this file (needed for parquet)"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help="write to this file, outside the dataset (needed for parquet)"
+    ),
     max_rows: int = typer.Option(50, help="rows shown in table format"),
+    memory_limit: Optional[str] = typer.Option(
+        None, "--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB [default: 25% of RAM]"
+    ),
+    timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds (0: no limit)"),
 ) -> None:
     """Query the dataset with DuckDB SQL, read-only.
 
     Tables/views: prompts, responses, judgments, ratings, jury, judge_calibration, pairs,
     filter_drops, quality, embeddings, selections, request_metrics, quarantine, runs, and
-    the report views curated_pairs, current_pairs, judge_position_bias, filter_report,
-    quarantine_summary. Writes (INSERT, DROP, COPY ... TO, ATTACH, ...) are refused.
+    the report views curated_pairs, current_pairs, current_judgments, judge_position_bias,
+    filter_report, quarantine_summary. Only one SELECT (DESCRIBE, SHOW, SUMMARIZE, FROM ...)
+    or EXPLAIN [ANALYZE] of one is accepted; anything that writes, including writes inside
+    WITH clauses, is refused, and the query runs in memory with no access to any file.
     """
-    from prefcurate.sql import ReadOnlyViolation, run_read_only
+    import duckdb
+
+    from prefcurate.sql import ReadOnlyViolation, SqlError, check_output_path, render, run_read_only
+    from prefcurate.sql import terminal_safe, write_result
+
+    def refuse(message: str) -> None:
+        fail(terminal_safe(message))
 
     if format not in ("table", "csv", "json", "parquet"):
         fail("--format must be table, csv, json or parquet")
     if format == "parquet" and output is None:
         fail("--format parquet needs --output FILE")
+    if format == "table" and output is not None:
+        fail("--output needs --format csv, json or parquet")
+    if timeout < 0:
+        fail("--timeout must be 0 (no limit) or more seconds")
     store = _open_store(_dataset_for(config, dataset))
     try:
-        frame = run_read_only(store, query)
-    except ReadOnlyViolation as error:
-        fail(str(error))
-    except Exception as error:
-        fail(f"query failed: {error}")
-    if format == "table":
-        import polars as pl
+        target = check_output_path(store, output) if output is not None else None
+        frame = run_read_only(store, query, memory_limit=memory_limit, timeout_s=timeout or None)
+        if target is not None:
+            write_result(frame, format, target)
+            typer.echo(f"wrote {frame.height} rows to {terminal_safe(str(target))}")
+            return
+        if format == "table":
+            import polars as pl
 
-        with pl.Config(tbl_rows=max_rows, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
-            typer.echo(frame)
-        return
-    target = output
-    if format == "csv":
-        text = frame.write_csv() if target is None else frame.write_csv(target)
-    elif format == "json":
-        text = frame.write_ndjson() if target is None else frame.write_ndjson(target)
-    else:
-        frame.write_parquet(target)
-        text = None
-    if target is None and text is not None:
-        sys.stdout.write(text)
-    else:
-        typer.echo(f"wrote {frame.height} rows to {target}")
+            with pl.Config(tbl_rows=max_rows, tbl_cols=20, fmt_str_lengths=60, tbl_width_chars=200):
+                typer.echo(terminal_safe(str(frame)))
+            return
+        text = render(frame, format)
+    except (ReadOnlyViolation, SqlError) as error:
+        refuse(str(error))
+    except duckdb.Error as error:
+        refuse(f"query failed: {str(error).strip()}")
+    # piped output stays byte-exact; on a terminal, data cannot send control sequences
+    sys.stdout.write(terminal_safe(text) if sys.stdout.isatty() else text)
 
 
 @app.command()
