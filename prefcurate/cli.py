@@ -227,7 +227,7 @@ def sql(
     ),
     max_rows: int = typer.Option(50, help="rows shown in table format"),
     memory_limit: Optional[str] = typer.Option(
-        None, "--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB [default: 25% of RAM]"
+        None, "--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB (default: a quarter of RAM)"
     ),
     timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds (0: no limit)"),
 ) -> None:
