@@ -218,7 +218,9 @@ def status(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CO
 
 @app.command()
 def sql(
-    query: str = typer.Argument(..., help="one read-only query, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""),
+    query: str = typer.Argument(
+        ..., help="one read-only query, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""
+    ),
     dataset: Optional[Path] = DATASET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
@@ -229,7 +231,9 @@ def sql(
     memory_limit: Optional[str] = typer.Option(
         None, "--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB (default: a quarter of RAM)"
     ),
-    timeout: float = typer.Option(60.0, "--timeout", help="stop the query after this many seconds (0: no limit)"),
+    timeout: float = typer.Option(
+        60.0, "--timeout", help="stop the query after this many seconds (0: no limit)"
+    ),
 ) -> None:
     """Query the dataset with DuckDB SQL, read-only.
 

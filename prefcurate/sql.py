@@ -95,7 +95,8 @@ def _single_statement(query: str) -> "duckdb.Statement":
 
 def _kind(statement: "duckdb.Statement") -> str:
     name = statement.type.name
-    return {"MULTI": "multi-statement (e.g. PIVOT without IN)", "VARIABLE_SET": "SET VARIABLE"}.get(name, name)
+    readable = {"MULTI": "multi-statement (e.g. PIVOT without IN)", "VARIABLE_SET": "SET VARIABLE"}
+    return readable.get(name, name)
 
 
 def _check_select_tree(query: str) -> None:
@@ -217,7 +218,9 @@ def _read_catalog(store: Store) -> _CatalogSnapshot:
     for table, relpath in rows:
         path = (store.root / relpath).resolve()
         if store.root not in path.parents:  # a tampered catalog must not point reads elsewhere
-            raise SqlError(f"the catalog lists shard {relpath!r} outside the dataset {store.root}; refusing to read it")
+            raise SqlError(
+                f"the catalog lists shard {relpath!r} outside the dataset {store.root}; refusing to read it"
+            )
         if not path.is_file():
             raise SqlError(f"the catalog lists shard {relpath} but {path} is missing")
         shard_paths.setdefault(table, []).append(path)
@@ -290,7 +293,9 @@ def run_read_only(
             result = relation.to_arrow_table() if relation is not None else pa.table({})
         except duckdb.InterruptException:
             if timed_out.is_set():
-                raise SqlError(f"the query was stopped after {timeout_s:g} s (raise --timeout to allow longer)") from None
+                raise SqlError(
+                    f"the query was stopped after {timeout_s:g} s (raise --timeout to allow longer)"
+                ) from None
             raise
         except duckdb.OutOfMemoryException as error:
             limit = memory_limit or default_memory_limit()
