@@ -43,6 +43,11 @@ DATASET_OPTION = typer.Option(
     None, "--dataset", "-d", envvar="PREFCURATE_DATASET",
     help="dataset directory (default: the config's `dataset`, or $PREFCURATE_DATASET)",
 )
+NO_WAIT_OPTION = typer.Option(
+    False, "--no-wait",
+    help="fail at once if another command is writing this dataset (default: wait for it, "
+         "up to $PREFCURATE_WRITER_TIMEOUT_S, 1 hour)",
+)
 SET_OPTION = typer.Option(
     None, "--set", "-s", help="override a config value: --set ingest.limit=20 (YAML value syntax)"
 )
@@ -77,17 +82,18 @@ def _dataset_for(config_path: Optional[Path], dataset: Optional[Path], overrides
     raise AssertionError
 
 
-def _open_store(dataset: Path):
-    from prefcurate.store import NotADatasetError, Store
+def _open_store(dataset: Path, create: bool = False):
+    """The dataset, or `error:` naming what is wrong with it (missing, corrupt, foreign catalog)."""
+    from prefcurate.store import Store, StoreError
 
     try:
-        store = Store.open(dataset)
-        return store
-    except NotADatasetError as error:
+        return Store.open_or_init(dataset) if create else Store.open(dataset)
+    except StoreError as error:
         fail(str(error))
 
 
-def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict) -> dict:
+def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict,
+              no_wait: bool = False) -> dict:
     from prefcurate.config import ConfigError, load_config
 
     try:
@@ -95,13 +101,22 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
     except ConfigError as error:
         fail(str(error))
     from prefcurate.flows.common import RunParameters, ensure_prefect_api
-    from prefcurate.store import NotADatasetError
+    from prefcurate.store import StoreError
 
-    ensure_prefect_api(pipeline)
-    parameters = RunParameters(
-        config_path=str(config) if config else None, dataset=str(dataset) if dataset else None, overrides=overrides
-    )
+    # a broken catalog or a busy dataset is said before Prefect starts
+    store = _open_store(Path(dataset or pipeline.dataset), create=True)
+    command = f"prefcurate {'build' if stage is None else 'run ' + stage}"
+    lock = store.writer_lock(command, wait=not no_wait, notify=lambda text: typer.echo(text, err=True))
     try:
+        lock.__enter__()
+    except StoreError as error:
+        fail(str(error))
+    try:
+        ensure_prefect_api(pipeline)
+        parameters = RunParameters(
+            config_path=str(config) if config else None, dataset=str(dataset) if dataset else None,
+            overrides=overrides,
+        )
         if stage is None:
             from prefcurate.flows.build_dataset import build_dataset
 
@@ -109,7 +124,7 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
         from prefcurate.flows.stage import run_stage_flow
 
         return run_stage_flow(stage, parameters)
-    except (NotADatasetError, ConfigError) as error:
+    except (StoreError, ConfigError) as error:
         fail(str(error))
     except Exception as error:  # surface the stage's own clear error without a traceback wall
         from prefcurate.tasks.ingest import IngestError
@@ -117,6 +132,8 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
         if isinstance(error, (IngestError, FileNotFoundError)):
             fail(str(error))
         raise
+    finally:
+        lock.__exit__(None, None, None)
     raise AssertionError
 
 
@@ -143,6 +160,7 @@ def ingest(
     max_chars: Optional[int] = typer.Option(None, help="longer prompts are quarantined"),
     limit: Optional[int] = typer.Option(None, help="accept at most this many prompts"),
     set_: Optional[List[str]] = SET_OPTION,
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Read prompts: validate, normalise (NFC, whitespace), de-duplicate, shard.
 
@@ -159,10 +177,7 @@ def ingest(
     if limit is not None:
         overrides["ingest.limit"] = limit
     dataset = _dataset_for(config, dataset, overrides)
-    from prefcurate.store import Store
-
-    Store.open_or_init(dataset)
-    summary = _run_flow("ingest", config, dataset, overrides)
+    summary = _run_flow("ingest", config, dataset, overrides, no_wait)
     typer.echo(
         "read {rows_read:.0f} = accepted {accepted:.0f} + quarantined {quarantined:.0f} + duplicates {duplicates:.0f}".format(
             **{k: summary.get(k, 0) for k in ("rows_read", "accepted", "quarantined", "duplicates")}
@@ -178,12 +193,13 @@ def build(
     dataset: Optional[Path] = DATASET_OPTION,
     set_: Optional[List[str]] = SET_OPTION,
     stages: Optional[str] = typer.Option(None, help="comma-separated subset of stages to run"),
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Run the whole pipeline (resumes where a previous build stopped)."""
     overrides = _overrides(set_)
     if stages:
         overrides["stages"] = [s.strip() for s in stages.split(",")]
-    result = _run_flow(None, config, dataset, overrides)
+    result = _run_flow(None, config, dataset, overrides, no_wait)
     typer.echo(f"build {result['run_id']} completed in {result['seconds']:.0f} s: {result['dataset']}")
     for summary in result["stages"]:
         typer.echo(f"  {summary['stage']:<9} {summary['seconds']:7.1f} s")
@@ -196,6 +212,7 @@ def run(
     config: Optional[Path] = CONFIG_OPTION,
     dataset: Optional[Path] = DATASET_OPTION,
     set_: Optional[List[str]] = SET_OPTION,
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Run one stage alone over the dataset (its inputs must exist)."""
     from prefcurate.steps import available_stages
@@ -203,7 +220,7 @@ def run(
     if stage not in available_stages():
         fail(f"unknown stage {stage!r}; available: {', '.join(available_stages())}")
     overrides = _overrides(set_)
-    summary = _run_flow(stage, config, dataset, overrides)
+    summary = _run_flow(stage, config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
@@ -212,8 +229,13 @@ def status(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CO
     """Runs, row counts per table, quarantine reasons, ingest accounting, judges, filters."""
     from prefcurate.report import status_text
 
+    from prefcurate.store import StoreError
+
     store = _open_store(_dataset_for(config, dataset))
-    typer.echo(status_text(store))
+    try:
+        typer.echo(status_text(store))
+    except StoreError as error:
+        fail(str(error))
 
 
 @app.command()
@@ -288,11 +310,39 @@ def export(
     dataset: Optional[Path] = DATASET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
     set_: Optional[List[str]] = SET_OPTION,
+    no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Write the curated pairs as DPO JSONL + Parquet with a dataset card."""
     overrides = _overrides(set_)
-    summary = _run_flow("export", config, dataset, overrides)
+    summary = _run_flow("export", config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+@app.command()
+def repair(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CONFIG_OPTION) -> None:
+    """Re-create a lost, corrupt or foreign catalog from the dataset's shard files.
+
+    Every shard of a complete unit (its manifest under _units/) is registered once, with the
+    unit's counts; temporary files and shards of units killed mid-way are left out (the next
+    run redoes those). The old catalog is moved to catalog.duckdb.broken-<time>; nothing is
+    deleted. Run parameters and timings lived only in the catalog and are not recovered.
+    """
+    from prefcurate.store import Store, StoreError
+
+    try:
+        done = Store.repair(_dataset_for(config, dataset))
+    except StoreError as error:
+        fail(str(error))
+    for name in done["moved_aside"]:
+        typer.echo(f"moved the old catalog aside: {name}")
+    typer.echo(f"registered {done['shards_registered']} shards of {done['units']} units; "
+               f"{done['runs_recovered']} runs re-created as 'recovered' (their parameters and timings are lost)")
+    if done["units_without_counts"]:
+        typer.echo(f"{done['units_without_counts']} units were written by an older version without counts "
+                   "in their manifests: their ingest accounting cannot be recovered")
+    if done["unlisted_shards"]:
+        typer.echo(f"{len(done['unlisted_shards'])} shard files belong to no complete unit (a unit killed "
+                   "mid-way) and were left unregistered; the next run redoes those units")
 
 
 @models_app.command("prepare")

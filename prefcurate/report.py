@@ -7,7 +7,7 @@ import io
 import polars as pl
 
 from prefcurate.schemas.tables import TABLES
-from prefcurate.store import Store
+from prefcurate.store import Store, with_interrupted_runs
 
 
 def _table(frame: pl.DataFrame, rows: int = 30) -> str:
@@ -28,11 +28,11 @@ def status_text(store: Store) -> str:
 
     out = io.StringIO()
     out.write(f"dataset {store.root}\n\n")
-    runs = store.query(
+    runs = with_interrupted_runs(store.query(
         "SELECT run_id, kind, status, strftime(started_at, '%Y-%m-%d %H:%M:%S') AS started, "
-        "round(CAST(timings->>'seconds' AS DOUBLE), 1) AS seconds, coalesce(message, '') AS message "
-        "FROM runs ORDER BY started_at DESC LIMIT 12"
-    )
+        "round(CAST(timings->>'seconds' AS DOUBLE), 1) AS seconds, coalesce(message, '') AS message, "
+        "pid, host, process_started FROM runs ORDER BY started_at DESC LIMIT 12"
+    )).drop("pid", "host", "process_started")
     out.write("recent runs\n" + _table(runs) + "\n\n")
     out.write("rows per table\n" + _table(table_counts(store)) + "\n\n")
     accounting = ingest_accounting(store)

@@ -54,6 +54,20 @@ class NotADatasetError(StoreError):
     pass
 
 
+class CatalogError(NotADatasetError):
+    """The catalog is missing, corrupt or belongs to another dataset: says what to do."""
+
+
+class DatasetBusyError(StoreError):
+    """Another process holds the dataset's writer lock."""
+
+
+#: tables whose rows have one id each: registration never adds an id already present, so
+#: two writers that bypass the writer lock still cannot duplicate a prompt
+UNIQUE_IDS = {"prompts": "prompt_id"}
+WRITER_LOCK = ".writer.lock"
+
+
 @dataclass(frozen=True)
 class ShardInfo:
     """A complete shard file, ready to be registered."""
@@ -129,11 +143,75 @@ def write_shard(
     final = root / relpath
     final.parent.mkdir(parents=True, exist_ok=True)
     temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
+    # what `prefcurate repair` needs to re-register the file without its catalog
+    data = data.replace_schema_metadata({**(data.schema.metadata or {}), **shard_metadata(table, key, run_id, stage)})
     pq.write_table(data, temporary, compression="zstd")
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, final)
     return ShardInfo(table, key, relpath, data.num_rows, run_id, stage)
+
+
+def shard_metadata(table: str, key: str, run_id: str, stage: str) -> dict[bytes, bytes]:
+    return {b"prefcurate.shard": json.dumps({"table": table, "key": key, "run_id": run_id, "stage": stage,
+                                             "code_version": code_version()}).encode()}
+
+
+def _process_started(pid: int) -> float | None:
+    """Start time of a process (seconds since the epoch): tells a reused pid from its holder."""
+    try:
+        import psutil
+
+        return psutil.Process(pid).create_time()
+    except Exception:
+        return None
+
+
+#: columns of ``runs`` added after format 1 was released (an older catalog gets them on open)
+RUN_COLUMNS = {"pid", "host", "process_started"}
+
+
+def _catalog_fingerprint() -> str:
+    """Changes whenever a table schema or report view changes: then open() rebuilds them."""
+    import hashlib
+
+    from prefcurate.schemas.views import REPORT_VIEWS
+
+    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1"])
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _sql_list(paths: Sequence[str]) -> str:
+    return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+def run_is_alive(pid, host, process_started) -> bool | None:
+    """Whether the process that started a run still runs (None: it ran on another host)."""
+    import socket
+
+    if pid is None or host != socket.gethostname():
+        return None
+    started = _process_started(int(pid))
+    if started is None:
+        return False
+    return process_started is None or abs(started - float(process_started)) < 1.0
+
+
+def with_interrupted_runs(runs: pl.DataFrame) -> pl.DataFrame:
+    """``status`` of runs whose process died while ``running`` becomes ``interrupted``."""
+    if "pid" not in runs.columns or runs.height == 0:
+        return runs
+    dead = [
+        status == "running" and run_is_alive(pid, host, started) is False
+        for status, pid, host, started in zip(runs["status"], runs["pid"], runs["host"], runs["process_started"])
+    ]
+    return runs.with_columns(
+        pl.when(pl.Series(dead, dtype=pl.Boolean)).then(pl.lit("interrupted")).otherwise(pl.col("status")).alias("status")
+    )
+
+
+_checked_catalogs: set[tuple[str, int, int]] = set()
+_held_locks: dict[str, list] = {}
 
 
 class Store:
@@ -155,12 +233,16 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
         if not (root / MARKER).exists():
-            with store.connect() as con:
-                store._create_catalog(con)
-            (root / MARKER).write_text(
-                json.dumps({"format_version": FORMAT_VERSION, "created_by": code_version(),
-                            "instance_id": uuid.uuid4().hex})
-            )
+            with store.writer_lock("init"):
+                if not (root / MARKER).exists():
+                    instance = uuid.uuid4().hex
+                    with store.connect(create=True) as con:
+                        store._create_catalog(con)
+                        con.execute("INSERT OR REPLACE INTO _meta VALUES ('instance_id', ?)", [instance])
+                    (root / MARKER).write_text(
+                        json.dumps({"format_version": FORMAT_VERSION, "created_by": code_version(),
+                                    "instance_id": instance})
+                    )
         return store
 
     @classmethod
@@ -176,11 +258,16 @@ class Store:
             )
         try:
             version = json.loads(marker.read_text())["format_version"]
-        except (ValueError, KeyError) as error:
+        except (ValueError, KeyError, TypeError) as error:
             raise NotADatasetError(f"{marker} is corrupt: {error}") from error
         if version != FORMAT_VERSION:
-            raise NotADatasetError(f"{root} has format {version}; this prefcurate reads {FORMAT_VERSION}")
-        return cls(root)
+            raise NotADatasetError(
+                f"{root} has dataset format {version}; this prefcurate ({code_version()}) reads format "
+                f"{FORMAT_VERSION} (see {MARKER}); use the prefcurate version that wrote it"
+            )
+        store = cls(root)
+        store._check_catalog()
+        return store
 
     @classmethod
     def open_or_init(cls, root: str | Path) -> "Store":
@@ -188,25 +275,157 @@ class Store:
 
     def instance_id(self) -> str:
         """Unique per created dataset: a re-created directory gets a new one."""
-        return json.loads((self.root / MARKER).read_text()).get("instance_id", "")
+        try:
+            return json.loads((self.root / MARKER).read_text()).get("instance_id", "")
+        except (OSError, ValueError, AttributeError):
+            return ""
+
+    def _repair_hint(self) -> str:
+        return (f"restore it from a backup, or re-create it from the shard files with "
+                f"`prefcurate repair -d {self.root}` (it moves a broken catalog aside, deleting nothing)")
+
+    def _check_catalog(self) -> None:
+        """Refuse a missing, corrupt or foreign catalog; upgrade one written by an earlier
+        version (missing tables created, views rebuilt). Checked once per process."""
+        if not self.catalog.is_file():
+            raise CatalogError(f"the catalog {self.catalog} is missing; {self._repair_hint()}")
+        stat = self.catalog.stat()
+        token = (str(self.root), stat.st_ino, stat.st_dev)
+        if token in _checked_catalogs:
+            return
+        with self.connect(read_only=True) as con:
+            try:
+                names = {row[0] for row in con.execute(
+                    "SELECT table_name FROM information_schema.tables").fetchall()}
+                meta = dict(con.execute("SELECT key, value FROM _meta").fetchall()) if "_meta" in names else {}
+                run_columns = {row[0] for row in con.execute(
+                    "SELECT column_name FROM information_schema.columns WHERE table_name = 'runs'").fetchall()}
+            except duckdb.Error as error:
+                raise CatalogError(f"the catalog {self.catalog} cannot be read ({error}); "
+                                   f"{self._repair_hint()}") from None
+        if not {"_shards", "runs"} <= names:
+            raise CatalogError(
+                f"{self.catalog} is a DuckDB file but not this dataset's catalog (no shard registry); "
+                f"{self._repair_hint()}"
+            )
+        owner = meta.get("instance_id")
+        if owner and self.instance_id() and owner != self.instance_id():
+            raise CatalogError(
+                f"{self.catalog} is the catalog of another dataset (instance {owner}, this one is "
+                f"{self.instance_id()}); {self._repair_hint()}"
+            )
+        if meta.get("schema") != _catalog_fingerprint() or not RUN_COLUMNS <= run_columns:
+            with self.connect() as con:
+                con.execute("BEGIN")
+                self._create_catalog(con)
+                con.execute("COMMIT")
+            stat = self.catalog.stat()
+            token = (str(self.root), stat.st_ino, stat.st_dev)
+        _checked_catalogs.add(token)
 
     @contextlib.contextmanager
-    def connect(self, read_only: bool = False, attempts: int = 60) -> Iterator[duckdb.DuckDBPyConnection]:
-        """A short-lived connection; waits while another process holds the write lock."""
+    def connect(self, read_only: bool = False, attempts: int = 60,
+                create: bool = False) -> Iterator[duckdb.DuckDBPyConnection]:
+        """A short-lived connection; waits while another process holds DuckDB's file lock."""
+        if not create and not self.catalog.is_file():
+            raise CatalogError(f"the catalog {self.catalog} is missing; {self._repair_hint()}")
         for attempt in range(attempts):
             try:
                 con = duckdb.connect(str(self.catalog), read_only=read_only)
                 break
-            except duckdb.IOException as error:
-                if "lock" not in str(error).lower() or attempt == attempts - 1:
-                    raise
-                time.sleep(0.25)
+            except duckdb.Error as error:
+                locked = "lock" in str(error).lower()
+                if locked and attempt < attempts - 1:
+                    time.sleep(0.25)
+                    continue
+                if locked:
+                    raise DatasetBusyError(
+                        f"the catalog {self.catalog} stayed locked by another process: {error}") from None
+                raise CatalogError(
+                    f"the catalog {self.catalog} is not a usable DuckDB database ({error}); "
+                    f"{self._repair_hint()}"
+                ) from None
         try:
             yield con
         finally:
             con.close()
 
+    # ---- one writer per dataset ----------------------------------------------------------
+    def lock_holder(self) -> str:
+        try:
+            holder = json.loads((self.root / WRITER_LOCK).read_text() or "{}")
+        except (OSError, ValueError):
+            holder = {}
+        if not holder:
+            return "another process"
+        return f"pid {holder.get('pid')} ({holder.get('command')}, since {holder.get('since')})"
+
+    @contextlib.contextmanager
+    def writer_lock(self, command: str, wait: bool = True, timeout_s: float | None = None,
+                    notify=None) -> Iterator[None]:
+        """Hold the dataset's writer lock (``flock`` on ``.writer.lock``) for a whole command.
+
+        Re-entrant within a process (a build holds it across its stage flows). Readers
+        (`sql`, `status`) never take it. A second writer waits (telling ``notify`` once who
+        holds it) up to ``timeout_s`` (default $PREFCURATE_WRITER_TIMEOUT_S, else 1 hour), or
+        with ``wait=False`` fails at once with :class:`DatasetBusyError`. The kernel drops
+        the lock when its holder dies, so a killed writer never blocks the next one.
+        """
+        import fcntl
+        import logging
+        import socket
+
+        key = str(self.root)
+        if key in _held_locks:
+            _held_locks[key][1] += 1
+            try:
+                yield
+            finally:
+                _held_locks[key][1] -= 1
+            return
+        if timeout_s is None:
+            timeout_s = float(os.environ.get("PREFCURATE_WRITER_TIMEOUT_S", "3600"))
+        handle = open(self.root / WRITER_LOCK, "a+")
+        deadline = time.monotonic() + timeout_s
+        told = False
+        try:
+            while True:
+                try:
+                    fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    busy = f"dataset busy: {self.root} is held by {self.lock_holder()}"
+                    if not wait:
+                        raise DatasetBusyError(f"{busy}; run again when it has finished, or without "
+                                               "--no-wait to wait for it") from None
+                    if time.monotonic() > deadline:
+                        raise DatasetBusyError(f"{busy}; gave up waiting after {timeout_s:.0f} s "
+                                               "(PREFCURATE_WRITER_TIMEOUT_S)") from None
+                    if not told:
+                        (notify or logging.getLogger(__name__).warning)(f"{busy}; waiting for it to finish")
+                        told = True
+                    time.sleep(0.2)
+        except BaseException:
+            handle.close()
+            raise
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "command": command,
+                                 "since": f"{now_utc():%Y-%m-%d %H:%M:%S} UTC"}))
+        handle.flush()
+        _held_locks[key] = [handle, 1]
+        try:
+            yield
+        finally:
+            _held_locks.pop(key, None)
+            handle.seek(0)
+            handle.truncate()
+            handle.flush()
+            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            handle.close()
+
     def _create_catalog(self, con: duckdb.DuckDBPyConnection) -> None:
+        """Create what is missing (also upgrades a catalog of an earlier version in place)."""
         con.execute(
             """
             CREATE TABLE IF NOT EXISTS _shards (
@@ -218,7 +437,13 @@ class Store:
                 parameters JSON, counts JSON, timings JSON, message VARCHAR,
                 code_version VARCHAR NOT NULL, started_at TIMESTAMPTZ NOT NULL,
                 finished_at TIMESTAMPTZ);
+            ALTER TABLE runs ADD COLUMN IF NOT EXISTS pid BIGINT;
+            ALTER TABLE runs ADD COLUMN IF NOT EXISTS host VARCHAR;
+            ALTER TABLE runs ADD COLUMN IF NOT EXISTS process_started DOUBLE;
             CREATE TABLE IF NOT EXISTS _meta (key VARCHAR PRIMARY KEY, value VARCHAR);
+            CREATE TABLE IF NOT EXISTS unit_counts (
+                stage VARCHAR NOT NULL, unit_key VARCHAR NOT NULL, run_id VARCHAR NOT NULL,
+                counts JSON NOT NULL, registered_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (stage, unit_key));
             """
         )
         for table, schema in TABLES.items():
@@ -228,6 +453,9 @@ class Store:
             con.unregister("_arrow_empty")
         self._rebuild_views(con, list(TABLES))
         self._create_report_views(con)
+        con.execute("INSERT OR REPLACE INTO _meta VALUES ('schema', ?)", [_catalog_fingerprint()])
+        if self.instance_id():
+            con.execute("INSERT OR IGNORE INTO _meta VALUES ('instance_id', ?)", [self.instance_id()])
 
     def _create_report_views(self, con: duckdb.DuckDBPyConnection) -> None:
         from prefcurate.schemas.views import REPORT_VIEWS
@@ -272,8 +500,16 @@ class Store:
     def write(self, table: str, frame, *, key: str, run_id: str, stage: str) -> ShardInfo:
         return write_shard(self.root, table, frame, key=key, run_id=run_id, stage=stage)
 
-    def register(self, shards: Sequence[ShardInfo]) -> int:
-        """Register complete shard files in one transaction; returns how many were new."""
+    def register(self, shards: Sequence[ShardInfo], unit: tuple[str, str] | None = None,
+                 counts: dict | None = None) -> int:
+        """Register complete shard files in one transaction; returns how many were new.
+
+        ``unit`` (stage, unit key) with ``counts`` records the unit's counts in the same
+        transaction, once per unit: a crash right after registration keeps its accounting,
+        and a unit registered by a concurrent run is not counted twice. Ids of
+        :data:`UNIQUE_IDS` tables already present are left out of a new shard (its file is
+        rewritten without them) and counted as duplicates.
+        """
         shards = [s for s in shards if s is not None]
         if not shards:
             return 0
@@ -283,25 +519,67 @@ class Store:
         with self.connect() as con:
             con.execute("BEGIN")
             try:
-                new = 0
-                for shard in shards:
-                    exists = con.execute(
-                        "SELECT 1 FROM _shards WHERE table_name = ? AND shard_key = ?",
-                        [shard.table, shard.key],
-                    ).fetchone()
-                    if exists:
-                        continue
-                    con.execute(
-                        "INSERT INTO _shards VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        [shard.table, shard.key, shard.path, shard.rows, shard.run_id, shard.stage, now_utc()],
-                    )
-                    new += 1
+                new = self._register_in(con, shards, unit, counts)
                 self._rebuild_views(con, sorted({s.table for s in shards}))
                 con.execute("COMMIT")
             except Exception:
                 con.execute("ROLLBACK")
                 raise
         return new
+
+    def _register_in(self, con, shards: Sequence[ShardInfo], unit: tuple[str, str] | None,
+                     counts: dict | None, pending: dict[str, list[str]] | None = None) -> int:
+        new = 0
+        pending = {} if pending is None else pending  # paths registered in this transaction, per table
+        counts = dict(counts or {})
+        for shard in shards:
+            if con.execute("SELECT 1 FROM _shards WHERE table_name = ? AND shard_key = ?",
+                           [shard.table, shard.key]).fetchone():
+                continue
+            rows = shard.rows
+            id_column = UNIQUE_IDS.get(shard.table)
+            if id_column and rows:
+                removed = self._drop_present_ids(con, shard, id_column, pending.get(shard.table, []))
+                if removed:
+                    rows -= removed
+                    if "accepted" in counts:
+                        counts["accepted"] -= removed
+                        counts["duplicates"] = counts.get("duplicates", 0) + removed
+            con.execute(
+                "INSERT INTO _shards VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [shard.table, shard.key, shard.path, rows, shard.run_id, shard.stage, now_utc()],
+            )
+            pending.setdefault(shard.table, []).append(str(self.root / shard.path))
+            new += 1
+        if unit is not None and new:
+            con.execute(
+                "INSERT OR IGNORE INTO unit_counts VALUES (?, ?, ?, ?, ?)",
+                [unit[0], unit[1], shards[0].run_id, json.dumps(counts, default=str), now_utc()],
+            )
+        return new
+
+    def _drop_present_ids(self, con, shard: ShardInfo, id_column: str, pending: list[str]) -> int:
+        """Rewrite ``shard`` without ids the table (or this transaction) already holds."""
+        path = self.root / shard.path
+        present = f"SELECT {id_column} FROM {shard.table}"
+        if pending:
+            present += f" UNION ALL SELECT {id_column} FROM read_parquet({_sql_list(pending)})"
+        duplicated = con.execute(
+            f"SELECT {id_column} FROM read_parquet(?) WHERE {id_column} IN ({present})", [str(path)]
+        ).fetchall()
+        if not duplicated:
+            return 0
+        import pyarrow.compute as pc
+
+        data = pq.read_table(path)
+        keep = pc.invert(pc.is_in(data[id_column], pa.array([row[0] for row in duplicated], pa.string())))
+        kept = data.filter(keep)
+        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+        pq.write_table(kept, temporary, compression="zstd")
+        with open(temporary, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+        return data.num_rows - kept.num_rows
 
     def commit(self, table: str, frame, *, key: str, run_id: str, stage: str) -> ShardInfo:
         """Write and register one shard (coordinator-side convenience)."""
@@ -351,6 +629,76 @@ class Store:
                     pass
         return removed
 
+    # ---- recovery ------------------------------------------------------------------
+    @classmethod
+    def repair(cls, root: str | Path) -> dict:
+        """Re-create the catalog from the shard files and the units' manifests.
+
+        Shards are the data and the catalog only their index: every shard listed by a
+        complete unit manifest (``_units/<stage>/<key>.json``, written after all its files)
+        is registered once, with the unit's counts where the manifest has them. Temporary
+        files (``.*.tmp``) are ignored; shard files no complete manifest lists (a unit killed
+        mid-way, redone by the next run) stay unregistered. The old catalog is moved aside to
+        ``catalog.duckdb.broken-<time>``; nothing is deleted. Returns what was done.
+        """
+        root = Path(root)
+        if not (root / MARKER).is_file():
+            raise NotADatasetError(f"{root} is not a prefcurate dataset (no {MARKER}); nothing to repair")
+        store = cls(root)
+        with store.writer_lock("prefcurate repair", wait=False):
+            moved = []
+            stamp = f"{now_utc():%Y%m%dT%H%M%S}"
+            for path in (store.catalog, store.catalog.with_name(CATALOG + ".wal")):
+                if path.exists():
+                    target = path.with_name(f"{path.name}.broken-{stamp}")
+                    os.replace(path, target)
+                    moved.append(target.name)
+            units = []
+            for manifest in (store.root / "_units").glob("*/*.json"):
+                if manifest.name.startswith("."):
+                    continue
+                try:
+                    recorded = json.loads(manifest.read_text())
+                    shards = [ShardInfo(**item) for item in recorded["shards"]]
+                except (OSError, ValueError, KeyError, TypeError):
+                    continue
+                if all((store.root / shard.path).is_file() for shard in shards):
+                    units.append((manifest.stat().st_mtime, manifest.parent.name, recorded["unit"], shards,
+                                  recorded.get("counts")))
+            units.sort(key=lambda unit: unit[0])  # about the order they were registered in
+            listed = {shard.path for unit in units for shard in unit[3]}
+            unlisted = sorted(
+                str(path.relative_to(store.root)) for table in TABLES
+                for path in (store.root / table).glob("shard-*.parquet")
+                if str(path.relative_to(store.root)) not in listed
+            )
+            run_ids: dict[str, str] = {}
+            without_counts = 0
+            pending: dict[str, list[str]] = {}
+            with store.connect(create=True) as con:
+                con.execute("BEGIN")
+                store._create_catalog(con)
+                registered = 0
+                for _, stage, unit_key, shards, counts in units:
+                    registered += store._register_in(con, shards, (stage, unit_key) if counts is not None else None,
+                                                     counts, pending)
+                    without_counts += counts is None
+                    for shard in shards:
+                        run_ids.setdefault(shard.run_id, shard.stage)
+                for run_id, stage in run_ids.items():
+                    con.execute(
+                        "INSERT OR IGNORE INTO runs (run_id, kind, status, message, code_version, started_at) "
+                        "VALUES (?, ?, 'recovered', ?, ?, ?)",
+                        [run_id, stage, "re-created by prefcurate repair: parameters, timings and run-level "
+                         "counts were in the lost catalog", code_version(), now_utc()],
+                    )
+                store._rebuild_views(con, list(TABLES))
+                con.execute("COMMIT")
+        _checked_catalogs.clear()
+        return {"moved_aside": moved, "units": len(units), "shards_registered": registered,
+                "runs_recovered": len(run_ids), "units_without_counts": without_counts,
+                "unlisted_shards": unlisted}
+
     # ---- reading ---------------------------------------------------------------------
     def query(self, sql: str, params: Sequence | None = None) -> pl.DataFrame:
         """Run trusted, internal SQL read-only and return a polars frame."""
@@ -371,10 +719,14 @@ class Store:
     # ---- runs ------------------------------------------------------------------------
     def start_run(self, kind: str, parameters: dict | None = None, run_id: str | None = None) -> str:
         run_id = run_id or f"{now_utc():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"
+        import socket
+
         with self.connect() as con:
             con.execute(
-                "INSERT OR REPLACE INTO runs VALUES (?, ?, 'running', ?, NULL, NULL, NULL, ?, ?, NULL)",
-                [run_id, kind, json.dumps(parameters or {}, default=str), code_version(), now_utc()],
+                "INSERT OR REPLACE INTO runs (run_id, kind, status, parameters, code_version, started_at, "
+                "pid, host, process_started) VALUES (?, ?, 'running', ?, ?, ?, ?, ?, ?)",
+                [run_id, kind, json.dumps(parameters or {}, default=str), code_version(), now_utc(),
+                 os.getpid(), socket.gethostname(), _process_started(os.getpid())],
             )
         return run_id
 
@@ -390,5 +742,7 @@ class Store:
             )
 
     def runs(self) -> pl.DataFrame:
-        return self.query("SELECT * FROM runs ORDER BY started_at")
+        """All runs; a run left ``running`` by a process that is gone reads ``interrupted``."""
+        return with_interrupted_runs(self.query("SELECT * FROM runs ORDER BY started_at"))
+
 

@@ -32,6 +32,12 @@ def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str]
     missing = [s for s in wanted if s not in runnable]
     if missing:
         logger.warning("stages not available in this version, skipped: %s", missing)
+    with store.writer_lock("prefcurate build", notify=logger.warning):  # one writer per dataset
+        return _build_locked(parameters, config, store, runnable)
+
+
+def _build_locked(parameters: RunParameters, config, store, runnable: list[str]) -> dict:
+    logger = get_run_logger()
     swept = store.sweep_temporary_files()
     if swept:
         logger.info("removed %d temporary files left by a crashed write", swept)

@@ -97,6 +97,12 @@ def pool_slots(pools: list[str], mode: str | None = None) -> Iterator[None]:
 def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str | None = None,
               parent_run: str | None = None) -> dict:
     """Run one stage to completion; safe to re-run after a crash."""
+    with store.writer_lock(f"prefcurate run {stage}", notify=get_run_logger().warning):
+        return _run_stage_locked(stage, config, store, config_path, parent_run)
+
+
+def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_path: str | None,
+                      parent_run: str | None) -> dict:
     logger = get_run_logger()
     step: Step = get_step(stage)
     run_id = store.start_run(stage, {"config_path": config_path, "parent_run": parent_run,
@@ -113,7 +119,8 @@ def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str
         futures = [run_unit_task.submit(stage, unit, ctx) for unit in todo]
         for finished, future in enumerate(as_completed(futures), start=1):
             result: UnitResult = future.result()
-            store.register(result.shards)  # visible as soon as it is complete
+            # visible as soon as it is complete; its counts are recorded in the same transaction
+            store.register(result.shards, unit=(stage, result.unit_key), counts=result.counts)
             results.append(result)
             for key, value in result.counts.items():
                 if isinstance(value, (int, float)):

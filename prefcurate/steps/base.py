@@ -134,9 +134,11 @@ class Step:
         store = ctx.store()
         manifest = _manifest_path(store, unit)
         if manifest.exists():
-            shards = [ShardInfo(**item) for item in json.loads(manifest.read_text())["shards"]]
+            recorded = json.loads(manifest.read_text())
+            shards = [ShardInfo(**item) for item in recorded["shards"]]
             if all((store.root / s.path).exists() for s in shards):
-                return UnitResult(unit.key, shards, {"adopted": 1}, skipped=True)
+                # the unit's own counts travel with it, so its accounting survives the crash
+                return UnitResult(unit.key, shards, {**recorded.get("counts", {}), "adopted": 1}, skipped=True)
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
         gate = ctx.config.get("contracts", True)
@@ -159,7 +161,8 @@ class Step:
         if rejected:
             shards.append(store.write("quarantine", pl.concat(rejected, how="vertical_relaxed"),
                                       key=unit.shard_key("quarantine", 999), run_id=ctx.run_id, stage=self.name))
-        _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards]}))
+        _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards],
+                                            "counts": counts}, default=str))
         model_seconds = float(counts.pop("model_seconds", 0.0))
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
 

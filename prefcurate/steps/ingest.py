@@ -38,13 +38,24 @@ class IngestStep(Step):
 
 
 def ingest_accounting(store) -> pl.DataFrame:
-    """rows read = accepted + quarantined + duplicates, summed over ingest runs."""
+    """rows read = accepted + quarantined + duplicates, summed over ingested files.
+
+    Each unit's counts are recorded when its shards are registered (one row per unit, so a
+    crash before the run finished keeps them and a file ingested twice at once counts
+    once); runs of versions that kept counts only in ``runs`` are added as they were.
+    """
     return store.query(
         """
+        WITH counted AS (
+            SELECT counts FROM unit_counts WHERE stage = 'ingest'
+            UNION ALL
+            SELECT counts FROM runs WHERE kind = 'ingest' AND status = 'completed'
+              AND pid IS NULL  -- started by a version without unit_counts
+        )
         SELECT coalesce(sum(CAST(counts->>'rows_read' AS BIGINT)), 0) AS rows_read,
                coalesce(sum(CAST(counts->>'accepted' AS BIGINT)), 0) AS accepted,
                coalesce(sum(CAST(counts->>'quarantined' AS BIGINT)), 0) AS quarantined,
                coalesce(sum(CAST(counts->>'duplicates' AS BIGINT)), 0) AS duplicates
-        FROM runs WHERE kind = 'ingest' AND status = 'completed'
+        FROM counted
         """
     )
