@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import threading
 import uuid
 from dataclasses import dataclass
@@ -266,6 +267,7 @@ def sandbox(store: Store, memory_limit: str | None = None) -> Iterator[duckdb.Du
             con.register(name, table)
         for name, sql in REPORT_VIEWS.items():
             con.execute(f"CREATE VIEW {name} AS {sql}")
+        con.execute("SET enable_progress_bar = false")  # a session option: not in the connect config
         con.execute("SET lock_configuration = true")
         yield con
     finally:
@@ -290,7 +292,7 @@ def run_read_only(
             timer.start()
         try:
             relation = con.sql(query)
-            result = relation.to_arrow_table() if relation is not None else pa.table({})
+            result = _collect(relation, _memory_limit_bytes(con)) if relation is not None else pa.table({})
         except duckdb.InterruptException:
             if timed_out.is_set():
                 raise SqlError(
@@ -312,6 +314,32 @@ def run_read_only(
         raise SqlError(
             f"cannot hold the result ({error}); cast such columns in the query, e.g. col::VARCHAR"
         ) from None
+
+
+def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int | None:
+    """The connection's memory limit in bytes, from DuckDB's own rendering (e.g. '61.0 MiB')."""
+    shown = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'").fetchall()[0][0]
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGTP]?)(i?)B\s*", shown or "", flags=re.I)
+    if not match:
+        return None
+    number, prefix, binary = match.groups()
+    return int(float(number) * (1024 if binary else 1000) ** "_KMGTP".index(prefix.upper() or "_"))
+
+
+def _collect(relation: duckdb.DuckDBPyRelation, limit_bytes: int | None) -> pa.Table:
+    """The result in batches, refused once it outgrows the memory limit: DuckDB's limit covers
+    its own buffers, not the result handed to us."""
+    reader = relation.to_arrow_reader(batch_size=100_000)
+    batches, size = [], 0
+    for batch in reader:
+        size += batch.nbytes
+        if limit_bytes is not None and size > limit_bytes:
+            raise SqlError(
+                "the result is larger than the memory limit (--memory-limit); "
+                "add a LIMIT, aggregate, or select fewer columns"
+            )
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=reader.schema)
 
 
 # ---- results ---------------------------------------------------------------------------------

@@ -347,6 +347,9 @@ def test_memory_limit_stops_a_hungry_query_without_spilling(attacked):
     result = _sql("-d", str(store.root), "SELECT list(range) FROM range(50000000)", "--memory-limit", "64MB")
     assert result.exit_code != 0 and "error: the query needs more than the memory limit 64MB" in result.output
     assert _fingerprint(store.root) == before  # no temp files: nothing spills anywhere
+    # the result handed back is outside DuckDB's buffers: it is held to the same limit
+    big = _sql("-d", str(store.root), "SELECT range AS a FROM range(20000000)", "--memory-limit", "64MB")
+    assert big.exit_code != 0 and "error: the result is larger than the memory limit" in big.output
     assert "error:" in _sql("-d", str(store.root), "SELECT 1", "--memory-limit", "lots").output
 
 
