@@ -418,3 +418,34 @@ def test_the_classifier_alone_refuses_every_write_form():
         with pytest.raises(ReadOnlyViolation):
             check_read_only(template.format(root="/r", shard="/r/s", scratch="/s", secret="/s/x", link="/r/l"))
 
+
+
+def test_a_shard_written_before_a_column_existed_reads_it_as_null(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from prefcurate.store import ShardInfo
+
+    store = Store.init(tmp_path / "ds")
+    (store.root / "prompts").mkdir(exist_ok=True)
+    old = pa.table({"prompt_id": ["a"], "prompt": ["x"], "source_file": ["f"],
+                    "source_record": pa.array([1], pa.int32()), "char_len": pa.array([1], pa.int32())})
+    pq.write_table(old, store.root / "prompts" / "shard-old.parquet")
+    store.register([ShardInfo("prompts", "old", "prompts/shard-old.parquet", 1, "r", "ingest")])
+    row = run_read_only(store, "SELECT prompt_id, category, source_record FROM prompts").row(0)
+    assert row == ("a", None, 1)
+
+
+def test_a_catalog_pointing_outside_the_dataset_is_not_followed(tmp_path):
+    from prefcurate.store import ShardInfo
+
+    outside, outside_shard = _small_dataset(tmp_path / "other")
+    by_dots = Store.init(tmp_path / "dots")
+    by_dots.register([ShardInfo("prompts", "p", f"../other/prompts/{outside_shard.name}", 3, "r", "ingest")])
+    by_link = Store.init(tmp_path / "link")
+    (by_link.root / "prompts").mkdir(exist_ok=True)
+    (by_link.root / "prompts" / "shard-p.parquet").symlink_to(outside_shard)
+    by_link.register([ShardInfo("prompts", "p", "prompts/shard-p.parquet", 3, "r", "ingest")])
+    for store in (by_dots, by_link):
+        with pytest.raises(SqlError, match="outside the dataset"):
+            run_read_only(store, "SELECT count(*) FROM prompts")
