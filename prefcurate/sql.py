@@ -101,8 +101,11 @@ def _kind(statement: "duckdb.Statement") -> str:
 
 
 def _check_select_tree(query: str) -> None:
-    with duckdb.connect(":memory:") as con:  # a pure function call: the parser's tree as JSON
-        tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    try:
+        with duckdb.connect(":memory:") as con:  # a pure function call: the parser's tree as JSON
+            tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
+    except (duckdb.Error, ValueError, RecursionError) as error:  # fail closed
+        raise ReadOnlyViolation(f"cannot check the query: {str(error)[:200]}") from None
     if tree.get("error") or len(tree.get("statements", [])) != 1:
         raise ReadOnlyViolation(
             f"`prefcurate sql` is read-only: the statement is not a plain SELECT "
