@@ -210,7 +210,7 @@ def with_interrupted_runs(runs: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-_checked_catalogs: set[tuple[str, int, int]] = set()
+_checked_catalogs: set[tuple] = set()  # (root, inode, device, size, mtime): unchanged since checked
 _held_locks: dict[str, list] = {}
 
 
@@ -290,7 +290,7 @@ class Store:
         if not self.catalog.is_file():
             raise CatalogError(f"the catalog {self.catalog} is missing; {self._repair_hint()}")
         stat = self.catalog.stat()
-        token = (str(self.root), stat.st_ino, stat.st_dev)
+        token = (str(self.root), stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
         if token in _checked_catalogs:
             return
         with self.connect(read_only=True) as con:
@@ -320,7 +320,7 @@ class Store:
                 self._create_catalog(con)
                 con.execute("COMMIT")
             stat = self.catalog.stat()
-            token = (str(self.root), stat.st_ino, stat.st_dev)
+            token = (str(self.root), stat.st_ino, stat.st_dev, stat.st_size, stat.st_mtime_ns)
         _checked_catalogs.add(token)
 
     @contextlib.contextmanager

@@ -1,0 +1,295 @@
+"""The store under faults: a broken catalog, an older catalog, a lost catalog (repair), two
+writers at once, and a coordinator killed between registration and the end of its run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import duckdb
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from prefcurate import store as store_module
+from prefcurate.cli import app
+from prefcurate.schemas.tables import TABLES
+from prefcurate.schemas.views import REPORT_VIEWS
+from prefcurate.steps.base import StageContext
+from prefcurate.steps.ingest import IngestStep, ingest_accounting
+from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
+from prefcurate.tasks.ingest import IngestParams
+
+from tests.unit.bad_rows import write_bad_file
+
+
+def _ingest(store: Store, path, run_id: str = "run-1", **params) -> int:
+    """The ingest stage's coordinator work without Prefect: plan, run each unit, register."""
+    ctx = StageContext(str(store.root), {"contracts": False}, run_id)
+    step = IngestStep(IngestParams(path=str(path), **params))
+    store.start_run("ingest", {}, run_id=run_id)
+    new = 0
+    todo, _ = step.pending(ctx, step.plan(ctx))  # as run_stage: registered units are skipped
+    for unit in todo:
+        result = step.run_unit(unit, ctx)
+        new += store.register(result.shards, unit=("ingest", unit.key), counts=result.counts)
+    store.finish_run(run_id, "completed", {})
+    return new
+
+
+def _jsonl(path, ids):
+    path.write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"prompt number {i}"}) + "\n" for i in ids))
+    return path
+
+
+def _snapshot(store: Store) -> dict[str, list]:
+    """Every row of every table and report view, in a stable order."""
+    snapshot = {}
+    for name in [*TABLES, *REPORT_VIEWS]:
+        frame = store.query(f"SELECT * FROM {name}")
+        columns = [c for c in frame.columns if frame.schema[c] != pl.Array(pl.Float32, 384)]
+        snapshot[name] = sorted(map(repr, frame.select(columns).rows()))
+    return snapshot
+
+
+def _accounting(store: Store) -> dict:
+    return ingest_accounting(store).row(0, named=True)
+
+
+# ---- a broken catalog ------------------------------------------------------------------------
+def _break(root, kind: str, tmp_path) -> None:
+    catalog = root / CATALOG
+    if kind == "csv":
+        catalog.write_text("a\n1\n")
+    elif kind == "truncated":
+        catalog.write_bytes(catalog.read_bytes()[:5000])
+    elif kind == "zero_bytes":
+        catalog.write_bytes(b"")
+    elif kind == "foreign_duckdb":
+        catalog.unlink()
+        with duckdb.connect(str(catalog)) as con:
+            con.execute("CREATE TABLE mine (a INT)")
+    elif kind == "another_datasets":
+        other = Store.init(tmp_path / "other")
+        catalog.write_bytes(other.catalog.read_bytes())
+    elif kind == "missing":
+        catalog.unlink()
+
+
+BROKEN = ["csv", "truncated", "zero_bytes", "foreign_duckdb", "another_datasets", "missing"]
+COMMANDS = [
+    ["status"], ["sql", "SELECT count(*) FROM prompts"], ["build"], ["run", "filter"],
+    ["ingest", "bundled"], ["export"],
+]
+
+
+@pytest.mark.parametrize("kind", BROKEN)
+def test_a_broken_catalog_is_a_clear_error_for_every_command(tmp_path, kind):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, write_bad_file(tmp_path), max_chars=200)
+    _break(store.root, kind, tmp_path)
+    with pytest.raises(CatalogError, match="repair"):
+        Store.open(store.root)
+    for command in COMMANDS:
+        result = CliRunner().invoke(app, [*command, "-d", str(store.root)])
+        output = result.output
+        assert result.exit_code == 2, (command, output, result.exception)
+        assert "error:" in output and str(store.catalog) in output, (command, output)
+        assert f"prefcurate repair -d {store.root}" in output and "Traceback" not in output
+    assert not list(store.root.glob("prompts/.*.tmp"))
+
+
+def test_a_newer_dataset_format_is_refused_by_name(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    (store.root / "prefcurate.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(NotADatasetError, match="dataset format 99.*reads format 1"):
+        Store.open(store.root)
+
+
+# ---- a catalog of an earlier version ----------------------------------------------------------
+def test_a_catalog_of_an_earlier_version_opens_and_status_works(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, write_bad_file(tmp_path), max_chars=200)
+    before = _snapshot(store)
+    with duckdb.connect(str(store.catalog)) as con:  # what an earlier version left
+        con.execute("DROP VIEW ratings; DROP TABLE _empty_ratings; DROP TABLE unit_counts")
+        con.execute("DROP VIEW curated_pairs")
+        con.execute("ALTER TABLE runs DROP COLUMN process_started")
+        con.execute("DELETE FROM _meta WHERE key = 'schema'")
+    store_module._checked_catalogs.clear()  # a new process
+    reopened = Store.open(store.root)
+    assert reopened.count("ratings") == 0 and "process_started" in reopened.runs().columns
+    after = _snapshot(reopened)
+    assert after == before
+    result = CliRunner().invoke(app, ["status", "-d", str(store.root)])
+    assert result.exit_code == 0, result.output
+    assert "rows per table" in result.output and "ratings" in result.output
+
+
+# ---- repair ----------------------------------------------------------------------------------
+def test_repair_after_the_catalog_is_deleted_restores_every_row(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, write_bad_file(tmp_path), run_id="run-bad", max_chars=200)
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(0, 300)), run_id="run-a", shard_rows=70)
+    _ingest(store, _jsonl(tmp_path / "b.jsonl", range(200, 400)), run_id="run-b", shard_rows=70)
+    (store.root / "prompts" / ".shard-x.parquet.123.tmp").write_bytes(b"PAR1 half")  # a crashed write
+    before, accounting = _snapshot(store), _accounting(store)
+    assert len(before["prompts"]) == 400 + 3  # the bad file accepts 3
+    store.catalog.unlink()
+    result = CliRunner().invoke(app, ["repair", "-d", str(store.root)])
+    assert result.exit_code == 0, result.output
+    repaired = Store.open(store.root)
+    after = _snapshot(repaired)
+    assert after == before  # every table and report view, row for row
+    assert _accounting(repaired) == accounting
+    assert set(repaired.runs()["status"]) == {"recovered"}
+    assert set(repaired.runs()["run_id"]) == {"run-bad", "run-a", "run-b"}
+    assert repaired.query("SELECT count(*) AS n FROM _shards WHERE path LIKE '%.tmp'")["n"][0] == 0
+
+
+def test_repair_moves_a_corrupt_catalog_aside_and_deletes_nothing(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(50)))
+    before = _snapshot(store)
+    files = {p for p in store.root.rglob("*") if p.is_file() and p.name != CATALOG}
+    store.catalog.write_text("a\n1\n")
+    done = Store.repair(store.root)
+    assert len(done["moved_aside"]) == 1 and done["moved_aside"][0].startswith("catalog.duckdb.broken-")
+    assert (store.root / done["moved_aside"][0]).read_text() == "a\n1\n"
+    assert files <= {p for p in store.root.rglob("*") if p.is_file()}
+    assert _snapshot(Store.open(store.root)) == before
+
+
+# ---- one writer per dataset ----------------------------------------------------------------
+HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from prefcurate.store import Store
+    store = Store.open(sys.argv[1])
+    with store.writer_lock("prefcurate ingest big.jsonl"):
+        print("locked", flush=True)
+        time.sleep(120)
+""")
+
+
+def test_a_second_writer_is_told_who_holds_the_dataset(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(store.root)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(DatasetBusyError, match=rf"dataset busy: .* held by pid {holder.pid} "
+                                                   r"\(prefcurate ingest big.jsonl, since .*UTC\)"):
+            with store.writer_lock("prefcurate build", wait=False):
+                pass
+        told = []
+        with pytest.raises(DatasetBusyError, match="gave up waiting after 1 s"):
+            with store.writer_lock("prefcurate build", timeout_s=1, notify=told.append):
+                pass
+        assert len(told) == 1 and "waiting for it to finish" in told[0]
+        result = CliRunner().invoke(app, ["ingest", "bundled", "-d", str(store.root), "--no-wait"])
+        assert result.exit_code == 2 and f"held by pid {holder.pid}" in result.output
+        # readers never take the lock
+        assert CliRunner().invoke(app, ["status", "-d", str(store.root)]).exit_code == 0
+        assert CliRunner().invoke(app, ["sql", "-d", str(store.root), "SELECT 1"]).exit_code == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    # the kernel released the dead holder's lock: the next writer goes straight in
+    with store.writer_lock("prefcurate build", wait=False):
+        pass
+
+
+def test_registration_never_duplicates_an_id_even_without_the_lock(tmp_path):
+    """Two ingests that both planned against the same (empty) dataset, as without the lock."""
+    store = Store.init(tmp_path / "ds")
+    params_a = IngestParams(path=str(_jsonl(tmp_path / "a.jsonl", range(0, 300))), shard_rows=100)
+    params_b = IngestParams(path=str(_jsonl(tmp_path / "b.jsonl", range(150, 400))), shard_rows=100)
+    ctx = StageContext(str(store.root), {"contracts": False}, "r")
+    results = []
+    for params in (params_a, params_b):  # both compute before either registers
+        step = IngestStep(params)
+        unit = step.plan(ctx)[0]
+        results.append((unit, step.run_unit(unit, ctx)))
+    for unit, result in results:
+        store.register(result.shards, unit=("ingest", unit.key), counts=result.counts)
+    prompts = store.read("prompts")
+    assert prompts.height == prompts["prompt_id"].n_unique() == 400
+    accounting = _accounting(store)
+    assert accounting == {"rows_read": 550, "accepted": 400, "quarantined": 0, "duplicates": 150}
+    # the same unit registered a second time (the same file twice at once) counts once
+    unit, result = results[0]
+    assert store.register(result.shards, unit=("ingest", unit.key), counts=result.counts) == 0
+    assert _accounting(store) == accounting
+
+
+CONCURRENT_INGEST = textwrap.dedent("""
+    import sys
+    sys.path.insert(0, sys.argv[4])
+    from tests.unit.test_store_integrity import _ingest
+    from prefcurate.store import Store
+    store = Store.open(sys.argv[1])
+    with store.writer_lock("ingest " + sys.argv[2]):
+        _ingest(store, sys.argv[2], run_id=sys.argv[3], shard_rows=500)
+""")
+
+
+@pytest.mark.parametrize("overlap", ["overlapping_files", "same_file"])
+def test_two_ingests_at_once(tmp_path, overlap):
+    store = Store.init(tmp_path / "ds")
+    first = _jsonl(tmp_path / "a.jsonl", range(0, 3000))
+    second = first if overlap == "same_file" else _jsonl(tmp_path / "b.jsonl", range(2000, 5000))
+    repo = str(store_module.Path(__file__).resolve().parents[2])
+    writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(store.root), str(path), run, repo])
+               for path, run in ((first, "run-1"), (second, "run-2"))]
+    assert [w.wait(timeout=300) for w in writers] == [0, 0]
+    prompts = store.read("prompts")
+    distinct = 3000 if overlap == "same_file" else 5000
+    assert prompts.height == prompts["prompt_id"].n_unique() == distinct
+    read = 3000 if overlap == "same_file" else 6000
+    assert _accounting(store) == {"rows_read": read, "accepted": distinct, "quarantined": 0,
+                                  "duplicates": read - distinct}
+
+
+# ---- a coordinator killed between registration and the end of its run ---------------------
+KILLED_AFTER_REGISTER = textwrap.dedent("""
+    import os, signal, sys
+    from prefcurate.steps.base import StageContext
+    from prefcurate.steps.ingest import IngestStep
+    from prefcurate.store import Store
+    from prefcurate.tasks.ingest import IngestParams
+    store = Store.open(sys.argv[1])
+    ctx = StageContext(str(store.root), {"contracts": False}, "run-killed")
+    store.start_run("ingest", {}, run_id="run-killed")
+    step = IngestStep(IngestParams(path=sys.argv[2]))
+    for unit in step.plan(ctx):
+        result = step.run_unit(unit, ctx)
+        store.register(result.shards, unit=("ingest", unit.key), counts=result.counts)
+    os.kill(os.getpid(), signal.SIGKILL)  # before finish_run
+""")
+
+
+def test_a_kill_after_registration_keeps_the_accounting_and_shows_the_run_interrupted(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    source = write_bad_file(tmp_path)
+    killed = subprocess.run([sys.executable, "-c", KILLED_AFTER_REGISTER, str(store.root), str(source)])
+    assert killed.returncode == -signal.SIGKILL
+    runs = store.runs()
+    assert runs.filter(pl.col("run_id") == "run-killed")["status"].to_list() == ["interrupted"]
+    accounting = _accounting(store)
+    assert accounting["rows_read"] > 0
+    assert accounting["rows_read"] == accounting["accepted"] + accounting["quarantined"] + accounting["duplicates"]
+    rows = store.count("prompts")
+    assert _ingest(store, source, run_id="run-again") == 0  # the re-run adds nothing...
+    assert store.count("prompts") == rows and _accounting(store) == accounting  # ...and counts hold
+    status = CliRunner().invoke(app, ["status", "-d", str(store.root)]).output
+    assert "interrupted" in status and "[holds]" in status and f"read {accounting['rows_read']} " in status
+
+
+def test_a_running_run_of_a_live_process_stays_running(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    store.start_run("ingest", {}, run_id="live")
+    assert store.runs()["status"].to_list() == ["running"]
