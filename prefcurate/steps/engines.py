@@ -40,9 +40,12 @@ class TimedEngine:
     shard of failures.
     """
 
-    def __init__(self, engine: Engine, cache_key: str | None = None, load_seconds: float = 0.0):
+    def __init__(self, engine: Engine, cache_key: str | None = None, load_seconds: float = 0.0,
+                 model: str | None = None):
         self.engine = engine
-        self.model = engine.model
+        #: what rows record and row ids hash: the pool's model identity (served name and
+        #: folder fingerprint) when opened by :func:`engine_for`; requests use engine.model
+        self.model = model or engine.model
         self.seconds = 0.0
         #: seconds this view spent starting the engine (0 when the process had it already)
         self.load_seconds = load_seconds
@@ -99,7 +102,7 @@ def engine_for(pools: dict, name: str) -> TimedEngine:
             _ENGINES[key] = open_engine(name, config)
             load_seconds = time.perf_counter() - started
             log.info("engine for pool %r ready in %.1f s", name, load_seconds)
-    return TimedEngine(_ENGINES[key], key, load_seconds)
+    return TimedEngine(_ENGINES[key], key, load_seconds, model=config.model_identity())
 
 
 def request_metrics(*engines: TimedEngine | None) -> pl.DataFrame:

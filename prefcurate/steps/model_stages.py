@@ -1,8 +1,11 @@
 """Generate and annotate steps: one unit per prompt shard, content-keyed.
 
-A unit's key hashes its prompt shard, the stage parameters and (for annotate) the response
-ids it will judge, so a re-run skips finished shards and a new generator or judge makes new
-units that only compute what is missing (content-addressed row ids do the rest).
+A unit's key hashes its prompt shard, the stage parameters, the model identity of every pool
+it uses (served name and model folder fingerprint, ``EngineConfig.model_identity``; the pool
+is the one source of which model runs) and, for annotate, the hash of every template a judge
+uses and the response ids it will judge. So a re-run skips finished shards, and a new
+generator, judge, model behind a pool or edited template makes new units that only compute
+what is missing (content-addressed row ids, which hash the same identity, do the rest).
 
 Failed model calls are stored with their error (a response with finish_reason ``error``, a
 judgment or rating that is not ``valid``), and the next run asks them again: a shard whose
@@ -18,7 +21,8 @@ import hashlib
 
 import polars as pl
 
-from prefcurate.config import section
+from prefcurate.config import PipelineConfig, section
+from prefcurate.inference.pools import bind_to_pools
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.steps.engines import engine_for, model_time, request_metrics
@@ -27,8 +31,8 @@ from prefcurate.tasks.annotate import (
     annotate,
     calibrate_judge,
     check_judge_pools,
+    judge_template_hashes,
     load_gold_pairs,
-    load_template,
 )
 from prefcurate.tasks.generate import GenerateParams, check_pools, run_generators
 
@@ -74,6 +78,14 @@ def _with_retry(unit: Unit, failed: list[str]) -> list[Unit]:
 _RESPONSE_OK = "finish_reason <> 'error'"
 
 
+def _bound_generate_params(config: PipelineConfig) -> GenerateParams:
+    """The generate section with each generator's ``model`` set to its pool's model identity,
+    which its unit keys and response ids hash (the pool decides which model runs)."""
+    params: GenerateParams = section(config, "generate")
+    check_pools(params.generators, config.pools)
+    return params.model_copy(update={"generators": bind_to_pools(params.generators, config.pools, "generator")})
+
+
 def _gold_pairs(params: AnnotateParams) -> pl.DataFrame:
     gold = load_gold_pairs()
     return gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
@@ -88,8 +100,7 @@ class GenerateStep(Step):
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         config = ctx.pipeline_config()
-        params: GenerateParams = section(config, "generate")
-        check_pools(params.generators, config.pools)
+        params = _bound_generate_params(config)
         identity = [g.identity() | {"n": g.n} for g in params.generators]
         store = ctx.store()
         units = []
@@ -103,7 +114,7 @@ class GenerateStep(Step):
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
         config = ctx.pipeline_config()
-        params: GenerateParams = section(config, "generate")
+        params = _bound_generate_params(config)
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
         existing = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompts["prompt_id"].to_list())
         engines = {g.name: engine_for(config.pools, g.pool) for g in params.generators}
@@ -130,8 +141,10 @@ class AnnotateStep(Step):
         config = ctx.pipeline_config()
         params: AnnotateParams = section(config, "annotate")
         check_judge_pools(params.judges, config.pools)
-        judges = [j.model_dump(mode="json") | {"hash": load_template(j.template, "pairwise").hash}
-                  for j in params.judges]
+        bound = bind_to_pools(params.judges, config.pools, "judge")
+        judges = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params)} for j in bound]
+        verdicts = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params, verdicts_only=True)}
+                    for j in bound]
         settings = params.model_dump(mode="json", exclude={"judges", "batch_size"})
         units = []
         for shard in _prompt_shards(store):
@@ -145,7 +158,7 @@ class AnnotateStep(Step):
                       + _failed_ids(store, "ratings", "rating_id", "valid", prompt_ids))
             units += _with_retry(unit, failed)
         gold = _gold_pairs(params)
-        gold_key = content_id("calibration", judges, settings, _ids_digest(gold["id"].to_list()))
+        gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
         units.append(Unit(self.name, gold_key, ("judge_calibration", "request_metrics"), {"calibration": True}))
         return units
 

@@ -16,7 +16,7 @@ import polars as pl
 from prefcurate.config import section
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
-from prefcurate.steps.engines import engine_for, model_time, request_metrics
+from prefcurate.steps.engines import engine_for, model_time, pool_config, request_metrics
 
 _PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
 
@@ -60,8 +60,19 @@ class ScoreStep(Step):
         return sorted({params.pool} | ({params.critiq.pool} if params.critiq.enabled else set()))
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        params = section(ctx.pipeline_config(), "score")
-        key = content_id("score", self.input_fingerprint(ctx, ["responses", "prompts"]), params.model_dump(mode="json"))
+        from prefcurate.inference.pools import EngineConfig
+        from prefcurate.tasks import critiq, qurating
+
+        config = ctx.pipeline_config()
+        params = section(config, "score")
+        # which models judge (the pools decide) and the prompts and files they are shown
+        models = {name: EngineConfig.model_validate(pool_config(config.pools, name)).model_identity()
+                  for name in self.pools(ctx)}
+        prompts = {"qurating": qurating.prompt_hash(),
+                   "critiq": critiq.inputs_hash(params.critiq.human_pairs, params.critiq.seed_criteria)
+                   if params.critiq.enabled else None}
+        key = content_id("score", self.input_fingerprint(ctx, ["responses", "prompts"]), params.model_dump(mode="json"),
+                         models, prompts)
         return [Unit(self.name, key, ("quality", "embeddings", "request_metrics"))]
 
     def compute(self, unit: Unit, ctx: StageContext):

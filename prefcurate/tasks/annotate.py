@@ -274,7 +274,10 @@ class JudgeSpec(BaseModel):
 
     name: str = Field(..., min_length=1, description="unique name; stored with each judgment")
     pool: str = Field("judges", description="inference pool that serves this model")
-    model: str = Field("default", description="model name or local folder ('default' = embedded)")
+    model: str | None = Field(
+        None, description="optional, for older configs: the pool decides the model; if given it must "
+        "name the pool's model. The annotate step sets it to the pool's model identity"
+    )
     template: str = Field("pairwise_v3", description="pairwise template (name or .txt path)")
     rubric_template: str = Field("rubric_v1", description="rubric template (name or .txt path)")
     rationale_template: str = Field(
@@ -345,6 +348,16 @@ def check_judge_pools(judges: Iterable[JudgeSpec], known_pools: Iterable[str]) -
                 f"judge {judge.name!r} names pool {judge.pool!r}, which is not configured; "
                 f"configured pools: {', '.join(known) or '(none)'}"
             )
+
+
+def judge_template_hashes(judge: JudgeSpec, params: AnnotateParams, verdicts_only: bool = False) -> dict[str, str]:
+    """The hashes of the templates ``judge`` uses under ``params`` (kind -> hash), read from
+    the files now: they enter the unit keys, so a template edited in place is judged again.
+    ``verdicts_only``: the verdict's template alone, pairwise or rationale (calibration's)."""
+    used = {"rationale": judge.rationale_template} if params.rationale_k else {"pairwise": judge.template}
+    if params.rubric_aspects and not verdicts_only:
+        used["rubric"] = judge.rubric_template
+    return {kind: load_template(name, kind).hash for kind, name in used.items()}
 
 
 # ---------------------------------------------------------------------- scheduling

@@ -127,6 +127,20 @@ class CritiQParams(BaseModel):
 # --------------------------------------------------------------------------- data files
 
 
+def inputs_hash(human_pairs: str | Path | None = None, seed_criteria: str | Path | None = None) -> str:
+    """Hash of what CritiQ's mining reads besides its parameters: the manager and worker
+    prompts and the human pairs and seed criteria files (contents, so an in-place edit
+    counts). It enters the score stage's unit key. The short inline phrases ``_Miner`` adds
+    to the manager prompt are not in it: they are code, and a code change re-keys nothing."""
+    from prefcurate.schemas.ids import content_id, file_sha256
+
+    return content_id(
+        "critiq-inputs", _WORKER_TEMPLATE, _FORMAT_EXAMPLES, _PROPOSE_TEMPLATE, _CRITIQUE_TEMPLATE,
+        _REWRITE_TEMPLATE, file_sha256(Path(human_pairs) if human_pairs is not None else DEFAULT_HUMAN_PAIRS),
+        file_sha256(Path(seed_criteria) if seed_criteria is not None else DEFAULT_SEED_CRITERIA),
+    )
+
+
 def load_human_pairs(path: str | Path | None = None) -> pl.DataFrame:
     """The human-labelled pairs (JSONL of {"id", "text_a", "text_b", "answer": "A"|"B"})."""
     path = Path(path) if path is not None else DEFAULT_HUMAN_PAIRS

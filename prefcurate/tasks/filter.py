@@ -277,7 +277,9 @@ def _fmt(expr: pl.Expr, decimals: int = 3) -> pl.Expr:
 
 
 def model_family(model: pl.Expr, families: dict[str, str] | None = None) -> pl.Expr:
-    """Model family of a model-name column (see :class:`SelfPreferenceGuard`)."""
+    """Model family of a model-name column (see :class:`SelfPreferenceGuard`). Rows record a
+    pool's model identity, ``<served name>@<fingerprint>``; the family is the served name's."""
+    model = model.str.replace(r"@[0-9a-f]{12}$", "")
     guessed = model.str.to_lowercase().str.split("/").list.last().str.extract(r"^([a-z]+)", 1)
     if not families:
         return guessed

@@ -6,7 +6,8 @@ store adds the provenance columns).
 
 Method choices
 - ``response_id = content_id("response", prompt_id, generator identity, sample_index)``.
-  The generator identity is its name, model, sampling parameters, system prompt and
+  The generator identity is its name, model (its pool's model identity, set by the
+  generate step: served name and folder fingerprint), sampling parameters, system prompt and
   chat-template flag, but *not* ``n``: raising ``n`` from 2 to 4 keeps samples 0-1 and
   generates only 2-3, and a re-run with the same config generates nothing.
 - System prompt: a prompt's own ``system_prompt`` (ingested with it, part of its id) wins;
@@ -70,7 +71,10 @@ class GeneratorSpec(BaseModel):
 
     name: str = Field(..., min_length=1, description="unique name; stored with each response")
     pool: str = Field("generators", description="inference pool that serves this model")
-    model: str = Field("default", description="model name or local folder ('default' = embedded)")
+    model: str | None = Field(
+        None, description="optional, for older configs: the pool decides the model; if given it must "
+        "name the pool's model. The generate step sets it to the pool's model identity"
+    )
     n: int = Field(2, ge=1, description="samples per prompt")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     system_prompt: str | None = Field(

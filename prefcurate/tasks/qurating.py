@@ -38,6 +38,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefcurate.inference.base import ChoiceRequest, Engine, InferenceError
+from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.bradley_terry import confident_mask, fit_bradley_terry
 from prefcurate.tasks.sampling import zscore
 
@@ -162,6 +163,12 @@ The texts might have similar quality, but you should still make a relative judge
 
 Now you have to choose between either A or B. Respond only with a single word.
 Answer:"""
+
+
+def prompt_hash() -> str:
+    """Hash of the judge prompt's text, which enters the score stage's unit key: an edited
+    prompt scores again (the text is read when called, not at import)."""
+    return content_id("qurating-prompt", _JUDGE_TEMPLATE)
 
 
 def build_judge_prompt(criterion: QuRatingCriterion, text_a: str, text_b: str) -> str:
