@@ -134,11 +134,15 @@ def inputs_hash(human_pairs: str | Path | None = None, seed_criteria: str | Path
     to the manager prompt are not in it: they are code, and a code change re-keys nothing."""
     from prefcurate.schemas.ids import content_id, file_sha256
 
-    return content_id(
-        "critiq-inputs", _WORKER_TEMPLATE, _FORMAT_EXAMPLES, _PROPOSE_TEMPLATE, _CRITIQUE_TEMPLATE,
-        _REWRITE_TEMPLATE, file_sha256(Path(human_pairs) if human_pairs is not None else DEFAULT_HUMAN_PAIRS),
-        file_sha256(Path(seed_criteria) if seed_criteria is not None else DEFAULT_SEED_CRITERIA),
-    )
+    files = []
+    for field_name, path, default in (("human_pairs", human_pairs, DEFAULT_HUMAN_PAIRS),
+                                      ("seed_criteria", seed_criteria, DEFAULT_SEED_CRITERIA)):
+        path = Path(path).expanduser() if path is not None else default
+        if not path.is_file():
+            raise FileNotFoundError(f"score.critiq.{field_name}: {path} is not a file")
+        files.append(file_sha256(path))
+    return content_id("critiq-inputs", _WORKER_TEMPLATE, _FORMAT_EXAMPLES, _PROPOSE_TEMPLATE,
+                      _CRITIQUE_TEMPLATE, _REWRITE_TEMPLATE, files)
 
 
 def load_human_pairs(path: str | Path | None = None) -> pl.DataFrame:

@@ -241,3 +241,10 @@ def test_self_preference_families_see_through_the_identity_suffix():
                                     EngineConfig(served_model_name="google/gemma-3-1b-it").model_identity()]})
     families = names.select(model_family(pl.col("model"), {"in-house-judge": "acme"}))["model"].to_list()
     assert families == ["acme", "gemma"]
+
+
+def test_a_missing_critiq_file_is_named_at_plan_time(world):
+    ctx = _context(world, world["first"], **{"score.critiq.enabled": True,
+                                              "score.critiq.human_pairs": str(world["tmp"] / "nope.jsonl")})
+    with pytest.raises(FileNotFoundError, match=r"score\.critiq\.human_pairs: .*nope\.jsonl"):
+        get_step("score").plan(ctx)
