@@ -121,6 +121,7 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
             result: UnitResult = future.result()
             # visible as soon as it is complete; its counts are recorded in the same transaction
             store.register(result.shards, unit=(stage, result.unit_key), counts=result.counts)
+            _test_kill_point("after_register")
             results.append(result)
             for key, value in result.counts.items():
                 if isinstance(value, (int, float)):
@@ -144,6 +145,18 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
         store.finish_run(run_id, "failed", totals, {"seconds": time.perf_counter() - started},
                          message=f"{type(error).__name__}: {error}")
         raise
+
+
+#: test-only: SIGKILL this process at a named point (``after_register``: a unit's shards and
+#: counts are registered, the run is not finished), so tests can crash a real command there
+TEST_KILL_ENV = "PREFCURATE_TEST_KILL_AT"
+
+
+def _test_kill_point(name: str) -> None:
+    if os.environ.get(TEST_KILL_ENV) == name:
+        import signal
+
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _short(counts: dict) -> str:

@@ -161,9 +161,9 @@ class Step:
         if rejected:
             shards.append(store.write("quarantine", pl.concat(rejected, how="vertical_relaxed"),
                                       key=unit.shard_key("quarantine", 999), run_id=ctx.run_id, stage=self.name))
+        model_seconds = float(counts.pop("model_seconds", 0.0))
         _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards],
                                             "counts": counts}, default=str))
-        model_seconds = float(counts.pop("model_seconds", 0.0))
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
 
 
