@@ -3,8 +3,10 @@
 Layout of a dataset directory::
 
     prefcurate.json            marker: format version (a directory without it is not ours)
-    catalog.duckdb             shard registry, runs, views over the registered shards
+    catalog.duckdb             shard registry, runs, unit counts, views over the registered shards
     <table>/shard-<key>.parquet
+    _units/<stage>/<key>.json  a finished unit's manifest: its shards and counts
+    .writer.lock               one writer per dataset (flock; holds pid, command, since)
 
 Rules that make crashes harmless:
 - A shard file is written under a temporary name and renamed when complete.
@@ -15,9 +17,12 @@ Rules that make crashes harmless:
   so a re-run after a crash between rename and registration adopts the complete file
   instead of recomputing it, and a shard already registered is skipped.
 
+- The shards are the data and the catalog only their index: :meth:`Store.repair` re-creates
+  a lost or broken catalog from the unit manifests.
+
 Workers anywhere may call :func:`write_shard`; only the coordinating process calls
-:meth:`Store.register` (DuckDB allows one writer process). Connections are short-lived so
-``prefcurate sql`` can read between writes.
+:meth:`Store.register` (DuckDB allows one writer process), holding :meth:`Store.writer_lock`.
+Connections are short-lived so ``prefcurate sql`` can read between writes.
 """
 
 from __future__ import annotations
@@ -286,7 +291,8 @@ class Store:
 
     def _check_catalog(self) -> None:
         """Refuse a missing, corrupt or foreign catalog; upgrade one written by an earlier
-        version (missing tables created, views rebuilt). Checked once per process."""
+        version (missing tables created, views rebuilt). Checked again only when the file
+        changed since this process last checked it."""
         if not self.catalog.is_file():
             raise CatalogError(f"the catalog {self.catalog} is missing; {self._repair_hint()}")
         stat = self.catalog.stat()
