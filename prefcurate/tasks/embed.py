@@ -15,6 +15,12 @@ topic, the chosen response keeps two pairs of one prompt apart.
 
 Caching: the ``embeddings`` table holds one vector per (item_id, model); a stage embeds only
 :func:`texts_needing_embeddings` and appends those rows.
+
+Speed (``bench/embed.py``): the model costs ~24 MFLOP per word piece, so on CPU the time is
+the tokens read. :func:`embed_texts` therefore embeds each distinct text once (a repeated
+text gets the first one's vector), runs the forward passes on every core the process may
+use (a Dask worker or an imported vLLM can leave torch on one thread), and lets
+sentence-transformers sort the texts by length so a batch pads little.
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -96,22 +103,61 @@ def embed_texts(
     max_chars: int = 2000,
 ) -> np.ndarray:
     """Embed ``texts``: float32 array ``[n, 384]``, rows L2-normalised (``None`` embeds as "")."""
-    texts = list(texts) if not isinstance(texts, pl.Series) else texts.to_list()
-    if not texts:
+    series = texts if isinstance(texts, pl.Series) else pl.Series(list(texts), dtype=pl.String)
+    if series.len() == 0:
         return np.zeros((0, EMBEDDING_DIM), dtype=np.float32)
-    clean = [(t or "")[:max_chars] for t in texts]
+    clean = series.cast(pl.String).fill_null("").str.slice(0, max_chars)
+    distinct, first_of = _distinct_texts(clean)
     model = load_model(model_path, device)
-    vectors = model.encode(
-        clean,
-        batch_size=batch_size,
-        show_progress_bar=show_progress,
-        convert_to_numpy=True,
-        normalize_embeddings=True,
-    )
+    with all_cores_for_torch():
+        vectors = model.encode(
+            distinct,
+            batch_size=batch_size,
+            show_progress_bar=show_progress,
+            convert_to_numpy=True,
+            normalize_embeddings=True,
+        )
     vectors = np.ascontiguousarray(vectors, dtype=np.float32)
-    if vectors.shape != (len(clean), EMBEDDING_DIM):
+    if vectors.shape != (len(distinct), EMBEDDING_DIM):
         raise ValueError(f"embedding model returned shape {vectors.shape}, expected (n, {EMBEDDING_DIM})")
-    return vectors
+    return vectors if len(distinct) == clean.len() else vectors[first_of]
+
+
+def _distinct_texts(texts: pl.Series) -> tuple[list[str], np.ndarray]:
+    """The distinct texts in first-seen order, and for each input the position of its text there."""
+    frame = pl.DataFrame({"text": texts})
+    distinct = frame.unique("text", maintain_order=True).with_row_index("slot")
+    slots = frame.join(distinct, on="text", how="left", maintain_order="left")["slot"]
+    return distinct["text"].to_list(), slots.to_numpy().astype(np.int64)
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@contextmanager
+def all_cores_for_torch():
+    """Torch intra-op threads raised to :func:`usable_cores` for the block, then put back.
+
+    A Dask nanny exports OMP_NUM_THREADS=1 to its workers unless told otherwise
+    (:func:`prefcurate.flows.common.configure_dask`), and vLLM sets torch's thread count for
+    its own engine; either leaves the embedding forward passes on one core.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    wanted = usable_cores()
+    if before < wanted:
+        torch.set_num_threads(wanted)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
 
 
 def embed_with_params(texts: Sequence[str] | pl.Series, params: EmbedParams | None = None) -> np.ndarray:

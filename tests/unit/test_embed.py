@@ -51,3 +51,32 @@ def test_frame_round_trip_and_cache_lookup():
     assert frame.to_arrow().schema.field("vector").type == EMBEDDINGS.field("vector").type
     np.testing.assert_array_equal(vectors_from_frame(frame), vectors)
     assert texts_needing_embeddings(["a", "x", "b", "x", "y"], ["a", "b"]).tolist() == [1, 4]
+
+
+def test_fast_path_matches_plain_encode_and_embeds_each_distinct_text_once(monkeypatch):
+    import torch
+
+    model = load_model(device="cpu")
+    texts = ["Request: What is the capital of France?\nResponse: Paris is the capital of France. " * 12,
+             "How do I bake sourdough bread?", None, "How do I bake sourdough bread?", "", "short"]
+    reference = model.encode([t or "" for t in texts], normalize_embeddings=True, convert_to_numpy=True)
+    seen: list[list[str]] = []
+    real_encode = model.encode
+
+    def counting_encode(sentences, **kwargs):
+        seen.append(list(sentences))
+        return real_encode(sentences, **kwargs)
+
+    monkeypatch.setattr(model, "encode", counting_encode)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as a Dask worker or an imported vLLM can leave it
+    try:
+        vectors = embed_texts(texts, device="cpu")
+        assert torch.get_num_threads() == 1  # put back after the forward passes
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen) == 1 and sorted(seen[0]) == sorted({t or "" for t in texts})
+    assert vectors.shape == (len(texts), EMBEDDING_DIM)
+    assert np.min(np.sum(vectors * reference, axis=1)) >= 0.999
+    np.testing.assert_array_equal(vectors[1], vectors[3])
+    np.testing.assert_array_equal(vectors[2], vectors[4])
