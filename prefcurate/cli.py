@@ -127,9 +127,9 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
     except (StoreError, ConfigError) as error:
         fail(str(error))
     except Exception as error:  # surface the stage's own clear error without a traceback wall
-        from prefcurate.tasks.ingest import IngestError
+        from prefcurate.errors import InputError
 
-        if isinstance(error, (IngestError, FileNotFoundError)):
+        if isinstance(error, (InputError, FileNotFoundError)):
             fail(str(error))
         raise
     finally:

@@ -16,11 +16,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
+from prefcurate.errors import InputError
 from prefcurate.tasks.ingest import IngestParams
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(InputError):
+    """The config is unusable; the message names file:line: field."""
 
 
 class Strict(BaseModel):

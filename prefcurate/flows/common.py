@@ -52,11 +52,20 @@ def _unit_cache_key(context, arguments) -> str:
     return f"{Store.open(ctx.dataset).instance_id()}:{unit.stage}:{unit.key}"
 
 
+def _is_transient(task, task_run, state) -> bool:
+    """Retry a failed unit unless its error is deterministic (bad input fails the same way again)."""
+    from prefcurate.errors import InputError
+
+    error = state.data
+    return not isinstance(error, (InputError, FileNotFoundError))
+
+
 @task(
     name="run-unit",
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_jitter_factor=0.5,
+    retry_condition_fn=_is_transient,
     cache_key_fn=_unit_cache_key,
     persist_result=True,
 )

@@ -64,3 +64,15 @@ def test_unusable_input_is_a_clear_error(tmp_path):
     weird.write_text("x")
     with pytest.raises(IngestError, match="cannot tell the format"):
         ingest_file(IngestParams(path=str(weird)))
+
+
+def test_input_errors_are_not_retried_but_other_failures_are():
+    from prefect.states import Failed
+
+    from prefcurate.config import ConfigError
+    from prefcurate.flows.common import run_unit_task
+
+    should_retry = run_unit_task.retry_condition_fn
+    assert not should_retry(run_unit_task, None, Failed(data=IngestError("no prompt field")))
+    assert not should_retry(run_unit_task, None, Failed(data=ConfigError("bad config")))
+    assert should_retry(run_unit_task, None, Failed(data=ConnectionError("engine went away")))
