@@ -83,6 +83,83 @@ STAGE_ORDER = ["ingest", "generate", "annotate", "filter", "score", "select", "e
 
 # ---- loading with line numbers ------------------------------------------------------------
 
+#: the most YAML nodes a config may expand to through anchors and aliases; a real config has
+#: a few hundred, an alias bomb of 300 bytes billions
+MAX_EXPANDED_NODES = 20_000
+
+
+def _refuse_alias_bombs(text: str, source: str) -> None:
+    """Count the nodes the document expands to from its event stream, before anything builds
+    it: an alias adds the size of its anchor, so the count (and the time) stays bounded."""
+    anchor_sizes: dict[str, int] = {}
+    open_nodes: list[list] = []  # [expanded size so far, anchor] of each open mapping/sequence
+    total = 0
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            open_nodes.append([1, event.anchor])
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            size = anchor_sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.ScalarEvent):
+            size = 1
+            if event.anchor:
+                anchor_sizes[event.anchor] = 1
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            size, anchor = open_nodes.pop()
+            if anchor:
+                anchor_sizes[anchor] = size
+        else:
+            continue
+        if open_nodes:
+            open_nodes[-1][0] += size
+            total_now = open_nodes[-1][0]
+        else:
+            total += size
+            total_now = total
+        if total_now > MAX_EXPANDED_NODES:
+            raise ConfigError(
+                f"{source}:{event.start_mark.line + 1}: anchors and aliases expand past "
+                f"{MAX_EXPANDED_NODES} nodes; write the config out without aliases"
+            )
+
+
+def _refuse_duplicate_keys(node: yaml.Node, source: str, seen: set | None = None) -> None:
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an aliased node is checked once
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        first_line: dict = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.value != "<<":
+                line = key.start_mark.line + 1
+                if key.value in first_line:
+                    raise ConfigError(
+                        f"{source}:{line}: {key.value}: duplicate key (first given on line "
+                        f"{first_line[key.value]}); keep one"
+                    )
+                first_line[key.value] = line
+            _refuse_duplicate_keys(value, source, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_duplicate_keys(item, source, seen)
+
+
+def _read_config_text(path: Path) -> str:
+    if not path.exists():
+        raise ConfigError(f"config file {path} does not exist")
+    if path.is_dir():
+        raise ConfigError(f"config {path} is a directory; give a YAML file")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as error:
+        line = raw[: error.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 (byte {error.start}); save the config as UTF-8") from None
+    if not text.strip():
+        raise ConfigError(f"{path}: the config file is empty")
+    return text
+
 
 def _line_index(node: yaml.Node, path: tuple = ()) -> dict[tuple, int]:
     """Map every key path in a YAML document to its 1-based line."""
@@ -129,14 +206,15 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        text = path.read_text()
+        text = _read_config_text(path)
         try:
-            node = yaml.compose(text)
-            data = yaml.safe_load(text) or {}
+            _refuse_alias_bombs(text, source)  # before anything expands the document
+            node = yaml.compose(text, Loader=yaml.SafeLoader)
+            if node is not None:
+                _refuse_duplicate_keys(node, source)
+            data = yaml.safe_load(text)
         except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: not valid YAML: {error}") from error
+            raise ConfigError(f"{path}: not valid YAML: {error}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
         lines = _line_index(node) if node is not None else {}
@@ -165,6 +243,9 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
                 cursor[int(key)] = value
             else:
                 cursor = cursor[int(key)]
+        elif not isinstance(cursor, dict):
+            parent = ".".join(keys[:position])
+            raise ConfigError(f"override {dotted!r}: {parent!r} is a value ({cursor!r}), not a section")
         elif last:
             cursor[key] = value
         else:
@@ -202,6 +283,48 @@ def _validate_pools(config: PipelineConfig) -> list[dict]:
         except ValidationError as error:
             for item in error.errors():
                 errors.append({**item, "loc": ("pools", name) + tuple(item["loc"])})
+            continue
+        pool = EngineConfig.model_validate(raw)
+        if pool.kind == "embedded" and pool.model != "default" and not Path(pool.model).expanduser().is_dir():
+            errors.append(_error(("pools", name, "model"),
+                                 f"model folder {pool.model} does not exist (an embedded pool loads a local folder)"))
+    return errors + _undefined_pool_references(config)
+
+
+def _error(loc: tuple, message: str) -> dict:
+    return {"loc": loc, "msg": message, "type": "value_error"}
+
+
+def _undefined_pool_references(config: PipelineConfig) -> list[dict]:
+    """Every `pool:` a stage section names must be one of `pools`, checked before any work.
+
+    Pools given in the file are checked; defaulted ones too once the file defines `pools`
+    and the stage is one that runs (the built-in defaults name pools a default config lacks).
+    """
+    errors: list[dict] = []
+    defined = set(config.pools)
+    check_defaults = "pools" in config.model_fields_set
+
+    def walk(value: Any, loc: tuple, in_stage: bool) -> None:
+        if isinstance(value, BaseModel):
+            for name in type(value).model_fields:
+                child = getattr(value, name)
+                explicit = name in value.model_fields_set
+                if name == "pool" and isinstance(child, str):
+                    if child not in defined and (explicit or (check_defaults and in_stage)):
+                        errors.append(_error(loc + (name,), f"pool {child!r} is not defined under `pools` "
+                                                            f"(defined: {sorted(defined)})"))
+                elif explicit or check_defaults:
+                    walk(child, loc + (name,), in_stage)
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, loc + (index,), in_stage)
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, loc + (key,), in_stage)
+
+    for name, model in config._sections.items():
+        walk(model, (name,), name in config.stages)
     return errors
 
 

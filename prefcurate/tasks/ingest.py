@@ -24,7 +24,7 @@ from typing import Literal
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.errors import InputError
 from prefcurate.schemas.ids import ID_HEX_CHARS
@@ -75,6 +75,12 @@ class IngestParams(BaseModel):
     max_chars: int = Field(8000, ge=1, description="longer prompts are quarantined")
     limit: int | None = Field(None, ge=1, description="ingest at most this many accepted prompts")
     shard_rows: int = Field(50_000, ge=1, description="prompts per shard (the unit of work downstream)")
+
+    @model_validator(mode="after")
+    def _sizes_in_order(self) -> "IngestParams":
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars ({self.min_chars}) is greater than max_chars ({self.max_chars})")
+        return self
 
 
 @dataclass

@@ -66,3 +66,56 @@ def test_dotted_overrides_reach_list_items():
     assert section(config, "generate").generators[1].n == 3 and config.ingest.limit == 5
     with pytest.raises(ConfigError, match="not an index"):
         load_config("examples/quickstart.yaml", {"generate.generators.7.n": 3})
+
+
+QUICKSTART = "examples/quickstart.yaml"
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{chr(98 + i)}: &{chr(98 + i)} [" + ",".join([f"*{chr(97 + i)}"] * 9) + "]\n" for i in range(8))
+
+
+def _quickstart_with(old: str, new: str) -> bytes:
+    text = open(QUICKSTART, encoding="utf-8").read()
+    assert old in text
+    return text.replace(old, new, 1).encode()
+
+
+# (case, file bytes (None: the path is a directory), expected error pattern)
+BAD_CONFIGS = [
+    ("alias_bomb", ALIAS_BOMB.encode(), r"c\.yaml:\d+: anchors and aliases expand past"),
+    ("not_utf8", "name: caf\xe9\n".encode("latin-1"), r"c\.yaml:1: not UTF-8"),
+    ("empty", b"  \n", r"c\.yaml: the config file is empty"),
+    ("directory", None, r"is a directory"),
+    ("duplicate_key", b"seed: 1\nname: x\nseed: 2\n", r"c\.yaml:3: seed: duplicate key \(first given on line 1\)"),
+    ("min_above_max", b"ingest:\n  min_chars: 50\n  max_chars: 10\n", r"c\.yaml:1: ingest: .*min_chars \(50\) is greater"),
+    ("negative_size", b"ingest:\n  max_chars: -5\n", r"c\.yaml:2: ingest\.max_chars"),
+    ("zero_shard_rows", b"ingest:\n  shard_rows: 0\n", r"c\.yaml:2: ingest\.shard_rows"),
+    ("undefined_judge_pool", _quickstart_with("{name: judge-reply, pool: judges", "{name: judge-reply, pool: nojudges"),
+     r"c\.yaml:\d+: annotate\.judges\.1\.pool: pool 'nojudges' is not defined"),
+    ("undefined_score_pool", _quickstart_with("  pool: judges", "  pool: scorers"),
+     r"c\.yaml:\d+: score\..*pool: pool 'scorers' is not defined"),
+    ("missing_model_folder", _quickstart_with("model: default ", "model: /nonexistent/model "),
+     r"c\.yaml:\d+: pools\.\w+\.model: model folder /nonexistent/model does not exist"),
+]
+
+
+@pytest.mark.parametrize("case,content,expected", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
+def test_bad_configs_are_refused_before_any_work(tmp_path, case, content, expected):
+    path = tmp_path / "c.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+
+
+def test_an_override_below_a_scalar_is_a_clear_error():
+    with pytest.raises(ConfigError, match=r"override 'seed\.x': 'seed' is a value"):
+        load_config(QUICKSTART, {"seed.x": 1})
+
+
+def test_aliases_within_the_budget_still_work(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_bytes(b"ingest: &base\n  max_chars: 100\nname: &n demo\ndataset: *n\n")
+    config = load_config(path)
+    assert config.ingest.max_chars == 100 and config.dataset == "demo"
