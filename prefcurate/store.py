@@ -230,7 +230,8 @@ class Store:
     @classmethod
     def init(cls, root: str | Path) -> "Store":
         root = Path(root)
-        if root.exists() and any(root.iterdir()) and not (root / MARKER).exists():
+        if root.exists() and not (root / MARKER).exists() and not (root / WRITER_LOCK).exists() \
+                and any(root.iterdir()):
             raise NotADatasetError(
                 f"{root} exists, is not empty and is not a prefcurate dataset; "
                 "choose a new or empty directory"
@@ -238,8 +239,13 @@ class Store:
         root.mkdir(parents=True, exist_ok=True)
         store = cls(root)
         if not (root / MARKER).exists():
-            with store.writer_lock("init"):
+            with store.writer_lock("init"):  # a concurrent init of the same directory finishes first
                 if not (root / MARKER).exists():
+                    if any(p.name != WRITER_LOCK for p in root.iterdir()):
+                        raise NotADatasetError(
+                            f"{root} exists, is not empty and is not a prefcurate dataset; "
+                            "choose a new or empty directory"
+                        )
                     instance = uuid.uuid4().hex
                     with store.connect(create=True) as con:
                         store._create_catalog(con)

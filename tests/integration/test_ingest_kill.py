@@ -7,6 +7,8 @@ Real command lines against one Prefect server for the module (see test_crash_res
   ``PREFCURATE_TEST_KILL_AT=after_register`` kills the coordinator right after it registered
   the unit (shards and counts) and before the run is finished. ``status`` must show the run
   ``interrupted`` and the file's accounting; the re-run adds nothing.
+- ``test_two_ingest_commands_at_once``: overlapping files, or the same file twice: the second
+  command waits for the writer lock; distinct ids == rows and the accounting counts each once.
 - ``test_sigkill_at_random_points_of_a_large_ingest``: 200,000 prompts (with duplicates and
   bad rows), SIGKILL of the command's process group at seeded random moments across the run's
   duration, each followed by a re-run; the figures are printed (``-s`` shows them).
@@ -112,3 +114,29 @@ def test_sigkill_at_random_points_of_a_large_ingest(prefect_server, tmp_path):
         assert ids == expected[0] and accounting == expected[1], (delay, accounting, expected[1])
     print(f"\nRESULT ingest SIGKILL points (s of {duration:.0f}): {points}; rows lost {lost}, "
           f"duplicated {duplicated}; hidden temporary files left {leftovers}")
+
+
+@pytest.mark.parametrize("overlap", ["overlapping_files", "same_file"])
+def test_two_ingest_commands_at_once(prefect_server, tmp_path, overlap):
+    """The second writer waits for the first (and says who holds the dataset); nothing doubles."""
+    env = _env(prefect_server, tmp_path / "prefect-home")
+    first = _prompts_file(tmp_path / "a.jsonl", 20_000)
+    second = first if overlap == "same_file" else tmp_path / "b.jsonl"
+    if overlap != "same_file":
+        lines = first.read_text().splitlines()
+        second.write_text("\n".join(lines[10_000:] + [json.dumps({"prompt": f"New prompt {i}"}) for i in range(5000)])
+                          + "\n")
+    dataset = tmp_path / "ds"
+    writers = [_start(_ingest_command(path, dataset), env, tmp_path / f"writer{n}.log")
+               for n, path in enumerate((first, second))]
+    assert [w.wait(timeout=900) for w in writers] == [0, 0]
+    logs = [(tmp_path / f"writer{n}.log").read_text() for n in range(2)]
+    assert any("dataset busy" in log and "held by pid" in log for log in logs)
+    store = Store.open(dataset)
+    prompts = store.read("prompts", ["prompt_id"])
+    distinct = 18_000 + (0 if overlap == "same_file" else 5000)  # (line 7's text comes again later)
+    assert prompts.height == prompts["prompt_id"].n_unique() == distinct
+    accounting = ingest_accounting(store).row(0, named=True)
+    read = 20_000 + (0 if overlap == "same_file" else 15_000)
+    assert accounting["rows_read"] == read and accounting["accepted"] == distinct
+    assert read == accounting["accepted"] + accounting["quarantined"] + accounting["duplicates"]

@@ -293,3 +293,18 @@ def test_a_running_run_of_a_live_process_stays_running(tmp_path):
     store = Store.init(tmp_path / "ds")
     store.start_run("ingest", {}, run_id="live")
     assert store.runs()["status"].to_list() == ["running"]
+
+
+INIT = textwrap.dedent("""
+    import sys
+    from prefcurate.store import Store
+    Store.init(sys.argv[1])
+""")
+
+
+def test_two_inits_of_one_new_directory_at_once_both_succeed(tmp_path):
+    target = tmp_path / "new"
+    inits = [subprocess.Popen([sys.executable, "-c", INIT, str(target)], stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]
+    assert [p.wait(timeout=120) for p in inits] == [0, 0, 0], [p.stderr.read() for p in inits]
+    assert Store.open(target).count("prompts") == 0
