@@ -258,11 +258,20 @@ def _read_jsonl(path: Path, source: str, text_fields: list[str]) -> tuple[pl.Dat
     # Fast path: a clean file (no blank lines) parses in one vectorised call, with the text
     # fields typed as strings so a number, list or object there is a type error, not text;
     # any error sends us to the line-by-line path, which says which record and field.
-    if lines and all(line.strip() for line in lines):
+    if lines and all(line.strip() for line in lines) and _is_utf8(data):
         frame = _read_jsonl_strict(data, text_fields, longest=max(map(len, lines)))
         if frame is not None and frame.height == len(lines):
             return _with_record_numbers(frame), _quarantine_frame([]), len(lines)
     return _read_jsonl_lines(lines, source, text_fields)
+
+
+def _is_utf8(data: bytes) -> bool:
+    """The JSON reader passes invalid bytes through; the line-by-line path names them."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _read_jsonl_strict(data: bytes, text_fields: list[str], longest: int) -> pl.DataFrame | None:

@@ -4,6 +4,7 @@ import polars as pl
 import pytest
 
 from prefcurate.tasks.ingest import IngestError, IngestParams, ingest_file
+from tests.unit.bad_inputs import BAD_INPUTS
 from tests.unit.bad_rows import EXPECTED_REASONS, write_bad_file
 
 
@@ -76,3 +77,34 @@ def test_input_errors_are_not_retried_but_other_failures_are():
     assert not should_retry(run_unit_task, None, Failed(data=IngestError("no prompt field")))
     assert not should_retry(run_unit_task, None, Failed(data=ConfigError("bad config")))
     assert should_retry(run_unit_task, None, Failed(data=ConnectionError("engine went away")))
+
+
+@pytest.mark.parametrize("kind,name,write,expected", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_inputs_of_every_kind_are_quarantined_or_refused_with_accounting(tmp_path, kind, name, write, expected):
+    from prefcurate.steps.base import StageContext
+    from prefcurate.steps.ingest import IngestStep, ingest_accounting
+    from prefcurate.store import Store
+
+    path = tmp_path / name
+    write(path)
+    store = Store.init(tmp_path / "ds")
+    ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
+    step = IngestStep(IngestParams(path=str(path)))
+    if expected[0] == "error":
+        with pytest.raises(IngestError, match=expected[1]):
+            for unit in step.plan(ctx):
+                step.run_unit(unit, ctx)
+        return
+    reasons, accepted = expected
+    for unit in step.plan(ctx):
+        result = step.run_unit(unit, ctx)
+        store.register(result.shards, unit=("ingest", unit.key), counts=result.counts)
+    quarantine = store.query("SELECT source_record, field, reason, message FROM quarantine ORDER BY source_record")
+    assert dict(zip(quarantine["source_record"].to_list(), quarantine["reason"].to_list())) == reasons
+    for record, field, reason, message in quarantine.rows():
+        assert message.startswith(f"record {record}: ")
+        if reason in ("wrong_type", "missing_prompt"):
+            assert field in ("prompt", "system_prompt") and field in message
+    counts = ingest_accounting(store).row(0, named=True)
+    assert counts["accepted"] == accepted and counts["quarantined"] == len(reasons)
+    assert counts["rows_read"] == counts["accepted"] + counts["quarantined"] + counts["duplicates"]

@@ -1,0 +1,61 @@
+"""Bad input files of every kind, kept as data: (kind, file name, how to write it, expected).
+
+``expected`` is either ``{record: reason}`` of the quarantined records plus the accepted
+count, or ``("error", pattern)`` for a file that is unusable as a whole.
+"""
+
+import gzip
+import json
+
+import polars as pl
+
+OK = b'{"prompt": "a good prompt"}\n'
+
+
+def _bytes(data: bytes):
+    return lambda path: path.write_bytes(data)
+
+
+def _parquet(column):
+    return lambda path: pl.DataFrame({"prompt": column}).write_parquet(path)
+
+
+def _directory(path):
+    path.mkdir()
+
+
+def _missing(path):
+    pass
+
+
+WRONG_TYPES = b"".join(json.dumps({"prompt": v}).encode() + b"\n" for v in ["text", 7, True, ["a"], {"a": 1}, None])
+
+BAD_INPUTS = [
+    ("invalid_utf8", "f.jsonl", _bytes(OK + b'{"prompt": "bad \xff\xfe bytes"}\n'), ({2: "invalid_utf8"}, 1)),
+    ("nul_byte", "f.jsonl", _bytes(OK + b'{"prompt": "a\x00b"}\n'), ({2: "malformed_json"}, 1)),
+    ("bom", "f.jsonl", _bytes(b"\xef\xbb\xbf" + OK + b'{"prompt": "second"}\n'), ({}, 2)),
+    ("crlf", "f.jsonl", _bytes(OK.replace(b"\n", b"\r\n") + b'{"prompt": "second"}\r\n'), ({}, 2)),
+    ("line_50mb", "f.jsonl", _bytes(OK + b'{"prompt": "' + b"x" * 50_000_000 + b'"}\n'), ({2: "prompt_too_long"}, 1)),
+    ("deeply_nested", "f.jsonl", _bytes(OK + b'{"prompt": ' + b"[" * 15_000 + b"]" * 15_000 + b"}\n"),
+     ({2: "nested_too_deep"}, 1)),
+    ("json_array", "f.json", _bytes(b'[{"prompt": "a"}, {"prompt": "b"}]\n'), ({1: "not_an_object"}, 0)),
+    ("wrong_types", "f.jsonl", _bytes(WRONG_TYPES),
+     ({2: "wrong_type", 3: "wrong_type", 4: "wrong_type", 5: "wrong_type", 6: "missing_prompt"}, 1)),
+    ("only_numbers", "f.jsonl", _bytes(b'{"prompt": 7}\n{"prompt": 8}\n'), ({1: "wrong_type", 2: "wrong_type"}, 0)),
+    ("system_prompt_number", "f.jsonl", _bytes(OK + b'{"prompt": "p", "system_prompt": 5}\n'), ({2: "wrong_type"}, 1)),
+    ("ragged_csv", "f.csv", _bytes(b"prompt,x\nhello,1\nhi,2,3\nthree\n"), ({2: "ragged_row", 3: "ragged_row"}, 1)),
+    ("csv_invalid_utf8", "f.csv", _bytes(b"prompt\nhello\nbad \xff\n"), ({2: "invalid_utf8"}, 1)),
+    ("empty_jsonl", "f.jsonl", _bytes(b""), ({}, 0)),
+    ("empty_csv", "f.csv", _bytes(b""), ({}, 0)),
+    ("blank_lines_only", "f.jsonl", _bytes(b"\n\n  \n"), ({}, 0)),
+    ("directory", "d.jsonl", _directory, ("error", "is a directory")),
+    ("missing_file", "gone.jsonl", _missing, ("error", "does not exist")),
+    ("gzip_jsonl", "f.jsonl.gz", lambda path: path.write_bytes(gzip.compress(OK + b'{"prompt": 3}\n')),
+     ({2: "wrong_type"}, 1)),
+    ("truncated_gzip", "f.jsonl.gz", lambda path: path.write_bytes(gzip.compress(OK * 100)[:30]),
+     ("error", "gzip but cannot be decompressed")),
+    ("parquet_list_column", "f.parquet", _parquet([["a", "b"], ["c"]]), ({1: "wrong_type", 2: "wrong_type"}, 0)),
+    ("parquet_binary_column", "f.parquet", _parquet([b"ab", b"c"]), ({1: "wrong_type", 2: "wrong_type"}, 0)),
+    ("parquet_number_column", "f.parquet", _parquet([1, 2]), ({1: "wrong_type", 2: "wrong_type"}, 0)),
+    ("not_parquet", "f.parquet", _bytes(b"PAR1 but not really"), ("error", "cannot read .* as parquet")),
+]
