@@ -95,12 +95,54 @@ def pool_slots(pools: list[str], mode: str | None = None) -> Iterator[None]:
     if not pools or mode == "off":
         yield
         return
+    import threading
+
     from prefect.concurrency.sync import concurrency
 
-    # a unit may run longer than a lease: a missed renewal must not kill an hour of inference
-    with concurrency([f"pool-{name}" for name in pools], occupy=1, strict=mode == "strict",
-                     raise_on_lease_renewal_failure=False):
-        yield
+    names = [f"pool-{name}" for name in pools]
+    report_after = float(os.environ.get(POOL_WAIT_REPORT_ENV, "60"))
+    reporter = threading.Timer(report_after, _report_slot_wait, args=(names, report_after, _unit_logger()))
+    reporter.daemon = True
+    reporter.start()
+    try:
+        # a unit may run longer than a lease: a missed renewal must not kill an hour of inference
+        with concurrency(names, occupy=1, strict=mode == "strict", raise_on_lease_renewal_failure=False):
+            reporter.cancel()
+            yield
+    finally:
+        reporter.cancel()
+
+
+#: seconds a unit waits for its pools' slots before it says which slots and who holds them
+POOL_WAIT_REPORT_ENV = "PREFCURATE_POOL_WAIT_REPORT_S"
+
+
+def _unit_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except Exception:  # outside a run (tests, a plain call)
+        return logging.getLogger(__name__)
+
+
+def _report_slot_wait(names: list[str], waited: float, logger) -> None:
+    """Say what a unit is waiting for: each limit's taken and total slots on this API."""
+    from prefect import get_client
+
+    states = []
+    try:
+        with get_client(sync_client=True) as client:
+            for name in names:
+                limit = client.read_global_concurrency_limit_by_name(name)
+                states.append(f"{name}: {limit.active_slots}/{limit.limit} slots taken")
+    except Exception as error:
+        states.append(f"(could not read the limits: {error})")
+    logger.warning(
+        "waiting %.0f s for a concurrency slot of %s at %s; %s. The holders are other runs on "
+        "this Prefect API; a slot of a killed run is freed when its lease expires (or at the "
+        "next start of a temporary server). `prefect gcl ls` shows the limits, "
+        "`prefect gcl update NAME --active-slots 0` frees them by hand.",
+        waited, ", ".join(names), os.environ.get("PREFECT_API_URL", "the temporary server"), "; ".join(states),
+    )
 
 
 def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str | None = None,
@@ -224,8 +266,33 @@ def ensure_prefect_api(config: PipelineConfig | None = None) -> None:
     server = SubprocessASGIServer()
     server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
     os.environ["PREFECT_API_URL"] = server.api_url
+    release_stale_pool_slots()
     if config is not None:
         create_pool_limits(config)
+
+
+def release_stale_pool_slots() -> list[str]:
+    """Free the slots of ``pool-*`` limits taken on an earlier temporary server.
+
+    The temporary server keeps slot leases in its memory: when a build is killed, its server
+    dies with the leases while the taken slots stay counted in the database, and no later
+    server would ever expire them (the next build waited forever). A temporary server that
+    has just started holds no lease, so every slot counted taken is stale. Returns the limits
+    freed. (Two builds sharing one PREFECT_HOME at once should use `make server` instead.)
+    """
+    from prefect import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+
+    freed = []
+    with get_client(sync_client=True) as client:
+        for limit in client.read_global_concurrency_limits(limit=200):
+            if limit.name.startswith("pool-") and limit.active_slots:
+                client.update_global_concurrency_limit(limit.name, GlobalConcurrencyLimitUpdate(active_slots=0))
+                freed.append(limit.name)
+    if freed:
+        logging.getLogger(__name__).warning(
+            "freed the slots of %s: taken by a build that died with its temporary server", ", ".join(freed))
+    return freed
 
 
 def create_pool_limits(config: PipelineConfig) -> dict[str, int]:
