@@ -112,6 +112,10 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
     except StoreError as error:
         fail(str(error))
     try:
+        from prefcurate.procwatch import start_watchdog
+
+        # ends an earlier killed build's leftovers; this build's children end with it
+        start_watchdog(store.root)
         ensure_prefect_api(pipeline)
         parameters = RunParameters(
             config_path=str(config) if config else None, dataset=str(dataset) if dataset else None,
