@@ -47,6 +47,14 @@ DEFAULT_TIMEOUT_S = 60.0
 _READ_QUERY_NODES = {"SELECT_NODE", "SET_OPERATION_NODE", "RECURSIVE_CTE_NODE", "CTE_NODE"}
 
 
+_PARSER_CONFIG = {
+    "enable_external_access": False,
+    "autoinstall_known_extensions": False,
+    "autoload_known_extensions": False,
+    "python_enable_replacements": False,
+}
+
+
 class ReadOnlyViolation(ValueError):
     """The statement is not a pure read; nothing was run."""
 
@@ -102,7 +110,8 @@ def _kind(statement: "duckdb.Statement") -> str:
 
 def _check_select_tree(query: str) -> None:
     try:
-        with duckdb.connect(":memory:") as con:  # a pure function call: the parser's tree as JSON
+        # a pure function call (the parser's tree as JSON), still in a connection without files
+        with duckdb.connect(":memory:", config=_PARSER_CONFIG) as con:
             tree = json.loads(con.execute("SELECT json_serialize_sql(?)", [query]).fetchone()[0])
     except (duckdb.Error, ValueError, RecursionError) as error:  # fail closed
         raise ReadOnlyViolation(f"cannot check the query: {str(error)[:200]}") from None
@@ -240,6 +249,10 @@ def _sandbox_config(memory_limit: str | None) -> dict:
         "autoload_known_extensions": False,
         "allow_community_extensions": False,
         "allow_persistent_secrets": False,
+        # no replacement scans: a name in the query must not reach a Python object (an Arrow
+        # table or frame) in our own code's scope; the dataset's tables are registered by name.
+        # enable_external_access = false already stops them; this holds if that ever changes
+        "python_enable_replacements": False,
     }
 
 

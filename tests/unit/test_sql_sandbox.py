@@ -449,3 +449,15 @@ def test_a_catalog_pointing_outside_the_dataset_is_not_followed(tmp_path):
     for store in (by_dots, by_link):
         with pytest.raises(SqlError, match="outside the dataset"):
             run_read_only(store, "SELECT count(*) FROM prompts")
+
+
+def test_the_sandbox_cannot_see_python_objects_in_scope(attacked):
+    """No replacement scans: a query names only the dataset's registered tables and views."""
+    import pyarrow as pa
+
+    store, _, _ = attacked
+    private_rows = pa.table({"secret": ["s"]})  # noqa: F841 - what a replacement scan would find
+    with sandbox(store) as con:
+        with pytest.raises(duckdb.CatalogException, match="private_rows"):
+            con.sql("SELECT * FROM private_rows").fetchall()
+        assert con.sql("SELECT count(*) FROM prompts").fetchall() == [(4,)]
