@@ -79,7 +79,7 @@ def _shm_segments(pid: int) -> set[str]:
 
 
 def _write_record(path: Path, owner: tuple[int, int], processes: dict[int, int], segments: set[str]) -> None:
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = path.with_name(path.name + ".new")
     temporary.write_text(json.dumps({"owner": list(owner), "processes": sorted(processes.items()),
                                      "shm": sorted(segments)}))
     os.replace(temporary, path)
@@ -137,7 +137,7 @@ def watch(build_pid: int, build_start: int, dataset: Path, lifeline: int = 0) ->
     _, processes, segments = _read_record(path)
     # what the build started before (a process running several commands: a test) is not ours
     since = start_time(os.getpid())
-    scans = 0
+    scans, written = 0, None
     while start_time(build_pid) == build_start:
         for pid in descendants({build_pid}) - {os.getpid()}:
             start = start_time(pid)
@@ -147,7 +147,9 @@ def watch(build_pid: int, build_start: int, dataset: Path, lifeline: int = 0) ->
             for pid in processes:
                 segments |= _shm_segments(pid)
         scans += 1
-        _write_record(path, (build_pid, build_start), processes, segments)
+        if written != (len(processes), len(segments)):  # rewritten only when it grows
+            _write_record(path, (build_pid, build_start), processes, segments)
+            written = (len(processes), len(segments))
         readable, _, _ = select.select([lifeline], [], [], SCAN_SECONDS)
         if readable and not os.read(lifeline, 1):
             break  # EOF: the build exited, whatever the way
