@@ -225,6 +225,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     except ValidationError as error:
         raise ConfigError(format_errors(error.errors(), source, lines)) from None
     errors = _validate_sections(config)
+    if not errors:  # what the config refers to exists here, checked once before any work
+        errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
     if errors:
         raise ConfigError(format_errors(errors, source, lines))
     return config
@@ -283,27 +285,34 @@ def _validate_pools(config: PipelineConfig) -> list[dict]:
         except ValidationError as error:
             for item in error.errors():
                 errors.append({**item, "loc": ("pools", name) + tuple(item["loc"])})
-            continue
+    return errors
+
+
+def _missing_model_folders(config: PipelineConfig) -> list[dict]:
+    from prefcurate.inference.pools import EngineConfig
+
+    errors = []
+    for name, raw in config.pools.items():
         pool = EngineConfig.model_validate(raw)
         if pool.kind == "embedded" and pool.model != "default" and not Path(pool.model).expanduser().is_dir():
             errors.append(_error(("pools", name, "model"),
                                  f"model folder {pool.model} does not exist (an embedded pool loads a local folder)"))
-    return errors + _undefined_pool_references(config)
+    return errors
 
 
 def _error(loc: tuple, message: str) -> dict:
     return {"loc": loc, "msg": message, "type": "value_error"}
 
 
-def _undefined_pool_references(config: PipelineConfig) -> list[dict]:
+def _undefined_pool_references(config: PipelineConfig, pools_given: bool) -> list[dict]:
     """Every `pool:` a stage section names must be one of `pools`, checked before any work.
 
-    Pools given in the file are checked; defaulted ones too once the file defines `pools`
+    Pools named in the file are checked; defaulted ones too when the file defines `pools`
     and the stage is one that runs (the built-in defaults name pools a default config lacks).
     """
     errors: list[dict] = []
     defined = set(config.pools)
-    check_defaults = "pools" in config.model_fields_set
+    check_defaults = pools_given
 
     def walk(value: Any, loc: tuple, in_stage: bool) -> None:
         if isinstance(value, BaseModel):
