@@ -82,12 +82,12 @@ def _dataset_for(config_path: Optional[Path], dataset: Optional[Path], overrides
     raise AssertionError
 
 
-def _open_store(dataset: Path, create: bool = False):
+def _open_store(dataset: Path, create: bool = False, upgrade: bool = True):
     """The dataset, or `error:` naming what is wrong with it (missing, corrupt, foreign catalog)."""
     from prefcurate.store import Store, StoreError
 
     try:
-        return Store.open_or_init(dataset) if create else Store.open(dataset)
+        return Store.open_or_init(dataset) if create else Store.open(dataset, upgrade=upgrade)
     except StoreError as error:
         fail(str(error))
 
@@ -286,7 +286,7 @@ def sql(
         fail("--output needs --format csv, json or parquet")
     if timeout < 0:
         fail("--timeout must be 0 (no limit) or more seconds")
-    store = _open_store(_dataset_for(config, dataset))
+    store = _open_store(_dataset_for(config, dataset), upgrade=False)  # reading never writes
     try:
         target = check_output_path(store, output) if output is not None else None
         frame = run_read_only(store, query, memory_limit=memory_limit, timeout_s=timeout or None)

@@ -257,7 +257,9 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, root: str | Path) -> "Store":
+    def open(cls, root: str | Path, upgrade: bool = True) -> "Store":
+        """``upgrade=False`` (readers such as `prefcurate sql`): an earlier version's catalog is
+        checked but left as it is, so that reading never writes the dataset."""
         root = Path(root)
         if not root.is_dir():
             raise NotADatasetError(f"{root} does not exist; create it with `prefcurate init {root}`")
@@ -277,7 +279,7 @@ class Store:
                 f"{FORMAT_VERSION} (see {MARKER}); use the prefcurate version that wrote it"
             )
         store = cls(root)
-        store._check_catalog()
+        store._check_catalog(upgrade)
         return store
 
     @classmethod
@@ -295,7 +297,7 @@ class Store:
         return (f"restore it from a backup, or re-create it from the shard files with "
                 f"`prefcurate repair -d {self.root}` (it moves a broken catalog aside, deleting nothing)")
 
-    def _check_catalog(self) -> None:
+    def _check_catalog(self, upgrade: bool = True) -> None:
         """Refuse a missing, corrupt or foreign catalog; upgrade one written by an earlier
         version (missing tables created, views rebuilt). Checked again only when the file
         changed since this process last checked it."""
@@ -327,6 +329,8 @@ class Store:
                 f"{self.instance_id()}); {self._repair_hint()}"
             )
         if meta.get("schema") != _catalog_fingerprint() or not RUN_COLUMNS <= run_columns:
+            if not upgrade:
+                return
             with self.connect() as con:
                 con.execute("BEGIN")
                 self._create_catalog(con)

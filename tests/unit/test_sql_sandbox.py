@@ -461,3 +461,16 @@ def test_the_sandbox_cannot_see_python_objects_in_scope(attacked):
         with pytest.raises(duckdb.CatalogException, match="private_rows"):
             con.sql("SELECT * FROM private_rows").fetchall()
         assert con.sql("SELECT count(*) FROM prompts").fetchall() == [(4,)]
+
+
+def test_an_earlier_versions_catalog_is_read_as_it_is(tmp_path):
+    """Other commands upgrade such a catalog; `sql` reads it and writes nothing."""
+    store, _ = _small_dataset(tmp_path / "ds")
+    with duckdb.connect(str(store.catalog)) as con:  # as an earlier version left it
+        con.execute("UPDATE _meta SET value = 'earlier' WHERE key = 'schema'")
+        con.execute("ALTER TABLE runs DROP COLUMN host")
+    before = _fingerprint(store.root)
+    result = _sql("-d", str(store.root), "SELECT count(*) AS n FROM runs, prompts")
+    assert result.exit_code == 0 and "4" in result.output, result.output
+    assert _sql("-d", str(store.root), "SELECT * FROM curated_pairs").exit_code == 0
+    assert _fingerprint(store.root) == before
