@@ -160,6 +160,16 @@ ESCAPES: list[tuple[str, str]] = [
     ("SUMMARIZE SELECT * FROM read_text('/etc/passwd')", REFUSED_FILES),
     ("EXPLAIN ANALYZE SELECT * FROM read_text('/etc/passwd')", REFUSED_FILES),
     ("SELECT * FROM duckdb_extensions()", REFUSED_FILES),
+    ("SELECT * FROM read_duckdb('{root}/catalog.duckdb')", REFUSED_FILES),
+    ("SELECT * FROM query_table('{root}/catalog.duckdb')", REFUSED_FILES),
+    ("DESCRIBE '{root}/catalog.duckdb'", REFUSED_FILES),
+    ("SELECT * FROM parquet_scan('{shard}')", REFUSED_FILES),
+    ("SELECT * FROM read_csv('{root}/prompts/', union_by_name = true)", REFUSED_FILES),
+    ("SELECT * FROM glob('{root}/**')", REFUSED_FILES),
+    # writes nested where a SELECT may stand
+    ("FROM prompts t, LATERAL (WITH q AS (COPY (SELECT 1) TO '{root}/y.csv') SELECT 1)", "contains COPY"),
+    ("SELECT * FROM (EXPLAIN ANALYZE COPY (SELECT 1) TO '{root}/x.csv')", "cannot parse"),
+    ("EXPLAIN ANALYZE SELECT * FROM (WITH q AS (COPY (SELECT 1) TO '{root}/x.csv') SELECT 1)", "contains COPY"),
 ]
 
 # statements whose whole point is writing a file: the sandbox alone must answer "no access"
