@@ -67,6 +67,31 @@ def _good_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str])
     )["id"].to_list()
 
 
+def _prompt_ids_by_shard(store, shards: list[dict]) -> pl.DataFrame:
+    """(prompt_id, path) of every prompt shard, read in one pass over the prompt files."""
+    if not shards:
+        return pl.DataFrame(schema={"prompt_id": pl.String, "path": pl.String})
+    by_file = {str(store.root / s["path"]): s["path"] for s in shards}
+    # shards of older versions may hold other columns beside prompt_id
+    frame = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore")
+             .select("prompt_id", "file").collect())
+    return frame.select("prompt_id", pl.col("file").replace_strict(by_file).alias("path"))
+
+
+def _ids_by_shard(store, prompt_shards: pl.DataFrame, table: str, id_column: str,
+                  ok: str) -> tuple[dict[str, list[str]], dict[str, list[str]]]:
+    """({path: good ids}, {path: failed ids}) of ``table`` per prompt shard, from one grouped
+    query (planning must not query per shard). An id is good when any stored row is good,
+    failed when every one failed, as ``_good_ids`` and ``_failed_ids`` decide for one shard."""
+    rows = store.query(f"SELECT prompt_id, {id_column} AS id, bool_or({ok}) AS good FROM {table} "
+                       f"GROUP BY prompt_id, {id_column}")
+    per_shard = rows.join(prompt_shards, on="prompt_id").group_by("path", "good").agg("id")
+    good, failed = {}, {}
+    for path, is_good, ids in per_shard.iter_rows():
+        (good if is_good else failed)[path] = ids
+    return good, failed
+
+
 def _with_retry(unit: Unit, failed: list[str]) -> list[Unit]:
     """``unit``, and a retry of the failed ids its earlier runs left (when there are any)."""
     if not failed:
@@ -103,12 +128,14 @@ class GenerateStep(Step):
         params = _bound_generate_params(config)
         identity = [g.identity() | {"n": g.n} for g in params.generators]
         store = ctx.store()
+        shards = _prompt_shards(store)
+        _, failed = _ids_by_shard(store, _prompt_ids_by_shard(store, shards), "responses", "response_id",
+                                  _RESPONSE_OK)
         units = []
-        for shard in _prompt_shards(store):
+        for shard in shards:
             unit = Unit(self.name, content_id("generate", shard["shard_key"], identity),
                         ("responses", "request_metrics"), {"prompts_path": shard["path"]})
-            prompt_ids = store.read_shard(shard["path"])["prompt_id"].to_list()
-            units += _with_retry(unit, _failed_ids(store, "responses", "response_id", _RESPONSE_OK, prompt_ids))
+            units += _with_retry(unit, failed.get(shard["path"], []))
         return units
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -146,17 +173,20 @@ class AnnotateStep(Step):
         verdicts = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params, verdicts_only=True)}
                     for j in bound]
         settings = params.model_dump(mode="json", exclude={"judges", "batch_size"})
+        shards = _prompt_shards(store)
+        prompt_shards = _prompt_ids_by_shard(store, shards)
+        good_responses, _ = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
+        _, failed_judgments = _ids_by_shard(store, prompt_shards, "judgments", "judgment_id", "valid")
+        _, failed_ratings = _ids_by_shard(store, prompt_shards, "ratings", "rating_id", "valid")
         units = []
-        for shard in _prompt_shards(store):
-            prompt_ids = store.read_shard(shard["path"])["prompt_id"].to_list()
+        for shard in shards:
+            path = shard["path"]
             # the judgeable responses: a failed response retried into a good one changes the key
-            response_ids = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompt_ids)
+            response_ids = good_responses.get(path, [])
             key = content_id("annotate", shard["shard_key"], _ids_digest(response_ids), judges, settings)
             unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
-                        {"prompts_path": shard["path"]})
-            failed = (_failed_ids(store, "judgments", "judgment_id", "valid", prompt_ids)
-                      + _failed_ids(store, "ratings", "rating_id", "valid", prompt_ids))
-            units += _with_retry(unit, failed)
+                        {"prompts_path": path})
+            units += _with_retry(unit, failed_judgments.get(path, []) + failed_ratings.get(path, []))
         gold = _gold_pairs(params)
         gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
         units.append(Unit(self.name, gold_key, ("judge_calibration", "request_metrics"), {"calibration": True}))
@@ -174,9 +204,12 @@ class AnnotateStep(Step):
                     model_time(*engines.values()))
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
         ids = prompts["prompt_id"].to_list()
+        # current_responses' rule (prefer a good row, then the newest), with the unit's prompt
+        # filter applied before the de-duplication instead of after it over the whole table
         responses = store.query(
-            "SELECT * EXCLUDE (run_id, stage, code_version, created_at) "
-            "FROM current_responses WHERE prompt_id IN (SELECT unnest(?))", [ids]
+            "SELECT * EXCLUDE (run_id, stage, code_version, created_at) FROM responses "
+            "WHERE prompt_id IN (SELECT unnest(?)) QUALIFY row_number() OVER "
+            "(PARTITION BY response_id ORDER BY finish_reason = 'error', created_at DESC) = 1", [ids]
         )
         existing_judgments = _good_ids(store, "judgments", "judgment_id", "valid", ids)
         existing_ratings = _good_ids(store, "ratings", "rating_id", "valid", ids)
