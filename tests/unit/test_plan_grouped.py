@@ -8,6 +8,8 @@ per prompt shard, as ``plan()`` used to query) is the reference.
 
 from __future__ import annotations
 
+import shutil
+
 import polars as pl
 import pytest
 
@@ -74,19 +76,33 @@ def _ids_by_shard_per_shard_queries(store, prompt_shards, table, id_column, ok):
     return good, failed
 
 
-@pytest.fixture
-def dataset(tmp_path, monkeypatch):
-    engine = FailsOnceEngine()
-    monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
-    store = Store.init(tmp_path / "ds")
-    shards = [["steady a", "steady b"], ["flaky one", "steady c"], ["flaky two", "steady d"]]
-    store.register([store.write("prompts", _prompts(i, texts), key=f"shard-{i}", run_id="r0", stage="ingest")
-                    for i, texts in enumerate(shards)])
-    config = load_config("examples/quickstart.yaml", {
+def _config():
+    return load_config("examples/quickstart.yaml", {
         "annotate.judges": [{"name": "judge", "pool": "judges", "template": "pairwise_v1"}],
         "annotate.rubric_aspects": [], "annotate.calibration_pairs": 1, "contracts": False,
     })
-    ctx = context_for(store.root, config, "r1")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Built once for the module (planning writes nothing); a test that writes copies it."""
+    with pytest.MonkeyPatch.context() as patch:
+        engine = FailsOnceEngine()
+        patch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
+        yield _build(tmp_path_factory.mktemp("plan") / "ds")
+
+
+@pytest.fixture
+def dataset(built):
+    return built
+
+
+def _build(root):
+    store = Store.init(root)
+    shards = [["steady a", "steady b"], ["flaky one", "steady c"], ["flaky two", "steady d"]]
+    store.register([store.write("prompts", _prompts(i, texts), key=f"shard-{i}", run_id="r0", stage="ingest")
+                    for i, texts in enumerate(shards)])
+    ctx = context_for(store.root, _config(), "r1")
     _run_pending("generate", ctx, store)  # leaves failed responses in shards 1 and 2
     _run_pending("annotate", ctx, store)
     # a prompt shard that arrives after the stages ran: nothing of it exists yet
@@ -130,8 +146,12 @@ def test_grouped_ids_equal_the_per_shard_queries_for_every_table(dataset):
     assert len(failed) == 2  # shards 1 and 2 each left a failed response
 
 
-def test_a_unit_reads_the_rows_current_responses_holds_for_its_prompts(dataset, monkeypatch):
-    store, ctx = dataset
+def test_a_unit_reads_the_rows_current_responses_holds_for_its_prompts(built, tmp_path, monkeypatch):
+    store = Store.open(shutil.copytree(built[0].root, tmp_path / "ds"))
+    ctx = context_for(store.root, _config(), "r3")
+    engine = FailsOnceEngine()
+    engine.failed = {(kind, word) for kind in ("generate", "choice") for word in FLAKY}  # they failed once
+    monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
     _run_pending("generate", ctx, store)  # retries: the flaky responses now have a failed and a good row
     assert store.query("SELECT count(*) AS n FROM responses WHERE finish_reason = 'error'")["n"][0] == 2
     captured = []
