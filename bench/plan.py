@@ -7,8 +7,7 @@ that ``plan()`` makes are timed in the grouped form (one query per table per sta
 ``_ids_by_shard``) and in the earlier per-shard form (a query per prompt shard and table,
 ``_good_ids``/``_failed_ids``), kept here as the baseline. Both must give the same ids.
 
-Run as ``.venv/bin/python -m bench.plan`` (``python bench/plan.py`` puts bench/ first on the path,
-where bench/select.py hides the standard library's ``select``). Last line:
+Run: ``.venv/bin/python bench/plan.py`` (no arguments). Last line:
 ``RESULT plan_s_old=<..> plan_s_new=<..> ratio=<old/new>``.
 """
 

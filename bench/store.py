@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-# bench/ must not be first on sys.path: bench/select.py would shadow the stdlib `select`
+# the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
 import json

@@ -38,7 +38,7 @@ Finding the pairs at scale: an inverted-file search with dense blocks
     recall of pairs at cosine >= 0.95 vs exact brute force: this scheme recall 0.994-0.996
     in 2-4 s; faiss ``IndexIVFFlat.range_search`` recall 0.97 (nprobe 1) to 0.99 (nprobe 4) in 7-16 s;
     HNSW kNN (k=8) recall 0.99-0.998 in 76 s (faiss) and 104 s (usearch), mostly graph
-    construction. At 1,000,000 x 384 (``bench/select.py``): 38 CPU seconds, 99.5 % of the
+    construction. At 1,000,000 x 384 (``bench/selection.py``): 38 CPU seconds, 99.5 % of the
     planted pairs grouped; on its 100,000 sample pair recall 0.9925 against scikit-learn's
     exact radius search, 52x less CPU time.
 

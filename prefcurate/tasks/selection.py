@@ -60,7 +60,7 @@ Clusters (the ``cluster`` column, quotas, coverage) are ``n_clusters`` coarse k-
 clusters; at scale, a weighted k-means of the block means (so no second k-means over all
 vectors). Dropped duplicates carry their representative's cluster.
 
-Measured (``bench/select.py``, 1,000,000 x 384, 2 shared CPU cores): de-duplication plus
+Measured (``bench/selection.py``, 1,000,000 x 384, 2 shared CPU cores): de-duplication plus
 facility-location selection of 10 % in ~76 CPU seconds (~38 each), peak RSS 2.3 GB with the
 1.5 GB input; the selection's mean quality 1.90 vs -0.02 for a random set of the same size,
 at slightly better pool coverage (mean cosine of pool items to their nearest member).

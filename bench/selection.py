@@ -1,6 +1,6 @@
 """De-duplication and diversity selection at 1,000,000 x 384, against scikit-learn.
 
-Run: ``python bench/select.py`` (no arguments; about 5-10 minutes on 2 CPU cores, longer
+Run: ``python bench/selection.py`` (no arguments; about 5-10 minutes on 2 CPU cores, longer
 when they are shared). Options: ``--n``, ``--sample``, ``--budget``, ``--seed``.
 
 Data (seeded, generated in float32 chunks)
