@@ -19,6 +19,7 @@ from prefcurate.steps import get_step, model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
+from tests.unit.stage_runs import run_pending_units as _run_pending
 
 FLAKY = ("flaky one", "flaky two")
 
@@ -56,12 +57,6 @@ def _prompts(shard: int, texts: list[str]) -> pl.DataFrame:
     })
 
 
-def _run_pending(stage, ctx, store) -> int:
-    step = get_step(stage)
-    todo, _ = step.pending(ctx, step.plan(ctx))
-    for unit in todo:
-        store.register(step.run_unit(unit, ctx).shards)
-    return len(todo)
 
 
 def _ids_by_shard_per_shard_queries(store, prompt_shards, table, id_column, ok):

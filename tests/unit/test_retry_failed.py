@@ -11,11 +11,11 @@ import pytest
 
 from prefcurate.config import load_config
 from prefcurate.inference.base import ChoiceScore, Generation, ScriptedEngine
-from prefcurate.steps import get_step
 from prefcurate.steps import model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
+from tests.unit.stage_runs import run_pending_units as _run_stage
 
 FLAKY_PROMPT = "What is flaky?"
 
@@ -46,13 +46,6 @@ class FlakyScriptedEngine(ScriptedEngine):
         return out
 
 
-def _run_stage(stage, ctx, store) -> int:
-    """Run the stage's pending units; returns how many ran."""
-    step = get_step(stage)
-    todo, _ = step.pending(ctx, step.plan(ctx))
-    for unit in todo:
-        store.register(step.run_unit(unit, ctx).shards)
-    return len(todo)
 
 
 @pytest.fixture
