@@ -506,12 +506,6 @@ class Store:
             self._create_report_views(con)
             con.execute("COMMIT")
 
-    def ensure_views_current(self) -> None:
-        with self.connect(read_only=True) as con:
-            row = con.execute("SELECT value FROM _meta WHERE key = 'root'").fetchone()
-        if not row or row[0] != str(self.root):
-            self.refresh_views()
-
     # ---- shards ----------------------------------------------------------------------
     def write(self, table: str, frame, *, key: str, run_id: str, stage: str) -> ShardInfo:
         return write_shard(self.root, table, frame, key=key, run_id=run_id, stage=stage)
