@@ -5,7 +5,7 @@ should be greater than or equal to 1``. Unknown keys are errors everywhere (a ty
 silently fall back to a default).
 
 Stage sections are the stage's own parameter models, defined beside the stage logic in
-``prefcurate/tasks``, so one place documents each parameter.
+``tasks/``, so one place documents each parameter.
 """
 
 from __future__ import annotations

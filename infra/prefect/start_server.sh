@@ -162,6 +162,6 @@ Prefect UI:   http://$HOST:$PORT
 API:          export PREFECT_API_URL=$PREFECT_API_URL
 Run a build:  prefect deployment run 'build-dataset/adhoc-build' \\
                 -p parameters='{"config_path": "examples/quickstart.yaml", "dataset": "datasets/adhoc", "overrides": {"ingest.limit": 8}}'
-One stage:    prefect deployment run 'ingest/adhoc'
+One stage:    prefect deployment run 'ingest/ingest-adhoc'
 Stop:         bash infra/prefect/stop_server.sh
 EOF

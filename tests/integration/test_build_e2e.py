@@ -111,7 +111,7 @@ def test_every_model_request_is_metered(built):
     )
     by_kind = {row["kind"]: row for row in metrics.to_dicts()}
     assert set(by_kind) == {"generate", "score_choices"}
-    # both generators set a seed, so each sample is a request of its own (prefcurate/tasks/generate.py)
+    # both generators set a seed, so each sample is a request of its own (tasks/generate.py)
     assert by_kind["generate"]["requests"] == store.count("responses")
     generated = store.query("SELECT sum(tokens_out) AS n FROM responses")["n"][0]
     assert by_kind["generate"]["tokens_out"] == generated

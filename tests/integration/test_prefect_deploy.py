@@ -91,7 +91,7 @@ def test_start_script_sets_up_pool_limits_and_deployments(api):
             assert limit.limit == 1 and limit.active
 
         nightly = client.read_deployment_by_name("build-dataset/nightly-build")
-        assert nightly.entrypoint == "prefcurate/flows/build_dataset.py:build_dataset"
+        assert nightly.entrypoint == "flows/build_dataset.py:build_dataset"
         assert nightly.work_pool_name == "prefcurate-process"
         [schedule] = nightly.schedules
         assert schedule.active
@@ -110,8 +110,8 @@ def test_start_script_sets_up_pool_limits_and_deployments(api):
         assert set(run_parameters) == {"config_path", "dataset", "overrides"}
 
         for stage in STAGE_FLOWS:
-            deployment = client.read_deployment_by_name(f"{stage}/adhoc")
-            assert deployment.entrypoint == f"prefcurate/flows/{stage}.py:{stage}_flow"
+            deployment = client.read_deployment_by_name(f"{stage}/{stage}-adhoc")
+            assert deployment.entrypoint == f"flows/{stage}.py:{stage}_flow"
             assert deployment.work_pool_name == "prefcurate-process"
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -64,7 +65,7 @@ from prefcurate.tasks.qurating import make_excerpts
 WORKER_OPTIONS = ("A", "B", "None")
 ANSWER_A, ANSWER_B, ANSWER_NONE, ANSWER_ERROR = 0, 1, 2, -1
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "data"
+DATA_DIR = Path(str(resources.files("prefcurate.data")))
 DEFAULT_HUMAN_PAIRS = DATA_DIR / "critiq_pairs.jsonl"
 DEFAULT_SEED_CRITERIA = DATA_DIR / "critiq_criteria.yaml"
 
