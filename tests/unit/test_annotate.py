@@ -10,7 +10,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from prefcurate.inference.base import ChoiceScore, ScriptedEngine
+from prefcurate.inference.base import ChoiceScore
+from tests.support.engines import ScriptedEngine
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, PROVENANCE, RATINGS
 from prefcurate.tasks.annotate import (
     AnnotateParams,

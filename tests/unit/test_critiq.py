@@ -8,7 +8,7 @@ import zlib
 import numpy as np
 import pytest
 
-from prefcurate.inference.base import ScriptedEngine
+from tests.support.engines import ScriptedEngine
 from prefcurate.tasks.critiq import (
     ANSWER_A,
     ANSWER_B,

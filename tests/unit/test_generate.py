@@ -7,7 +7,8 @@ import json
 import polars as pl
 import pytest
 
-from prefcurate.inference.base import Completion, Generation, ScriptedEngine
+from prefcurate.inference.base import Completion, Generation
+from tests.support.engines import ScriptedEngine
 from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 from prefcurate.tasks.generate import (
     GenerateParams,

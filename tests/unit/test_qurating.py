@@ -9,7 +9,8 @@ import polars as pl
 import pytest
 from pydantic import ValidationError
 
-from prefcurate.inference.base import ChoiceScore, ScriptedEngine
+from prefcurate.inference.base import ChoiceScore
+from tests.support.engines import ScriptedEngine
 from prefcurate.tasks.qurating import (
     QURATING_CRITERIA,
     QuRatingCriterion,

@@ -10,7 +10,8 @@ import polars as pl
 import pytest
 
 from prefcurate.config import load_config
-from prefcurate.inference.base import ChoiceScore, Generation, ScriptedEngine
+from prefcurate.inference.base import ChoiceScore, Generation
+from tests.support.engines import ScriptedEngine
 from prefcurate.steps import model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine

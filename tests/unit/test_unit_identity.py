@@ -17,7 +17,7 @@ import pytest
 
 from prefcurate.config import load_config
 from prefcurate.inference import pools as pools_module
-from prefcurate.inference.base import ScriptedEngine
+from tests.support.engines import ScriptedEngine
 from prefcurate.inference.pools import EngineConfig
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for

@@ -1,0 +1,1 @@
+"""Test doubles and row builders shared by tests and benches; never imported by the package."""
