@@ -80,6 +80,9 @@ JUDGMENTS = _schema(
     pa.field("bpde", pa.float64()),
     pa.field("valid", pa.bool_(), nullable=False),
     pa.field("error", pa.string()),
+    # imported judgments (tasks/import_judgments.py): the file and 1-based record they came from
+    pa.field("source_file", pa.string()),
+    pa.field("source_record", pa.int64()),
 )
 
 RATINGS = _schema(
