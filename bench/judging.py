@@ -220,7 +220,7 @@ def reset_prefix_cache(engine) -> None:
 
 
 def main() -> None:
-    from prefcurate.inference.pools import EngineConfig, open_engine
+    from prefcurate.inference.pools import EmbeddedPoolConfig, open_engine
 
     prompts, explain_prompts, evidence_prompts, first_is_better = build_prompts()
     verdict_prompts = [p[: -len(VERDICT_CUE)] for p in prompts]
@@ -230,7 +230,7 @@ def main() -> None:
 
     loading = time.perf_counter()
     # 1 GiB of KV cache holds this workload and leaves room on a shared machine
-    engine = open_engine("bench-judge", EngineConfig(kv_cache_space_gb=1))
+    engine = open_engine("bench-judge", EmbeddedPoolConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
     p_first = np.full(n, np.nan)
     free = {

@@ -10,6 +10,8 @@ from typing import List, Optional
 
 import typer
 
+from prefcurate.stages import STAGE_NAMES, stages_help
+
 # Prefect's temporary API server can take long to start on a loaded 2-core machine.
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -25,7 +27,7 @@ app = typer.Typer(
     help=(
         "Build and curate synthetic preference datasets (prompt, chosen, rejected).\n\n"
         "A dataset is a directory: a DuckDB catalog plus Parquet shards. Stages: "
-        "ingest -> generate -> annotate -> filter -> score -> select -> export. "
+        f"{' -> '.join(STAGE_NAMES)}. "
         "Start with `prefcurate build --config examples/quickstart.yaml`, then "
         "`prefcurate status` and `prefcurate sql \"SELECT * FROM curated_pairs LIMIT 5\"`."
     ),
@@ -212,7 +214,7 @@ def build(
 
 @app.command()
 def run(
-    stage: str = typer.Argument(..., help="ingest | generate | annotate | filter | score | select | export"),
+    stage: str = typer.Argument(..., help=stages_help()),
     config: Optional[Path] = CONFIG_OPTION,
     dataset: Optional[Path] = DATASET_OPTION,
     set_: Optional[List[str]] = SET_OPTION,

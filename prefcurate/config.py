@@ -5,7 +5,8 @@ should be greater than or equal to 1``. Unknown keys are errors everywhere (a ty
 silently fall back to a default).
 
 Stage sections are the stage's own parameter models, defined beside the stage logic in
-``tasks/``, so one place documents each parameter.
+``tasks/`` and named by the stage registry (``prefcurate/stages.py``), so one place
+documents each parameter; pools are one of the kinds in ``inference/pool_kinds.py``.
 """
 
 from __future__ import annotations
@@ -14,10 +15,19 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from prefcurate.errors import InputError
+from prefcurate.inference.pool_kinds import PoolConfig, pool_kind_names
+from prefcurate.inference.pools import EmbeddedPoolConfig
+from prefcurate.stages import STAGE_NAMES, STAGES, load, stage_spec
+from prefcurate.tasks.annotate import AnnotateParams
+from prefcurate.tasks.export_config import ExportParams
+from prefcurate.tasks.filter import FilterParams
+from prefcurate.tasks.generate import GenerateParams
 from prefcurate.tasks.ingest import IngestParams
+from prefcurate.tasks.score import ScoreParams
+from prefcurate.tasks.selection import SelectParams
 
 
 class ConfigError(InputError):
@@ -35,36 +45,45 @@ class ExecutorConfig(Strict):
     address: str | None = Field(None, description="tcp://host:8786 of an existing Dask scheduler")
     n_workers: int = Field(1, ge=1, description="LocalCluster worker processes")
     threads_per_worker: int = Field(1, ge=1)
+    model_resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Dask worker resources a unit needs when it runs an embedded model, e.g. "
+                    "{GPU: 1}: such units go only to workers started with `--resources GPU=1`",
+    )
 
 
 class PipelineConfig(Strict):
-    """Everything a build needs. See examples/quickstart.yaml for a commented example."""
+    """Everything a build needs. See examples/quickstart.yaml for a commented example.
+
+    Typed all the way down: each stage section is its stage's params model (listed in the
+    stage registry, :mod:`prefcurate.stages`), each pool one kind of the pool union, so the
+    JSON schema (the Prefect UI form) shows every parameter and ``config.generate`` is a
+    :class:`GenerateParams` wherever it is read.
+    """
 
     name: str = "prefcurate"
     dataset: str = Field("datasets/quickstart", description="dataset directory (created if missing)")
     seed: int = 0
-    pools: dict[str, dict[str, Any]] = Field(
-        default_factory=lambda: {"default": {"kind": "embedded", "model": "default"}},
-        description="named inference pools: an embedded engine or a list of vLLM servers",
+    pools: dict[str, PoolConfig] = Field(
+        default_factory=lambda: {"default": EmbeddedPoolConfig()},
+        description="named inference pools, each one kind (`kind:`): an embedded engine, a list of vLLM servers, ...",
     )
-    ingest: IngestParams = Field(default_factory=IngestParams)
     stages: list[str] = Field(
-        default_factory=lambda: ["ingest", "generate", "annotate", "filter", "score", "select", "export"],
+        default_factory=lambda: list(STAGE_NAMES),
         description="stages `build` runs, in order",
     )
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     contracts: bool = Field(True, description="run the Great Expectations gates on every shard before it is written")
     export_dir: str | None = Field(None, description="where `export` writes; default DATASET/export")
 
-    # stage sections are attached below, when their modules are importable
-    generate: dict[str, Any] = Field(default_factory=dict)
-    annotate: dict[str, Any] = Field(default_factory=dict)
-    filter: dict[str, Any] = Field(default_factory=dict)
-    score: dict[str, Any] = Field(default_factory=dict)
-    select: dict[str, Any] = Field(default_factory=dict)
-    export: dict[str, Any] = Field(default_factory=dict)
-
-    _sections: dict[str, BaseModel] = PrivateAttr(default_factory=dict)
+    # one section per stage of the registry (checked below, at import)
+    ingest: IngestParams = Field(default_factory=IngestParams)
+    generate: GenerateParams = Field(default_factory=GenerateParams)
+    annotate: AnnotateParams = Field(default_factory=AnnotateParams)
+    filter: FilterParams = Field(default_factory=FilterParams)
+    score: ScoreParams = Field(default_factory=ScoreParams)
+    select: SelectParams = Field(default_factory=SelectParams)
+    export: ExportParams = Field(default_factory=ExportParams)
 
     @model_validator(mode="after")
     def _known_stages(self) -> "PipelineConfig":
@@ -77,8 +96,23 @@ class PipelineConfig(Strict):
         path = Path(self.dataset).expanduser()
         return path if path.is_absolute() or base is None else base / path
 
+    def section(self, name: str) -> BaseModel:
+        """The params model of stage ``name`` (prefer the typed attribute, ``config.generate``)."""
+        return getattr(self, stage_spec(name).name)
 
-STAGE_ORDER = ["ingest", "generate", "annotate", "filter", "score", "select", "export"]
+
+STAGE_ORDER = list(STAGE_NAMES)
+
+
+def _sections_match_the_registry() -> None:
+    """Each registered stage has its section, typed with the params model the registry names."""
+    for spec in STAGES:
+        field = PipelineConfig.model_fields.get(spec.name)
+        if field is None or field.annotation is not load(spec.params):
+            raise TypeError(f"PipelineConfig.{spec.name} must be typed {spec.params} (prefcurate/stages.py)")
+
+
+_sections_match_the_registry()
 
 
 # ---- loading with line numbers ------------------------------------------------------------
@@ -188,6 +222,8 @@ def format_errors(items: list[dict], source: str, lines: dict[tuple, int]) -> st
     messages = []
     for item in items:
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        if len(loc) > 2 and loc[0] == "pools" and loc[2] in pool_kind_names():
+            loc = loc[:2] + loc[3:]  # the union's tag: the pool's `kind`, not a key of the file
         line = _line_of(lines, loc)
         where = f"{source}:{line}" if line else source
         field = ".".join(str(p) for p in loc) or "(top level)"
@@ -224,9 +260,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         config = PipelineConfig.model_validate(data)
     except ValidationError as error:
         raise ConfigError(format_errors(error.errors(), source, lines)) from None
-    errors = _validate_sections(config)
-    if not errors:  # what the config refers to exists here, checked once before any work
-        errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
+    # what the config refers to exists here, checked once before any work
+    errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
     if errors:
         raise ConfigError(format_errors(errors, source, lines))
     return config
@@ -254,46 +289,9 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
             cursor = cursor.setdefault(key, {})
 
 
-# Stage sections are validated by the stage's own parameter model. Each entry is
-# (section, loader) where loader returns the model class; registered by the stage modules'
-# presence so the config stays importable while stages are added.
-def _section_models() -> dict[str, type[BaseModel]]:
-    from prefcurate.tasks import stage_params
-
-    return stage_params.SECTION_MODELS
-
-
-def _validate_sections(config: PipelineConfig) -> list[dict]:
-    errors: list[dict] = []
-    for name, model in _section_models().items():
-        try:
-            config._sections[name] = model.model_validate(getattr(config, name) or {})
-        except ValidationError as error:
-            errors.extend({**item, "loc": (name,) + tuple(item["loc"])} for item in error.errors())
-    return errors + _validate_pools(config)
-
-
-def _validate_pools(config: PipelineConfig) -> list[dict]:
-    try:
-        from prefcurate.inference.pools import EngineConfig
-    except ImportError:
-        return []
-    errors = []
-    for name, raw in config.pools.items():
-        try:
-            EngineConfig.model_validate(raw)
-        except ValidationError as error:
-            for item in error.errors():
-                errors.append({**item, "loc": ("pools", name) + tuple(item["loc"])})
-    return errors
-
-
 def _missing_model_folders(config: PipelineConfig) -> list[dict]:
-    from prefcurate.inference.pools import EngineConfig
-
     errors = []
-    for name, raw in config.pools.items():
-        pool = EngineConfig.model_validate(raw)
+    for name, pool in config.pools.items():
         if pool.kind == "embedded" and pool.model != "default" and not Path(pool.model).expanduser().is_dir():
             errors.append(_error(("pools", name, "model"),
                                  f"model folder {pool.model} does not exist (an embedded pool loads a local folder)"))
@@ -332,13 +330,11 @@ def _undefined_pool_references(config: PipelineConfig, pools_given: bool) -> lis
             for key, item in value.items():
                 walk(item, loc + (key,), in_stage)
 
-    for name, model in config._sections.items():
-        walk(model, (name,), name in config.stages)
+    for name in STAGE_NAMES:
+        walk(getattr(config, name), (name,), name in config.stages)
     return errors
 
 
 def section(config: PipelineConfig, name: str) -> BaseModel:
-    """The parsed parameter model of a stage section."""
-    if name not in config._sections:
-        config._sections[name] = _section_models()[name].model_validate(getattr(config, name) or {})
-    return config._sections[name]
+    """The parsed parameter model of a stage section (``config.<name>``, typed)."""
+    return config.section(name)

@@ -48,13 +48,7 @@ class StageContext:
 @functools.lru_cache(maxsize=8)
 def _cached_config(config_json: str) -> PipelineConfig:
     """Parsed once per process: workers run many units with the same config."""
-    from prefcurate.config import _validate_sections
-
-    config = PipelineConfig.model_validate(json.loads(config_json))
-    errors = _validate_sections(config)
-    if errors:
-        raise ValueError(f"invalid config sections: {errors}")
-    return config
+    return PipelineConfig.model_validate(json.loads(config_json))
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class TimedEngine:
         pass
 
 
-def pool_config(pools: dict, name: str) -> dict:
+def pool_config(pools: dict, name: str):
     if name not in pools:
         raise KeyError(f"pool {name!r} is not configured; configured pools: {sorted(pools)}")
     return pools[name]
@@ -89,9 +89,9 @@ def pool_config(pools: dict, name: str) -> dict:
 
 def engine_for(pools: dict, name: str) -> TimedEngine:
     """A timing view of the process-wide engine serving pool ``name``."""
-    from prefcurate.inference.pools import EngineConfig, open_engine
+    from prefcurate.inference import pools as pool_kinds
 
-    config = EngineConfig.model_validate(pool_config(pools, name))
+    config = pool_kinds.parse_pool(pool_config(pools, name))
     key = json.dumps(config.model_dump(mode="json"), sort_keys=True)
     load_seconds = 0.0
     with _LOCK:
@@ -99,7 +99,7 @@ def engine_for(pools: dict, name: str) -> TimedEngine:
             started = time.perf_counter()
             log = _logger()
             log.info("starting the engine for pool %r (%s, model %s)", name, config.kind, config.model)
-            _ENGINES[key] = open_engine(name, config)
+            _ENGINES[key] = pool_kinds.open_engine(name, config)
             load_seconds = time.perf_counter() - started
             log.info("engine for pool %r ready in %.1f s", name, load_seconds)
     return TimedEngine(_ENGINES[key], key, load_seconds, model=config.model_identity())

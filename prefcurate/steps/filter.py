@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 
-from prefcurate.config import section
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.filter import aggregate_jury, apply_filters
@@ -15,14 +14,14 @@ class FilterStep(Step):
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        params = section(ctx.pipeline_config(), "filter")
+        params = ctx.pipeline_config().filter
         key = content_id("filter", self.input_fingerprint(ctx, ["judgments", "ratings", "responses"]),
                          params.model_dump(mode="json"))
         return [Unit(self.name, key, ("pairs", "filter_drops", "jury"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
-        params = section(ctx.pipeline_config(), "filter")
+        params = ctx.pipeline_config().filter
         # the current_* views hold one row per id (a retried failure's good row wins)
         judgments = store.read("current_judgments").drop("run_id", "stage", "code_version", "created_at")
         ratings = store.read("current_ratings").drop("run_id", "stage", "code_version", "created_at")

@@ -1,7 +1,7 @@
 """Generate and annotate steps: one unit per prompt shard, content-keyed.
 
 A unit's key hashes its prompt shard, the stage parameters, the model identity of every pool
-it uses (served name and model folder fingerprint, ``EngineConfig.model_identity``; the pool
+it uses (served name and model folder fingerprint, ``PoolConfigBase.model_identity``; the pool
 is the one source of which model runs) and, for annotate, the hash of every template a judge
 uses and the response ids it will judge. So a re-run skips finished shards, and a new
 generator, judge, model behind a pool or edited template makes new units that only compute
@@ -21,7 +21,7 @@ import hashlib
 
 import polars as pl
 
-from prefcurate.config import PipelineConfig, section
+from prefcurate.config import PipelineConfig
 from prefcurate.inference.pools import bind_to_pools
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
@@ -51,20 +51,54 @@ def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
 
 
-def _failed_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str]) -> list[str]:
+def _unit_rows(store, table: str, files: list[str] | None) -> str:
+    """The FROM of a unit's lookup: its own shard files of ``table`` (``files``, from the plan),
+    or the whole table's view when no file list was planned (a unit planned by an earlier
+    version). Reading only the unit's files keeps a unit's cost independent of the dataset's."""
+    if files is None:
+        return table
+    listed = ", ".join("'" + str(store.root / f).replace("'", "''") + "'" for f in files)
+    # by name, over the table's empty frame: shards written before a column was added read it as NULL
+    return (f"(SELECT * FROM _empty_{table}" +
+            (f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}], union_by_name = true)" if files else "") + ")")
+
+
+def _failed_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str],
+                files: list[str] | None = None) -> list[str]:
     """Ids in ``table`` for these prompts whose every stored row failed (``ok`` is false)."""
+    if files == []:
+        return []
     return store.query(
-        f"SELECT {id_column} AS id FROM {table} WHERE prompt_id IN (SELECT unnest(?)) "
+        f"SELECT {id_column} AS id FROM {_unit_rows(store, table, files)} WHERE prompt_id IN (SELECT unnest(?)) "
         f"GROUP BY {id_column} HAVING NOT bool_or({ok})", [prompt_ids]
     )["id"].to_list()
 
 
-def _good_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str]) -> list[str]:
+def _good_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str],
+              files: list[str] | None = None) -> list[str]:
     """Ids in ``table`` for these prompts with at least one good row: not asked again."""
+    if files == []:
+        return []
     return store.query(
-        f"SELECT DISTINCT {id_column} AS id FROM {table} WHERE prompt_id IN (SELECT unnest(?)) AND {ok}",
+        f"SELECT DISTINCT {id_column} AS id FROM {_unit_rows(store, table, files)} "
+        f"WHERE prompt_id IN (SELECT unnest(?)) AND {ok}",
         [prompt_ids],
     )["id"].to_list()
+
+
+def _files_by_shard(store, prompt_shards: pl.DataFrame, table: str) -> dict[str, list[str]]:
+    """{prompt shard path: the registered shard files of ``table`` holding rows of its prompts},
+    from one pass over the table's ``prompt_id`` column. Planned into each unit, so a unit
+    reads its own rows only (never the whole table)."""
+    registered = [s["path"] for s in store.shards(table)]
+    if not registered or prompt_shards.height == 0:
+        return {}
+    by_file = {str(store.root / path): path for path in registered}
+    holders = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore")
+               .select("prompt_id", "file").unique().collect())
+    per_shard = (holders.join(prompt_shards, on="prompt_id")
+                 .group_by("path").agg(pl.col("file").unique().sort()))
+    return {path: [by_file[f] for f in files] for path, files in per_shard.iter_rows()}
 
 
 def _prompt_ids_by_shard(store, shards: list[dict]) -> pl.DataFrame:
@@ -106,7 +140,7 @@ _RESPONSE_OK = "finish_reason <> 'error'"
 def _bound_generate_params(config: PipelineConfig) -> GenerateParams:
     """The generate section with each generator's ``model`` set to its pool's model identity,
     which its unit keys and response ids hash (the pool decides which model runs)."""
-    params: GenerateParams = section(config, "generate")
+    params: GenerateParams = config.generate
     check_pools(params.generators, config.pools)
     return params.model_copy(update={"generators": bind_to_pools(params.generators, config.pools, "generator")})
 
@@ -120,7 +154,7 @@ class GenerateStep(Step):
     name = "generate"
 
     def pools(self, ctx: StageContext) -> list[str]:
-        params: GenerateParams = section(ctx.pipeline_config(), "generate")
+        params: GenerateParams = ctx.pipeline_config().generate
         return sorted({g.pool for g in params.generators})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
@@ -129,13 +163,16 @@ class GenerateStep(Step):
         identity = [g.identity() | {"n": g.n} for g in params.generators]
         store = ctx.store()
         shards = _prompt_shards(store)
-        _, failed = _ids_by_shard(store, _prompt_ids_by_shard(store, shards), "responses", "response_id",
-                                  _RESPONSE_OK)
+        prompt_shards = _prompt_ids_by_shard(store, shards)
+        _, failed = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
+        response_files = _files_by_shard(store, prompt_shards, "responses")
         units = []
         for shard in shards:
+            path = shard["path"]
             unit = Unit(self.name, content_id("generate", shard["shard_key"], identity),
-                        ("responses", "request_metrics"), {"prompts_path": shard["path"]})
-            units += _with_retry(unit, failed.get(shard["path"], []))
+                        ("responses", "request_metrics"),
+                        {"prompts_path": path, "inputs": {"responses": response_files.get(path, [])}})
+            units += _with_retry(unit, failed.get(path, []))
         return units
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -143,7 +180,9 @@ class GenerateStep(Step):
         config = ctx.pipeline_config()
         params = _bound_generate_params(config)
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
-        existing = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompts["prompt_id"].to_list())
+        inputs = unit.payload.get("inputs", {})
+        existing = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompts["prompt_id"].to_list(),
+                             inputs.get("responses"))
         engines = {g.name: engine_for(config.pools, g.pool) for g in params.generators}
         responses = run_generators(prompts, params, engines, existing)
         counts = {
@@ -160,13 +199,13 @@ class AnnotateStep(Step):
     name = "annotate"
 
     def pools(self, ctx: StageContext) -> list[str]:
-        params: AnnotateParams = section(ctx.pipeline_config(), "annotate")
+        params: AnnotateParams = ctx.pipeline_config().annotate
         return sorted({j.pool for j in params.judges})
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         store = ctx.store()
         config = ctx.pipeline_config()
-        params: AnnotateParams = section(config, "annotate")
+        params: AnnotateParams = config.annotate
         check_judge_pools(params.judges, config.pools)
         bound = bind_to_pools(params.judges, config.pools, "judge")
         judges = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params)} for j in bound]
@@ -178,6 +217,7 @@ class AnnotateStep(Step):
         good_responses, _ = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
         _, failed_judgments = _ids_by_shard(store, prompt_shards, "judgments", "judgment_id", "valid")
         _, failed_ratings = _ids_by_shard(store, prompt_shards, "ratings", "rating_id", "valid")
+        files = {table: _files_by_shard(store, prompt_shards, table) for table in ("responses", "judgments", "ratings")}
         units = []
         for shard in shards:
             path = shard["path"]
@@ -185,7 +225,7 @@ class AnnotateStep(Step):
             response_ids = good_responses.get(path, [])
             key = content_id("annotate", shard["shard_key"], _ids_digest(response_ids), judges, settings)
             unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
-                        {"prompts_path": path})
+                        {"prompts_path": path, "inputs": {t: by_shard.get(path, []) for t, by_shard in files.items()}})
             units += _with_retry(unit, failed_judgments.get(path, []) + failed_ratings.get(path, []))
         gold = _gold_pairs(params)
         gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
@@ -195,7 +235,7 @@ class AnnotateStep(Step):
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
         config = ctx.pipeline_config()
-        params: AnnotateParams = section(config, "annotate")
+        params: AnnotateParams = config.annotate
         engines = {j.name: engine_for(config.pools, j.pool) for j in params.judges}
         if unit.payload.get("calibration"):
             gold = _gold_pairs(params)
@@ -206,13 +246,15 @@ class AnnotateStep(Step):
         ids = prompts["prompt_id"].to_list()
         # current_responses' rule (prefer a good row, then the newest), with the unit's prompt
         # filter applied before the de-duplication instead of after it over the whole table
+        inputs = unit.payload.get("inputs", {})
         responses = store.query(
-            "SELECT * EXCLUDE (run_id, stage, code_version, created_at) FROM responses "
+            f"SELECT * EXCLUDE (run_id, stage, code_version, created_at) FROM "
+            f"{_unit_rows(store, 'responses', inputs.get('responses'))} "
             "WHERE prompt_id IN (SELECT unnest(?)) QUALIFY row_number() OVER "
             "(PARTITION BY response_id ORDER BY finish_reason = 'error', created_at DESC) = 1", [ids]
         )
-        existing_judgments = _good_ids(store, "judgments", "judgment_id", "valid", ids)
-        existing_ratings = _good_ids(store, "ratings", "rating_id", "valid", ids)
+        existing_judgments = _good_ids(store, "judgments", "judgment_id", "valid", ids, inputs.get("judgments"))
+        existing_ratings = _good_ids(store, "ratings", "rating_id", "valid", ids, inputs.get("ratings"))
         result = annotate(responses, prompts, params, engines,
                           existing_judgment_ids=existing_judgments, existing_rating_ids=existing_ratings)
         quarantine = result.unjudgeable.select(

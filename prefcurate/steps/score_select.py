@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from prefcurate.config import section
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.steps.engines import engine_for, model_time, pool_config, request_metrics
@@ -56,17 +55,17 @@ class ScoreStep(Step):
     whole_dataset = True
 
     def pools(self, ctx: StageContext) -> list[str]:
-        params = section(ctx.pipeline_config(), "score")
+        params = ctx.pipeline_config().score
         return sorted({params.pool} | ({params.critiq.pool} if params.critiq.enabled else set()))
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        from prefcurate.inference.pools import EngineConfig
+        from prefcurate.inference.pools import parse_pool
         from prefcurate.tasks import critiq, qurating
 
         config = ctx.pipeline_config()
-        params = section(config, "score")
+        params = config.score
         # which models judge (the pools decide) and the prompts and files they are shown
-        models = {name: EngineConfig.model_validate(pool_config(config.pools, name)).model_identity()
+        models = {name: parse_pool(pool_config(config.pools, name)).model_identity()
                   for name in self.pools(ctx)}
         prompts = {"qurating": qurating.prompt_hash(),
                    "critiq": critiq.inputs_hash(params.critiq.human_pairs, params.critiq.seed_criteria)
@@ -82,7 +81,7 @@ class ScoreStep(Step):
 
         store = ctx.store()
         config = ctx.pipeline_config()
-        params = section(config, "score")
+        params = config.score
         responses = store.read("current_responses").drop(_PROVENANCE)
         prompts = _latest(store, "prompts", "prompt_id")
         items = item_texts(responses, prompts, params.max_text_chars)
@@ -125,7 +124,7 @@ class SelectStep(Step):
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        params = section(ctx.pipeline_config(), "select")
+        params = ctx.pipeline_config().select
         key = content_id("select", self.input_fingerprint(ctx, ["pairs", "quality"]), params.model_dump(mode="json"))
         return [Unit(self.name, key, ("selections", "embeddings"))]
 
@@ -137,7 +136,7 @@ class SelectStep(Step):
         from prefcurate.tasks.selection import select_items, selection_report
 
         store = ctx.store()
-        params = section(ctx.pipeline_config(), "select")
+        params = ctx.pipeline_config().select
         pairs = _candidate_pairs(store)
         if pairs.height == 0:
             return {"selections": None, "embeddings": None}, {"pairs": 0, "selected": 0}
@@ -174,7 +173,7 @@ class ExportStep(Step):
 
         store = ctx.store()
         config = ctx.pipeline_config()
-        params = section(config, "export")
+        params = config.export
         curated = store.query("SELECT * FROM curated_pairs")
         out_dir = Path(params.out_dir or config.export_dir or (store.root / "export"))
         if curated.height == 0:

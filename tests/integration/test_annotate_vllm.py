@@ -33,9 +33,9 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def engine():
-    from prefcurate.inference.pools import EngineConfig, open_engine
+    from prefcurate.inference.pools import EmbeddedPoolConfig, open_engine
 
-    engine = open_engine("judges", EngineConfig(max_model_len=1024))
+    engine = open_engine("judges", EmbeddedPoolConfig(max_model_len=1024))
     yield engine
     engine.close()
 

@@ -28,10 +28,10 @@ ACTIONS = {"retrieve", "drop", "propose", "keep", "revise", "ban", "evaluate"}
 
 @pytest.fixture(scope="module")
 def engine():
-    from prefcurate.inference.pools import EngineConfig, open_engine
+    from prefcurate.inference.pools import EmbeddedPoolConfig, open_engine
 
     # a small KV cache: the machine running the suite is shared and the batches here are small
-    engine = open_engine("critiq", EngineConfig(max_model_len=1024, kv_cache_space_gb=1, max_num_seqs=16))
+    engine = open_engine("critiq", EmbeddedPoolConfig(max_model_len=1024, kv_cache_space_gb=1, max_num_seqs=16))
     yield engine
     engine.close()
 

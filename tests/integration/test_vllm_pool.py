@@ -21,7 +21,7 @@ from prefcurate.inference.base import (
     InferenceError,
     SamplingParams,
 )
-from prefcurate.inference.pools import EngineConfig, open_engine
+from prefcurate.inference.pools import EmbeddedPoolConfig, ServersPoolConfig, open_engine
 from prefcurate.inference.server_pool import ServerPool
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -52,7 +52,7 @@ def softmax(values):
 # ----------------------------------------------------------------------------- embedded
 @pytest.fixture(scope="class")
 def embedded(prepared_model):
-    engine = open_engine("embedded", EngineConfig(kind="embedded", kv_cache_space_gb=1, max_num_seqs=16))
+    engine = open_engine("embedded", EmbeddedPoolConfig(kv_cache_space_gb=1, max_num_seqs=16))
     yield engine
     engine.close()
 
@@ -124,8 +124,8 @@ def pool(vllm_replicas):
     urls = [r.url for r in vllm_replicas]
     engine = open_engine(
         "cpu-test",
-        EngineConfig(kind="servers", urls=urls, served_model_name="gemma3-270m", max_concurrency_per_replica=8,
-                     timeout_s=300, retries=3, backoff_base_s=0.2, health_interval_s=1.0),
+        ServersPoolConfig(urls=urls, served_model_name="gemma3-270m", max_concurrency_per_replica=8,
+                          timeout_s=300, retries=3, backoff_base_s=0.2, health_interval_s=1.0),
     )  # fmt: skip
     yield engine
     engine.close()

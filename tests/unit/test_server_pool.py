@@ -25,7 +25,7 @@ from prefcurate.inference.base import (
     InferenceError,
     SamplingParams,
 )
-from prefcurate.inference.pools import EngineConfig, load_pools, open_engine
+from prefcurate.inference.pools import ServersPoolConfig, load_pools, open_engine
 from prefcurate.inference.prompting import ChoicePlan, choice_plan, normalise_logprobs, plain_prompt
 from prefcurate.inference.server_pool import ServerPool
 from prefcurate.schemas.tables import REQUEST_METRICS
@@ -434,9 +434,9 @@ def test_choice_plan_and_normalisation():
 
 def test_engine_config_and_factory(replicas):
     with pytest.raises(ValueError, match="needs at least one url"):
-        EngineConfig(kind="servers")
+        ServersPoolConfig()
     with pytest.raises(ValueError):
-        EngineConfig(kind="servers", urls=["http://x"], bogus=1)
+        ServersPoolConfig(urls=["http://x"], bogus=1)
     a = replicas()
     engine = open_engine("cpu", {"kind": "servers", "urls": [a.url], "tokenizer": None, "model": "/nonexistent/m"})
     try:

@@ -18,7 +18,7 @@ import pytest
 from prefcurate.config import load_config
 from prefcurate.inference import pools as pools_module
 from tests.support.engines import ScriptedEngine
-from prefcurate.inference.pools import EngineConfig
+from prefcurate.inference.pools import EmbeddedPoolConfig, parse_pool
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import close_all
@@ -40,7 +40,7 @@ def fake_model_folder(parent: Path, layers: int, name: str = "tiny-lm") -> Path:
 def scripted_pools(monkeypatch):
     """Every pool opens a scripted engine named like the real one would be."""
     def open_scripted(name, config):
-        config = EngineConfig.model_validate(config)
+        config = parse_pool(config)
         return ScriptedEngine(choice_fn=lambda prompt, options: [0.6] + [0.4 / (len(options) - 1)] * (len(options) - 1),
                               generate_fn=lambda request, i: f"answer {i} to {request.prompt[-12:]}",
                               model=config.provenance_name())
@@ -113,12 +113,12 @@ def test_swapping_the_model_behind_a_pool_recomputes(world):
     assert after.height == before.height  # every sample again, under new ids
     assert set(after["response_id"]).isdisjoint(before["response_id"])
     # rows record the pool's identity: its served name and the folder's fingerprint
-    assert set(before["model"]) == {EngineConfig(model=str(world["first"])).model_identity()}
-    assert set(after["model"]) == {EngineConfig(model=str(world["second"])).model_identity()}
+    assert set(before["model"]) == {EmbeddedPoolConfig(model=str(world["first"])).model_identity()}
+    assert set(after["model"]) == {EmbeddedPoolConfig(model=str(world["second"])).model_identity()}
     assert after["model"][0].startswith("tiny-lm@") and after["model"][0] != before["model"][0]
     assert _run_stage("annotate", swapped) == 2
     judged = store.query("SELECT DISTINCT judge_model FROM judgments WHERE run_id = 'r2'")["judge_model"]
-    assert judged.to_list() == [EngineConfig(model=str(world["second"])).model_identity()]
+    assert judged.to_list() == [EmbeddedPoolConfig(model=str(world["second"])).model_identity()]
     assert _keys(swapped, "score").isdisjoint(score_before)
 
 
@@ -195,17 +195,17 @@ def test_the_score_key_follows_its_pools_prompts_and_data_files(world, monkeypat
 def test_a_server_pool_is_identified_by_served_name_revision_and_local_folder(tmp_path):
     remote = {"kind": "servers", "urls": ["http://gpu-node-1:8000"], "model": "/models/Qwen2.5-7B-Instruct",
               "served_model_name": "qwen"}
-    identity = EngineConfig.model_validate(remote).model_identity()  # no server asked
+    identity = parse_pool(remote).model_identity()  # no server asked
     assert identity.startswith("qwen@")
-    assert EngineConfig.model_validate(remote | {"urls": ["http://other:8000"]}).model_identity() == identity
-    assert EngineConfig.model_validate(remote | {"revision": "2026-11"}).model_identity() != identity
-    assert EngineConfig.model_validate(remote | {"served_model_name": "qwen-2"}).model_identity() != identity
+    assert parse_pool(remote | {"urls": ["http://other:8000"]}).model_identity() == identity
+    assert parse_pool(remote | {"revision": "2026-11"}).model_identity() != identity
+    assert parse_pool(remote | {"served_model_name": "qwen-2"}).model_identity() != identity
 
     folder = fake_model_folder(tmp_path, layers=2)
     local = {"kind": "servers", "urls": ["http://127.0.0.1:8100"], "model": str(folder)}
-    before = EngineConfig.model_validate(local).model_identity()
+    before = parse_pool(local).model_identity()
     (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
-    assert EngineConfig.model_validate(local).model_identity() != before
+    assert parse_pool(local).model_identity() != before
 
 
 def test_the_fingerprint_reads_small_files_and_only_the_size_of_weights(tmp_path):
@@ -237,8 +237,8 @@ def test_a_generator_or_judge_naming_another_model_than_its_pool_is_an_error(wor
 def test_self_preference_families_see_through_the_identity_suffix():
     from prefcurate.tasks.filter import model_family
 
-    names = pl.DataFrame({"model": [EngineConfig(served_model_name="in-house-judge").model_identity(),
-                                    EngineConfig(served_model_name="google/gemma-3-1b-it").model_identity()]})
+    names = pl.DataFrame({"model": [EmbeddedPoolConfig(served_model_name="in-house-judge").model_identity(),
+                                    EmbeddedPoolConfig(served_model_name="google/gemma-3-1b-it").model_identity()]})
     families = names.select(model_family(pl.col("model"), {"in-house-judge": "acme"}))["model"].to_list()
     assert families == ["acme", "gemma"]
 
