@@ -21,9 +21,12 @@ Method choices (details the papers leave open)
   Responses are ordered by id (ids are hashes, so the order is arbitrary but stable).
 - **Rubric (UltraFeedback aspects, Prometheus rubric format).** The expected score
   ``sum s * p(s)`` over the probabilities of "1".."5", without writing feedback first.
-- **Rationale mode (FairEval MEC, off by default).** For each order, ``k`` short evidence
-  texts are sampled (temperature 1, as in FairEval's code), then the verdict probability
-  is read after each one; the order's probability is the mean over the valid samples.
+- **Judge modes, per judge** (``mode:``, ``tasks/judge_modes.py``). ``probability`` (the
+  default) is the both-orders verdict above. ``rationale`` (FairEval MEC): for each order,
+  ``k`` short evidence texts are sampled (temperature 1, as in FairEval's code), then the
+  verdict probability is read after each one; the order's probability is the mean over the
+  valid samples. One jury can mix modes; a mode's templates and settings enter the unit
+  keys and judgment ids.
 - **Calibration on gold pairs.** The judge answers both orders of each human-labelled
   pair. accuracy = share of pairs whose position-balanced verdict picks the gold winner
   (0.5 exactly counts as wrong); position_flip_rate = share of pairs where the same
@@ -39,46 +42,53 @@ Method choices (details the papers leave open)
 from __future__ import annotations
 
 import math
-import string
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefcurate.inference.base import ChoiceRequest, Engine, GenerateRequest, SamplingParams
+from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, RATINGS
 from prefcurate.tasks.generate import frame_schema
-from prefcurate.templates import read_criteria, read_template_text
+from prefcurate.tasks.judge_modes import (  # noqa: F401  (re-exported for callers of this module)
+    BPDE_TIE_BAND,
+    PAIRWISE_OPTIONS,
+    RATIONALE_STOP,
+    JudgeMode,
+    PairVerdicts,
+    Progress,
+    balanced_position_entropy,
+    mode_class,
+    mode_for,
+    score_options,
+)
+from prefcurate.templates import (  # noqa: F401  (re-exported)
+    PAIRWISE_FIELDS,
+    RATIONALE_FIELDS,
+    RUBRIC_FIELDS,
+    SCORE_OPTIONS,
+    TEMPLATE_KINDS,
+    Template,
+    load_template,
+    read_criteria,
+)
 
-Progress = Callable[[int, int], None]
-"""``progress(done, total)``, called after each engine batch."""
-
-PAIRWISE_OPTIONS: tuple[str, str] = ("A", "B")
-SCORE_OPTIONS: tuple[str, ...] = ("1", "2", "3", "4", "5")
 _SCORE_VALUES = np.arange(1.0, 6.0)
 _TIE_TOLERANCE = 1e-9
 
-PAIRWISE_FIELDS = frozenset({"prompt", "response_first", "response_second", "criterion_description"})
-RUBRIC_FIELDS = frozenset(
-    {"prompt", "response", "aspect", "aspect_description"} | {f"score_{s}" for s in SCORE_OPTIONS}
-)
-RATIONALE_FIELDS = PAIRWISE_FIELDS | {"rationale"}
+#: the placeholders of annotate's own template kinds (all kinds: prefcurate.templates)
 TEMPLATE_FIELDS: dict[str, frozenset[str]] = {
-    "pairwise": PAIRWISE_FIELDS,
-    "rubric": RUBRIC_FIELDS,
-    "rationale": RATIONALE_FIELDS,
+    kind: TEMPLATE_KINDS[kind].fields for kind in ("pairwise", "rubric", "rationale")
 }
 
-#: rationale sampling stops at the next section header, a blank line or a verdict
-RATIONALE_STOP = ("\n#", "\n\n", "[[")
 TRUNCATION_MARK = " [...]"
 
 JUDGMENT_COLUMNS = frame_schema(JUDGMENTS)
@@ -87,116 +97,6 @@ CALIBRATION_COLUMNS = frame_schema(JUDGE_CALIBRATION)
 UNJUDGEABLE_COLUMNS = pl.Schema({"prompt_id": pl.String, "reason": pl.String, "message": pl.String})
 PAIR_COLUMNS = pl.Schema({"prompt_id": pl.String, "response_a": pl.String, "response_b": pl.String})
 
-
-# --------------------------------------------------------------------------- templates
-
-
-@dataclass(frozen=True)
-class Template:
-    """A validated judge template: its text (as used) and the hash stored with judgments."""
-
-    name: str
-    kind: str  # pairwise | rubric | rationale
-    text: str
-    hash: str
-
-    @property
-    def segments(self) -> list[tuple[str, str | None]]:
-        """``(literal, field)`` pieces in order; literals already un-escaped."""
-        return [(literal, field) for literal, field, _, _ in string.Formatter().parse(self.text)]
-
-    @property
-    def fields(self) -> frozenset[str]:
-        return frozenset(field for _, field in self.segments if field is not None)
-
-    def render(self, **values: str) -> str:
-        return self.text.format(**values)
-
-    def render_column(self, frame: pl.DataFrame, stop_before: str | None = None) -> list[str]:
-        """Render every row of ``frame`` (one column per field), vectorised with polars.
-
-        With ``stop_before``, the text ends just before that field's first occurrence
-        (the rationale-generation prompt of a rationale template).
-        """
-        parts: list[pl.Expr] = []
-        for literal, field in self.segments:
-            if literal:
-                parts.append(pl.lit(literal))
-            if field is None:
-                continue
-            if field == stop_before:
-                break
-            parts.append(pl.col(field).cast(pl.String).fill_null(""))
-        if not parts:
-            return [""] * frame.height
-        return frame.select(pl.concat_str(parts).alias("rendered"))["rendered"].to_list()
-
-
-def _template_kind(stem: str, kind: str | None) -> str:
-    if kind is None:
-        kind = stem.split("_", 1)[0]
-        if kind not in TEMPLATE_FIELDS:
-            raise ValueError(
-                f"cannot tell the kind of template {stem!r} from its name; name it "
-                f"<kind>_vN with kind one of {', '.join(TEMPLATE_FIELDS)}, or pass kind="
-            )
-    if kind not in TEMPLATE_FIELDS:
-        raise ValueError(f"unknown template kind {kind!r}; known: {', '.join(TEMPLATE_FIELDS)}")
-    return kind
-
-
-def load_template(name: str, kind: str | None = None) -> Template:
-    """Load and validate a judge template: a packaged name (``pairwise_v1``) or a file path.
-
-    Trailing newlines of the file are dropped (the template must end where the answer
-    token is due; editors add a final newline). Raises ``ValueError`` naming the missing
-    or unknown placeholders, and when no answer cue follows the last placeholder.
-    """
-    path = Path(name).expanduser()
-    if path.suffix == ".txt" and path.is_file():
-        stem, raw = path.stem, path.read_text(encoding="utf-8")
-    else:
-        stem, raw = (name[:-4] if name.endswith(".txt") else name), read_template_text(name)
-    kind = _template_kind(stem, kind)
-    text = raw.rstrip("\r\n")
-    try:
-        parsed = list(string.Formatter().parse(text))
-    except ValueError as error:  # e.g. a single '{' or '}'
-        raise ValueError(
-            f"template {stem!r} is malformed ({error}); write literal braces as {{{{ }}}}"
-        ) from None
-    fields = [field for _, field, _, _ in parsed if field is not None]
-    odd = sorted({f for f in fields if not f.isidentifier()})
-    if odd:
-        raise ValueError(f"template {stem!r} has placeholders that are not names: {odd}")
-    if any(spec or conversion for _, field, spec, conversion in parsed if field is not None):
-        raise ValueError(f"template {stem!r}: placeholders take no format spec or conversion")
-    required = TEMPLATE_FIELDS[kind]
-    missing = sorted(required - set(fields))
-    if missing:
-        raise ValueError(
-            f"{kind} template {stem!r} is missing placeholder(s) "
-            + ", ".join("{" + f + "}" for f in missing)
-        )
-    unknown = sorted(set(fields) - required)
-    if unknown:
-        raise ValueError(
-            f"{kind} template {stem!r} has unknown placeholder(s) "
-            + ", ".join("{" + f + "}" for f in unknown)
-            + f"; allowed: {', '.join(sorted(required))}"
-        )
-    if parsed[-1][1] is not None or not parsed[-1][0].strip():
-        raise ValueError(
-            f"template {stem!r} ends with a placeholder; it must end with the cue after "
-            "which the answer token is due (e.g. 'Verdict: [[')"
-        )
-    if kind == "rationale":
-        if fields.count("rationale") != 1 or fields[-1] != "rationale":
-            raise ValueError(
-                f"rationale template {stem!r} must hold {{rationale}} once, after every "
-                "other placeholder (the rationale is generated there, the verdict follows)"
-            )
-    return Template(stem, kind, text, content_id("template", text))
 
 
 # ------------------------------------------------------------------ criteria and rubrics
@@ -283,6 +183,29 @@ class JudgeSpec(BaseModel):
     rationale_template: str = Field(
         "rationale_v2", description="template for rationale (MEC) mode (name or .txt path)"
     )
+    mode: str | None = Field(
+        None, description="how this judge reaches a verdict: a judge mode of tasks/judge_modes.py "
+        "(probability, rationale, ...); unset = probability (or rationale when the older "
+        "annotate.rationale_k > 0)"
+    )
+    mode_options: dict[str, Any] = Field(
+        default_factory=dict, description="settings of the judge's mode, e.g. {k: 3} for rationale"
+    )
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, value: str | None) -> str | None:
+        if value is not None:
+            mode_class(value)  # raises listing the known modes
+        return value
+
+    @model_validator(mode="after")
+    def _mode_options(self) -> JudgeSpec:
+        if self.mode is None and self.mode_options:
+            raise ValueError(f"judge {self.name!r}: mode_options given without a mode")
+        if self.mode is not None:
+            mode_class(self.mode).parse_options(self.mode_options, self.name)
+        return self
 
 
 class AnnotateParams(BaseModel):
@@ -309,9 +232,12 @@ class AnnotateParams(BaseModel):
         description="aspects rated 1-5 per response; empty = no rubric ratings",
     )
     custom_rubrics: dict[str, RubricSpec] = Field(default_factory=dict)
-    rationale_k: int = Field(0, ge=0, description="MEC: rationales per order; 0 = off")
-    rationale_temperature: float = Field(1.0, ge=0.0)
-    rationale_max_tokens: int = Field(64, ge=1)
+    rationale_k: int = Field(
+        0, ge=0, description="older configs: > 0 puts every judge without its own `mode` in "
+        "rationale mode with k rationales per order; prefer `mode: rationale` per judge"
+    )
+    rationale_temperature: float = Field(1.0, ge=0.0, description="with rationale_k: sampling temperature")
+    rationale_max_tokens: int = Field(64, ge=1, description="with rationale_k: longest rationale")
     exclude_truncated: bool = Field(
         False, description="leave responses cut at the token limit out of judging"
     )
@@ -331,12 +257,23 @@ class AnnotateParams(BaseModel):
         resolve_criteria(self.criteria, self.custom_criteria)
         resolve_rubrics(self.rubric_aspects, self.custom_rubrics)
         for judge in self.judges:
-            load_template(judge.template, "pairwise")
+            judge_mode(judge, self).templates()  # loads and validates them
             if self.rubric_aspects:
                 load_template(judge.rubric_template, "rubric")
-            if self.rationale_k:
-                load_template(judge.rationale_template, "rationale")
         return self
+
+
+def judge_mode(judge: JudgeSpec, params: AnnotateParams) -> JudgeMode:
+    """The judge's mode object: its own ``mode`` and ``mode_options``; without one, the
+    default, which the older stage-wide ``rationale_k > 0`` makes rationale (with the
+    stage's rationale settings). The one place that reads that switch."""
+    if judge.mode is not None:
+        return mode_for(judge.mode, judge.mode_options, judge)
+    if params.rationale_k > 0:
+        legacy = {"k": params.rationale_k, "temperature": params.rationale_temperature,
+                  "max_tokens": params.rationale_max_tokens}
+        return mode_for("rationale", legacy, judge)
+    return mode_for("probability", {}, judge)
 
 
 def check_judge_pools(judges: Iterable[JudgeSpec], known_pools: Iterable[str]) -> None:
@@ -351,13 +288,20 @@ def check_judge_pools(judges: Iterable[JudgeSpec], known_pools: Iterable[str]) -
 
 
 def judge_template_hashes(judge: JudgeSpec, params: AnnotateParams, verdicts_only: bool = False) -> dict[str, str]:
-    """The hashes of the templates ``judge`` uses under ``params`` (kind -> hash), read from
+    """The hashes of the templates ``judge`` uses under ``params`` (role -> hash), read from
     the files now: they enter the unit keys, so a template edited in place is judged again.
-    ``verdicts_only``: the verdict's template alone, pairwise or rationale (calibration's)."""
-    used = {"rationale": judge.rationale_template} if params.rationale_k else {"pairwise": judge.template}
+    Every template of the judge's mode, and the rubric template when aspects are rated;
+    ``verdicts_only``: the mode's templates alone (calibration's)."""
+    hashes = judge_mode(judge, params).template_hashes()
     if params.rubric_aspects and not verdicts_only:
-        used["rubric"] = judge.rubric_template
-    return {kind: load_template(name, kind).hash for kind, name in used.items()}
+        hashes["rubric"] = load_template(judge.rubric_template, "rubric").hash
+    return hashes
+
+
+def check_judge_engines(judges: Iterable[JudgeSpec], params: AnnotateParams, engines: Mapping[str, Engine]) -> None:
+    """Raise naming the judge when its engine cannot serve its mode (before any work)."""
+    for judge in judges:
+        judge_mode(judge, params).check_engine(engines[judge.name], judge.name)
 
 
 # ---------------------------------------------------------------------- scheduling
@@ -555,197 +499,6 @@ def _cut(column: str, limit: int | None) -> pl.Expr:
     )
 
 
-def _valid_probs(probs: Sequence[float], n_options: int) -> np.ndarray | None:
-    arr = np.asarray(probs, dtype=np.float64)
-    if arr.shape != (n_options,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        return None
-    total = arr.sum()
-    return arr / total if total > 0 else None
-
-
-def score_options(
-    engine: Engine,
-    prompts: Sequence[str],
-    options: Sequence[str],
-    *,
-    batch_size: int = 64,
-    progress: Progress | None = None,
-) -> tuple[np.ndarray, list[str | None]]:
-    """Option probabilities for each prompt: ``(len(prompts), len(options))``, NaN rows on error.
-
-    Consecutive prompts stay in one engine batch in pairs (``batch_size`` is rounded down
-    to even), so the two orders of a pair, sent adjacent, are scored together.
-    """
-    step = max(2, batch_size - batch_size % 2)
-    options = tuple(options)
-    probs = np.full((len(prompts), len(options)), np.nan)
-    errors: list[str | None] = [None] * len(prompts)
-    for start in range(0, len(prompts), step):
-        chunk = prompts[start : start + step]
-        scores = engine.score_choices([ChoiceRequest(p, options) for p in chunk])
-        if len(scores) != len(chunk):
-            raise RuntimeError(
-                f"engine {engine.model!r} answered {len(scores)} of {len(chunk)} requests"
-            )
-        for offset, score in enumerate(scores):
-            if score.error:
-                errors[start + offset] = score.error
-                continue
-            valid = _valid_probs(score.probs, len(options))
-            if valid is None:
-                errors[start + offset] = f"no valid probability over {options}: {score.probs}"
-            else:
-                probs[start + offset] = valid
-        if progress is not None:
-            progress(min(start + step, len(prompts)), len(prompts))
-    return probs, errors
-
-
-def _order_frames(jobs: pl.DataFrame) -> pl.DataFrame:
-    """Both orders of each job, interleaved (ab, ba, ab, ba, ...), as template fields."""
-    ab = jobs.select(
-        pl.col("job").cast(pl.Int64),
-        pl.lit(0).cast(pl.Int8).alias("order"),
-        "prompt",
-        pl.col("text_a").alias("response_first"),
-        pl.col("text_b").alias("response_second"),
-        "criterion_description",
-    )
-    ba = ab.with_columns(
-        pl.lit(1).cast(pl.Int8).alias("order"),
-        pl.col("response_second").alias("response_first"),
-        pl.col("response_first").alias("response_second"),
-    )
-    return pl.concat([ab, ba]).sort("job", "order")
-
-
-def _p_first_probability(
-    jobs: pl.DataFrame, template: Template, engine: Engine, batch_size: int, progress
-) -> tuple[np.ndarray, list[str | None], pl.DataFrame]:
-    """P("A") per order row (ab, ba, ab, ...), errors, and the samples: (row, p) per verdict."""
-    orders = _order_frames(jobs)
-    probs, errors = score_options(
-        engine, template.render_column(orders), PAIRWISE_OPTIONS,
-        batch_size=batch_size, progress=progress,
-    )
-    samples = pl.DataFrame({"row": np.arange(orders.height), "p": probs[:, 0]})
-    return probs[:, 0], errors, samples
-
-
-#: a verdict sample within this distance of 0.5 is a tie for BPDE
-BPDE_TIE_BAND = 0.1
-
-
-def balanced_position_entropy(samples: pl.DataFrame, n_jobs: int, tie_band: float = BPDE_TIE_BAND) -> np.ndarray:
-    """BPDE per job from its verdict samples: -sum p log p over win/tie/lose (natural log).
-
-    ``samples`` holds (row, p): row ``2 * job`` is the A/B order, ``2 * job + 1`` the B/A
-    order, ``p`` the sample's P(first shown is better). Each sample is turned toward
-    response_a (B/A samples: 1 - p), then counted as a win (> 0.5 + band), a loss
-    (< 0.5 - band) or a tie. NaN for a job without a valid sample.
-    """
-    outcomes = (
-        samples.filter(pl.col("p").is_not_nan() & pl.col("p").is_not_null())
-        .with_columns(
-            (pl.col("row") // 2).alias("job"),
-            pl.when(pl.col("row") % 2 == 0).then(pl.col("p")).otherwise(1.0 - pl.col("p")).alias("p_a"),
-        )
-        .with_columns(
-            pl.when(pl.col("p_a") > 0.5 + tie_band).then(pl.lit("win"))
-            .when(pl.col("p_a") < 0.5 - tie_band).then(pl.lit("lose"))
-            .otherwise(pl.lit("tie")).alias("outcome")
-        )
-        .group_by("job", "outcome").len()
-        .with_columns((pl.col("len") / pl.col("len").sum().over("job")).alias("share"))
-        .group_by("job")
-        .agg((-(pl.col("share") * pl.col("share").log())).sum().alias("bpde"))
-    )
-    entropy = np.full(n_jobs, np.nan)
-    entropy[outcomes["job"].to_numpy()] = outcomes["bpde"].to_numpy()
-    return entropy
-
-
-def _p_first_rationale(
-    jobs: pl.DataFrame,
-    template: Template,
-    engine: Engine,
-    params: AnnotateParams,
-    progress,
-) -> tuple[np.ndarray, list[str | None], pl.DataFrame]:
-    """MEC: k rationales per order, the verdict probability after each, averaged.
-
-    Also returns every verdict sample as (row, p), for BPDE.
-    """
-    orders = _order_frames(jobs)
-    k = params.rationale_k
-    sampling = SamplingParams(
-        n=k,
-        temperature=params.rationale_temperature,
-        top_p=1.0,
-        max_tokens=params.rationale_max_tokens,
-        stop=RATIONALE_STOP,
-    )
-    gen_prompts = template.render_column(orders, stop_before="rationale")
-    rationales: list[list[str]] = []
-    gen_errors: list[str | None] = []
-    total_steps = len(gen_prompts) * 2
-    step = max(2, params.batch_size - params.batch_size % 2)
-    for start in range(0, len(gen_prompts), step):
-        chunk = gen_prompts[start : start + step]
-        results = engine.generate([GenerateRequest(p, None, sampling, chat=False) for p in chunk])
-        for result in results:
-            # a blank sample carries no evidence: it is not one of the k valid samples
-            texts = [] if result.error else [c.text.strip() for c in result.completions if c.text.strip()]
-            rationales.append(texts)
-            gen_errors.append(result.error or (None if texts else "no rationale generated"))
-        if progress is not None:
-            progress(min(start + step, len(gen_prompts)), total_steps)
-    expanded = (
-        orders.with_row_index("row")
-        .with_columns(pl.Series("rationale", rationales, dtype=pl.List(pl.String)))
-        .explode("rationale")
-        .filter(pl.col("rationale").is_not_null())
-    )
-
-    def verdict_progress(done: int, total: int) -> None:
-        # the second half of the work: verdicts, reported on the same 0..2N scale
-        if progress is not None:
-            progress(len(gen_prompts) + done * len(gen_prompts) // max(total, 1), total_steps)
-
-    verdict_probs, verdict_errors = score_options(
-        engine,
-        template.render_column(expanded),
-        PAIRWISE_OPTIONS,
-        batch_size=params.batch_size,
-        progress=verdict_progress,
-    )
-    per_row = (
-        expanded.select("row")
-        .with_columns(pl.Series("p", verdict_probs[:, 0]).fill_nan(None))
-        .group_by("row")
-        .agg(pl.col("p").mean().alias("p"), pl.col("p").is_not_null().sum().alias("valid"))
-    )
-    p_first = np.full(orders.height, np.nan)
-    rows = per_row["row"].to_numpy()
-    means = per_row["p"].to_numpy().astype(np.float64)
-    p_first[rows] = np.where(per_row["valid"].to_numpy() > 0, means, np.nan)
-    first_error: dict[int, str] = {}
-    for row, error in zip(expanded["row"].to_list(), verdict_errors):
-        if error and row not in first_error:
-            first_error[row] = error
-    errors = [
-        gen_errors[r] or (first_error.get(r) if np.isnan(p_first[r]) else None)
-        for r in range(orders.height)
-    ]
-    samples = pl.DataFrame({"row": expanded["row"].to_numpy(), "p": verdict_probs[:, 0]})
-    return p_first, errors, samples
-
-
-def _join_errors(first: str | None, second: str | None) -> str | None:
-    parts = [f"{label}: {e}" for label, e in (("ab", first), ("ba", second)) if e]
-    return "; ".join(parts) or None
-
-
 def _pair_jobs(
     pairs: pl.DataFrame,
     responses: pl.DataFrame,
@@ -812,28 +565,18 @@ def judge_pairs(
 ) -> pl.DataFrame:
     """One judge's verdicts on ``pairs`` for every criterion of ``params``: JUDGMENTS rows.
 
-    Both orders of every (pair, criterion) go to the engine in one ``score_choices``
-    batch; judgments whose id is in ``existing_ids`` are not asked again.
+    The judge's mode (:func:`judge_mode`) asks the engine; a both-orders mode sends both
+    orders of every (pair, criterion) in the same ``score_choices`` batch. Judgments whose
+    id is in ``existing_ids`` are not asked again.
     """
     params = params or AnnotateParams(judges=[judge], rubric_aspects=[])
     criteria = resolve_criteria(params.criteria, params.custom_criteria)
-    rationale = params.rationale_k > 0
-    template = (
-        load_template(judge.rationale_template, "rationale")
-        if rationale
-        else load_template(judge.template, "pairwise")
-    )
-    mode_name = "rationale" if rationale else "probability"
-    mode: dict = {"mode": mode_name}
-    if rationale:
-        mode |= {
-            "k": params.rationale_k,
-            "temperature": params.rationale_temperature,
-            "max_tokens": params.rationale_max_tokens,
-        }
+    mode = judge_mode(judge, params)
+    template_name, template_hash = mode.stored_template(mode.templates())
+    identity = mode.identity()
     jobs = _pair_jobs(pairs, responses, prompts, criteria, params)
     ids = [
-        judgment_id(p, a, b, judge.name, engine.model, c, d, template.hash, mode)
+        judgment_id(p, a, b, judge.name, engine.model, c, d, template_hash, identity)
         for p, a, b, c, d in jobs.select(
             "prompt_id", "response_a", "response_b", "criterion", "criterion_description"
         ).iter_rows()
@@ -845,15 +588,7 @@ def judge_pairs(
     ).with_row_index("job")
     if jobs.is_empty():
         return pl.DataFrame(schema=JUDGMENT_COLUMNS)
-    if rationale:
-        p_first, errors, samples = _p_first_rationale(jobs, template, engine, params, progress)
-    else:
-        p_first, errors, samples = _p_first_probability(jobs, template, engine, params.batch_size, progress)
-    p_ab, p_ba = p_first[0::2], p_first[1::2]
-    bpde = balanced_position_entropy(samples, jobs.height)
-    valid = np.isfinite(p_ab) & np.isfinite(p_ba)
-    p_a = np.where(valid, (p_ab + 1.0 - p_ba) / 2.0, np.nan)
-    error = [_join_errors(e1, e2) for e1, e2 in zip(errors[0::2], errors[1::2])]
+    verdicts = mode.judge(jobs, engine, batch_size=params.batch_size, progress=progress)
     out = jobs.select(
         "judgment_id",
         "prompt_id",
@@ -862,16 +597,19 @@ def judge_pairs(
         pl.lit(judge.name).alias("judge"),
         pl.lit(engine.model).alias("judge_model"),
         "criterion",
-        pl.lit(template.name).alias("template"),
-        pl.lit(template.hash).alias("template_hash"),
-        pl.lit(mode_name).alias("mode"),
+        pl.lit(template_name).alias("template"),
+        pl.lit(template_hash).alias("template_hash"),
+        pl.lit(mode.name).alias("mode"),
     ).with_columns(
-        pl.Series("p_first_ab", p_ab).fill_nan(None),
-        pl.Series("p_first_ba", p_ba).fill_nan(None),
-        pl.Series("p_a", p_a).fill_nan(None),
-        pl.Series("bpde", np.where(valid, bpde, np.nan)).fill_nan(None),
-        pl.Series("valid", valid),
-        pl.Series("error", error, dtype=pl.String),
+        pl.Series("p_first_ab", verdicts.p_first_ab).fill_nan(None),
+        pl.Series("p_first_ba", verdicts.p_first_ba).fill_nan(None),
+        pl.Series("p_a", verdicts.p_a).fill_nan(None),
+        pl.Series("bpde", verdicts.bpde).fill_nan(None),
+        pl.Series("valid", verdicts.valid),
+        pl.Series("error", verdicts.errors, dtype=pl.String),
+        # provenance of imported judgments (tasks/import_judgments.py); a judge's own have none
+        pl.lit(None, pl.String).alias("source_file"),
+        pl.lit(None, pl.Int64).alias("source_record"),
     )
     return out.cast(JUDGMENT_COLUMNS).select(list(JUDGMENT_COLUMNS))
 
@@ -983,32 +721,43 @@ def load_gold_pairs(path: str | Path | None = None) -> pl.DataFrame:
 
 
 def calibration_metrics(
-    p_first_ab: np.ndarray, p_first_ba: np.ndarray, gold_a_wins: np.ndarray
+    p_first_ab: np.ndarray, p_first_ba: np.ndarray, gold_a_wins: np.ndarray, p_a: np.ndarray | None = None
 ) -> dict[str, float | int]:
     """Accuracy, position-flip rate and first-position preference over valid gold pairs.
 
     ``p_first_ab`` = P("A") with the gold pair's response_a shown first, ``p_first_ba`` =
     P("A") with response_b shown first; ``gold_a_wins`` = the human picked response_a.
+    ``p_a``: the verdicts when they do not come from two orders (a position-free judge
+    mode); the accuracy is then over its valid entries, and the flip rate and first-position
+    preference are NaN (there is no position to prefer).
     """
+    gold = np.asarray(gold_a_wins, dtype=bool)
+    nan = {"position_flip_rate": math.nan, "first_position_pref": math.nan}
+    if p_a is not None:
+        verdict = np.asarray(p_a, dtype=np.float64)
+        ok = np.isfinite(verdict)
+        if not ok.any():
+            return {"gold_pairs": 0, "accuracy": math.nan, **nan}
+        return {"gold_pairs": int(ok.sum()), "accuracy": _accuracy(verdict[ok], gold[ok]), **nan}
     ab = np.asarray(p_first_ab, dtype=np.float64)
     ba = np.asarray(p_first_ba, dtype=np.float64)
-    gold = np.asarray(gold_a_wins, dtype=bool)
     ok = np.isfinite(ab) & np.isfinite(ba)
     ab, ba, gold = ab[ok], ba[ok], gold[ok]
     if ab.size == 0:
-        return {"gold_pairs": 0, "accuracy": math.nan, "position_flip_rate": math.nan,
-                "first_position_pref": math.nan}
-    p_a = (ab + 1.0 - ba) / 2.0
-    # a tie (within rounding: 0.9 + 1 - 0.9 is not exactly 1) picks nobody: wrong
-    margin = np.where(np.abs(p_a - 0.5) <= _TIE_TOLERANCE, 0.0, p_a - 0.5)
-    correct = np.where(gold, margin > 0, margin < 0)
+        return {"gold_pairs": 0, "accuracy": math.nan, **nan}
     same_position_wins = (ab > 0.5) == (ba > 0.5)
     return {
         "gold_pairs": int(ab.size),
-        "accuracy": float(correct.mean()),
+        "accuracy": _accuracy((ab + 1.0 - ba) / 2.0, gold),
         "position_flip_rate": float(same_position_wins.mean()),
         "first_position_pref": float(np.concatenate([ab, ba]).mean()),
     }
+
+
+def _accuracy(p_a: np.ndarray, gold_a_wins: np.ndarray) -> float:
+    # a tie (within rounding: 0.9 + 1 - 0.9 is not exactly 1) picks nobody: wrong
+    margin = np.where(np.abs(p_a - 0.5) <= _TIE_TOLERANCE, 0.0, p_a - 0.5)
+    return float(np.where(gold_a_wins, margin > 0, margin < 0).mean())
 
 
 def calibrate_judge(
@@ -1019,38 +768,35 @@ def calibrate_judge(
     *,
     criterion: str = "overall",
 ) -> pl.DataFrame:
-    """One JUDGE_CALIBRATION row for ``judge`` on the gold pairs (both orders each).
+    """One JUDGE_CALIBRATION row for ``judge`` on the gold pairs, judged by its mode (both
+    orders each for a both-orders mode).
 
-    ``gold_pairs`` counts the pairs with a valid verdict in both orders; the metrics are
+    ``gold_pairs`` counts the pairs with a valid verdict (in both orders); the metrics are
     null when there are none.
     """
     params = params or AnnotateParams(judges=[judge], rubric_aspects=[])
     description = resolve_criteria([criterion], params.custom_criteria)[criterion]
     _require(gold, ["id", "prompt", "response_a", "response_b", "winner"], "gold")
-    rationale = params.rationale_k > 0
-    template = (
-        load_template(judge.rationale_template, "rationale")
-        if rationale
-        else load_template(judge.template, "pairwise")
-    )
+    mode = judge_mode(judge, params)
+    _, template_hash = mode.stored_template(mode.templates())
     jobs = gold.with_row_index("job").select(
         "job",
         _cut("prompt", params.max_prompt_chars).alias("prompt"),
         _cut("response_a", params.max_response_chars).alias("text_a"),
         _cut("response_b", params.max_response_chars).alias("text_b"),
+        pl.lit(criterion).alias("criterion"),
         pl.lit(description).alias("criterion_description"),
     )
-    if rationale:
-        p_first, _, _ = _p_first_rationale(jobs, template, engine, params, None)
+    verdicts = mode.judge(jobs, engine, batch_size=params.batch_size)
+    gold_a_wins = (gold["winner"] == "A").to_numpy()
+    if mode.needs_both_orders:
+        metrics = calibration_metrics(verdicts.p_first_ab, verdicts.p_first_ba, gold_a_wins)
     else:
-        p_first, _, _ = _p_first_probability(jobs, template, engine, params.batch_size, None)
-    metrics = calibration_metrics(
-        p_first[0::2], p_first[1::2], (gold["winner"] == "A").to_numpy()
-    )
+        metrics = calibration_metrics(verdicts.p_first_ab, verdicts.p_first_ba, gold_a_wins, p_a=verdicts.p_a)
     row = {
         "judge": judge.name,
         "judge_model": engine.model,
-        "template_hash": template.hash,
+        "template_hash": template_hash,
         **{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in metrics.items()},
     }
     return pl.DataFrame([row], schema=CALIBRATION_COLUMNS)
@@ -1083,6 +829,7 @@ def annotate(
     absent = [j.name for j in params.judges if j.name not in engines]
     if absent:
         raise ValueError(f"no engine given for judge(s) {', '.join(absent)}")
+    check_judge_engines(params.judges, params, engines)
     unjudgeable = find_unjudgeable(responses, prompts, exclude_truncated=params.exclude_truncated)
     pairs = schedule_pairs(
         responses.join(prompts.select("prompt_id"), on="prompt_id", how="semi"),
