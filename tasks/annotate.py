@@ -276,8 +276,13 @@ def judge_mode(judge: JudgeSpec, params: AnnotateParams) -> JudgeMode:
     return mode_for("probability", {}, judge)
 
 
-def check_judge_pools(judges: Iterable[JudgeSpec], known_pools: Iterable[str]) -> None:
-    """Raise naming the judge and pool when a judge's pool is not configured."""
+def check_judge_pools(
+    judges: Iterable[JudgeSpec], known_pools: Iterable[str] | Mapping[str, Any],
+    params: AnnotateParams | None = None,
+) -> None:
+    """Raise naming the judge and pool when a judge's pool is not configured, and (given
+    the pools' configs and ``params``) when its mode cannot run on that pool
+    (:meth:`JudgeMode.check_pool`): at plan time, before any engine is opened."""
     known = sorted(set(known_pools))
     for judge in judges:
         if judge.pool not in known:
@@ -285,6 +290,11 @@ def check_judge_pools(judges: Iterable[JudgeSpec], known_pools: Iterable[str]) -
                 f"judge {judge.name!r} names pool {judge.pool!r}, which is not configured; "
                 f"configured pools: {', '.join(known) or '(none)'}"
             )
+    if params is not None and isinstance(known_pools, Mapping):
+        from prefcurate.inference.pools import parse_pool
+
+        for judge in judges:
+            judge_mode(judge, params).check_pool(judge.pool, parse_pool(known_pools[judge.pool]), judge.name)
 
 
 def judge_template_hashes(judge: JudgeSpec, params: AnnotateParams, verdicts_only: bool = False) -> dict[str, str]:

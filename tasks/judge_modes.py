@@ -29,8 +29,9 @@ A mode class declares, as class attributes:
   ``p_first_ab``/``p_first_ba``/``bpde`` are null, and calibration reports no flip rate.
 - ``engine_calls``: the :class:`~prefcurate.inference.base.Engine` methods it calls;
   :meth:`JudgeMode.check_engine` checks the judge's engine offers them before any work
-  starts (a reward mode given a generative pool must fail there, naming judge and pool).
-  Override ``check_engine`` for a finer check (e.g. a server without a pooling route).
+  starts. :meth:`JudgeMode.check_pool` runs at plan time, before any engine is opened
+  (``check_judge_pools`` in ``tasks/annotate.py``): override it to refuse a pool that cannot
+  serve the mode (a reward mode given a generative model), naming judge and pool.
 
 and implements:
 
@@ -385,6 +386,11 @@ class JudgeMode:
                 f"judge {judge_name!r} (mode {self.name!r}) needs engine call(s) {', '.join(missing)}, "
                 f"which its engine {getattr(engine, 'model', '?')!r} does not offer"
             )
+
+    def check_pool(self, pool_name: str, pool_config: Any, judge_name: str) -> None:
+        """Plan-time check that the judge's pool can serve this mode (before any engine is
+        opened): raise a ``ValueError`` naming judge and pool. The built-in modes need only
+        ``score_choices``/``generate``, which every pool kind offers: no check."""
 
     # -- verdicts
     def judge(
