@@ -58,6 +58,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from prefcurate.schemas.tables import PRIMARY_KEYS, PROVENANCE, TABLES
+from prefcurate.tasks.checks import REASONS as FILTER_REASONS
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -169,7 +170,8 @@ TABLE_RULES: dict[str, list[Rule]] = {
             for c in ("chosen_score", "rejected_score")
         ],
     ],
-    "filter_drops": [],
+    # every stored drop reason is a registered one (the filter check registry)
+    "filter_drops": [_one_of("reason", *FILTER_REASONS), _canonical_pair("response_a", "response_b")],
     "quality": [_one_of("item_kind", "prompt", "response", "pair")],
     "embeddings": [_one_of("item_kind", "prompt", "response", "pair")],
     "selections": [

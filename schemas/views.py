@@ -5,6 +5,8 @@ Stages that are re-run (filter, select) write a full new result per run; the vie
 latest run of those stages.
 """
 
+from prefcurate.tasks.checks import KEPT, UNREGISTERED_RANK, reason_rank_sql
+
 REPORT_VIEWS: dict[str, str] = {
     # One row per id. A failed model call is stored (with its error) and asked again by the
     # next run (prefcurate/steps/model_stages.py); the retry's row has the same content id,
@@ -61,13 +63,47 @@ REPORT_VIEWS: dict[str, str] = {
         FROM current_judgments WHERE valid
         GROUP BY ALL ORDER BY judge, criterion
     """,
-    "filter_report": """
-        SELECT d.reason, coalesce(d.judge, '(jury)') AS judge,
-               coalesce(ra.generator, '?') AS generator, count(*) AS drops
-        FROM current_filter_drops d
-        LEFT JOIN current_responses ra
-               ON ra.response_id = d.response_a
-        GROUP BY ALL ORDER BY drops DESC
+    # one row per dropped pair of the latest filter run: its primary reason and every reason
+    # it failed, in the check registry's order (prefcurate.tasks.checks.pair_reasons)
+    "filter_pair_reasons": f"""
+        WITH d AS (
+            SELECT DISTINCT d.prompt_id, d.response_a, d.response_b, d.reason,
+                   coalesce(reason_rank.rank, {UNREGISTERED_RANK}) AS rank
+            FROM current_filter_drops d LEFT JOIN {reason_rank_sql()} USING (reason)
+        )
+        SELECT prompt_id, response_a, response_b,
+               first(reason ORDER BY rank, reason) AS primary_reason,
+               list(reason ORDER BY rank, reason) AS all_reasons
+        FROM d GROUP BY ALL ORDER BY prompt_id, response_a, response_b
+    """,
+    # why pairs were dropped: the definition of tasks.filter.filter_report_frame (a test holds
+    # them equal). One row per (reason, judge, generator): n_pairs = distinct pairs whose
+    # primary reason (the first of their reasons in the check registry's order) this is,
+    # n_pairs_any = distinct pairs that failed it at all. A pair counts under each of its
+    # responses' generators (once when both share one); judge is NULL for jury-level reasons;
+    # emitted pairs are reason 'kept'.
+    "filter_report": f"""
+        WITH rows AS (
+            SELECT DISTINCT d.prompt_id, d.response_a, d.response_b, d.judge, d.reason,
+                   d.reason = p.primary_reason AS is_primary
+            FROM current_filter_drops d
+            JOIN filter_pair_reasons p USING (prompt_id, response_a, response_b)
+            UNION ALL
+            SELECT DISTINCT prompt_id, least(chosen_id, rejected_id), greatest(chosen_id, rejected_id),
+                   NULL, '{KEPT}', true
+            FROM current_pairs
+        ),
+        by_generator AS (
+            SELECT DISTINCT rows.*, unnest(list_distinct([coalesce(ga.generator, '?'),
+                                                         coalesce(gb.generator, '?')])) AS generator
+            FROM rows
+            LEFT JOIN current_responses ga ON ga.response_id = rows.response_a
+            LEFT JOIN current_responses gb ON gb.response_id = rows.response_b
+        )
+        SELECT reason, judge, generator,
+               count(*) FILTER (WHERE is_primary) AS n_pairs, count(*) AS n_pairs_any
+        FROM by_generator
+        GROUP BY ALL ORDER BY n_pairs DESC, reason, judge NULLS FIRST, generator
     """,
     "quarantine_summary": """
         SELECT stage, reason, count(*) AS rows FROM quarantine GROUP BY ALL ORDER BY rows DESC

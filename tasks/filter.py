@@ -34,184 +34,103 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from prefcurate.schemas import tables
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.bradley_terry import fit_bradley_terry
-
-# --- reason codes (FILTER_DROPS.reason) -------------------------------------------------
-#: no valid judgment exists for the candidate (every judge call failed or was invalid)
-NO_VALID_JUDGMENT = "no_valid_judgment"
-#: a response of the pair is not in ``responses`` or has no text
-MISSING_RESPONSE = "missing_response"
-#: a judge's verdict changes side between the a-first and the b-first order (judge-level)
-POSITION_FLIP = "position_flip"
-#: the jury's position-balanced probability lies within a margin of 0.5
-LOW_CONFIDENCE = "low_confidence"
-#: the jury's probability is exactly 0.5: the pair cannot be oriented
-TIE = "tie"
-#: too few judges on the majority side
-JURY_DISAGREEMENT = "jury_disagreement"
-#: the rubric scores order the pair against the jury's pairwise verdict
-RATING_VS_RANKING = "rating_vs_ranking"
-#: the pair lies on a preference cycle and the prompt's Bradley-Terry fit does not support it
-INTRANSITIVE = "intransitive"
-#: chosen and rejected are (near-)identical texts
-NEAR_DUPLICATE = "near_duplicate"
-#: a response was cut at the token limit (RESPONSES.truncated)
-TRUNCATED = "truncated"
-#: a judge of the chosen response's model family voted for it (judge-level, optional)
-SELF_PREFERENCE = "self_preference"
-#: passed every check, but the Bradley-Terry margin is below ``FilterParams.margin``
-BELOW_MARGIN = "below_margin"
-#: passed every check, but the pair strategy / pairs_per_prompt did not pick it
-NOT_SELECTED = "not_selected"
-#: picked, then removed by the length-bias guard (share of much-longer chosen capped)
-LENGTH_BIAS = "length_bias"
-
-#: the consistency checks, in the order they are reported
-CHECK_REASONS = (
-    NO_VALID_JUDGMENT,
-    MISSING_RESPONSE,
-    POSITION_FLIP,
-    LOW_CONFIDENCE,
-    TIE,
-    JURY_DISAGREEMENT,
-    RATING_VS_RANKING,
-    INTRANSITIVE,
-    NEAR_DUPLICATE,
-    TRUNCATED,
-    SELF_PREFERENCE,
+from prefcurate.tasks.calibration import CalibrationParams
+from prefcurate.tasks.jury import (  # noqa: F401  (the jury lives in tasks/jury.py; re-exported)
+    JuryMethod,
+    aggregate_jury,
+    judge_verdicts,
+    override_with_labels,
 )
-#: reasons given by pair construction to candidates that passed every check
-SELECTION_REASONS = (BELOW_MARGIN, NOT_SELECTED, LENGTH_BIAS)
-REASONS = CHECK_REASONS + SELECTION_REASONS
+from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts
+from prefcurate.tasks.checks import (  # noqa: F401  (re-exported: the filter's public names)
+    _EPS,
+    _PROVENANCE,
+    _TIE_EPS,
+    BELOW_MARGIN,
+    CHECK_REASONS,
+    CHECKS,
+    KEPT,
+    LENGTH_BIAS,
+    NOT_SELECTED,
+    PAIR_KEY,
+    REASONS,
+    SELECTION_REASONS,
+    AbstentionCheck,
+    AgreementCheck,
+    Check,
+    ConfidenceCheck,
+    MissingResponseCheck,
+    NearDuplicateCheck,
+    NoValidJudgmentCheck,
+    PositionFlipCheck,
+    RatingRankingCheck,
+    SelfPreferenceGuard,
+    TieCheck,
+    TransitivityCheck,
+    TruncationCheck,
+    _conform,
+    _drop_rows,
+    _empty,
+    configurable_checks,
+    judge_positions,
+    model_family,
+    pair_reasons,
+    require_registered_reasons,
+)
 
-PAIR_KEY = ["prompt_id", "response_a", "response_b"]
-_PROVENANCE = {f.name for f in tables.PROVENANCE}
-_TIE_EPS = 1e-12
-#: slack on threshold comparisons, so a value at the threshold passes despite rounding
-#: (0.6 - 0.5 < 0.1 in floats)
-_EPS = 1e-9
+# --- reason codes (FILTER_DROPS.reason): the check registry in tasks/checks.py -----------
+NO_VALID_JUDGMENT = NoValidJudgmentCheck.reason
+MISSING_RESPONSE = MissingResponseCheck.reason
+POSITION_FLIP = PositionFlipCheck.reason
+JUDGE_ABSTAINED = AbstentionCheck.reason
+LOW_CONFIDENCE = ConfidenceCheck.reason
+TIE = TieCheck.reason
+JURY_DISAGREEMENT = AgreementCheck.reason
+RATING_VS_RANKING = RatingRankingCheck.reason
+INTRANSITIVE = TransitivityCheck.reason
+NEAR_DUPLICATE = NearDuplicateCheck.reason
+TRUNCATED = TruncationCheck.reason
+SELF_PREFERENCE = SelfPreferenceGuard.reason
 
-JuryMethod = Literal["mean", "majority", "weighted"]
-PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_above_margin"]
+PairStrategy = Literal["best_vs_worst", "best_vs_random", "all_above_margin", "judged"]
 
 
 # --- parameters -------------------------------------------------------------------------
-class _Check(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    enabled: bool = True
-
-
-class PositionFlipCheck(_Check):
-    """A judge *flips* when its verdict is on the a-side in one order and the b-side in the
-    other (both orders picked the same slot). The pair fails when the share of its judges
-    that flip exceeds ``max_flip_share``. Default 0.5: a majority of the jury must flip (a
-    lone judge flipping fails its pair; 1 of 2 or 1 of 3 does not). 0 makes any flip fatal,
-    which under a position bias of 0.2 drops ~2/3 of the candidates in bench/filtering.py
-    for no gain in agreement: the balanced p_a already cancels an additive position bias."""
-
-    tolerance: float = Field(
-        0.0, ge=0.0, lt=0.5, description="a flip counts only when both orders are further than this from 0.5"
-    )
-    max_flip_share: float = Field(0.5, ge=0.0, le=1.0)
-
-
-class ConfidenceCheck(_Check):
-    """Fails when |jury p_a - 0.5| < min_margin."""
-
-    min_margin: float = Field(0.1, ge=0.0, le=0.5)
-
-
-class AgreementCheck(_Check):
-    """Fails when fewer than ``min_agreement`` of the judges are on the majority side
-    (only with two or more judges). 0.6: 2 of 3 or 3 of 4 pass, a 1-1 or 2-2 split fails."""
-
-    min_agreement: float = Field(0.6, ge=0.0, le=1.0)
-
-
-class RatingRankingCheck(_Check):
-    """Peering Through Preferences: the rating-implied order against the pairwise verdict.
-    Fails when the rejected side's mean rubric score exceeds the chosen side's by more than
-    ``tolerance`` (scores 1-5; equal ratings count as agreement). Skipped when a score is
-    missing."""
-
-    tolerance: float = Field(0.5, ge=0.0)
-    aspects: list[str] | None = Field(None, description="rubric aspects to average; all when None")
-
-
-class TransitivityCheck(_Check):
-    """A pair is on a preference cycle when both responses lie in one strongly connected
-    component of the prompt's verdict graph (winner -> loser, ties left out). Such a pair
-    fails when the prompt's Bradley-Terry strengths do not support the jury's verdict by at
-    least ``margin`` logits; on an unequal cycle this drops the weakest edge(s), on a
-    symmetric cycle (equal strengths) every edge."""
-
-    margin: float = Field(0.1, ge=0.0)
-    l2: float = Field(
-        1e-3, gt=0.0, description="L2 penalty of the per-prompt Bradley-Terry fit (see bradley_terry)"
-    )
-
-
-class NearDuplicateCheck(_Check):
-    """Similarity = 1 for equal texts after normalisation (case-folded, whitespace
-    collapsed), else the Jaccard index of the texts' sets of ``ngram``-byte shingles (UTF-8;
-    character n-grams for ASCII). Cheap, vectorised (numpy packing, polars list set
-    operations) and good at 'same text, small edits'; not a semantic similarity."""
-
-    threshold: float = Field(0.9, ge=0.0, le=1.0)
-    ngram: int = Field(5, ge=1, le=8)
-
-
-class TruncationCheck(_Check):
-    """Fails when either response stopped at the token limit."""
-
-
-class LengthBiasGuard(_Check):
+class LengthBiasGuard(BaseModel):
     """Caps, over the emitted pairs of the run, the share of pairs whose chosen text is at
     least ``ratio`` times longer (characters) than the rejected one at ``max_share``; the
-    excess long-chosen pairs with the smallest margins are removed (no refill)."""
+    excess long-chosen pairs with the smallest margins are removed (no refill). A guard of
+    pair construction (it runs on the picked pairs), not a check."""
 
+    model_config = ConfigDict(extra="forbid")
     enabled: bool = False
     ratio: float = Field(1.5, ge=1.0)
     max_share: float = Field(0.5, ge=0.0, le=1.0)
 
 
-class SelfPreferenceGuard(_Check):
-    """Fails a pair when a judge of the same model family as the chosen response's
-    generator voted for it. Family = ``families[model]`` when given, else the leading
-    letters of the model name's last path part, lower-cased ("Qwen/Qwen2.5-0.5B" -> "qwen",
-    "google/gemma-3-270m" -> "gemma")."""
-
-    enabled: bool = False
-    families: dict[str, str] = Field(default_factory=dict)
-
-
-class FilterParams(BaseModel):
-    """Parameters of the filter stage: the checks, the jury, and pair construction."""
-
+class _FilterParamsBase(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     criteria: list[str] | None = Field(None, description="judge criteria that vote; all when None")
-    jury_method: JuryMethod = "mean"
-    judge_weights: dict[str, float] | None = Field(
-        None, description="for jury_method='weighted'; missing = 1"
+    jury_method: JuryMethod = Field(
+        "mean",
+        description="mean | majority | weighted | calibrated (log-odds weights from labelled pairs) | "
+        "unsupervised (one-coin Dawid-Skene EM); see tasks/jury.py",
     )
-
-    position_flip: PositionFlipCheck = Field(default_factory=PositionFlipCheck)
-    confidence: ConfidenceCheck = Field(default_factory=ConfidenceCheck)
-    agreement: AgreementCheck = Field(default_factory=AgreementCheck)
-    rating_vs_ranking: RatingRankingCheck = Field(default_factory=RatingRankingCheck)
-    intransitivity: TransitivityCheck = Field(default_factory=TransitivityCheck)
-    near_duplicate: NearDuplicateCheck = Field(default_factory=NearDuplicateCheck)
-    truncation: TruncationCheck = Field(default_factory=TruncationCheck)
+    judge_weights: dict[str, float] | None = Field(
+        None, description="for jury_method='weighted'; missing = 1 (calibrated: set from the labels)"
+    )
+    calibration: CalibrationParams = Field(
+        default_factory=CalibrationParams, description="the gate on judges' labelled accuracy (tasks/calibration.py)"
+    )
     length_bias: LengthBiasGuard = Field(default_factory=LengthBiasGuard)
-    self_preference: SelfPreferenceGuard = Field(default_factory=SelfPreferenceGuard)
 
     strategy: PairStrategy = Field(
         "best_vs_worst",
@@ -219,152 +138,36 @@ class FilterParams(BaseModel):
             "best_vs_worst: surviving pairs by Bradley-Terry margin, largest first (the "
             "(best, worst) pair when it survived); best_vs_random: the prompt's strongest "
             "chosen against random surviving rejected ones (UltraFeedback-style); "
-            "all_above_margin: every surviving pair, largest margin first"
+            "all_above_margin: every surviving pair, largest margin first; judged: every "
+            "judged pair that passed the checks, as judged (oriented by the jury; no "
+            "pairs_per_prompt cap, no margin cut): for curating given pairs"
         ),
     )
-    pairs_per_prompt: int | None = Field(1, ge=1, description="None: no cap")
-    margin: float = Field(0.0, description="minimum Bradley-Terry margin (logits) of an emitted pair")
+    pairs_per_prompt: int | None = Field(1, ge=1, description="None: no cap (ignored by strategy judged)")
+    margin: float = Field(
+        0.0, description="minimum Bradley-Terry margin (logits) of an emitted pair (ignored by strategy judged)"
+    )
     seed: int = 0
 
-
-# --- frame helpers ----------------------------------------------------------------------
-def _polars_schema(schema: pa.Schema) -> pl.Schema:
-    fields = [f for f in schema if f.name not in _PROVENANCE]
-    return pl.from_arrow(pa.schema(fields).empty_table()).schema
-
-
-def _conform(frame: pl.DataFrame, schema: pa.Schema) -> pl.DataFrame:
-    """The table's non-provenance columns, in order, with the table's dtypes."""
-    target = _polars_schema(schema)
-    return frame.select(
-        [
-            pl.col(name).cast(dtype) if name in frame.columns else pl.lit(None, dtype=dtype).alias(name)
-            for name, dtype in target.items()
-        ]
-    )
+    def checks(self) -> list[Check]:
+        """The enabled checks, in registry (primary-reason) order."""
+        instances = [getattr(self, c.config_key) if c.config_key else c() for c in CHECKS]
+        return [check for check in instances if check.enabled]
 
 
-def _empty(schema: pa.Schema) -> pl.DataFrame:
-    return pl.DataFrame(schema=_polars_schema(schema))
+#: Parameters of the filter stage: the checks (one field per configurable check of the
+#: registry, named by its ``config_key``), the jury, and pair construction.
+FilterParams = create_model(
+    "FilterParams",
+    __base__=_FilterParamsBase,
+    __module__=__name__,
+    __doc__="Parameters of the filter stage: the checks (one field per configurable check in "
+    "prefcurate.tasks.checks.CHECKS), the jury, and pair construction.",
+    **{c.config_key: (c, Field(default_factory=c)) for c in configurable_checks()},
+)
 
 
-def _drop_rows(
-    frame: pl.DataFrame,
-    reason: str,
-    value: pl.Expr,
-    threshold: float | pl.Expr | None,
-    detail: pl.Expr | str | None = None,
-    judge: pl.Expr | None = None,
-) -> pl.DataFrame:
-    """FILTER_DROPS rows for every row of ``frame`` (which holds the pair key)."""
-    if frame.height == 0:
-        return _empty(tables.FILTER_DROPS)
-    threshold_expr = threshold if isinstance(threshold, pl.Expr) else pl.lit(threshold, dtype=pl.Float64)
-    detail_expr = detail if isinstance(detail, pl.Expr) else pl.lit(detail, dtype=pl.String)
-    out = frame.select(
-        *PAIR_KEY,
-        (judge if judge is not None else pl.lit(None, dtype=pl.String)).alias("judge"),
-        pl.lit(reason).alias("reason"),
-        value.cast(pl.Float64).alias("value"),
-        threshold_expr.cast(pl.Float64).alias("threshold"),
-        detail_expr.cast(pl.String).alias("detail"),
-    )
-    return _conform(out, tables.FILTER_DROPS)
-
-
-def _fmt(expr: pl.Expr, decimals: int = 3) -> pl.Expr:
-    return expr.round(decimals).cast(pl.String)
-
-
-def model_family(model: pl.Expr, families: dict[str, str] | None = None) -> pl.Expr:
-    """Model family of a model-name column (see :class:`SelfPreferenceGuard`). Rows record a
-    pool's model identity, ``<served name>@<fingerprint>``; the family is the served name's."""
-    model = model.str.replace(r"@[0-9a-f]{12}$", "")
-    guessed = model.str.to_lowercase().str.split("/").list.last().str.extract(r"^([a-z]+)", 1)
-    if not families:
-        return guessed
-    return pl.coalesce(model.replace_strict(families, default=None, return_dtype=pl.String), guessed)
-
-
-# --- jury -------------------------------------------------------------------------------
-def judge_verdicts(
-    judgments: pl.DataFrame, criteria: list[str] | None = None, by_criterion: bool = True
-) -> pl.DataFrame:
-    """One row per (pair[, criterion], judge): the mean of the judge's valid judgments.
-
-    Columns: pair key, [criterion], judge, judge_model, p_a, p_first_ab, p_first_ba,
-    n_judgments. With ``by_criterion=False`` the selected criteria are averaged."""
-    rows = judgments.filter(pl.col("valid") & pl.col("p_a").is_not_null() & pl.col("p_a").is_not_nan())
-    if criteria is not None:
-        rows = rows.filter(pl.col("criterion").is_in(criteria))
-    group = PAIR_KEY + (["criterion"] if by_criterion else []) + ["judge"]
-    return (
-        rows.group_by(group)
-        .agg(
-            pl.col("judge_model").first(),
-            pl.col("p_a").cast(pl.Float64).mean(),
-            pl.col("p_first_ab").cast(pl.Float64).mean(),
-            pl.col("p_first_ba").cast(pl.Float64).mean(),
-            pl.len().alias("n_judgments"),
-        )
-        .sort(group)
-    )
-
-
-def _jury_from_verdicts(
-    verdicts: pl.DataFrame, group: list[str], method: str, judge_weights: dict[str, float] | None
-) -> pl.DataFrame:
-    side_a = (pl.col("p_a") > 0.5 + _TIE_EPS).cast(pl.Int32)
-    side_b = (pl.col("p_a") < 0.5 - _TIE_EPS).cast(pl.Int32)
-    if method == "mean":
-        p_expr = pl.col("p_a").mean()
-    elif method == "majority":
-        # share of judges voting a; a judge exactly at 0.5 counts half to each side
-        p_expr = (
-            (pl.col("_side_a") + 0.5 * (1 - pl.col("_side_a") - pl.col("_side_b"))).sum() / pl.len()
-        ).cast(pl.Float64)
-    elif method == "weighted":
-        p_expr = (pl.col("_w") * pl.col("p_a")).sum() / pl.col("_w").sum()
-    else:
-        raise ValueError(f"unknown jury method {method!r}; expected mean, majority or weighted")
-    weights = judge_weights or {}
-    frame = verdicts.with_columns(
-        _side_a=side_a,
-        _side_b=side_b,
-        _w=pl.col("judge").replace_strict(weights, default=1.0, return_dtype=pl.Float64),
-    )
-    return (
-        frame.group_by(group)
-        .agg(
-            p_expr.alias("p_a"),
-            pl.len().cast(pl.Int32).alias("n_judges"),
-            pl.col("_side_a").sum().alias("n_for_a"),
-            pl.col("_side_b").sum().alias("n_for_b"),
-        )
-        .with_columns(
-            agreement=(pl.max_horizontal("n_for_a", "n_for_b") / pl.col("n_judges")).cast(pl.Float64),
-            p_a=pl.when(pl.col("p_a").is_nan()).then(None).otherwise(pl.col("p_a")),
-        )
-        .sort(group)
-    )
-
-
-def aggregate_jury(
-    judgments: pl.DataFrame, method: JuryMethod = "mean", judge_weights: dict[str, float] | None = None
-) -> pl.DataFrame:
-    """The JURY table: the jury's verdict per (prompt, response pair, criterion).
-
-    Only valid judgments count; a judge's repeated judgments of one pair and criterion are
-    averaged first, so each judge has one vote. ``mean``: mean of the judges' position-
-    balanced ``p_a``; ``majority``: share of judges with ``p_a > 0.5`` (a judge at exactly 0.5
-    counts half); ``weighted``: mean weighted by ``judge_weights`` (judge name -> weight,
-    default 1). ``agreement`` = judges on the majority side / judges (ties on neither)."""
-    verdicts = judge_verdicts(judgments, by_criterion=True)
-    group = PAIR_KEY + ["criterion"]
-    jury = _jury_from_verdicts(verdicts, group, method, judge_weights)
-    return _conform(jury.with_columns(method=pl.lit(method)), tables.JURY)
-
-
+# --- jury: judge_verdicts, _jury_from_verdicts, aggregate_jury are in tasks/jury.py -------
 def fleiss_kappa(counts: np.ndarray) -> float:
     """Fleiss' kappa of an (items x categories) matrix of rater counts.
 
@@ -572,15 +375,22 @@ def prompt_strengths(jury: pl.DataFrame, l2: float = 1e-3) -> pl.DataFrame:
 
 # --- the filter -------------------------------------------------------------------------
 def _candidate_frame(
-    judgments: pl.DataFrame, ratings: pl.DataFrame, responses: pl.DataFrame, params: FilterParams
+    judgments: pl.DataFrame,
+    ratings: pl.DataFrame,
+    responses: pl.DataFrame,
+    params: FilterParams,
+    human_labels: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame]:
     """(candidates with every per-pair signal, per-judge verdicts)."""
     rows = (
         judgments if params.criteria is None else judgments.filter(pl.col("criterion").is_in(params.criteria))
     )
     candidates = rows.select(PAIR_KEY).unique().sort(PAIR_KEY)
+    rows = rows.with_columns(p_a=_single_order_p_a())
     verdicts = judge_verdicts(rows, by_criterion=False)
     jury = _jury_from_verdicts(verdicts, PAIR_KEY, params.jury_method, params.judge_weights)
+    # a person's label replaces the jury on its pair (tasks/review.py)
+    jury, verdicts = override_with_labels(jury, verdicts, human_labels)
 
     features = _response_features(responses, params.self_preference.families)
     scores = response_scores(ratings, params.rating_vs_ranking.aspects)
@@ -631,196 +441,48 @@ def _candidate_frame(
 
     if params.near_duplicate.enabled:
         frame = pair_text_similarity(frame, responses, params.near_duplicate.ngram)
-    return frame, verdicts
+    return frame, judge_positions(verdicts, params.position_flip.tolerance)
+
+
+def _single_order_p_a() -> pl.Expr:
+    """A judgment's p_a, or, for a single-order judgment stored without one, that order's
+    verdict taken as is (P(a better) = P("A") a-first, or 1 - P("A") b-first)."""
+    p_a = pl.col("p_a").cast(pl.Float64).fill_nan(None)
+    ab = pl.col("p_first_ab").cast(pl.Float64).fill_nan(None)
+    ba = pl.col("p_first_ba").cast(pl.Float64).fill_nan(None)
+    return (
+        pl.when(p_a.is_not_null())
+        .then(p_a)
+        .when(ab.is_not_null() & ba.is_null())
+        .then(ab)
+        .when(ba.is_not_null() & ab.is_null())
+        .then(1.0 - ba)
+        .otherwise(None)
+    )
 
 
 def _check_drops(frame: pl.DataFrame, verdicts: pl.DataFrame, params: FilterParams) -> list[pl.DataFrame]:
-    drops: list[pl.DataFrame] = []
-    judged = frame.filter(pl.col("p_a").is_not_null())
-    distance = (pl.col("p_a") - 0.5).abs()
-
-    drops.append(
-        _drop_rows(
-            frame.filter(pl.col("p_a").is_null()), NO_VALID_JUDGMENT, pl.lit(None), None, "no valid judgment"
-        )
-    )
-    missing = frame.filter(~pl.col("has_text_a") | ~pl.col("has_text_b"))
-    drops.append(
-        _drop_rows(
-            missing,
-            MISSING_RESPONSE,
-            (~pl.col("has_text_a")).cast(pl.Int32) + (~pl.col("has_text_b")).cast(pl.Int32),
-            None,
-            pl.when(~pl.col("has_text_a") & ~pl.col("has_text_b"))
-            .then(pl.lit("both responses"))
-            .when(~pl.col("has_text_a"))
-            .then(pl.lit("response_a"))
-            .otherwise(pl.lit("response_b")),
-        )
-    )
-
-    ties = judged.filter(distance <= _TIE_EPS)
-    drops.append(_drop_rows(ties, TIE, pl.col("p_a"), 0.5, "jury p_a is exactly 0.5"))
-
-    if params.position_flip.enabled:
-        tol = params.position_flip.tolerance
-        both_orders = verdicts.filter(pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null())
-        lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
-        lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
-        flagged = both_orders.with_columns(
-            flip=(lean_ab * lean_ba < 0) & (lean_ab.abs() > tol) & (lean_ba.abs() > tol)
-        ).with_columns(
-            flip_share=pl.col("flip").mean().over(PAIR_KEY),
-            n_flip=pl.col("flip").sum().over(PAIR_KEY),
-            n_judges=pl.len().over(PAIR_KEY),
-        )
-        failing = flagged.filter(
-            pl.col("flip") & (pl.col("flip_share") > params.position_flip.max_flip_share + _EPS)
-        )
-        drops.append(
-            _drop_rows(
-                failing,
-                POSITION_FLIP,
-                pl.col("p_first_ab") + pl.col("p_first_ba") - 1.0,
-                tol,
-                pl.format(
-                    "P(A) a-first={} b-first={}; {}/{} judges flipped (max share {})",
-                    _fmt(pl.col("p_first_ab")),
-                    _fmt(pl.col("p_first_ba")),
-                    pl.col("n_flip"),
-                    pl.col("n_judges"),
-                    pl.lit(params.position_flip.max_flip_share),
-                ),
-                judge=pl.col("judge"),
-            )
-        )
-
-    if params.confidence.enabled:
-        low = judged.filter(distance < params.confidence.min_margin - _EPS)
-        drops.append(
-            _drop_rows(low, LOW_CONFIDENCE, distance, params.confidence.min_margin, "|jury p_a - 0.5|")
-        )
-
-    if params.agreement.enabled:
-        split = judged.filter(
-            (pl.col("n_judges") >= 2) & (pl.col("agreement") < params.agreement.min_agreement - _EPS)
-        )
-        drops.append(
-            _drop_rows(
-                split,
-                JURY_DISAGREEMENT,
-                pl.col("agreement"),
-                params.agreement.min_agreement,
-                pl.format(
-                    "{} for a, {} for b, of {} judges",
-                    pl.col("n_for_a"),
-                    pl.col("n_for_b"),
-                    pl.col("n_judges"),
-                ),
-            )
-        )
-
-    if params.rating_vs_ranking.enabled:
-        gap = pl.col("chosen_score") - pl.col("rejected_score")
-        tol = params.rating_vs_ranking.tolerance
-        against = judged.filter((distance > _TIE_EPS) & gap.is_not_null() & (gap < -tol - _EPS))
-        drops.append(
-            _drop_rows(
-                against,
-                RATING_VS_RANKING,
-                gap,
-                -tol,
-                pl.format(
-                    "rubric chosen={} rejected={}",
-                    _fmt(pl.col("chosen_score")),
-                    _fmt(pl.col("rejected_score")),
-                ),
-            )
-        )
-
-    if params.intransitivity.enabled:
-        on_cycle = judged.filter(
-            (distance > _TIE_EPS)
-            & (pl.col("component_a") == pl.col("component_b"))
-            & (pl.col("margin") < params.intransitivity.margin - _EPS)
-        )
-        drops.append(
-            _drop_rows(
-                on_cycle,
-                INTRANSITIVE,
-                pl.col("margin"),
-                params.intransitivity.margin,
-                pl.format(
-                    "on a preference cycle; Bradley-Terry margin of the jury's verdict {}",
-                    _fmt(pl.col("margin")),
-                ),
-            )
-        )
-
-    if params.near_duplicate.enabled:
-        dup = frame.filter(pl.col("similarity") >= params.near_duplicate.threshold - _EPS)
-        drops.append(
-            _drop_rows(
-                dup, NEAR_DUPLICATE, pl.col("similarity"), params.near_duplicate.threshold, "text similarity"
-            )
-        )
-
-    if params.truncation.enabled:
-        trunc_a = pl.col("truncated_a").fill_null(False)
-        trunc_b = pl.col("truncated_b").fill_null(False)
-        cut = frame.filter(trunc_a | trunc_b)
-        drops.append(
-            _drop_rows(
-                cut,
-                TRUNCATED,
-                trunc_a.cast(pl.Int32) + trunc_b.cast(pl.Int32),
-                None,
-                pl.when(trunc_a & trunc_b)
-                .then(pl.lit("both responses"))
-                .when(trunc_a)
-                .then(pl.lit("response_a"))
-                .otherwise(pl.lit("response_b")),
-            )
-        )
-
-    if params.self_preference.enabled:
-        voters = verdicts.join(
-            judged.filter(distance > _TIE_EPS).select(*PAIR_KEY, "a_wins", "chosen_family"), on=PAIR_KEY
-        ).with_columns(
-            judge_family=model_family(pl.col("judge_model"), params.self_preference.families),
-            judge_p_chosen=pl.when(pl.col("a_wins")).then(pl.col("p_a")).otherwise(1.0 - pl.col("p_a")),
-        )
-        own = voters.filter(
-            (pl.col("judge_family") == pl.col("chosen_family")) & (pl.col("judge_p_chosen") > 0.5)
-        )
-        drops.append(
-            _drop_rows(
-                own,
-                SELF_PREFERENCE,
-                pl.col("judge_p_chosen"),
-                0.5,
-                pl.format("judge family {} voted for its own family's response", pl.col("judge_family")),
-                judge=pl.col("judge"),
-            )
-        )
-    return drops
+    """Every enabled check's drop rows (``verdicts`` carries :func:`judge_positions` flags)."""
+    return [check.drops(frame, verdicts) for check in params.checks()]
 
 
 def _select_pairs(survivors: pl.DataFrame, params: FilterParams) -> tuple[pl.DataFrame, list[pl.DataFrame]]:
     """(emitted pairs, drop frames for below_margin / not_selected / length_bias)."""
     drops: list[pl.DataFrame] = []
-    below = survivors.filter(pl.col("margin") < params.margin)
+    # judged keeps each judged pair as the jury oriented it: no margin cut, no cap
+    min_margin = float("-inf") if params.strategy == "judged" else params.margin
+    below = survivors.filter(pl.col("margin") < min_margin)
     drops.append(
         _drop_rows(
             below, BELOW_MARGIN, pl.col("margin"), params.margin, "Bradley-Terry margin below the minimum"
         )
     )
-    eligible = survivors.filter(pl.col("margin") >= params.margin)
+    eligible = survivors.filter(~(pl.col("margin") < min_margin).fill_null(False))
     by_margin = ["prompt_id", "margin", "p_chosen", "chosen_id", "rejected_id"]
     by_margin_desc = [False, True, True, False, False]
 
-    if params.strategy in ("best_vs_worst", "all_above_margin"):
-        ranked = eligible.sort(by_margin, descending=by_margin_desc)
+    if params.strategy in ("best_vs_worst", "all_above_margin", "judged"):
+        ranked = eligible.sort(by_margin, descending=by_margin_desc, nulls_last=True)
     elif params.strategy == "best_vs_random":
         rng = np.random.default_rng(params.seed)
         keyed = eligible.sort(PAIR_KEY).with_columns(_random=pl.Series(rng.random(eligible.height)))
@@ -838,7 +500,7 @@ def _select_pairs(survivors: pl.DataFrame, params: FilterParams) -> tuple[pl.Dat
     else:  # pragma: no cover - pydantic restricts the literal
         raise ValueError(params.strategy)
     ranked = ranked.with_columns(_rank=pl.int_range(pl.len()).over("prompt_id"))
-    if params.pairs_per_prompt is not None:
+    if params.pairs_per_prompt is not None and params.strategy != "judged":
         ranked = ranked.filter(pl.col("_rank") < params.pairs_per_prompt)
     selected = ranked.drop("_rank")
 
@@ -917,27 +579,41 @@ def apply_filters(
     ratings: pl.DataFrame,
     responses: pl.DataFrame,
     params: FilterParams | None = None,
+    human_labels: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
     """Run every enabled check, then build pairs from the survivors.
+
+    ``human_labels`` (pair key + winner A | B | tie) override the jury on their pairs.
 
     Returns ``(pairs, drops, report)``: ``pairs`` with the PAIRS columns, ``drops`` with the
     FILTER_DROPS columns (one row per candidate and failed check; judge-level checks name
     the judge), and a JSON-able report: candidate / survivor / pair counts, ``kept_share``
     (candidates that passed every consistency check / candidates), ``prompt_coverage``
-    (prompts with at least one pair / prompts with candidates), distinct pairs per reason,
-    per judge and per generator, each judge's flip rate and first-position preference, and
-    the jury's Fleiss' kappa (see :func:`verdict_fleiss_kappa`)."""
+    (prompts with at least one pair / prompts with candidates), distinct pairs per *primary*
+    reason (``drops_per_reason``: each dropped pair once, under the first of its reasons in
+    registry order; also per judge and per generator) and per reason failed at all
+    (``failed_per_reason``), judge abstentions, the verdicts the position checks do not
+    apply to (single order), each judge's flip rate and first-position preference, and the
+    jury's Fleiss' kappa (see :func:`verdict_fleiss_kappa`)."""
     params = params or FilterParams()
-    frame, verdicts = _candidate_frame(judgments, ratings, responses, params)
+    frame, verdicts = _candidate_frame(judgments, ratings, responses, params, human_labels)
     check_drops = pl.concat(_check_drops(frame, verdicts, params), how="vertical")
     survivors = frame.join(check_drops.select(PAIR_KEY).unique(), on=PAIR_KEY, how="anti")
     selected, selection_drops = _select_pairs(survivors, params)
     drops = pl.concat([check_drops, *selection_drops], how="vertical").sort(
         [*PAIR_KEY, "reason", "judge"], nulls_last=True
     )
+    require_registered_reasons(drops)
     pairs = _pairs_table(selected, params.strategy)
     report = _report(frame, verdicts, drops, pairs, survivors, params)
     return pairs, drops, report
+
+
+def _primary_rows(drops: pl.DataFrame) -> pl.DataFrame:
+    """The drop rows of each pair's primary reason (several when a judge-level reason
+    names several judges)."""
+    primary = pair_reasons(drops).select(*PAIR_KEY, "primary_reason")
+    return drops.join(primary, on=PAIR_KEY).filter(pl.col("reason") == pl.col("primary_reason"))
 
 
 def _report(
@@ -950,8 +626,11 @@ def _report(
 ) -> dict:
     n_candidates = frame.height
     n_prompts = frame["prompt_id"].n_unique() if n_candidates else 0
-    per_reason = drops.unique(["reason", *PAIR_KEY]).group_by("reason").agg(pl.len().alias("n"))
-    reason_counts = {r: 0 for r in REASONS} | {r: int(n) for r, n in per_reason.iter_rows()}
+    primary = _primary_rows(drops)
+
+    def per_reason(rows: pl.DataFrame) -> dict[str, int]:
+        counts = rows.unique(["reason", *PAIR_KEY]).group_by("reason").agg(pl.len().alias("n"))
+        return {r: 0 for r in REASONS} | {r: int(n) for r, n in counts.iter_rows()}
 
     generators = pl.concat(
         [
@@ -959,7 +638,7 @@ def _report(
             frame.select(*PAIR_KEY, pl.col("generator_b").alias("generator")),
         ]
     )
-    drops_gen = drops.join(generators, on=PAIR_KEY, how="left").with_columns(
+    primary_gen = primary.join(generators, on=PAIR_KEY, how="left").with_columns(
         pl.col("generator").fill_null("?")
     )
 
@@ -967,20 +646,32 @@ def _report(
     if verdicts.height:
         lean_ab = pl.col("p_first_ab") - 0.5
         lean_ba = 0.5 - pl.col("p_first_ba")
+        both = pl.col("both_orders")
         stats = (
-            verdicts.filter(pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null())
-            .group_by("judge")
+            verdicts.group_by("judge")
             .agg(
                 pl.len().alias("verdicts"),
-                (lean_ab * lean_ba < 0).mean().alias("position_flip_rate"),
-                ((pl.col("p_first_ab") + pl.col("p_first_ba")) / 2).mean().alias("first_position_pref"),
+                (~both).sum().alias("single_order_verdicts"),
+                pl.col("abstained").sum().alias("abstained"),
+                (lean_ab * lean_ba < 0).filter(both).mean().alias("position_flip_rate"),
+                ((pl.col("p_first_ab") + pl.col("p_first_ba")) / 2).filter(both).mean().alias("first_position_pref"),
             )
             .sort("judge")
         )
         judges = {
-            j: {"verdicts": int(n), "position_flip_rate": float(f), "first_position_pref": float(p)}
-            for j, n, f, p in stats.iter_rows()
+            row["judge"]: {
+                "verdicts": int(row["verdicts"]),
+                "single_order_verdicts": int(row["single_order_verdicts"]),
+                "abstained": int(row["abstained"]),
+                # None: no verdict of this judge had both orders (position stats not applicable)
+                "position_flip_rate": _float_or_none(row["position_flip_rate"]),
+                "first_position_pref": _float_or_none(row["first_position_pref"]),
+            }
+            for row in stats.iter_rows(named=True)
         }
+    per_pair = verdicts.group_by(PAIR_KEY).agg(
+        pl.col("both_orders").any().alias("any_both"), pl.col("abstained").any().alias("any_abstained")
+    )
     kappa = verdict_fleiss_kappa(verdicts)
     return {
         "candidates": n_candidates,
@@ -992,9 +683,23 @@ def _report(
         "prompt_coverage": (pairs["prompt_id"].n_unique() / n_prompts) if n_prompts and pairs.height else 0.0,
         "strategy": params.strategy,
         "jury_method": params.jury_method,
-        "drops_per_reason": reason_counts,
-        "drops_per_judge": _count_map(drops.filter(pl.col("judge").is_not_null()), "judge"),
-        "drops_per_generator": _count_map(drops_gen, "generator"),
+        "drops_per_reason": per_reason(primary),
+        "failed_per_reason": per_reason(drops),
+        "drops_per_judge": _count_map(primary.filter(pl.col("judge").is_not_null()), "judge"),
+        "drops_per_generator": _count_map(primary_gen, "generator"),
+        "abstentions": {
+            "verdicts": int(verdicts["abstained"].sum()) if verdicts.height else 0,
+            "flipped": int(verdicts["flipped"].sum()) if verdicts.height else 0,
+            # balanced ties that were no flip (a hard-verdict flip is both)
+            "tied": int((verdicts["tied"] & ~verdicts["flipped"]).sum()) if verdicts.height else 0,
+            "pairs": int(per_pair["any_abstained"].sum()) if per_pair.height else 0,
+        },
+        "position_checks_not_applicable": {
+            # judge verdicts from one presentation order only (imported, position-free)
+            "verdicts": int((~verdicts["both_orders"]).sum()) if verdicts.height else 0,
+            # judged pairs on which no judge answered both orders: no position check ran
+            "pairs": int((~per_pair["any_both"]).sum()) if per_pair.height else 0,
+        },
         "judges": judges,
         "fleiss_kappa": kappa["fleiss_kappa"],
         "fleiss_items": kappa["items"],
@@ -1002,35 +707,49 @@ def _report(
     }
 
 
+def _float_or_none(value) -> float | None:
+    return None if value is None or (isinstance(value, float) and np.isnan(value)) else float(value)
+
+
 def filter_report_frame(drops: pl.DataFrame, pairs: pl.DataFrame, responses: pl.DataFrame) -> pl.DataFrame:
-    """Counts of distinct candidate pairs per (reason, judge, generator), for a table or
-    ``status``. A pair counts under each of its two responses' generators (once when both
-    share one); ``judge`` is null for jury-level reasons; emitted pairs appear as reason
-    ``kept``. Columns: reason, judge, generator, n_pairs."""
+    """The ``filter_report`` view's rows, computed from frames (the view's SQL in
+    ``schemas/views.py`` implements the same definition; a test holds them equal).
+
+    One row per (reason, judge, generator): ``n_pairs`` = distinct candidate pairs whose
+    *primary* reason (the first of their reasons in registry order) this is, ``n_pairs_any``
+    = distinct pairs that failed this reason at all. A pair counts under each of its two
+    responses' generators (once when both share one; ``?`` when unknown); ``judge`` is null
+    for jury-level reasons and names each judge for judge-level ones; emitted pairs appear
+    as reason ``kept``. Columns: reason, judge, generator, n_pairs, n_pairs_any."""
     gen = responses.select("response_id", "generator").unique("response_id")
-    drop_rows = pl.concat(
-        [
-            drops.select(*PAIR_KEY, "judge", "reason", pl.col(side).alias("response_id"))
-            for side in ("response_a", "response_b")
-        ]
+    primary = pair_reasons(drops).select(*PAIR_KEY, "primary_reason")
+    drop_rows = (
+        drops.select(*PAIR_KEY, "judge", "reason")
+        .join(primary, on=PAIR_KEY, how="left")
+        .with_columns(is_primary=pl.col("reason") == pl.col("primary_reason"))
+        .drop("primary_reason")
     )
     kept = pairs.select(
         "prompt_id",
         pl.min_horizontal("chosen_id", "rejected_id").alias("response_a"),
         pl.max_horizontal("chosen_id", "rejected_id").alias("response_b"),
         pl.lit(None, dtype=pl.String).alias("judge"),
-        pl.lit("kept").alias("reason"),
+        pl.lit(KEPT).alias("reason"),
+        pl.lit(True).alias("is_primary"),
     )
-    kept_rows = pl.concat(
-        [kept.with_columns(pl.col(side).alias("response_id")) for side in ("response_a", "response_b")]
+    rows = pl.concat([drop_rows, kept.select(drop_rows.columns)], how="vertical")
+    by_side = pl.concat(
+        [rows.with_columns(pl.col(side).alias("response_id")) for side in ("response_a", "response_b")]
     )
-    rows = pl.concat([drop_rows, kept_rows.select(drop_rows.columns)], how="vertical")
     return (
-        rows.join(gen, on="response_id", how="left")
+        by_side.join(gen, on="response_id", how="left")
         .with_columns(pl.col("generator").fill_null("?"))
         .unique([*PAIR_KEY, "judge", "reason", "generator"])
         .group_by("reason", "judge", "generator")
-        .agg(pl.len().cast(pl.Int64).alias("n_pairs"))
+        .agg(
+            pl.col("is_primary").sum().cast(pl.Int64).alias("n_pairs"),
+            pl.len().cast(pl.Int64).alias("n_pairs_any"),
+        )
         .sort(["reason", "judge", "generator"], nulls_last=True)
     )
 

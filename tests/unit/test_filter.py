@@ -253,7 +253,8 @@ def test_thresholds_are_inclusive_despite_rounding():
 def test_exact_tie_and_low_confidence():
     jud = judgments(judgment("A", "B", 0.5), judgment("A", "C", 0.56), judgment("A", "D", 0.8))
     pairs, drops, _ = run(jud, strategy="all_above_margin", pairs_per_prompt=None)
-    assert reasons_of(drops, "A", "B") == {F.TIE, F.LOW_CONFIDENCE}
+    # the lone judge at 0.5 took no side: it abstains too (the tie is the primary reason)
+    assert reasons_of(drops, "A", "B") == {F.TIE, F.LOW_CONFIDENCE, F.JUDGE_ABSTAINED}
     assert reasons_of(drops, "A", "C") == {F.LOW_CONFIDENCE}
     low = drops.filter((pl.col("reason") == F.LOW_CONFIDENCE) & (pl.col("response_b") == "C")).row(
         0, named=True
@@ -264,7 +265,7 @@ def test_exact_tie_and_low_confidence():
     pairs, drops, _ = run(
         jud, confidence={"enabled": False}, strategy="all_above_margin", pairs_per_prompt=None
     )
-    assert reasons_of(drops, "A", "B") == {F.TIE}
+    assert reasons_of(drops, "A", "B") == {F.TIE, F.JUDGE_ABSTAINED}
     assert pairs.height == 2
 
 
@@ -517,12 +518,16 @@ def test_every_candidate_is_kept_or_explained_on_random_data():
         assert report["pairs"] == pairs.height
         assert 0.0 <= report["kept_share"] <= 1.0
         assert pairs["pair_id"].n_unique() == pairs.height
-        # the report's counts are distinct pairs per reason
-        for reason, n in report["drops_per_reason"].items():
+        # failed_per_reason: distinct pairs per reason; drops_per_reason: each dropped pair
+        # once, under its primary reason, so they add up with the pairs to the candidates
+        for reason, n in report["failed_per_reason"].items():
             assert n == drops.filter(pl.col("reason") == reason).select(F.PAIR_KEY).unique().height
+        dropped = drops.select(F.PAIR_KEY).unique().height
+        assert sum(report["drops_per_reason"].values()) == dropped
+        assert dropped + pairs.height == report["candidates"]
 
     frame = F.filter_report_frame(drops, pairs, resp_frame)
-    assert frame.columns == ["reason", "judge", "generator", "n_pairs"]
+    assert frame.columns == ["reason", "judge", "generator", "n_pairs", "n_pairs_any"]
     kept = frame.filter(pl.col("reason") == "kept")
     # each pair counts once per distinct generator of its two responses
     generators = resp_frame.select("response_id", "generator")
@@ -541,14 +546,21 @@ def test_report_counts_per_judge_and_generator():
     # j1 flips on (A, B) yet leans to A overall (p_a 0.625); (C, D) is an exact tie
     jud = judgments(judgment("A", "B", 0.95, p_ba=0.7, judge="j1"), judgment("C", "D", 0.5))
     pairs, drops, report = run(jud, resp)
+    # primary reasons: the flip (A, B) and the tie (C, D); j1's abstentions are secondary
     assert report["drops_per_judge"] == {"j1": {F.POSITION_FLIP: 1}}
+    assert report["failed_per_reason"][F.JUDGE_ABSTAINED] == 2
     assert report["drops_per_generator"]["g1"] == {F.POSITION_FLIP: 1}
-    assert report["drops_per_generator"]["g2"][F.TIE] == 1
+    assert report["drops_per_generator"]["g2"] == {F.POSITION_FLIP: 1, F.TIE: 1}
     frame = F.filter_report_frame(drops, pairs, resp)
     flips = frame.filter(pl.col("reason") == F.POSITION_FLIP)
     assert sorted(flips.select("judge", "generator", "n_pairs").rows()) == [("j1", "g1", 1), ("j1", "g2", 1)]
     ties = frame.filter(pl.col("reason") == F.TIE)
     assert ties.select("judge", "generator", "n_pairs").rows() == [(None, "g2", 1)]
+    abstained = frame.filter(pl.col("reason") == F.JUDGE_ABSTAINED)
+    assert abstained.select("generator", "n_pairs", "n_pairs_any").sort("generator").rows() == [
+        ("g1", 0, 1),
+        ("g2", 0, 2),
+    ]
 
 
 # --- baselines ----------------------------------------------------------------------------
