@@ -185,6 +185,10 @@ REQUEST_METRICS = _schema(
     pa.field("tokens_out", pa.int32()),
     pa.field("latency_s", pa.float64()),
     pa.field("error", pa.string()),
+    # USD from the pool's price table and the request's billed usage; null without prices
+    pa.field("cost_usd", pa.float64()),
+    # how a verdict's probabilities were read (openai pools): top_logprobs | logit_bias | reask
+    pa.field("verdict_path", pa.string()),
 )
 
 QUARANTINE = _schema(

@@ -67,6 +67,9 @@ class ChoiceScore:
     latency_s: float = 0.0
     error: str | None = None
     replica: str | None = None
+    #: how the probabilities were read when the backend had to choose (the openai pool:
+    #: top_logprobs | logit_bias | reask); None for engines that see the full softmax
+    method: str | None = None
 
     def prob(self, option_index: int) -> float:
         return self.probs[option_index]
