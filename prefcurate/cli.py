@@ -213,6 +213,26 @@ def build(
 
 
 @app.command()
+def estimate(
+    config: Optional[Path] = CONFIG_OPTION,
+    set_: Optional[List[str]] = SET_OPTION,
+) -> None:
+    """Print the requests, tokens and cost (priced pools) a build would make, before it starts.
+
+    Reads the prompts as ingest would (nothing is written, no model is asked).
+    """
+    from prefcurate.config import ConfigError, load_config
+    from prefcurate.errors import InputError
+    from prefcurate.tasks.estimate import estimate_build, format_estimate
+
+    try:
+        pipeline = load_config(config, _overrides(set_))
+        typer.echo(format_estimate(estimate_build(pipeline), pipeline))
+    except (ConfigError, InputError, FileNotFoundError) as error:
+        fail(str(error))
+
+
+@app.command()
 def run(
     stage: str = typer.Argument(..., help=stages_help()),
     config: Optional[Path] = CONFIG_OPTION,

@@ -22,6 +22,7 @@ from prefcurate.inference.pool_kinds import PoolConfig, pool_kind_names
 from prefcurate.inference.pools import EmbeddedPoolConfig
 from prefcurate.stages import STAGE_NAMES, STAGES, load, stage_spec
 from prefcurate.tasks.annotate import AnnotateParams
+from prefcurate.tasks.estimate import BudgetConfig
 from prefcurate.tasks.export_config import ExportParams
 from prefcurate.tasks.filter import FilterParams
 from prefcurate.tasks.generate import GenerateParams
@@ -75,6 +76,7 @@ class PipelineConfig(Strict):
     executor: ExecutorConfig = Field(default_factory=ExecutorConfig)
     contracts: bool = Field(True, description="run the Great Expectations gates on every shard before it is written")
     export_dir: str | None = Field(None, description="where `export` writes; default DATASET/export")
+    budget: BudgetConfig = Field(default_factory=BudgetConfig, description="spend cap over priced pools (USD)")
 
     # one section per stage of the registry (checked below, at import)
     ingest: IngestParams = Field(default_factory=IngestParams)

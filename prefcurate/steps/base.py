@@ -133,6 +133,10 @@ class Step:
             if all((store.root / s.path).exists() for s in shards):
                 # the unit's own counts travel with it, so its accounting survives the crash
                 return UnitResult(unit.key, shards, {**recorded.get("counts", {}), "adopted": 1}, skipped=True)
+        if self.pools(ctx):  # a unit that asks a priced pool stops, pending, once budget.max_usd is spent
+            from prefcurate.tasks.estimate import check_budget
+
+            check_budget(ctx.config, store, self.name, unit.key)
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
         gate = ctx.config.get("contracts", True)

@@ -1,0 +1,195 @@
+"""What a build will ask its pools for, before it starts, and the budget that stops it.
+
+``prefcurate estimate -c CONFIG`` prints, per stage and pool, the requests, the input and
+output tokens and (for pools with a ``price``) the cost in USD that a build of the config
+would make. It reads the prompts exactly as ingest would (the same validation, limit and
+de-duplication, in memory: nothing is written) and derives the model requests from the stage
+sections, the way the stages plan them:
+
+- generate: one request per prompt and generator (its ``n`` samples in one request); output
+  tokens are an upper bound, every sample running to ``max_tokens``.
+- annotate: per judge, each scheduled pair in both orders per criterion (one verdict
+  request each; ``rationale_k`` adds that many rationale generations per order), and per
+  response and rubric aspect one rating request; the responses are assumed as long as
+  their ``max_tokens`` allows (cut at ``max_response_chars``).
+- score: QuRating's pairwise judgments, ``sample_size`` items x ``pairs_per_item`` / 2
+  comparisons per criterion, both orders (CritiQ, when enabled, is not estimated).
+
+Tokens are counted as characters / 4 (the pools' tokenizers live on the provider's side),
+so the figures are estimates; a verdict that needs ``logit_bias`` or a re-ask (see
+:mod:`prefcurate.inference.openai_pool`) costs up to three requests instead of one.
+
+``budget.max_usd`` caps what the dataset's requests may cost, all runs together (the sum of
+``request_metrics.cost_usd``). Every unit that uses a pool checks it before it starts: once
+the spend reaches the cap, the unit stops with :class:`BudgetExhausted`, its stage run is
+recorded as failed with that message, and every unit not done stays pending, so a later
+``prefcurate build`` (with a raised ``budget.max_usd``) resumes where this one stopped. A
+unit that has started finishes, so the spend can pass the cap by the units in flight (one
+per pool slot).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from prefcurate.errors import InputError
+
+CHARS_PER_TOKEN = 4.0
+#: the judge template's own text around the prompt and responses, in characters (about)
+TEMPLATE_CHARS = 600
+
+
+class BudgetConfig(BaseModel):
+    """``budget:`` in the pipeline config."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_usd: float | None = Field(
+        None, ge=0, description="stop before a unit starts once the dataset's requests cost this much (USD); "
+        "the stage resumes from its pending units on the next build"
+    )
+
+
+class BudgetExhausted(InputError):
+    """The spend reached ``budget.max_usd``; deterministic, so Prefect does not retry."""
+
+
+@dataclass
+class EstimateRow:
+    stage: str
+    pool: str
+    what: str
+    requests: int
+    tokens_in: int
+    tokens_out: int
+    cost_usd: float | None  # None: the pool has no price table
+
+
+def _tokens(chars: float) -> int:
+    return int(math.ceil(chars / CHARS_PER_TOKEN))
+
+
+def estimate_build(config) -> list[EstimateRow]:
+    """The rows :func:`format_estimate` prints, for a loaded PipelineConfig."""
+    from prefcurate.config import section
+    from prefcurate.inference.pools import parse_pool
+    from prefcurate.tasks.ingest import ingest_file
+
+    prompts = ingest_file(config.ingest).accepted
+    n_prompts = prompts.height
+    prompt_chars = prompts["prompt"].str.len_chars().cast(float).fill_null(0)
+    total_prompt_chars = float(prompt_chars.sum() or 0)
+    mean_prompt_chars = total_prompt_chars / n_prompts if n_prompts else 0.0
+    pools = {name: parse_pool(raw) for name, raw in config.pools.items()}
+    rows: list[EstimateRow] = []
+
+    def add(stage: str, pool: str, what: str, requests: float, chars_in: float, tokens_out: float) -> None:
+        requests, tokens_in, tokens_out = int(round(requests)), _tokens(chars_in), int(round(tokens_out))
+        priced = getattr(pools.get(pool), "price", None)
+        cost = priced.cost(tokens_in, tokens_out) if priced is not None else None
+        rows.append(EstimateRow(stage, pool, what, requests, tokens_in, tokens_out, cost))
+
+    stages = set(config.stages)
+    generate = section(config, "generate")
+    samples_per_prompt = sum(g.n for g in generate.generators)
+    response_chars = {g.name: g.sampling.max_tokens * CHARS_PER_TOKEN for g in generate.generators}
+    mean_response_chars = (
+        sum(response_chars[g.name] * g.n for g in generate.generators) / samples_per_prompt if samples_per_prompt else 0.0
+    )
+    if "generate" in stages:
+        for g in generate.generators:
+            system = len(g.system_prompt or "")
+            add("generate", g.pool, f"generator {g.name}: {g.n} samples/prompt", n_prompts,
+                total_prompt_chars + system * n_prompts, n_prompts * g.n * g.sampling.max_tokens)
+
+    if "annotate" in stages:
+        annotate = section(config, "annotate")
+        r = samples_per_prompt
+        all_pairs = r * (r - 1) // 2
+        pairs = all_pairs if annotate.pairing == "all" or (
+            annotate.pairing == "auto" and all_pairs <= annotate.max_pairs_per_prompt
+        ) else min(annotate.max_pairs_per_prompt, all_pairs)
+        shown_prompt = min(mean_prompt_chars, annotate.max_prompt_chars or math.inf)
+        shown_response = min(mean_response_chars, annotate.max_response_chars or math.inf)
+        criteria = len(annotate.criteria)
+        for judge in annotate.judges:
+            verdicts = n_prompts * pairs * criteria * 2
+            verdict_chars = TEMPLATE_CHARS + shown_prompt + 2 * shown_response
+            if annotate.rationale_k:
+                k = annotate.rationale_k
+                add("annotate", judge.pool, f"judge {judge.name}: rationales ({k}/order)", verdicts * k,
+                    verdicts * k * verdict_chars, verdicts * k * annotate.rationale_max_tokens)
+                rationale_chars = annotate.rationale_max_tokens * CHARS_PER_TOKEN
+                add("annotate", judge.pool, f"judge {judge.name}: verdicts after rationales", verdicts * k,
+                    verdicts * k * (verdict_chars + rationale_chars), verdicts * k)
+            else:
+                add("annotate", judge.pool, f"judge {judge.name}: verdicts ({pairs} pairs/prompt x {criteria} "
+                    "criteria x 2 orders)", verdicts, verdicts * verdict_chars, verdicts)
+            aspects = len(annotate.rubric_aspects)
+            if aspects:
+                ratings = n_prompts * r * aspects
+                add("annotate", judge.pool, f"judge {judge.name}: ratings ({aspects} aspects)", ratings,
+                    ratings * (TEMPLATE_CHARS + shown_prompt + shown_response), ratings)
+
+    if "score" in stages:
+        score = section(config, "score")
+        q = score.qurating
+        items = min(q.sample_size, n_prompts * samples_per_prompt)
+        comparisons = items * q.pairs_per_item / 2 * (len(q.criteria) + len(q.extra_criteria)) * 2
+        excerpt = min(q.excerpt_chars, score.max_text_chars, mean_prompt_chars + mean_response_chars)
+        add("score", score.pool, f"QuRating: {items} items x {q.pairs_per_item} comparisons", comparisons,
+            comparisons * (TEMPLATE_CHARS + 2 * excerpt), comparisons)
+    return rows
+
+
+def format_estimate(rows: list[EstimateRow], config=None) -> str:
+    lines = [f"{'stage':<9} {'pool':<12} {'requests':>9} {'tokens in':>11} {'tokens out':>11} {'cost USD':>10}  what"]
+    for row in rows:
+        cost = f"{row.cost_usd:10.4f}" if row.cost_usd is not None else f"{'-':>10}"
+        lines.append(f"{row.stage:<9} {row.pool:<12} {row.requests:>9,} {row.tokens_in:>11,} "
+                     f"{row.tokens_out:>11,} {cost}  {row.what}")
+    priced = [r.cost_usd for r in rows if r.cost_usd is not None]
+    lines.append(f"{'total':<22} {sum(r.requests for r in rows):>9,} {sum(r.tokens_in for r in rows):>11,} "
+                 f"{sum(r.tokens_out for r in rows):>11,} {sum(priced):10.4f}")
+    lines.append("tokens are characters / 4; output tokens are upper bounds (every sample to max_tokens); "
+                 "'-': a pool without a price table (local)")
+    budget = getattr(getattr(config, "budget", None), "max_usd", None)
+    if budget is not None:
+        verdict = "within" if sum(priced) <= budget else "OVER"
+        lines.append(f"budget.max_usd = {budget:g}: the estimate is {verdict} it")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- budget
+def spent_usd(store) -> float:
+    """What the dataset's recorded requests cost (``request_metrics.cost_usd``), in USD."""
+    try:
+        frame = store.query("SELECT * FROM request_metrics LIMIT 0")
+    except Exception:  # a dataset without request metrics yet
+        return 0.0
+    if "cost_usd" not in frame.columns:  # written before prices existed
+        return 0.0
+    total = store.query("SELECT coalesce(sum(cost_usd), 0) AS usd FROM request_metrics")["usd"][0]
+    return float(total or 0.0)
+
+
+def check_budget(config: dict[str, Any] | Any, store, stage: str, unit_key: str) -> None:
+    """Raise :class:`BudgetExhausted` when the dataset's spend reached ``budget.max_usd``."""
+    budget = config.get("budget") if isinstance(config, dict) else getattr(config, "budget", None)
+    if isinstance(budget, BaseModel):
+        budget = budget.model_dump()
+    max_usd = (budget or {}).get("max_usd")
+    if max_usd is None:
+        return
+    spent = spent_usd(store)
+    if spent >= max_usd:
+        raise BudgetExhausted(
+            f"budget.max_usd reached: this dataset's requests cost ${spent:.4f} of ${max_usd:g}; stage "
+            f"{stage!r} stopped before unit {unit_key[:12]} (units not done stay pending). Raise "
+            f"budget.max_usd (e.g. --set budget.max_usd={max(2 * max_usd, spent + 1):g}) and run the "
+            "build again to resume"
+        )
