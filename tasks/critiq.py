@@ -29,6 +29,10 @@ Method (CritiQ; public code KYLN24/CritiQ), as we implement it:
   final set is every criterion ever seen (best-scoring version per name) with accuracy
   >= 0.75. When none reaches it (likely with a small base model) we fall back to the
   best ``fallback_k`` and the report says so.
+- Prompts: the worker's and the manager's are versioned templates
+  (``prefcurate/templates/critiq_*_v1.txt``, or the user's files via ``*_template``); their
+  text enters the score stage's key (:func:`inputs_hash`). The worker's both orders go
+  through the both-orders primitive of ``tasks/judge_modes.py``.
 - Manager: CritiQ's manager is a chat model answering JSON. Ours uses completion-style
   prompts that end where the wanted line starts ("- name:", "Problem:", "{name}:"), so a
   base model continues them; outputs are sanitised (first line, stripped, length cap,
@@ -53,14 +57,10 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefcurate.inference.base import (
-    ChoiceRequest,
-    Engine,
-    GenerateRequest,
-    InferenceError,
-    SamplingParams,
-)
+from prefcurate.inference.base import Engine, GenerateRequest, InferenceError, SamplingParams
+from prefcurate.tasks.judge_modes import ask_both_orders
 from prefcurate.tasks.qurating import make_excerpts
+from prefcurate.templates import Template, load_template
 
 WORKER_OPTIONS = ("A", "B", "None")
 ANSWER_A, ANSWER_B, ANSWER_NONE, ANSWER_ERROR = 0, 1, 2, -1
@@ -68,6 +68,14 @@ ANSWER_A, ANSWER_B, ANSWER_NONE, ANSWER_ERROR = 0, 1, 2, -1
 DATA_DIR = Path(str(resources.files("prefcurate.data")))
 DEFAULT_HUMAN_PAIRS = DATA_DIR / "critiq_pairs.jsonl"
 DEFAULT_SEED_CRITERIA = DATA_DIR / "critiq_criteria.yaml"
+
+#: the prompts, as versioned templates (prefcurate/templates/): role -> (default, kind)
+TEMPLATE_ROLES: dict[str, tuple[str, str]] = {
+    "worker": ("critiq_worker_v1", "critiq_worker"),
+    "propose": ("critiq_propose_v1", "critiq_propose"),
+    "critique": ("critiq_critique_v1", "critiq_critique"),
+    "rewrite": ("critiq_rewrite_v1", "critiq_rewrite"),
+}
 
 
 class Criterion(BaseModel):
@@ -111,6 +119,10 @@ class CritiQParams(BaseModel):
     manager_max_tokens: int = Field(64, ge=8)
     manager_temperature: float = Field(0.7, ge=0.0)
     manager_chat: bool = Field(False, description="send manager prompts through the chat template")
+    worker_template: str = Field(TEMPLATE_ROLES["worker"][0], description="worker prompt (template name or .txt)")
+    propose_template: str = Field(TEMPLATE_ROLES["propose"][0], description="manager: propose criteria")
+    critique_template: str = Field(TEMPLATE_ROLES["critique"][0], description="manager: critique a wrong case")
+    rewrite_template: str = Field(TEMPLATE_ROLES["rewrite"][0], description="manager: rewrite a description")
     scorer: dict[str, Any] = Field(
         default_factory=dict,
         description="overrides of tasks/scorer.py ScorerParams for train_critiq_scorer "
@@ -122,17 +134,31 @@ class CritiQParams(BaseModel):
     def _ordered_thresholds(self) -> "CritiQParams":
         if not self.ban_threshold < self.keep_threshold:
             raise ValueError("ban_threshold must be below keep_threshold")
+        critiq_templates(self)  # a bad template fails when the config loads
         return self
+
+
+def critiq_templates(params: CritiQParams | None = None) -> dict[str, Template]:
+    """The worker and manager prompts of ``params`` (role -> template), read from their
+    files now."""
+    params = params or CritiQParams()
+    return {role: load_template(getattr(params, f"{role}_template"), kind)
+            for role, (_, kind) in TEMPLATE_ROLES.items()}
 
 
 # --------------------------------------------------------------------------- data files
 
 
-def inputs_hash(human_pairs: str | Path | None = None, seed_criteria: str | Path | None = None) -> str:
+def inputs_hash(
+    human_pairs: str | Path | None = None,
+    seed_criteria: str | Path | None = None,
+    params: CritiQParams | None = None,
+) -> str:
     """Hash of what CritiQ's mining reads besides its parameters: the manager and worker
-    prompts and the human pairs and seed criteria files (contents, so an in-place edit
-    counts). It enters the score stage's unit key. The short inline phrases ``_Miner`` adds
-    to the manager prompt are not in it: they are code, and a code change re-keys nothing."""
+    prompt templates of ``params`` and the human pairs and seed criteria files (contents,
+    so an in-place edit counts). It enters the score stage's unit key. The short inline
+    phrases ``_Miner`` adds to the manager prompt are not in it: they are code, and a code
+    change re-keys nothing."""
     from prefcurate.schemas.ids import content_id, file_sha256
 
     files = []
@@ -142,8 +168,9 @@ def inputs_hash(human_pairs: str | Path | None = None, seed_criteria: str | Path
         if not path.is_file():
             raise FileNotFoundError(f"score.critiq.{field_name}: {path} is not a file")
         files.append(file_sha256(path))
-    return content_id("critiq-inputs", _WORKER_TEMPLATE, _FORMAT_EXAMPLES, _PROPOSE_TEMPLATE,
-                      _CRITIQUE_TEMPLATE, _REWRITE_TEMPLATE, files)
+    texts = {role: template.text for role, template in critiq_templates(params).items()}
+    return content_id("critiq-inputs", texts["worker"], _FORMAT_EXAMPLES, texts["propose"],
+                      texts["critique"], texts["rewrite"], files)
 
 
 def load_human_pairs(path: str | Path | None = None) -> pl.DataFrame:
@@ -185,22 +212,11 @@ def as_pairs_frame(pairs: Any, require_answer: bool = False) -> pl.DataFrame:
 
 # --------------------------------------------------------------------------- worker
 
-_WORKER_TEMPLATE = """Compare two texts. Which is better in the aspect of {name}?
-{name}: {description}
-
-[Text A]
-{text_a}
-
-[Text B]
-{text_b}
-
-Answer A if Text A is better in this aspect, B if Text B is better, or None if the aspect does not apply, both are equally good, or you are unsure.
-Answer:"""
-
-
-def build_worker_prompt(criterion: Criterion, text_a: str, text_b: str) -> str:
+def build_worker_prompt(
+    criterion: Criterion, text_a: str, text_b: str, template: str = TEMPLATE_ROLES["worker"][0]
+) -> str:
     """CritiQ's worker question, completion-style: ends where "A", "B" or "None" is due."""
-    return _WORKER_TEMPLATE.format(
+    return load_template(template, "critiq_worker").render(
         name=criterion.name,
         description=criterion.description,
         text_a=text_a.strip(),
@@ -281,31 +297,31 @@ def _worker_probs(
     texts_a: Sequence[str],
     texts_b: Sequence[str],
     balance_positions: bool,
+    template: Template | None = None,
 ) -> np.ndarray:
-    """probs [pairs, criteria, 3] from one score_choices batch."""
+    """probs [pairs, criteria, 3] from one score_choices batch (the both-orders primitive,
+    ``tasks/judge_modes.py``: a batch in which every request failed raises)."""
     n_pairs, n_criteria = len(texts_a), len(criteria)
     if n_pairs == 0 or n_criteria == 0:
         return np.zeros((n_pairs, n_criteria, 3))
-    orders = [(texts_a, texts_b)] + ([(texts_b, texts_a)] if balance_positions else [])
-    requests = [
-        ChoiceRequest(build_worker_prompt(c, a, b), WORKER_OPTIONS)
-        for first, second in orders
-        for a, b in zip(first, second)
-        for c in criteria
-    ]
-    results = engine.score_choices(requests)
-    _raise_if_all_failed(results, "worker")
-    raw = np.array(
-        [
-            r.probs if r.error is None and len(r.probs) == 3 else (np.nan,) * 3
-            for r in results
-        ],
-        dtype=np.float64,
-    ).reshape(len(orders), n_pairs, n_criteria, 3)
+    template = template or critiq_templates()["worker"]
+    pairs = pl.DataFrame(
+        {"text_a": [t.strip() for t in texts_a], "text_b": [t.strip() for t in texts_b]},
+        schema={"text_a": pl.String, "text_b": pl.String},
+    ).join(
+        pl.DataFrame({"name": [c.name for c in criteria], "description": [c.description for c in criteria]},
+                     schema={"name": pl.String, "description": pl.String}),
+        how="cross",
+    )  # pair-major: row = pair * n_criteria + criterion
+    asked = ask_both_orders(
+        engine, template, pairs, "text_a", "text_b", WORKER_OPTIONS,
+        both_orders=balance_positions, batch_size=None, all_failed="raise",
+    )
+    forward = asked.ab.reshape(n_pairs, n_criteria, 3)
     if not balance_positions:
-        return raw[0]
-    swapped_back = raw[1][..., [1, 0, 2]]
-    return (raw[0] + swapped_back) / 2.0
+        return forward
+    swapped_back = asked.ba.reshape(n_pairs, n_criteria, 3)[..., [1, 0, 2]]
+    return (forward + swapped_back) / 2.0
 
 
 def _raise_if_all_failed(results: Sequence[Any], what: str) -> None:
@@ -328,7 +344,8 @@ def judge_with_criteria(
     frame = as_pairs_frame(pairs)
     texts_a = make_excerpts(frame["text_a"].to_list(), params.excerpt_chars, params.seed)
     texts_b = make_excerpts(frame["text_b"].to_list(), params.excerpt_chars, params.seed)
-    probs = _worker_probs(engine, criteria, texts_a, texts_b, params.balance_positions)
+    probs = _worker_probs(engine, criteria, texts_a, texts_b, params.balance_positions,
+                          critiq_templates(params)["worker"])
     answers = answers_from_probs(probs)
     verdict, votes_a, votes_b = majority_vote(answers)
     return CriteriaVerdicts([c.name for c in criteria], probs, answers, votes_a, votes_b, verdict)
@@ -336,45 +353,14 @@ def judge_with_criteria(
 
 # --------------------------------------------------------------------------- manager
 
+# The manager's prompts are the templates of TEMPLATE_ROLES (prefcurate/templates/
+# critiq_{propose,critique,rewrite}_v1.txt). The rewrite prompt carries one worked example:
+# without it the base model copies the old description verbatim.
+
 _FORMAT_EXAMPLES = (
     ("clarity", "the text states its ideas plainly and in a logical order."),
     ("accuracy", "the statements in the text are correct and precise."),
 )
-
-_PROPOSE_TEMPLATE = """Criteria for judging which of two texts has the higher quality. Each line gives a short criterion name, a colon, and a one-sentence description.
-{examples}{banned}
-{existing}
--"""
-
-_CRITIQUE_TEMPLATE = """A criterion for judging which of two texts is better:
-{name}: {description}
-
-[Text A]
-{text_a}
-
-[Text B]
-{text_b}
-
-People preferred Text {truth}, but a judge using this criterion chose Text {wrong}.
-In one sentence, what the description misses or gets wrong.
-Problem:"""
-
-# one worked example: without it the base model copies the old description verbatim
-_REWRITE_TEMPLATE = """Criteria for judging which of two texts is better, improved after checking them against human choices.
-
-Criterion: clarity
-Old description: The text is clear.
-Agreement with human choices: 60%
-Problems found:
-- It does not say what makes a text clear.
-New description: The text states its ideas plainly, in a logical order, and explains the terms it uses.
-
-Criterion: {name}
-Old description: {description}
-Agreement with human choices: {accuracy:.0%}
-Problems found:
-{critiques}
-New description:"""
 
 # text that echoes our prompts (never a usable description or critique)
 _PROMPT_ECHO = re.compile(
@@ -548,6 +534,8 @@ class _Miner:
         self.summaries: list[dict] = []
         self._answered: dict[str, int] = {}
         self._seed_counter = params.seed * 100_003
+        # read once per run: one run uses one version of each prompt
+        self.templates = critiq_templates(params)
 
     # -- judging, memoised per (name, description)
     def answers(self, criteria: Sequence[Criterion]) -> np.ndarray:
@@ -556,7 +544,8 @@ class _Miner:
         unique = list({(c.name, c.description): c for c in todo}.values())
         if unique:
             probs = _worker_probs(
-                self.engine, unique, self.texts_a, self.texts_b, self.params.balance_positions
+                self.engine, unique, self.texts_a, self.texts_b, self.params.balance_positions,
+                self.templates["worker"],
             )
             answers = answers_from_probs(probs)
             for k, c in enumerate(unique):
@@ -631,7 +620,7 @@ class _Miner:
         )
         listed = list(working) or [Criterion(name=n, description=d) for n, d in _FORMAT_EXAMPLES]
         existing = "\n".join(f"- {c.name}: {c.description}" for c in listed)
-        prompt = _PROPOSE_TEMPLATE.format(examples=examples, banned=banned, existing=existing)
+        prompt = self.templates["propose"].render(examples=examples, banned=banned, existing=existing)
         outputs = _generate(self.engine, [prompt] * (needed * p.proposal_samples), p, self.next_seed())
         taken = {c.name for c in working} | set(self.banned) | {n for n, _ in _FORMAT_EXAMPLES if not working}
         # a base model often copies a listed description under a new name: not a new criterion
@@ -688,7 +677,7 @@ class _Miner:
             wrong = np.flatnonzero(answers == ANSWER_B - truth_code)  # answered, and the other side
             for k in wrong[: p.max_reflection_cases].tolist():
                 critique_prompts.append(
-                    _CRITIQUE_TEMPLATE.format(
+                    self.templates["critique"].render(
                         name=criterion.name,
                         description=criterion.description,
                         text_a=_cut(self.texts_a[k], p.manager_excerpt_chars),
@@ -705,7 +694,7 @@ class _Miner:
             if clean is not None:
                 critiques[owner].append(clean)
         rewrite_prompts = [
-            _REWRITE_TEMPLATE.format(
+            self.templates["rewrite"].render(
                 name=criterion.name,
                 description=criterion.description,
                 accuracy=criterion.accuracy or 0.0,

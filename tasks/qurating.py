@@ -11,8 +11,10 @@ Method (Wettig et al., QuRating; public code princeton-nlp/QuRating), as we impl
    :func:`sample_comparisons`). QuRating compares all pairs inside small groups; we use
    random cycles instead because they keep the comparison graph connected, which
    Bradley-Terry needs for one common scale.
-3. Each pair is judged per criterion with QuRating's own prompt wording, in both orders, in
-   one ``score_choices`` batch. The judge's next-token probability of "B" replaces their 20
+3. Each pair is judged per criterion with QuRating's own prompt wording (the versioned
+   template ``prefcurate/templates/qurating_v1.txt``, or the user's ``template``), in both
+   orders, in one ``score_choices`` batch (the both-orders primitive of
+   ``tasks/judge_modes.py``). The judge's next-token probability of "B" replaces their 20
    sampled one-token votes (votes_B / valid): the same quantity in one decode step.
    ``p_j_beats_i = (p_ab + 1 - p_ba) / 2`` and is valid only when both orders are.
 4. Ratings: per criterion, Bradley-Terry with soft outcomes fitted only on confident
@@ -37,14 +39,18 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from prefcurate.inference.base import ChoiceRequest, Engine, InferenceError
+from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.bradley_terry import confident_mask, fit_bradley_terry
+from prefcurate.tasks.judge_modes import ask_both_orders
 from prefcurate.tasks.sampling import zscore
+from prefcurate.templates import Template, load_template
 
 ItemKind = Literal["prompt", "response", "pair"]
 
 JUDGE_OPTIONS = ("A", "B")
+#: the packaged template holding QuRating's pairwise prompt (prefcurate/templates/)
+DEFAULT_TEMPLATE = "qurating_v1"
 
 
 class QuRatingCriterion(BaseModel):
@@ -124,6 +130,10 @@ class QuRatingParams(BaseModel):
         description="overrides of tasks/scorer.py ScorerParams (kept a dict so that loading a "
         "config does not import torch); its confidence is this section's ``confidence``",
     )
+    template: str = Field(
+        DEFAULT_TEMPLATE, description="judge prompt: a packaged template name or a .txt file of kind "
+        "qurating ({description}, {text_a}, {text_b}); its text enters the score stage's key"
+    )
     seed: int = 0
 
     @model_validator(mode="after")
@@ -134,6 +144,7 @@ class QuRatingParams(BaseModel):
         duplicated = sorted({n for n in names if names.count(n) > 1})
         if duplicated:
             raise ValueError(f"criterion names must be unique: {duplicated}")
+        judge_template(self.template)  # a bad template fails when the config loads
         return self
 
     @property
@@ -143,35 +154,22 @@ class QuRatingParams(BaseModel):
 
 # --------------------------------------------------------------------------- prompts
 
-_JUDGE_TEMPLATE = """Compare two text excerpts and choose the text which {description}
 
-Aspects that should NOT influence your judgement:
-1. Which language the text is written in
-2. The length of the text
-3. The order in which the texts are presented
-
-Note that the texts are cut off, so you have to infer their contexts.
-The texts might have similar quality, but you should still make a relative judgement and choose the label of the preferred text.
-
-[Option A]
-... {text_a} ...
+def judge_template(name: str = DEFAULT_TEMPLATE) -> Template:
+    """The judge prompt (kind ``qurating``: ``{description}``, ``{text_a}``, ``{text_b}``),
+    read from its file now."""
+    return load_template(name, "qurating")
 
 
-[Option B]
-... {text_b} ...
-
-
-Now you have to choose between either A or B. Respond only with a single word.
-Answer:"""
-
-
-def prompt_hash() -> str:
+def prompt_hash(template: str = DEFAULT_TEMPLATE) -> str:
     """Hash of the judge prompt's text, which enters the score stage's unit key: an edited
-    prompt scores again (the text is read when called, not at import)."""
-    return content_id("qurating-prompt", _JUDGE_TEMPLATE)
+    prompt scores again (the file is read when called, not at import)."""
+    return content_id("qurating-prompt", judge_template(template).text)
 
 
-def build_judge_prompt(criterion: QuRatingCriterion, text_a: str, text_b: str) -> str:
+def build_judge_prompt(
+    criterion: QuRatingCriterion, text_a: str, text_b: str, template: str = DEFAULT_TEMPLATE
+) -> str:
     """QuRating's pairwise template for ``criterion``, completion-style.
 
     Their template ends "Respond only with a single word." and is sent as a chat turn; we
@@ -179,7 +177,7 @@ def build_judge_prompt(criterion: QuRatingCriterion, text_a: str, text_b: str) -
     ``score_choices`` reads as P("A"), P("B") (bare tokens; on the embedded model this
     ending was the least position-biased of those measured, see ``tasks/critiq.py``).
     """
-    return _JUDGE_TEMPLATE.format(
+    return judge_template(template).render(
         description=criterion.description, text_a=text_a.strip(), text_b=text_b.strip()
     )
 
@@ -260,42 +258,39 @@ def _judge_many(
     item_i: np.ndarray,
     item_j: np.ndarray,
     criteria: Sequence[QuRatingCriterion],
+    template: str = DEFAULT_TEMPLATE,
 ) -> pl.DataFrame:
-    """All criteria x pairs x both orders in one ``score_choices`` batch."""
+    """All criteria x pairs x both orders in one ``score_choices`` batch (the both-orders
+    primitive, ``tasks/judge_modes.py``: a batch in which every request failed raises)."""
     item_i = np.asarray(item_i, dtype=np.int64)
     item_j = np.asarray(item_j, dtype=np.int64)
     n_pairs = len(item_i)
-    requests: list[ChoiceRequest] = []
-    for criterion in criteria:
-        # forward: i shown as A, j as B; backward: j as A, i as B
-        requests.extend(
-            ChoiceRequest(build_judge_prompt(criterion, texts[i], texts[j]), JUDGE_OPTIONS)
-            for i, j in zip(item_i.tolist(), item_j.tolist())
-        )
-        requests.extend(
-            ChoiceRequest(build_judge_prompt(criterion, texts[j], texts[i]), JUDGE_OPTIONS)
-            for i, j in zip(item_i.tolist(), item_j.tolist())
-        )
-    results = engine.score_choices(requests) if requests else []
-    if results and all(r.error is not None for r in results):
-        # the engine is gone: an all-invalid frame would look like data that merely failed
-        raise InferenceError(f"every judge request of a batch of {len(results)} failed: {results[0].error}")
-    p_b = np.array(
-        [r.probs[1] if r.error is None and len(r.probs) == 2 else np.nan for r in results],
-        dtype=np.float64,
-    ).reshape(len(criteria), 2, n_pairs)
-    p_ab, p_ba = p_b[:, 0, :], p_b[:, 1, :]
+    shown = pl.Series([(t or "").strip() for t in texts], dtype=pl.String)
+    pairs = pl.DataFrame({"i": item_i, "j": item_j}, schema={"i": pl.Int64, "j": pl.Int64}).with_columns(
+        text_a=shown.gather(item_i) if n_pairs else pl.Series([], dtype=pl.String),
+        text_b=shown.gather(item_j) if n_pairs else pl.Series([], dtype=pl.String),
+    )
+    by_criterion = pl.DataFrame(
+        {"criterion": [c.name for c in criteria], "description": [c.description for c in criteria]},
+        schema={"criterion": pl.String, "description": pl.String},
+    ).join(pairs, how="cross")
+    # forward: i shown as A, j as B; backward: j as A, i as B. P("B") = j preferred (forward)
+    asked = ask_both_orders(
+        engine, judge_template(template), by_criterion, "text_a", "text_b", JUDGE_OPTIONS,
+        batch_size=None, all_failed="raise",
+    )
+    p_ab, p_ba = asked.ab[:, 1], asked.ba[:, 1]
     p_j = (p_ab + 1.0 - p_ba) / 2.0
     valid = np.isfinite(p_j)
     return pl.DataFrame(
         {
-            "criterion": np.repeat([c.name for c in criteria], n_pairs),
-            "i": np.tile(item_i, len(criteria)),
-            "j": np.tile(item_j, len(criteria)),
-            "p_ab": p_ab.ravel(),
-            "p_ba": p_ba.ravel(),
-            "p_j_beats_i": np.where(valid, p_j, np.nan).ravel(),
-            "valid": valid.ravel(),
+            "criterion": by_criterion["criterion"],
+            "i": by_criterion["i"],
+            "j": by_criterion["j"],
+            "p_ab": p_ab,
+            "p_ba": p_ba,
+            "p_j_beats_i": np.where(valid, p_j, np.nan),
+            "valid": valid,
         },
         schema={
             "criterion": pl.String,
@@ -315,6 +310,7 @@ def judge_criterion_pairs(
     item_i: Sequence[int] | np.ndarray,
     item_j: Sequence[int] | np.ndarray,
     criterion: QuRatingCriterion,
+    template: str = DEFAULT_TEMPLATE,
 ) -> pl.DataFrame:
     """Judge each pair (texts[i], texts[j]) on ``criterion`` in both orders.
 
@@ -323,7 +319,7 @@ def judge_criterion_pairs(
     ``p_j_beats_i = (p_ab + 1 - p_ba) / 2``; ``valid`` false (and p null) when either order
     failed. ``texts`` are shown as given: cut them with :func:`make_excerpts` first.
     """
-    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), [criterion])
+    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), [criterion], template)
 
 
 def judge_all_criteria(
@@ -332,10 +328,11 @@ def judge_all_criteria(
     item_i: Sequence[int] | np.ndarray,
     item_j: Sequence[int] | np.ndarray,
     criteria: Sequence[QuRatingCriterion],
+    template: str = DEFAULT_TEMPLATE,
 ) -> pl.DataFrame:
     """:func:`judge_criterion_pairs` for several criteria at once, in one batch (a larger
     batch keeps a server pool busy and lets prefix caching share the template)."""
-    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), list(criteria))
+    return _judge_many(engine, texts, np.asarray(item_i), np.asarray(item_j), list(criteria), template)
 
 
 # --------------------------------------------------------------------------- ratings
@@ -507,7 +504,7 @@ def score_items(
     sample = sample_items(len(texts), params.sample_size, params.seed)
     excerpts = make_excerpts([texts[k] for k in sample], params.excerpt_chars, params.seed)
     item_i, item_j = sample_comparisons(len(sample), params.pairs_per_item, params.seed)
-    judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria)
+    judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria, params.template)
     sample_ids = [item_ids[k] for k in sample]
     frames = [
         fit_ratings(judgments, sample_ids, params.item_kind, params.confidence, params.bt_l2)

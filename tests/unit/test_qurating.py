@@ -182,8 +182,9 @@ def test_a_failed_order_invalidates_the_pair():
     class OneFails(ScriptedEngine):
         def score_choices(self, requests):
             out = super().score_choices(requests)
-            out[1] = ChoiceScore((), error="boom")  # second pair, forward order
-            return out
+            # the second pair (b, c) in forward order, wherever it sits in the batch
+            return [ChoiceScore((), error="boom") if shown_texts(r.prompt) == ("b", "c") else s
+                    for r, s in zip(requests, out)]
 
     engine = OneFails(choice_fn=lambda prompt, options: (0.3, 0.7))
     frame = judge_criterion_pairs(engine, ["a", "b", "c"], [0, 1], [1, 2], EDU)
