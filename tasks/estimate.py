@@ -6,8 +6,9 @@ would make. It reads the prompts exactly as ingest would (the same validation, l
 de-duplication, in memory: nothing is written) and derives the model requests from the stage
 sections, the way the stages plan them:
 
-- generate: one request per prompt and generator (its ``n`` samples in one request); output
-  tokens are an upper bound, every sample running to ``max_tokens``.
+- generate: one request per prompt and generator (its ``n`` samples in one request), or per
+  sample when the generator is seeded; output tokens are an upper bound, every sample
+  running to ``max_tokens``.
 - annotate: per judge, each scheduled pair in both orders per criterion (one verdict
   request each; ``rationale_k`` adds that many rationale generations per order), and per
   response and rubric aspect one rating request; the responses are assumed as long as
@@ -102,9 +103,11 @@ def estimate_build(config) -> list[EstimateRow]:
     )
     if "generate" in stages:
         for g in generate.generators:
+            # seeded samples are one request each (a derived seed per sample), else one per prompt
+            per_prompt = g.n if g.sampling.seed is not None else 1
             system = len(g.system_prompt or "")
-            add("generate", g.pool, f"generator {g.name}: {g.n} samples/prompt", n_prompts,
-                total_prompt_chars + system * n_prompts, n_prompts * g.n * g.sampling.max_tokens)
+            add("generate", g.pool, f"generator {g.name}: {g.n} samples/prompt", n_prompts * per_prompt,
+                (total_prompt_chars + system * n_prompts) * per_prompt, n_prompts * g.n * g.sampling.max_tokens)
 
     if "annotate" in stages:
         annotate = section(config, "annotate")

@@ -47,8 +47,9 @@ def test_estimate_counts_the_requests_and_prices_them(stub):
     config = hosted_config(stub, **{"ingest.limit": 10, "stages": ["ingest", "generate", "annotate"]})
     rows = estimate_build(config)
     generate = [r for r in rows if r.stage == "generate"]
-    # quickstart's generators: gemma-warm (n=2) and gemma-cool (n=1), max_tokens 64, 10 prompts
-    assert [(r.requests, r.tokens_out) for r in generate] == [(10, 10 * 2 * 64), (10, 10 * 1 * 64)]
+    # quickstart's generators: gemma-warm (n=2) and gemma-cool (n=1), seeded (one request per
+    # sample), max_tokens 64, 10 prompts
+    assert [(r.requests, r.tokens_out) for r in generate] == [(20, 10 * 2 * 64), (10, 10 * 1 * 64)]
     verdicts = [r for r in rows if r.stage == "annotate"]
     assert verdicts[0].requests == 10 * 3 * 1 * 2  # 3 responses -> 3 pairs, 1 criterion, 2 orders
     for row in rows:
@@ -85,6 +86,9 @@ def test_a_build_stops_at_the_budget_and_resumes_when_it_is_raised(tmp_path, stu
     assert run_pending_units("generate", context_for(store.root, unlimited, "r1"), store) >= 1
     metrics = store.query("SELECT * FROM request_metrics")
     assert metrics.height == len(stub.requests) and metrics["ok"].all()
+    # the estimate for as many prompts counts exactly the generate requests made
+    estimate = estimate_build(hosted_config(stub, **{"ingest.limit": prompts.height}))
+    assert sum(r.requests for r in estimate if r.stage == "generate") == metrics.height
     spent = spent_usd(store)
     assert spent == pytest.approx(float(metrics["cost_usd"].sum())) and spent > 0
     # each answer bills 100 prompt tokens and 7 per sample
