@@ -371,6 +371,141 @@ def repair(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CO
                    "mid-way) and were left unregistered; the next run redoes those units")
 
 
+import_app = typer.Typer(help="Bring data made elsewhere into a dataset.", no_args_is_help=True)
+app.add_typer(import_app, name="import")
+
+
+def _pairs_option(values: Optional[List[str]], flag: str, separator: str = "=") -> dict:
+    result = {}
+    for item in values or []:
+        if separator not in item:
+            fail(f"{flag} expects NAME{separator}VALUE, got {item!r}")
+        key, value = item.split(separator, 1)
+        result[key.strip()] = value
+    return result
+
+
+def _scale_option(value: Optional[str], flag: str):
+    if value is None:
+        return None
+    try:
+        low, high = (float(part) for part in value.split(","))
+    except ValueError:
+        fail(f"{flag} expects LO,HI (e.g. 1,10), got {value!r}")
+    return [low, high]
+
+
+@import_app.command("judgments")
+def import_judgments(
+    path: Path = typer.Argument(..., help="JSONL, JSON (array), Parquet or CSV file of judgments"),
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+    mapping: Optional[Path] = typer.Option(None, "--mapping", "-m", help="YAML field mapping (see examples/import_pandalm.yaml)"),
+    map_: Optional[List[str]] = typer.Option(None, "--map", help="native=source field or template: --map prompt=instruction"),
+    const: Optional[List[str]] = typer.Option(None, "--const", help="native=fixed value: --const judge=gpt-4o"),
+    value: Optional[List[str]] = typer.Option(None, "--value", help="recode a value: --value verdict_12:1=A"),
+    join: Optional[List[str]] = typer.Option(None, "--join", help="FILE:KEY, a file joined on KEY (relative to PATH's folder)"),
+    score_scale: Optional[str] = typer.Option(None, help="scale of score_* fields: LO,HI"),
+    rating_scale: Optional[str] = typer.Option(None, help="scale of rating_* fields: LO,HI"),
+    format: Optional[str] = typer.Option(None, "--format", help="auto | jsonl | json | parquet | csv"),
+    no_wait: bool = NO_WAIT_OPTION,
+) -> None:
+    """Import judgments made elsewhere: prompts, response pairs, verdicts (and ratings).
+
+    Each record is one judge's verdict on one pair, per presentation order (side A/B/tie,
+    a probability or a pair of scores); the schema is in the README and in
+    prefcurate/tasks/import_judgments.py. Bad rows go to `quarantine`; importing the same
+    file again adds nothing. Then: prefcurate run filter | select | export.
+    """
+    from prefcurate.store import StoreError
+    from prefcurate.tasks.import_judgments import JudgmentImportError, load_mapping
+
+    values: dict = {}
+    for item in value or []:
+        key, _, recode = item.partition(":")
+        values.setdefault(key, {}).update(_pairs_option([recode], "--value"))
+    joins = []
+    for item in join or []:
+        file, _, key = item.rpartition(":")
+        if not file or not key:
+            fail(f"--join expects FILE:KEY, got {item!r}")
+        joins.append({"file": file, "key": key})
+    overrides = {"fields": _pairs_option(map_, "--map"), "constants": _pairs_option(const, "--const"),
+                 "values": values, "join": joins or None, "format": format,
+                 "score_scale": _scale_option(score_scale, "--score-scale"),
+                 "rating_scale": _scale_option(rating_scale, "--rating-scale")}
+    target = _dataset_for(config, dataset)
+    try:
+        parsed = load_mapping(mapping, overrides)
+        from prefcurate.steps.import_judgments import run_import
+
+        done = run_import(target, path, parsed, notify=lambda text: typer.echo(text, err=True))
+    except (JudgmentImportError, StoreError) as error:
+        fail(str(error))
+    if done.get("already_imported"):
+        typer.echo(f"{path} was already imported with this mapping: nothing added")
+        return
+    typer.echo("read {records} records: {judgment_rows} judgment rows = {judgments} imported + {quarantined} "
+               "quarantined + {duplicates} duplicates ({single_order} single-order)".format(**done))
+    typer.echo("new: {prompts} prompts, {responses} responses, {ratings} ratings".format(**done))
+    if done["quarantined"]:
+        typer.echo(f"see them: prefcurate sql -d {done['dataset']} \"SELECT source_record, field, reason, message "
+                   "FROM quarantine WHERE stage = 'import'\"")
+    typer.echo(f"next: prefcurate run filter -d {done['dataset']}, then select and export")
+
+
+review_app = typer.Typer(
+    help="Human review: export the most uncertain pairs for people to label, import their labels.",
+    no_args_is_help=True,
+)
+app.add_typer(review_app, name="review")
+
+
+@review_app.command("export")
+def review_export(
+    top: float = typer.Option(0.2, help="share of the unlabelled judged pairs to export, most uncertain first"),
+    output: Optional[Path] = typer.Option(
+        None, "--output", "-o", help=".jsonl or .csv (default DATASET/review/to_label.jsonl)"
+    ),
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+) -> None:
+    """Write the most uncertain pairs (BPDE, then the jury's entropy) for people to label."""
+    from prefcurate.tasks.review import export_for_review
+
+    store = _open_store(_dataset_for(config, dataset))
+    try:
+        path, n = export_for_review(store, top, output)
+    except ValueError as error:
+        fail(str(error))
+    typer.echo(f"wrote {n} pairs to {path}; fill in winner (A, B or tie) and optionally annotator, then: "
+               f"prefcurate review import {path} -d {store.root}")
+
+
+@review_app.command("import")
+def review_import(
+    path: Path = typer.Argument(..., help="a labelled review file (.jsonl, .csv or .parquet)"),
+    dataset: Optional[Path] = DATASET_OPTION,
+    config: Optional[Path] = CONFIG_OPTION,
+) -> None:
+    """Store people's labels (human_labels); they override the jury on the next filter run."""
+    from prefcurate.store import StoreError
+    from prefcurate.tasks.review import import_review_labels
+
+    store = _open_store(_dataset_for(config, dataset))
+    try:
+        with store.writer_lock("review import", notify=lambda text: typer.echo(text, err=True)):
+            done = import_review_labels(store, path)
+    except (ValueError, FileNotFoundError, StoreError) as error:
+        fail(str(error))
+    typer.echo(f"stored {done['labels']} labels ({done['unlabelled']} rows left blank, "
+               f"{done['quarantined']} quarantined)")
+    if done["quarantined"]:
+        typer.echo(f"see them: prefcurate sql -d {store.root} \"SELECT source_record, field, reason, message "
+                   "FROM quarantine WHERE stage = 'review'\"")
+    typer.echo(f"next: prefcurate run filter -d {store.root} (the labels override the jury and calibrate it)")
+
+
 @models_app.command("prepare")
 def models_prepare(force: bool = typer.Option(False, help="convert again even if prepared")) -> None:
     """Convert the packaged Gemma 3 270M GGUF into a float32 HF folder, once (offline)."""

@@ -11,6 +11,17 @@ carried along as metadata. Output folder layout::
       plots/score_distribution.png  histograms of the score columns present
       plots/cluster_coverage.png    pairs per cluster (and pool coverage when known)
 
+    data/train_conversational.jsonl TRL's conversational preference format (message lists)
+    llamafactory/ranking.json       LLaMA-Factory's ranking format (alpaca columns + system)
+    llamafactory/dataset_info.json  its dataset entry ``prefcurate_pairs`` (ranking: true)
+    dropped_pairs.jsonl             pairs the trainer-integrity check dropped, with reasons
+
+Trainer integrity (:func:`check_integrity`): with the target tokenizer and TRL's length
+budget, pairs whose prompt alone fills ``max_length``, or whose chosen or rejected become
+empty or identical after truncation, are dropped (or flagged); the card says how many, why.
+The card also reports the length-bias share, each judge's agreement with the exported
+verdicts and the share of pairs whose verdict came from a single presentation order.
+
 Both files load with ``datasets.load_dataset("json" | "parquet", data_files=...)`` and the
 folder itself with ``load_dataset(out_dir)`` (the card's ``configs`` entry points at the
 Parquet file). The JSONL uses the plain-string DPO format TRL's ``DPOTrainer`` reads.
@@ -22,6 +33,7 @@ the Agg canvas (no pyplot state, safe in worker threads).
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -45,8 +57,35 @@ def export_pairs(
     formats: Iterable[str] = ("jsonl", "parquet"),
     card_stats: Mapping[str, Any] | None = None,
     plots: bool = True,
+    **trainer: Any,
 ) -> dict[str, Path]:
     """Write the pairs and the card; returns ``{"jsonl", "parquet", "card", plot names...}`` -> path.
+
+    ``trainer``: the keyword arguments of :func:`export_curated` (formats, integrity, judgments).
+    """
+    return export_curated(frame, out_dir, formats=formats, card_stats=card_stats, plots=plots, **trainer)[0]
+
+
+def export_curated(
+    frame: pl.DataFrame,
+    out_dir: str | os.PathLike,
+    *,
+    formats: Iterable[str] = ("jsonl", "parquet"),
+    card_stats: Mapping[str, Any] | None = None,
+    plots: bool = True,
+    trainer_formats: Iterable[str] = (),
+    integrity: Any = None,
+    judgments: pl.DataFrame | None = None,
+    length_ratio: float = 1.5,
+    tokenizer: Any = None,
+) -> tuple[dict[str, Path], dict]:
+    """:func:`export_pairs` with the trainer's side: returns (written files, counts).
+
+    ``integrity`` (:class:`prefcurate.tasks.export_config.IntegrityParams`, None: off) checks
+    each pair against ``tokenizer`` (default: loaded from ``integrity.tokenizer``).
+    ``trainer_formats``: extra files (``trl_conversational``, ``llamafactory_ranking``).
+    ``judgments`` (the pairs' valid judgments) feed the card's per-judge agreement and
+    single-order share.
 
     ``card_stats`` feeds the card. Recognised keys: ``title``, ``description``, ``sources``
     (dict, list of records or list), ``filters`` (dict, e.g. reason -> dropped count or parameter -> value),
@@ -61,12 +100,44 @@ def export_pairs(
     missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
     if missing:
         raise ValueError(f"the frame lacks required columns {missing}")
+    unknown_trainer = set(trainer_formats) - set(TRAINER_FORMATS)
+    if unknown_trainer:
+        raise ValueError(f"trainer_formats must be among {TRAINER_FORMATS}, got {sorted(unknown_trainer)}")
     stats = dict(card_stats or {})
     out = Path(out_dir)
     (out / "data").mkdir(parents=True, exist_ok=True)
     frame = _ordered(frame)
-
+    counts: dict[str, Any] = {"pairs_in": frame.height}
     written: dict[str, Path] = {}
+    trainer_stats: dict[str, Any] = {}
+    if integrity is not None and integrity.action != "off":
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(integrity.tokenizer)
+        checked = check_integrity(frame, tokenizer, integrity.max_length, integrity.max_prompt_length)
+        failing = checked.filter(pl.col("integrity_issue").is_not_null())
+        per_reason = dict(_value_counts(failing, "integrity_issue")) if failing.height else {}
+        trainer_stats["integrity"] = {
+            "tokenizer": getattr(tokenizer, "name_or_path", str(integrity.tokenizer)),
+            "max_length": integrity.max_length, "max_prompt_length": integrity.max_prompt_length,
+            "action": integrity.action, "checked": checked.height, "failing": failing.height, "reasons": per_reason,
+        }
+        counts.update({f"integrity.{k}": v for k, v in per_reason.items()})
+        if integrity.action == "drop":
+            if failing.height:
+                keep = [c for c in ("pair_id", "prompt_id", "chosen_id", "rejected_id") if c in failing.columns]
+                dropped = failing.select(*keep, pl.col("integrity_issue").alias("reason"), "prompt_tokens",
+                                         "chosen_tokens", "rejected_tokens")
+                written["dropped"] = _atomic_write(out / DROPPED_FILE, lambda p: dropped.write_ndjson(p))
+            frame = checked.filter(pl.col("integrity_issue").is_null()).drop(INTEGRITY_COLUMNS)
+        else:
+            frame = checked
+    else:
+        trainer_stats["integrity"] = {"action": "off"}
+    counts["dropped"] = counts["pairs_in"] - frame.height
+    counts["exported"] = frame.height
+    trainer_stats["length_bias"] = length_bias(frame, length_ratio)
+    if judgments is not None:
+        trainer_stats.update(judge_agreement(frame, judgments))
+
     if "jsonl" in formats:
         written["jsonl"] = _atomic_write(
             out / "data" / f"{SPLIT}.jsonl", lambda p: _json_ready(frame).write_ndjson(p)
@@ -87,15 +158,202 @@ def export_pairs(
         if cluster_plot is not None:
             plot_paths["cluster_plot"] = cluster_plot
     written.update(plot_paths)
+    if "trl_conversational" in trainer_formats:
+        conversational = trl_conversational(frame)
+        written["trl_conversational"] = _atomic_write(
+            out / "data" / f"{SPLIT}_conversational.jsonl", lambda p: conversational.write_ndjson(p))
+    if "llamafactory_ranking" in trainer_formats:
+        (out / "llamafactory").mkdir(exist_ok=True)
+        ranking = llamafactory_ranking(frame)
+        written["llamafactory_ranking"] = _atomic_write(
+            out / "llamafactory" / LLAMAFACTORY_FILE, lambda p: ranking.write_json(p))
+        info = json.dumps(LLAMAFACTORY_DATASET_INFO, indent=2) + "\n"
+        written["llamafactory_info"] = _atomic_write(
+            out / "llamafactory" / "dataset_info.json", lambda p: Path(p).write_text(info, encoding="utf-8"))
     card = dataset_card(
         frame,
         stats,
         data_files={k: written[k] for k in ("parquet", "jsonl") if k in written},
         plots=plot_paths,
         root=out,
+        trainer={**trainer_stats, "files": {k: written[k] for k in ("trl_conversational", "llamafactory_ranking",
+                                                                     "llamafactory_info", "dropped") if k in written}},
     )
     written["card"] = _atomic_write(out / "README.md", lambda p: Path(p).write_text(card, encoding="utf-8"))
-    return written
+    return written, counts
+
+
+# --- trainer formats --------------------------------------------------------------------
+TRAINER_FORMATS = ("trl_conversational", "llamafactory_ranking")
+LLAMAFACTORY_FILE = "ranking.json"
+LLAMAFACTORY_DATASET = "prefcurate_pairs"
+#: LLaMA-Factory's data/dataset_info.json entry for the ranking file (alpaca columns)
+LLAMAFACTORY_DATASET_INFO = {
+    LLAMAFACTORY_DATASET: {
+        "file_name": LLAMAFACTORY_FILE,
+        "ranking": True,
+        "columns": {"prompt": "instruction", "query": "input", "chosen": "chosen", "rejected": "rejected",
+                    "system": "system"},
+    }
+}
+DROPPED_FILE = "dropped_pairs.jsonl"
+
+
+def _system(frame: pl.DataFrame) -> pl.Expr:
+    if "system_prompt" not in frame.columns:
+        return pl.lit(None, dtype=pl.String)
+    return pl.when(pl.col("system_prompt").str.strip_chars() != "").then(pl.col("system_prompt")).otherwise(None)
+
+
+def _message(role: str, content: pl.Expr) -> pl.Expr:
+    return pl.struct(pl.lit(role).alias("role"), content.cast(pl.String).alias("content"))
+
+
+def trl_conversational(frame: pl.DataFrame) -> pl.DataFrame:
+    """TRL's conversational preference rows: ``prompt`` = [system?, user] messages, ``chosen``
+    and ``rejected`` = [assistant] messages (the trainer applies the chat template)."""
+    system = _system(frame)
+    user = _message("user", pl.col("prompt"))
+    prompt = (pl.when(system.is_null()).then(pl.concat_list([user]))
+              .otherwise(pl.concat_list([_message("system", system), user])))
+    extra = [c for c in ("pair_id",) if c in frame.columns]
+    return frame.select(
+        prompt.alias("prompt"),
+        pl.concat_list([_message("assistant", pl.col("chosen"))]).alias("chosen"),
+        pl.concat_list([_message("assistant", pl.col("rejected"))]).alias("rejected"),
+        *extra,
+    )
+
+
+def llamafactory_ranking(frame: pl.DataFrame) -> pl.DataFrame:
+    """LLaMA-Factory's ranking (pairwise) rows in the alpaca layout, with the system prompt."""
+    return frame.select(
+        pl.col("prompt").alias("instruction"), pl.lit("").alias("input"),
+        pl.col("chosen").cast(pl.String), pl.col("rejected").cast(pl.String),
+        _system(frame).fill_null("").alias("system"),
+    )
+
+
+# --- trainer integrity ------------------------------------------------------------------
+#: the prompt alone reaches max_length: no token is left for chosen or rejected
+PROMPT_FILLS_BUDGET = "prompt_fills_budget"
+#: chosen or rejected has no token left after truncation (or was empty)
+EMPTY_AFTER_TRUNCATION = "empty_after_truncation"
+#: chosen and rejected are the same tokens after truncation: nothing to prefer
+IDENTICAL_AFTER_TRUNCATION = "identical_after_truncation"
+INTEGRITY_COLUMNS = ["prompt_tokens", "chosen_tokens", "rejected_tokens", "integrity_issue"]
+
+
+def load_tokenizer(name: str = "default"):
+    """The tokenizer of a local folder, or of the embedded model for ``default`` (never a hub)."""
+    from transformers import AutoTokenizer
+
+    from prefcurate.inference.models import resolve_model_path
+
+    try:
+        path = resolve_model_path(name)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f"{error} (the export's trainer-integrity check needs a tokenizer: set "
+                                "export.integrity.tokenizer to a local folder, or export.integrity.action: off)") from None
+    return AutoTokenizer.from_pretrained(path, local_files_only=True)
+
+
+def prompt_texts(frame: pl.DataFrame) -> pl.Series:
+    """The prompt as the standard format shows it: the system prompt, a blank line, the prompt."""
+    system = _system(frame)
+    return frame.select(
+        pl.when(system.is_null()).then(pl.col("prompt"))
+        .otherwise(pl.concat_str([system, pl.lit("\n\n"), pl.col("prompt")])).alias("text")
+    )["text"]
+
+
+def check_integrity(frame: pl.DataFrame, tokenizer, max_length: int,
+                    max_prompt_length: int | None = None) -> pl.DataFrame:
+    """``frame`` plus the tokens each part keeps after TRL-style truncation and the first
+    failing reason (``integrity_issue``, null when the pair is fine).
+
+    TRL adds a BOS to the prompt and an EOS to each completion when the tokenizer has
+    them; those count against the budget. The prompt keeps its last ``max_prompt_length``
+    tokens, the completions their first ``max_length - prompt tokens``.
+    """
+    def encode(texts: pl.Series) -> pl.Series:
+        ids = tokenizer(texts.fill_null("").to_list(), add_special_tokens=False)["input_ids"] if texts.len() else []
+        return pl.Series(ids, dtype=pl.List(pl.Int64))
+
+    bos = int(getattr(tokenizer, "bos_token_id", None) is not None)
+    eos = int(getattr(tokenizer, "eos_token_id", None) is not None)
+    ids = pl.DataFrame({"_p": encode(prompt_texts(frame)), "_c": encode(frame["chosen"]),
+                        "_r": encode(frame["rejected"])})
+    prompt_kept = pl.col("_p").list.len() + bos
+    if max_prompt_length is not None:
+        prompt_kept = pl.min_horizontal(prompt_kept, pl.lit(max_prompt_length))
+    ids = ids.with_columns(prompt_kept.alias("prompt_tokens"))
+    budget = pl.max_horizontal(pl.lit(max_length) - pl.col("prompt_tokens") - eos, pl.lit(0))
+    ids = ids.with_columns(pl.col("_c").list.head(budget).alias("_ck"), pl.col("_r").list.head(budget).alias("_rk"))
+    issue = (
+        pl.when(pl.col("prompt_tokens") + eos >= max_length).then(pl.lit(PROMPT_FILLS_BUDGET))
+        .when((pl.col("_ck").list.len() == 0) | (pl.col("_rk").list.len() == 0)).then(pl.lit(EMPTY_AFTER_TRUNCATION))
+        .when(pl.col("_ck") == pl.col("_rk")).then(pl.lit(IDENTICAL_AFTER_TRUNCATION))
+        .otherwise(None)
+    )
+    checked = ids.select(
+        "prompt_tokens",
+        pl.col("_ck").list.len().cast(pl.Int64).alias("chosen_tokens"),
+        pl.col("_rk").list.len().cast(pl.Int64).alias("rejected_tokens"),
+        issue.alias("integrity_issue"),
+    )
+    return pl.concat([frame.drop([c for c in INTEGRITY_COLUMNS if c in frame.columns]), checked], how="horizontal")
+
+
+# --- card statistics of the exported pairs ----------------------------------------------
+def length_bias(frame: pl.DataFrame, ratio: float = 1.5) -> dict:
+    """Share of pairs whose chosen is at least ``ratio`` times longer (characters) than the
+    rejected one, and the reverse: a trainer on a set with a large first share learns length."""
+    if frame.height == 0:
+        return {"ratio": ratio, "chosen_longer_share": None, "rejected_longer_share": None}
+    chosen = pl.col("chosen").str.len_chars().cast(pl.Float64)
+    rejected = pl.col("rejected").str.len_chars().cast(pl.Float64)
+    shares = frame.select((chosen >= ratio * rejected).mean().alias("c"), (rejected >= ratio * chosen).mean().alias("r"))
+    return {"ratio": ratio, "chosen_longer_share": shares["c"][0], "rejected_longer_share": shares["r"][0]}
+
+
+def judge_agreement(frame: pl.DataFrame, judgments: pl.DataFrame) -> dict:
+    """Per judge: how many exported pairs it judged and the share it judged for the exported
+    chosen (for, against, tie); and the share of pairs whose verdict came from a single
+    presentation order (no judge saw both orders). Judgments: valid rows with the pair key,
+    ``judge``, ``p_a``, ``p_first_ab``, ``p_first_ba``."""
+    needed = {"prompt_id", "chosen_id", "rejected_id"}
+    if frame.height == 0 or not needed <= set(frame.columns) or judgments.height == 0:
+        return {}
+    pairs = frame.select(
+        "prompt_id", "chosen_id",
+        pl.min_horizontal("chosen_id", "rejected_id").alias("response_a"),
+        pl.max_horizontal("chosen_id", "rejected_id").alias("response_b"),
+    ).unique(["prompt_id", "response_a", "response_b"])
+    rows = judgments.filter(pl.col("p_a").is_not_null() & pl.col("p_a").is_not_nan()).join(
+        pairs, on=["prompt_id", "response_a", "response_b"], how="inner")
+    if rows.height == 0:
+        return {"judged_pairs": 0}
+    key = ["prompt_id", "response_a", "response_b"]
+    per_judge = rows.group_by(key + ["judge"]).agg(
+        pl.col("p_a").mean(), pl.col("chosen_id").first(),
+        (pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null()).any().alias("both_orders"),
+    ).with_columns(
+        pl.when(pl.col("chosen_id") == pl.col("response_a")).then(pl.col("p_a")).otherwise(1.0 - pl.col("p_a"))
+        .alias("p_chosen"))
+    agreement = per_judge.group_by("judge").agg(
+        pl.len().alias("pairs"),
+        (pl.col("p_chosen") > 0.5).mean().alias("for_chosen"),
+        (pl.col("p_chosen") < 0.5).mean().alias("against"),
+        (pl.col("p_chosen") == 0.5).mean().alias("tie"),
+        pl.col("both_orders").mean().alias("both_orders_share"),
+    ).sort("judge")
+    per_pair = per_judge.group_by(key).agg(pl.col("both_orders").any())
+    return {
+        "judged_pairs": per_pair.height,
+        "single_order_share": float((~per_pair["both_orders"]).mean()),
+        "judges": {row["judge"]: {k: v for k, v in row.items() if k != "judge"} for row in agreement.to_dicts()},
+    }
 
 
 def _ordered(frame: pl.DataFrame) -> pl.DataFrame:
@@ -266,6 +524,7 @@ def dataset_card(
     data_files: Mapping[str, Path],
     plots: Mapping[str, Path],
     root: Path,
+    trainer: Mapping[str, Any] | None = None,
 ) -> str:
     """The README.md text: YAML header for `datasets`, counts, sources, filters, scores, loading."""
     rel = {k: Path(p).relative_to(root).as_posix() for k, p in data_files.items()}
@@ -333,6 +592,16 @@ def dataset_card(
     else:
         body += ["No filter summary was given.", ""]
 
+    # judges used, their labelled accuracy and the calibration gate (tasks/calibration.card_judges)
+    judges = stats.get("judges")
+    if judges:
+        body += ["## Judges and calibration", ""]
+        if stats.get("judge_warning"):
+            body += [f"> **Warning:** {stats['judge_warning']}", ""]
+        columns = list(dict.fromkeys(key for record in judges for key in record))
+        body += [f"Jury aggregation: `{stats.get('jury_method', 'mean')}`.", "",
+                 _table([tuple(r.get(c, "") for c in columns) for r in judges], tuple(columns)), ""]
+
     selection = stats.get("selection")
     if selection:
         body += ["## Selection", "", _table(_flatten(selection), ("statistic", "value")), ""]
@@ -378,6 +647,8 @@ def dataset_card(
         "`DPOTrainer`; the other columns are metadata.",
         "",
     ]
+    if trainer is not None:
+        body += _trainer_sections(trainer, rel, root)
     provenance = stats.get("provenance")
     if provenance:
         body += ["## Provenance", "", _table(_flatten(provenance), ("", "value")), ""]
@@ -386,3 +657,69 @@ def dataset_card(
     if other:
         body += ["## Other statistics", "", _table(_flatten(other), ("statistic", "value")), ""]
     return "\n".join(header + body).rstrip() + "\n"
+
+
+def _trainer_sections(trainer: Mapping[str, Any], rel: Mapping[str, str], root: Path) -> list[str]:
+    """The card's formats (how to load each), integrity and verdict-statistics sections."""
+    files = {k: Path(p).relative_to(root).as_posix() for k, p in (trainer.get("files") or {}).items()}
+    standard = rel.get("jsonl") or rel.get("parquet")
+    lines = ["## Formats", "", _table(
+        [("TRL preference, standard (strings)", standard or "-", "prompt (system prompt not included), chosen, rejected")]
+        + ([("TRL preference, conversational", files["trl_conversational"],
+             "prompt = [system?, user] messages; chosen/rejected = [assistant] message")]
+           if "trl_conversational" in files else [])
+        + ([("LLaMA-Factory ranking (alpaca)", files["llamafactory_ranking"],
+             f"instruction, input, chosen, rejected, system; entry `{LLAMAFACTORY_DATASET}` in dataset_info.json")]
+           if "llamafactory_ranking" in files else []),
+        ("format", "file", "columns")), ""]
+    integrity = trainer.get("integrity") or {}
+    max_length = integrity.get("max_length", 1024)
+    max_prompt = integrity.get("max_prompt_length", 512)
+    lines += ["```python", "from datasets import load_dataset", "from trl import DPOConfig, DPOTrainer", ""]
+    if standard:
+        kind = "json" if standard.endswith(".jsonl") else "parquet"
+        lines.append(f'standard = load_dataset("{kind}", data_files="{standard}", split="{SPLIT}")')
+    if "trl_conversational" in files:
+        lines.append(f'conversational = load_dataset("json", data_files="{files["trl_conversational"]}", split="{SPLIT}")')
+    lines += [f"args = DPOConfig(output_dir=\"dpo\", max_length={max_length}, max_prompt_length={max_prompt})",
+              "trainer = DPOTrainer(model=model, args=args, train_dataset=conversational, processing_class=tokenizer)"
+              if "trl_conversational" in files else
+              "trainer = DPOTrainer(model=model, args=args, train_dataset=standard, processing_class=tokenizer)",
+              "```", ""]
+    if "llamafactory_ranking" in files:
+        folder = Path(files["llamafactory_ranking"]).parent.as_posix()
+        lines += [f"LLaMA-Factory: set `dataset_dir: {folder}` (this folder's copy) and `dataset: {LLAMAFACTORY_DATASET}` "
+                  "with `stage: dpo` in the training YAML (the entry sets `ranking: true`).", ""]
+    lines += ["## Trainer integrity", ""]
+    if integrity.get("action", "off") == "off":
+        lines += ["Not checked (export.integrity.action: off).", ""]
+    else:
+        lines += [
+            f"Checked with the tokenizer `{integrity.get('tokenizer')}` at max_length {max_length} and "
+            f"max_prompt_length {max_prompt} (TRL's truncation: the prompt keeps its last tokens, the "
+            f"completions their first). {integrity.get('failing', 0)} of {integrity.get('checked', 0)} pairs "
+            f"failed and were {'dropped' if integrity.get('action') == 'drop' else 'flagged (column integrity_issue)'}.",
+            "",
+        ]
+        reasons = integrity.get("reasons") or {}
+        if reasons:
+            lines += [_table(sorted(reasons.items()), ("reason", "pairs")), ""]
+        if "dropped" in files:
+            lines += [f"The dropped pairs and their token counts: `{files['dropped']}`.", ""]
+    lines += ["## Verdicts", ""]
+    bias = trainer.get("length_bias") or {}
+    rows = []
+    if bias.get("chosen_longer_share") is not None:
+        rows += [(f"chosen at least {bias['ratio']:g}x longer than rejected (length bias)", bias["chosen_longer_share"]),
+                 (f"rejected at least {bias['ratio']:g}x longer than chosen", bias["rejected_longer_share"])]
+    if trainer.get("single_order_share") is not None:
+        rows.append(("verdict from a single presentation order (no judge saw both)", trainer["single_order_share"]))
+    if rows:
+        lines += [_table(rows, ("share of pairs", "value")), ""]
+    judges = trainer.get("judges") or {}
+    if judges:
+        lines += ["Per-judge agreement with the exported verdict (share of the pairs each judge judged):", "",
+                  _table([(j, v["pairs"], v["for_chosen"], v["against"], v["tie"], v["both_orders_share"])
+                          for j, v in judges.items()],
+                         ("judge", "pairs", "for chosen", "against", "tie", "both orders")), ""]
+    return lines

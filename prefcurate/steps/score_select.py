@@ -169,7 +169,8 @@ class ExportStep(Step):
         return list(units), []
 
     def compute(self, unit: Unit, ctx: StageContext):
-        from prefcurate.tasks.export import export_pairs
+        from prefcurate.tasks.export import export_curated
+        from prefcurate.tasks.calibration import card_judges
 
         store = ctx.store()
         config = ctx.pipeline_config()
@@ -197,5 +198,16 @@ class ExportStep(Step):
             "provenance": {"dataset": str(store.root), "select_run": curated["select_run_id"][0],
                            "filter_run": curated["filter_run_id"][0]},
         }
-        written = export_pairs(curated, out_dir, formats=params.formats, card_stats=stats, plots=params.plots)
-        return {}, {"exported": curated.height, "files": {k: str(v) for k, v in written.items()}}
+        # judges used, labelled accuracy and the calibration gate of the latest filter run
+        stats.update(card_judges(store.query(
+            "SELECT * FROM judge_accuracy WHERE run_id = "
+            "(SELECT run_id FROM judge_accuracy ORDER BY created_at DESC LIMIT 1)")))
+        # the card's per-judge agreement and single-order share read the pairs' judgments
+        judgments = store.query(
+            "SELECT prompt_id, response_a, response_b, judge, p_a, p_first_ab, p_first_ba FROM current_judgments "
+            "WHERE valid AND prompt_id IN (SELECT prompt_id FROM curated_pairs)")
+        written, counts = export_curated(
+            curated, out_dir, formats=params.formats, card_stats=stats, plots=params.plots,
+            trainer_formats=params.trainer_formats, integrity=params.integrity, judgments=judgments,
+            length_ratio=params.length_ratio)
+        return {}, {**counts, "files": {k: str(v) for k, v in written.items()}}
