@@ -318,6 +318,7 @@ class OpenAIPool:
         self._metrics: list[dict] = []
         self._metrics_lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._loop_lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._client: httpx.AsyncClient | None = None
         self._closed = False
@@ -361,12 +362,13 @@ class OpenAIPool:
     def _run(self, coro: Awaitable[T]) -> T:
         if self._closed:
             raise InferenceError(f"inference pool {self.name!r} is closed")
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name=f"prefcurate-openai-{self.name}", daemon=True
-            )
-            self._thread.start()
+        with self._loop_lock:  # two threads' first calls must not start two loops
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(
+                    target=self._loop.run_forever, name=f"prefcurate-openai-{self.name}", daemon=True
+                )
+                self._thread.start()
         return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
 
     def _start(self) -> None:
