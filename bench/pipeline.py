@@ -158,7 +158,7 @@ def main() -> None:
     for run in stages:
         counts = json.loads(run["counts"] or "{}")
         seconds = float(json.loads(run["timings"] or "{}").get("seconds", 0.0))
-        model = float(counts.get("model_seconds", 0.0))
+        model = float(json.loads(run["timings"] or "{}").get("model_seconds", 0.0))
         calls_s += model
         reported_load_s += float(counts.get("model_load_seconds", 0.0))
         shown = {k: v for k, v in counts.items()

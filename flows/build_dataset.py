@@ -1,7 +1,9 @@
 """The end-to-end build: every stage in order, over one dataset, on one Dask cluster.
 
-Each stage runs as its own subflow, so a failed build resumes from the stage (and the unit)
-where it stopped: finished units are registered and skipped on the next run.
+Each stage runs its own flow (``flows/<stage>.py``, the one ``prefcurate run <stage>`` and the
+stage's deployment run) as a subflow, so the UI shows build > stage > units, and a failed
+build resumes from the stage (and the unit) where it stopped: finished units are registered
+and skipped on the next run.
 """
 
 from __future__ import annotations
@@ -18,8 +20,7 @@ from prefcurate.flows.common import (
     resolve,
 )
 from prefcurate.report import build_report_markdown
-from prefcurate.flows.stage import run_stage_flow
-from prefcurate.steps import available_stages
+from prefcurate.stages import STAGE_NAMES, load, stage_spec
 
 
 @flow(name="build-dataset", log_prints=True)
@@ -28,7 +29,7 @@ def build_dataset(parameters: RunParameters = RunParameters(), stages: list[str]
     logger = get_run_logger()
     config, store = resolve(parameters)
     wanted = stages or config.stages
-    runnable = [s for s in wanted if s in available_stages()]
+    runnable = [s for s in wanted if s in STAGE_NAMES]
     missing = [s for s in wanted if s not in runnable]
     if missing:
         logger.warning("stages not available in this version, skipped: %s", missing)
@@ -48,9 +49,12 @@ def _build_locked(parameters: RunParameters, config, store, runnable: list[str])
     try:
         with dask_cluster(config) as address:
             for stage in runnable:
-                summaries.append(run_stage_flow(stage, parameters, address=address, parent_run=build_run))
+                stage_flow = load(stage_spec(stage).flow)
+                summaries.append(stage_flow(parameters, cluster=address, parent_run=build_run))
         seconds = time.perf_counter() - started
-        counts = {s["stage"]: {k: v for k, v in s.items() if k not in ("stage", "run_id")} for s in summaries}
+        # per stage its counts and timings; its reports are in stage_reports, under its run_id
+        counts = {s["stage"]: {k: v for k, v in s.items() if k not in ("stage", "run_id", "reports")}
+                  for s in summaries}
         store.finish_run(build_run, "completed", counts, {"seconds": seconds})
         publish_report("prefcurate build", build_report_markdown(store, summaries), key="build-report")
         export_dir = store.root / "export"

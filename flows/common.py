@@ -11,7 +11,6 @@ import contextlib
 import logging
 import os
 import time
-from pathlib import Path
 from typing import Any, Iterator
 
 from prefect import get_run_logger, task
@@ -21,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.config import PipelineConfig, load_config
 from prefcurate.steps import get_step
-from prefcurate.steps.base import StageContext, Step, Unit, UnitResult, context_for
+from prefcurate.steps.base import StageContext, StageStats, Step, Unit, UnitResult, context_for
 from prefcurate.store import Store
 
 
@@ -60,8 +59,18 @@ def _is_transient(task, task_run, state) -> bool:
     return not isinstance(error, (InputError, FileNotFoundError))
 
 
+#: characters of a unit's key in its task run's name: ``generate-3f9a0c1b2d4e``
+UNIT_NAME_KEY_CHARS = 12
+
+
+def unit_run_name(parameters: dict) -> str:
+    """A unit's task run is named ``<stage>-<unit key prefix>`` in the Prefect UI."""
+    return f"{parameters['stage']}-{parameters['unit'].key[:UNIT_NAME_KEY_CHARS]}"
+
+
 @task(
     name="run-unit",
+    task_run_name=unit_run_name,
     retries=2,
     retry_delay_seconds=[5, 30],
     retry_jitter_factor=0.5,
@@ -146,56 +155,76 @@ def _report_slot_wait(names: list[str], waited: float, logger) -> None:
 
 
 def run_stage(stage: str, config: PipelineConfig, store: Store, config_path: str | None = None,
-              parent_run: str | None = None) -> dict:
-    """Run one stage to completion; safe to re-run after a crash."""
+              parent_run: str | None = None, runner=None) -> dict:
+    """Run one stage to completion; safe to re-run after a crash.
+
+    ``runner``: an entered Prefect task runner the units go to (Dask, see
+    :func:`task_runner_for`); default: the current flow's own.
+    """
     with store.writer_lock(f"prefcurate run {stage}", notify=get_run_logger().warning):
-        return _run_stage_locked(stage, config, store, config_path, parent_run)
+        return _run_stage_locked(stage, config, store, config_path, parent_run, runner)
 
 
 def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_path: str | None,
-                      parent_run: str | None) -> dict:
+                      parent_run: str | None, runner=None) -> dict:
     logger = get_run_logger()
     step: Step = get_step(stage)
     run_id = store.start_run(stage, {"config_path": config_path, "parent_run": parent_run,
                                      "config": config.model_dump(mode="json")})
     ctx = context_for(store.root, config, run_id, config_path)
     started = time.perf_counter()
-    totals: dict[str, float] = {}
+    stats = StageStats()
     results: list[UnitResult] = []
     try:
         units = step.plan(ctx)
         todo, done = step.pending(ctx, units)
         logger.info("%s: %d units (%d already done)", stage, len(units), len(done))
         progress = create_progress_artifact(progress=0.0, description=f"{stage}: units done") if todo else None
-        futures = [run_unit_task.submit(stage, unit, ctx) for unit in todo]
+        with _placement(step, ctx, config):
+            futures = [runner.submit(run_unit_task, {"stage": stage, "unit": unit, "ctx": ctx}) if runner
+                       else run_unit_task.submit(stage, unit, ctx) for unit in todo]
         for finished, future in enumerate(as_completed(futures), start=1):
             result: UnitResult = future.result()
             # visible as soon as it is complete; its counts are recorded in the same transaction
             store.register(result.shards, unit=(stage, result.unit_key), counts=result.counts)
             _test_kill_point("after_register")
             results.append(result)
-            for key, value in result.counts.items():
-                if isinstance(value, (int, float)):
-                    totals[key] = totals.get(key, 0) + value
-                elif isinstance(value, dict):
-                    totals[key] = value  # a unit's report (whole-dataset steps have one unit)
-            totals["model_seconds"] = totals.get("model_seconds", 0.0) + result.model_seconds
+            stats.add_unit(result)
             if progress is not None:
                 update_progress_artifact(progress, progress=100.0 * finished / len(todo))
-        totals.update(step.finalize(ctx, results) or {})
-        totals["units"] = len(units)
-        totals["units_skipped"] = len(done)
-        seconds = time.perf_counter() - started
-        store.finish_run(run_id, "completed", totals, {"seconds": seconds})
-        logger.info("%s completed in %.1f s: %s", stage, seconds, _short(totals))
-        quarantined = {k: v for k, v in totals.items() if k.startswith("contract_quarantined")}
+        stats.add(step.finalize(ctx, results) or {}, "finalize")
+        stats.add({"units": len(units), "units_skipped": len(done)}, "run")
+        stats.timings["seconds"] = time.perf_counter() - started
+        store.record_reports(run_id, stage, stats.reports)
+        store.finish_run(run_id, "completed", stats.counts, stats.timings)
+        logger.info("%s completed in %.1f s: %s", stage, stats.timings["seconds"], _short(stats.counts))
+        quarantined = {k: v for k, v in stats.counts.items() if k.startswith("contract_quarantined")}
         if quarantined:
             logger.warning("%s: rows failed their data contract and were quarantined: %s", stage, quarantined)
-        return {"stage": stage, "run_id": run_id, "seconds": seconds, **totals}
+        return {"stage": stage, "run_id": run_id, **stats.summary()}
     except BaseException as error:
-        store.finish_run(run_id, "failed", totals, {"seconds": time.perf_counter() - started},
+        with contextlib.suppress(Exception):  # the stage's own error is the one to raise
+            store.record_reports(run_id, stage, stats.reports)
+        store.finish_run(run_id, "failed", stats.counts, {**stats.timings, "seconds": time.perf_counter() - started},
                          message=f"{type(error).__name__}: {error}")
         raise
+
+
+def _placement(step: Step, ctx: StageContext, config: PipelineConfig):
+    """Dask annotations for a stage's units: those that load an embedded model ask for
+    ``executor.model_resources`` (e.g. GPU=1), so on a mixed cluster they run only on the
+    workers that advertise it; units of HTTP pools and model-free stages run anywhere."""
+    def kind(pool) -> str:  # a pool is a plain mapping or a typed pool model
+        found = pool.get("kind") if isinstance(pool, dict) else getattr(pool, "kind", None)
+        return found or "embedded"
+
+    pools = config.pools or {}
+    embedded = [name for name in step.pools(ctx) if name in pools and kind(pools[name]) == "embedded"]
+    if not (config.executor.model_resources and embedded):
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources=dict(config.executor.model_resources))
 
 
 #: test-only: SIGKILL this process at a named point (``after_register``: a unit's shards and
@@ -217,20 +246,8 @@ def _short(counts: dict) -> str:
     )
 
 
-def stage_report_markdown(summaries: list[dict], store: Store) -> str:
-    lines = ["| stage | seconds | counts |", "|---|---:|---|"]
-    for summary in summaries:
-        counts = {k: v for k, v in summary.items() if k not in ("stage", "run_id", "seconds")}
-        lines.append(f"| {summary['stage']} | {summary['seconds']:.1f} | {_short(counts)} |")
-    return "\n".join(lines)
-
-
 def publish_report(title: str, markdown: str, key: str | None = None) -> None:
     create_markdown_artifact(markdown=f"# {title}\n\n{markdown}", key=key, description=title)
-
-
-def dataset_path(store: Store) -> Path:
-    return store.root
 
 
 #: Dask's nanny starts workers with these at 1 (against oversubscription by many worker

@@ -127,9 +127,9 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
             from prefcurate.flows.build_dataset import build_dataset
 
             return build_dataset(parameters)
-        from prefcurate.flows.stage import run_stage_flow
+        from prefcurate.stages import load, stage_spec
 
-        return run_stage_flow(stage, parameters)
+        return load(stage_spec(stage).flow)(parameters)  # the stage's own flow, as its deployment runs it
     except (StoreError, ConfigError) as error:
         fail(str(error))
     except Exception as error:  # surface the stage's own clear error without a traceback wall

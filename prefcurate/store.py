@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from prefcurate import __version__
-from prefcurate.schemas.tables import TABLES
+from prefcurate.schemas.tables import STAGE_REPORTS_DDL, TABLES
 
 FORMAT_VERSION = 1
 MARKER = "prefcurate.json"
@@ -182,7 +182,7 @@ def _catalog_fingerprint() -> str:
 
     from prefcurate.schemas.views import REPORT_VIEWS
 
-    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1"])
+    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1", STAGE_REPORTS_DDL])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -462,6 +462,7 @@ class Store:
                 counts JSON NOT NULL, registered_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (stage, unit_key));
             """
         )
+        con.execute(STAGE_REPORTS_DDL)
         for table, schema in TABLES.items():
             empty = pa.Table.from_pylist([], schema=schema)
             con.register("_arrow_empty", empty)
@@ -750,6 +751,22 @@ class Store:
                 "WHERE run_id = ?",
                 [status, json.dumps(counts or {}, default=str), json.dumps(timings or {}), message, now_utc(), run_id],
             )
+
+    def record_reports(self, run_id: str, stage: str, reports: dict[str, dict]) -> None:
+        """A stage run's reports (``{name: {source: report}}``, as ``StageStats.reports``)."""
+        rows = [[run_id, stage, name, source, json.dumps(report, default=str), now_utc()]
+                for name, by_source in reports.items() for source, report in by_source.items()]
+        if rows:
+            with self.connect() as con:
+                con.executemany("INSERT OR REPLACE INTO stage_reports VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def latest_reports(self, stage: str, name: str) -> list:
+        """The ``name`` reports of the latest completed run of ``stage`` (one per source)."""
+        frame = self.query(
+            "SELECT r.report FROM stage_reports r JOIN runs USING (run_id) WHERE runs.kind = ? AND "
+            "runs.status = 'completed' AND r.name = ? AND runs.started_at = (SELECT max(started_at) FROM runs "
+            "WHERE kind = ? AND status = 'completed') ORDER BY r.source", [stage, name, stage])
+        return [json.loads(text) for text in frame["report"]]
 
     def runs(self) -> pl.DataFrame:
         """All runs; a run left ``running`` by a process that is gone reads ``interrupted``."""

@@ -233,3 +233,12 @@ PRIMARY_KEYS: dict[str, str | None] = {
     "request_metrics": None,
     "quarantine": None,
 }
+
+#: catalog table (not a shard table): each stage run's reports (a filter report, a selection
+#: report, ...), one row per report name and the unit (or ``finalize``) that made it; runs
+#: keep only numbers in ``runs.counts``. Created on open, so an earlier dataset gains it.
+STAGE_REPORTS_DDL = """
+CREATE TABLE IF NOT EXISTS stage_reports (
+    run_id VARCHAR NOT NULL, stage VARCHAR NOT NULL, name VARCHAR NOT NULL, source VARCHAR NOT NULL,
+    report JSON, recorded_at TIMESTAMPTZ NOT NULL, PRIMARY KEY (run_id, name, source));
+"""

@@ -74,6 +74,45 @@ class UnitResult:
     skipped: bool = False
 
 
+@dataclass
+class StageStats:
+    """What one stage run did, merged from its units and its ``finalize``, nothing dropped.
+
+    - ``counts``: the numbers (rows, drops, tokens), summed over units;
+    - ``timings``: seconds (``model_seconds``: inside model calls, summed over units);
+    - ``reports``: every other value (a filter or selection report, a note), by name, then by
+      the unit (or ``finalize``) that made it: two units' reports of one name are both kept.
+
+    Counts and timings go to ``runs.counts`` / ``runs.timings``; reports to the
+    ``stage_reports`` table (:meth:`prefcurate.store.Store.record_reports`).
+    """
+
+    counts: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, values: dict, source: str) -> None:
+        """Merge one unit's (or ``finalize``'s) values; ``source`` names where they came from."""
+        for name, value in values.items():
+            if isinstance(value, bool):
+                value = int(value)
+            if isinstance(value, (int, float)):
+                self.counts[name] = self.counts.get(name, 0) + value
+            else:
+                self.reports.setdefault(name, {})[source] = value
+
+    def add_unit(self, result: "UnitResult") -> None:
+        self.add(result.counts, result.unit_key)
+        self.timings["model_seconds"] = self.timings.get("model_seconds", 0.0) + result.model_seconds
+
+    def summary(self) -> dict:
+        """The flat view a flow returns: counts and timings by name, plus ``reports`` (a
+        report made once is shown as itself, one made by several units per unit)."""
+        reports = {name: next(iter(by_source.values())) if len(by_source) == 1 else by_source
+                   for name, by_source in self.reports.items()}
+        return {**self.counts, **self.timings, "reports": reports}
+
+
 class Step:
     """Base class. Subclasses set ``name`` and implement ``plan`` and ``compute``."""
 
@@ -93,7 +132,8 @@ class Step:
         raise NotImplementedError
 
     def finalize(self, ctx: StageContext, results: list[UnitResult]) -> dict:
-        """Called by the coordinator after all units are registered; returns extra counts."""
+        """Called by the coordinator after all units are registered; returns extra counts
+        (numbers) or reports (anything else), merged into the run's :class:`StageStats`."""
         return {}
 
     def pools(self, ctx: StageContext) -> list[str]:

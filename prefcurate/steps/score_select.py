@@ -179,18 +179,13 @@ class ExportStep(Step):
         out_dir = Path(params.out_dir or config.export_dir or (store.root / "export"))
         if curated.height == 0:
             return {}, {"exported": 0, "note": 0}
-        select_run = store.query(
-            "SELECT counts FROM runs WHERE kind = 'select' AND status = 'completed' ORDER BY started_at DESC LIMIT 1"
-        )
-        filter_run = store.query(
-            "SELECT counts FROM runs WHERE kind = 'filter' AND status = 'completed' ORDER BY started_at DESC LIMIT 1"
-        )
+        filter_report = (store.latest_reports("filter", "report") or [{}])[0]
+        select_report = (store.latest_reports("select", "report") or [{}])[0]
         stats = {
             "title": f"{config.name}: curated preference pairs",
             "sources": store.query("SELECT source_file, count(*) AS prompts FROM prompts GROUP BY ALL").to_dicts(),
-            "filters": (json.loads(filter_run["counts"][0]).get("report", {}).get("drops_per_reason", {})
-                        if filter_run.height else {}),
-            "selection": json.loads(select_run["counts"][0]).get("report", {}) if select_run.height else {},
+            "filters": filter_report.get("drops_per_reason", {}),
+            "selection": select_report,
             "cluster_pool_counts": dict(store.query(
                 "SELECT cluster, count(*) AS n FROM selections WHERE run_id = "
                 "(SELECT run_id FROM selections ORDER BY created_at DESC LIMIT 1) GROUP BY ALL"

@@ -74,3 +74,87 @@ def test_the_ui_form_schema_shows_stage_parameters_and_pool_kinds():
     pool_union = properties["pools"]["additionalProperties"]
     kinds = {ref["$ref"].rsplit("/", 1)[-1] for ref in pool_union["oneOf"]}
     assert kinds == {kind.__name__ for kind in POOL_KINDS}
+
+
+# ---- stage stats, reports, flows ---------------------------------------------------------
+
+def test_stage_stats_merge_units_without_dropping_values():
+    from prefcurate.steps.base import StageStats, UnitResult
+
+    stats = StageStats()
+    stats.add_unit(UnitResult("unit-a", [], {"rows": 3, "ok": True, "report": {"drops": 1}, "note": "x"},
+                              model_seconds=1.5))
+    stats.add_unit(UnitResult("unit-b", [], {"rows": 4, "report": {"drops": 2}}, model_seconds=0.5))
+    stats.add({"calibrated": 2}, "finalize")
+    assert stats.counts == {"rows": 7, "ok": 1, "calibrated": 2}
+    assert stats.timings == {"model_seconds": 2.0}
+    # both units' reports of one name are kept, each under its unit
+    assert stats.reports == {"report": {"unit-a": {"drops": 1}, "unit-b": {"drops": 2}}, "note": {"unit-a": "x"}}
+    summary = stats.summary()
+    assert summary["rows"] == 7 and summary["model_seconds"] == 2.0
+    assert summary["reports"]["note"] == "x" and set(summary["reports"]["report"]) == {"unit-a", "unit-b"}
+
+
+def test_stage_reports_have_a_table_of_their_own(tmp_path):
+    import duckdb
+
+    from prefcurate.report import status_text
+    from prefcurate.store import Store
+
+    store = Store.init(tmp_path / "ds")
+    older = store.start_run("filter")
+    store.record_reports(older, "filter", {"report": {"unit-1": {"drops_per_reason": {"too_close": 1}}}})
+    store.finish_run(older, "completed", {"pairs": 1}, {"seconds": 1.0})
+    newer = store.start_run("filter")
+    store.record_reports(newer, "filter", {"report": {"unit-2": {"drops_per_reason": {"too_close": 5}}}})
+    store.finish_run(newer, "completed", {"pairs": 3}, {"seconds": 1.0})
+    assert store.latest_reports("filter", "report") == [{"drops_per_reason": {"too_close": 5}}]
+    assert store.latest_reports("select", "report") == []
+    # a dataset made before the table existed gains it on open, and `status` works
+    with duckdb.connect(str(store.catalog)) as con:
+        con.execute("DROP TABLE stage_reports")
+        con.execute("UPDATE _meta SET value = 'older' WHERE key = 'schema'")
+    from prefcurate import store as store_module
+
+    store_module._checked_catalogs.clear()
+    reopened = Store.open(tmp_path / "ds")
+    assert reopened.latest_reports("filter", "report") == []
+    assert "recent runs" in status_text(reopened)
+
+
+def test_unit_task_runs_are_named_by_stage_and_key():
+    from prefcurate.flows.common import UNIT_NAME_KEY_CHARS, run_unit_task, unit_run_name
+    from prefcurate.steps.base import Unit
+
+    unit = Unit("generate", "3f9a0c1b2d4e5f60718293a4b5c6d7e8", ("responses",))
+    assert run_unit_task.task_run_name is unit_run_name
+    assert unit_run_name({"stage": "generate", "unit": unit, "ctx": None}) == "generate-3f9a0c1b2d4e"
+    assert UNIT_NAME_KEY_CHARS == 12
+
+
+def test_each_stage_flow_shows_its_parameters_in_the_ui_form():
+    from prefect.utilities.callables import parameter_schema
+
+    for spec in STAGES:
+        schema = parameter_schema(load(spec.flow)).model_dump()
+        assert set(schema["properties"]) == {"parameters", "stage_params", "cluster", "parent_run"}, spec.name
+        params_model = load(spec.params)
+        assert params_model.__name__ in schema["definitions"], spec.name
+        shown = schema["definitions"][params_model.__name__]["properties"]
+        assert set(shown) == set(params_model.model_fields), spec.name
+
+
+def test_stage_params_given_in_the_form_override_the_config_section():
+    from prefcurate.flows.common import RunParameters
+    from prefcurate.flows.stage import with_stage_params
+    from prefcurate.tasks.ingest import IngestParams
+
+    parameters = RunParameters(config_path="examples/quickstart.yaml", dataset="unused",
+                               overrides={"ingest.limit": 50})
+    merged = with_stage_params(parameters, "ingest", IngestParams(limit=7))
+    assert merged.overrides == {"ingest.limit": 7}
+    assert with_stage_params(parameters, "ingest", None) is parameters
+    from prefcurate.config import load_config
+
+    config = load_config(merged.config_path, merged.overrides)
+    assert config.ingest.limit == 7 and config.ingest.path == load_config("examples/quickstart.yaml").ingest.path
