@@ -58,8 +58,9 @@ uses the same table before a build, and ``budget.max_usd`` stops one.
 
 Faults: timeouts, connection errors, truncated or non-JSON bodies and 5xx are retried up to
 ``retries`` times; other 4xx fail the one request (``http_400: ...``); 401/403 (a wrong or
-missing key) and 404 (wrong ``base_url``, ``route`` or ``model``) raise
-:class:`InferenceError` naming the pool, since every request would fail the same way.
+missing key) and 404 (wrong ``base_url``, ``route`` or ``model``) raise :class:`PoolRefused`
+naming the pool (an :class:`InferenceError` and an ``InputError``: the stage stops at once,
+without Prefect's retries, since every request would fail the same way).
 """
 
 from __future__ import annotations
@@ -72,11 +73,12 @@ import random
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Awaitable, Callable, Literal, Sequence, TypeVar
 
 import httpx
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefcurate.inference.base import (
     ChoiceRequest,
@@ -86,6 +88,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
+from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
 
@@ -157,6 +160,13 @@ class OpenAIPoolConfig(PoolConfigBase):
     #: rate caps hold per engine process, so more than 1 multiplies them
     parallel_units: int = Field(1, ge=1)
 
+    @field_validator("tokenizer")
+    @classmethod
+    def _tokenizer_is_a_local_folder(cls, value: str | None) -> str | None:
+        if value is not None and value != "default" and not Path(value).expanduser().is_dir():
+            raise ValueError(f"tokenizer folder {value} does not exist (a local folder with the provider's vocabulary)")
+        return value
+
     def provenance_name(self) -> str:
         return self.served_model_name or self.model
 
@@ -173,6 +183,12 @@ class OpenAIPoolConfig(PoolConfigBase):
 
     def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
         return self.price.cost(tokens_in, tokens_out) if self.price is not None else None
+
+
+class PoolRefused(InferenceError, InputError):
+    """The endpoint refuses the pool's setup (no key, a wrong key, a wrong URL or model):
+    every request would fail the same way, so the stage stops at once and Prefect does not
+    retry it; the message names the pool."""
 
 
 class RequestFailed(Exception):
@@ -302,7 +318,7 @@ class OpenAIPool:
         if config.api_key_env:
             key = os.environ.get(config.api_key_env, "")
             if not key.strip():
-                raise InferenceError(
+                raise PoolRefused(
                     f"inference pool {name!r}: the environment variable {config.api_key_env} "
                     f"(api_key_env) is not set; export the API key for {self.base_url} there"
                 )
@@ -483,9 +499,9 @@ class OpenAIPool:
             raise _Retry(reason, throttled=True, wait_s=retry_after_seconds(response.headers))
         if status in (401, 403):
             whose = f"the key from ${self.config.api_key_env}" if self.config.api_key_env else "a request without a key (set api_key_env)"
-            raise InferenceError(f"inference pool {self.name!r}: {url} refused {whose}: {reason}")
+            raise PoolRefused(f"inference pool {self.name!r}: {url} refused {whose}: {reason}")
         if status == 404:
-            raise InferenceError(
+            raise PoolRefused(
                 f"inference pool {self.name!r}: {url} answered {reason}; check the pool's base_url, "
                 f"route ({self.config.route}) and model ({self.config.model!r})"
             )

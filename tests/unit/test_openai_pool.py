@@ -15,7 +15,8 @@ import time
 
 import pytest
 
-from prefcurate.inference.base import ChoiceRequest, GenerateRequest, InferenceError, SamplingParams
+from prefcurate.errors import InputError
+from prefcurate.inference.base import ChoiceRequest, Engine, GenerateRequest, InferenceError, SamplingParams
 from prefcurate.inference.openai_pool import (
     AdaptiveConcurrency,
     OpenAIPool,
@@ -56,7 +57,7 @@ def test_chat_route_generates_with_the_key_in_the_header_and_costs_from_usage(st
         [generation] = pool.generate([GenerateRequest("hi", "be brief", SamplingParams(n=2, max_tokens=9, seed=3))])
         rows = pool.drain_metrics()
         text_of_everything = repr(pool) + json.dumps(rows) + repr(generation) + pool.config.model_dump_json()
-    assert generation.error is None
+    assert isinstance(pool, Engine) and generation.error is None
     assert [c.text for c in generation.completions] == ["answer 0", "answer 1"]
     assert [c.tokens_out for c in generation.completions] == [7, 7]
     request = stub.requests[0]
@@ -90,6 +91,7 @@ def test_a_wrong_key_is_an_error_naming_the_pool_and_the_variable_not_the_key(st
     message = str(raised.value)
     assert "'hosted'" in message and KEY_ENV in message and "http_401" in message
     assert "sk-wrong-key-123" not in message and KEY not in message
+    assert isinstance(raised.value, InputError)  # deterministic: Prefect does not retry it
 
 
 def test_a_missing_key_variable_fails_at_open(monkeypatch):
@@ -102,6 +104,8 @@ def test_a_missing_key_variable_fails_at_open(monkeypatch):
 def test_the_config_rejects_unknown_keys_and_too_many_top_logprobs():
     from pydantic import ValidationError
 
+    with pytest.raises(ValidationError, match="tokenizer folder /no/such/folder does not exist"):
+        parse_pool({"kind": "openai", "base_url": "http://x/v1", "model": "m", "tokenizer": "/no/such/folder"})
     with pytest.raises(ValidationError):
         parse_pool({"kind": "openai", "base_url": "http://x/v1", "model": "m", "api_key": "sk-inline"})
     with pytest.raises(ValidationError):
