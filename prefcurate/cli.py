@@ -430,7 +430,8 @@ def import_judgments(
         if not file or not key:
             fail(f"--join expects FILE:KEY, got {item!r}")
         joins.append({"file": file, "key": key})
-    overrides = {"fields": _pairs_option(map_, "--map"), "constants": _pairs_option(const, "--const"),
+    fields = {k: v.replace("\\n", "\n") for k, v in _pairs_option(map_, "--map").items()}  # templates: "\n"
+    overrides = {"fields": fields, "constants": _pairs_option(const, "--const"),
                  "values": values, "join": joins or None, "format": format,
                  "score_scale": _scale_option(score_scale, "--score-scale"),
                  "rating_scale": _scale_option(rating_scale, "--rating-scale")}

@@ -218,3 +218,26 @@ def test_pandalm_imports_with_the_shipped_mapping(tmp_path):
             assert texts[better] == item[f"response{item['annotator1']}"]
     assert result.prompts.height == len({" ".join((i["instruction"] + "\n" + i["input"]).split()) for i in items})
     assert result.counts["single_order"] == result.counts["judgments"]  # PandaLM shows one order
+
+
+def test_the_command_line_maps_joins_and_recodes_without_code(tmp_path):
+    from typer.testing import CliRunner
+
+    from prefcurate.cli import app
+
+    items = [{"key": i, "question": f"Q{i}", "context": f"c{i}", "left": f"L{i}", "right": f"R{i}"} for i in range(3)]
+    _write_jsonl(tmp_path / "items.jsonl", items)
+    _write_jsonl(tmp_path / "votes.jsonl", [{"key": i, "vote": ["1", "2", "x"][i]} for i in range(3)])
+    arguments = ["import", "judgments", str(tmp_path / "items.jsonl"), "-d", str(tmp_path / "ds"),
+                 "--map", r"prompt={question}\n{context}", "--map", "response_1=left", "--map", "response_2=right",
+                 "--map", "verdict_12=vote", "--map", "id=key", "--const", "judge=voter", "--join", "votes.jsonl:key",
+                 "--value", "verdict_12:1=A", "--value", "verdict_12:2=B"]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 0, result.output
+    assert "3 judgment rows = 2 imported + 1 quarantined" in result.output
+    store = Store.open(tmp_path / "ds")
+    assert sorted(store.query("SELECT prompt FROM prompts")["prompt"]) == ["Q0\nc0", "Q1\nc1"]
+    again = CliRunner().invoke(app, arguments)
+    assert again.exit_code == 0 and "already imported" in again.output
+    missing = CliRunner().invoke(app, arguments[:3] + ["-d", str(tmp_path / "ds2"), "--map", "prompt=nope"])
+    assert missing.exit_code == 2 and "no record has the field 'nope'" in missing.output
