@@ -216,6 +216,26 @@ def test_pandalm_imports_with_the_shipped_mapping(tmp_path):
         if item["annotator1"] in (1, 2):
             better = judgment["response_a"] if judgment["p_a"] > 0.5 else judgment["response_b"]
             assert texts[better] == item[f"response{item['annotator1']}"]
+    # each judge's agreement with the annotators' majority: PandaLM reports about 71 % for
+    # gpt-3.5-turbo and 67 % for PandaLM-7B; a verdict landing on the wrong response would
+    # turn those into about 30 %
+    majority = {}
+    for number, item in enumerate(items, start=1):
+        labels = [item[f"annotator{k}"] for k in (1, 2, 3)]
+        top = max(set(labels), key=labels.count)
+        if labels.count(top) >= 2:
+            majority[number] = top
+    frame = result.judgments.with_columns(pl.col("response_a").replace_strict(texts).alias("text_a"))
+    for judge, low, high in (("gpt-3.5-turbo", 0.68, 0.74), ("pandalm-7b", 0.63, 0.70), ("annotator1", 0.9, 1.0)):
+        hits = total = 0
+        for record, p_a, text_a in frame.filter(pl.col("judge") == judge).select(
+                "source_record", "p_a", "text_a").iter_rows():
+            if record not in majority:
+                continue
+            verdict = 0 if p_a == 0.5 else (1 if (p_a > 0.5) == (text_a == items[record - 1]["response1"]) else 2)
+            hits += verdict == majority[record]
+            total += 1
+        assert low <= hits / total <= high, (judge, hits / total)
     assert result.prompts.height == len({" ".join((i["instruction"] + "\n" + i["input"]).split()) for i in items})
     assert result.counts["single_order"] == result.counts["judgments"]  # PandaLM shows one order
 
