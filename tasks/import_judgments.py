@@ -397,6 +397,11 @@ def import_frame(records: pl.DataFrame, mapping: ImportMapping, source: str, sou
         if scale is None and long.height and long.select(pl.any_horizontal([_given(c) for c in columns]).any()).item():
             raise JudgmentImportError(f"{name}s are given ({', '.join(columns)}) but no {name} scale is declared: "
                                f"pass --{name}-scale LO,HI (or {name}_scale: [LO, HI] in the mapping)")
+    for name in ("prompt", "response_1", "response_2", "judge"):
+        if long.height and long[name].null_count() == long.height:  # a mapping error, not bad rows
+            hint = "--const judge=NAME" if name == "judge" else f"--map {name}=SOURCE_FIELD"
+            raise JudgmentImportError(f"no record has {name!r} (source field {mapping.fields.get(name, name)!r}); "
+                                      f"map it: {hint}, or in the mapping file")
     long = long.with_columns(
         _normalise(long["prompt"].fill_null("")).alias("_prompt"),
         _normalise(long["system_prompt"].fill_null("")).alias("_system"),
