@@ -50,6 +50,11 @@ def status_text(store: Store) -> str:
          "SELECT DISTINCT ON (judge) judge, judge_model, gold_pairs, round(accuracy, 3) AS accuracy, "
          "round(position_flip_rate, 3) AS flip_rate, round(first_position_pref, 3) AS first_pos_pref "
          "FROM judge_calibration ORDER BY judge, created_at DESC"),
+        ("judge accuracy and calibration gate (latest filter run)",
+         "SELECT judge, jury_method, labelled, round(accuracy, 3) AS accuracy, round(accuracy_low, 3) AS acc_low, "
+         "round(accuracy_high, 3) AS acc_high, round(flip_rate, 3) AS flip_rate, round(em_accuracy, 3) AS em_accuracy, "
+         "round(weight, 3) AS weight, gate, gate_reason FROM judge_accuracy "
+         "WHERE run_id = (SELECT run_id FROM judge_accuracy ORDER BY created_at DESC LIMIT 1) ORDER BY judge"),
         ("judge position bias (dataset judgments)", "SELECT * FROM judge_position_bias"),
         ("filter report (latest filter run)", "SELECT * FROM filter_report LIMIT 20"),
     ):
@@ -98,11 +103,16 @@ def build_report_markdown(store: Store, summaries: list[dict]) -> str:
         ("Judge calibration on gold pairs",
          "SELECT DISTINCT ON (judge) judge, gold_pairs, accuracy, position_flip_rate, first_position_pref "
          "FROM judge_calibration ORDER BY judge, created_at DESC"),
+        ("Judge accuracy: labelled (Wilson interval), EM estimate, weight and gate (latest filter run)",
+         "SELECT judge, jury_method, labelled, round(accuracy, 3) AS accuracy, round(accuracy_low, 3) AS acc_low, "
+         "round(accuracy_high, 3) AS acc_high, round(flip_rate, 3) AS flip_rate, round(em_accuracy, 3) AS em_accuracy, "
+         "round(weight, 3) AS weight, gate, gate_reason FROM judge_accuracy "
+         "WHERE run_id = (SELECT run_id FROM judge_accuracy ORDER BY created_at DESC LIMIT 1) ORDER BY judge"),
         ("Judge position bias on this dataset", "SELECT * FROM judge_position_bias"),
         ("Jury agreement", "SELECT criterion, count(*) AS pairs, avg(agreement) AS mean_agreement, "
                             "avg(abs(p_a - 0.5) * 2) AS mean_confidence FROM jury GROUP BY ALL"),
-        ("Filter drops by reason (latest filter run)",
-         "SELECT reason, count(*) AS drops FROM current_filter_drops GROUP BY ALL ORDER BY drops DESC"),
+        ("Filter drops by primary reason (latest filter run; each dropped pair once)",
+         "SELECT primary_reason AS reason, count(*) AS pairs FROM filter_pair_reasons GROUP BY ALL ORDER BY pairs DESC"),
         ("Quarantine", "SELECT * FROM quarantine_summary"),
     ]
     for title, sql in sections:

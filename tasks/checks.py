@@ -111,7 +111,9 @@ def model_family(model: pl.Expr, families: dict[str, str] | None = None) -> pl.E
 
 
 # --- per-judge position flags -----------------------------------------------------------
-def judge_positions(verdicts: pl.DataFrame, flip_tolerance: float = 0.0) -> pl.DataFrame:
+def judge_positions(
+    verdicts: pl.DataFrame, flip_tolerance: float = 0.0, flips_abstain: bool = True
+) -> pl.DataFrame:
     """``verdicts`` (one row per pair and judge, with p_a, p_first_ab, p_first_ba) plus
 
     - ``both_orders``: the judge answered both presentation orders (else the position checks
@@ -119,7 +121,9 @@ def judge_positions(verdicts: pl.DataFrame, flip_tolerance: float = 0.0) -> pl.D
     - ``flipped``: both orders picked the same *slot*, each further than ``flip_tolerance``
       from 0.5 (only with both orders);
     - ``tied``: the balanced p_a is 0.5;
-    - ``abstained``: flipped or tied, i.e. the judge took no side."""
+    - ``abstained``: the judge took no side: tied, or flipped when ``flips_abstain`` (the
+      filter passes ``position_flip.enabled``: with the position check off, a flipped
+      verdict is taken at its balanced value)."""
     lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
     lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
     both = pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null()
@@ -128,7 +132,7 @@ def judge_positions(verdicts: pl.DataFrame, flip_tolerance: float = 0.0) -> pl.D
         both_orders=both,
         flipped=flipped.fill_null(False),
         tied=(_DISTANCE <= _TIE_EPS).fill_null(False),
-    ).with_columns(abstained=pl.col("flipped") | pl.col("tied"))
+    ).with_columns(abstained=(pl.col("flipped") & flips_abstain) | pl.col("tied"))
 
 
 # --- the checks -------------------------------------------------------------------------
@@ -221,7 +225,8 @@ class PositionFlipCheck(Check):
 
 class AbstentionCheck(Check):
     """A judge *abstains* on a pair when its balanced verdict is a tie or it flipped (see
-    :func:`judge_positions`; the flip uses ``position_flip.tolerance``). The pair fails
+    :func:`judge_positions`; the flip uses ``position_flip.tolerance``, and counts only while
+    the position-flip check is enabled). The pair fails
     ``judge_abstained`` when the share of its judges that abstained exceeds
     ``max_abstain_share`` (one row per abstaining judge). Default 0.5: one consistent judge
     next to one that flipped passes (1 of 2 abstained), a lone judge that flipped does not."""

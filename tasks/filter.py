@@ -441,7 +441,7 @@ def _candidate_frame(
 
     if params.near_duplicate.enabled:
         frame = pair_text_similarity(frame, responses, params.near_duplicate.ngram)
-    return frame, judge_positions(verdicts, params.position_flip.tolerance)
+    return frame, judge_positions(verdicts, params.position_flip.tolerance, params.position_flip.enabled)
 
 
 def _single_order_p_a() -> pl.Expr:
@@ -689,9 +689,9 @@ def _report(
         "drops_per_generator": _count_map(primary_gen, "generator"),
         "abstentions": {
             "verdicts": int(verdicts["abstained"].sum()) if verdicts.height else 0,
-            "flipped": int(verdicts["flipped"].sum()) if verdicts.height else 0,
-            # balanced ties that were no flip (a hard-verdict flip is both)
-            "tied": int((verdicts["tied"] & ~verdicts["flipped"]).sum()) if verdicts.height else 0,
+            "flipped": int((verdicts["abstained"] & verdicts["flipped"]).sum()) if verdicts.height else 0,
+            # balanced ties that were no (counted) flip; a hard-verdict flip is both
+            "tied": int((verdicts["abstained"] & ~verdicts["flipped"]).sum()) if verdicts.height else 0,
             "pairs": int(per_pair["any_abstained"].sum()) if per_pair.height else 0,
         },
         "position_checks_not_applicable": {

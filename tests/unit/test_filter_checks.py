@@ -265,3 +265,14 @@ def test_filter_report_view_agrees_with_the_function():
     # the report's primary counts are the view's too
     primary = con.execute("SELECT primary_reason, count(*) FROM filter_pair_reasons GROUP BY ALL").fetchall()
     assert dict(primary) == {r: n for r, n in report["drops_per_reason"].items() if n}
+
+
+def test_with_the_position_check_off_a_flip_is_no_abstention():
+    # the demo config turns position_flip off for a judge that nearly always flips: its
+    # flipped verdicts then count at their balanced value, as before abstention existed
+    jud = judgments(judgment("A", "B", 0.9, p_ba=0.8, judge="j1"), judgment("A", "B", 0.95, p_ba=0.7, judge="j2"))
+    pairs, drops, report = run(jud, position_flip={"enabled": False}, confidence={"min_margin": 0.0})
+    assert pairs.height == 1 and drops.height == 0
+    assert report["abstentions"]["verdicts"] == 0
+    _, drops, _ = run(jud, confidence={"min_margin": 0.0})
+    assert {F.POSITION_FLIP, F.JUDGE_ABSTAINED} <= set(drops["reason"])
