@@ -55,11 +55,11 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.inference.base import Engine, GenerateRequest, InferenceError, SamplingParams
 from prefcurate.tasks.judge_modes import ask_both_orders
-from prefcurate.tasks.qurating import make_excerpts
+from prefcurate.tasks.qurating import NonBlank, make_excerpts
 from prefcurate.templates import Template, load_template
 
 WORKER_OPTIONS = ("A", "B", "None")
@@ -83,17 +83,9 @@ class Criterion(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1)
-    description: str = Field(min_length=1)
+    name: NonBlank = Field(min_length=1)
+    description: NonBlank = Field(min_length=1)
     accuracy: float | None = None
-
-    @field_validator("name", "description")
-    @classmethod
-    def _strip(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("must not be blank")
-        return value
 
 
 class CritiQParams(BaseModel):

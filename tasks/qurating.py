@@ -33,11 +33,11 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any, Literal, Sequence
+from typing import Annotated, Any, Literal, Sequence
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
@@ -49,6 +49,17 @@ from prefcurate.templates import Template, load_template
 ItemKind = Literal["prompt", "response", "pair"]
 
 JUDGE_OPTIONS = ("A", "B")
+
+
+def _stripped(value: str) -> str:
+    value = value.strip()
+    if not value:
+        raise ValueError("must not be blank")
+    return value
+
+
+#: a criterion's name or description: stripped, and not blank (QuRating's and CritiQ's)
+NonBlank = Annotated[str, AfterValidator(_stripped)]
 #: the packaged template holding QuRating's pairwise prompt (prefcurate/templates/)
 DEFAULT_TEMPLATE = "qurating_v1"
 
@@ -60,16 +71,8 @@ class QuRatingCriterion(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    name: str = Field(min_length=1, description="short identifier, stored as QUALITY.criterion")
-    description: str = Field(min_length=1, description='completes "choose the text which ..."')
-
-    @field_validator("name", "description")
-    @classmethod
-    def _strip(cls, value: str) -> str:
-        value = value.strip()
-        if not value:
-            raise ValueError("must not be blank")
-        return value
+    name: NonBlank = Field(min_length=1, description="short identifier, stored as QUALITY.criterion")
+    description: NonBlank = Field(min_length=1, description='completes "choose the text which ..."')
 
 
 #: QuRating's four criteria in the wording of their released pairwise templates
