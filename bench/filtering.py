@@ -57,6 +57,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from tests.support.rows import judgments_from_arrays  # noqa: E402
 from prefcurate.tasks.filter import (
     FilterParams,
     apply_filters,
@@ -151,28 +152,7 @@ def simulate(
 
         p_ab = first_prob(a, b)
         p_ba = first_prob(b, a)
-        judgment_frames.append(
-            pl.DataFrame(
-                {
-                    "judgment_id": [f"{name}-{k}" for k in range(a.size)],
-                    "prompt_id": prompt_ids[a],
-                    "response_a": ids[a],
-                    "response_b": ids[b],
-                    "judge": name,
-                    "judge_model": model,
-                    "criterion": "overall",
-                    "template": "pairwise",
-                    "template_hash": "t0",
-                    "mode": "probability",
-                    "p_first_ab": p_ab,
-                    "p_first_ba": p_ba,
-                    "p_a": (p_ab + 1.0 - p_ba) / 2.0,
-                    "valid": True,
-                    "error": None,
-                },
-                schema_overrides={"error": pl.String},
-            )
-        )
+        judgment_frames.append(judgments_from_arrays(prompt_ids[a], ids[a], ids[b], p_ab, p_ba, name, model))
         score = (
             3.0
             + 0.6 * quality
@@ -250,8 +230,15 @@ def main() -> None:
         f"({100 * report['kept_share']:.1f}%), Fleiss' kappa {report['fleiss_kappa']:.3f} "
         f"over {report['fleiss_items']} items; filter {ours_s:.2f}s, baselines {baseline_s:.2f}s"
     )
-    checks = {r: n for r, n in report["drops_per_reason"].items() if n}
-    print("distinct pairs per reason:", ", ".join(f"{r}={n}" for r, n in checks.items()))
+    primary = {r: n for r, n in report["drops_per_reason"].items() if n}
+    print("dropped pairs per primary reason (each once):", ", ".join(f"{r}={n}" for r, n in primary.items()))
+    failed = {r: n for r, n in report["failed_per_reason"].items() if n}
+    print("pairs failing each reason (a pair may fail several):", ", ".join(f"{r}={n}" for r, n in failed.items()))
+    abstained = report["abstentions"]
+    print(
+        f"judge abstentions: {abstained['verdicts']} verdicts ({abstained['flipped']} flipped, "
+        f"{abstained['tied']} tied) on {abstained['pairs']} pairs"
+    )
     print(
         "judges:", ", ".join(f"{j}: flip {s['position_flip_rate']:.2f}" for j, s in report["judges"].items())
     )

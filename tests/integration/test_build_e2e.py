@@ -11,6 +11,7 @@ import polars as pl
 import pytest
 
 from prefcurate.sql import run_read_only
+from prefcurate.stages import STAGE_NAMES
 from prefcurate.store import Store
 
 BUILD_TIMEOUT_S = 2400  # ~6 min on a quiet 2-core machine; CI machines can be far slower
@@ -80,7 +81,7 @@ def test_every_stage_completed_and_curated_pairs_are_queryable(built):
     store = Store.open(built)
     runs = store.runs()
     stages = runs.filter(pl.col("kind") != "build")
-    assert set(stages["kind"]) == {"ingest", "generate", "annotate", "filter", "score", "select", "export"}
+    assert set(stages["kind"]) == set(STAGE_NAMES)
     assert (runs["status"] == "completed").all()
     assert store.count("prompts") == 4
     assert store.count("responses") == 4 * 3  # gemma-warm n=2 + gemma-cool n=1

@@ -26,7 +26,9 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "infra" / "prefect" / "start_server.sh"
 STOP = REPO / "infra" / "prefect" / "stop_server.sh"
-STAGE_FLOWS = ["ingest", "generate", "annotate", "filter", "score", "select", "export"]
+from prefcurate.stages import STAGE_NAMES, STAGES, load  # noqa: E402
+
+STAGE_FLOWS = list(STAGE_NAMES)
 
 
 def _free_port() -> int:
@@ -109,10 +111,33 @@ def test_start_script_sets_up_pool_limits_and_deployments(api):
         run_parameters = schema["definitions"]["RunParameters"]["properties"]
         assert set(run_parameters) == {"config_path", "dataset", "overrides"}
 
-        for stage in STAGE_FLOWS:
-            deployment = client.read_deployment_by_name(f"{stage}/{stage}-adhoc")
-            assert deployment.entrypoint == f"flows/{stage}.py:{stage}_flow"
+        for spec in STAGES:
+            deployment = client.read_deployment_by_name(f"{spec.name}/{spec.name}-adhoc")
+            assert deployment.entrypoint == f"flows/{spec.name}.py:{spec.name}_flow"
             assert deployment.work_pool_name == "prefcurate-process"
+            # the UI form shows the stage's own parameters, from its params model
+            schema = deployment.parameter_openapi_schema
+            assert set(schema["properties"]) == {"parameters", "stage_params", "cluster", "parent_run"}
+            params_model = load(spec.params)
+            assert set(schema["definitions"][params_model.__name__]["properties"]) == set(params_model.model_fields)
+
+
+def test_deploying_one_deployment_by_name(api):
+    """`prefect deploy --name <one>` deploys that one from prefect.yaml (names are unique)."""
+    from prefect import get_client
+
+    env = {**api.env, "PREFECT_API_URL": api.api_url, "PREFCURATE_HOME": str(REPO),
+           "PYTHONPATH": str(REPO)}
+    with get_client(sync_client=True) as client:
+        before = client.read_deployment_by_name("filter/filter-adhoc").updated
+    deployed = subprocess.run([env["PREFECT_BIN"], "--no-prompt", "deploy", "--name", "filter-adhoc"], cwd=REPO,
+                              env=env, capture_output=True, text=True, timeout=600)
+    assert deployed.returncode == 0, f"{deployed.stdout}\n{deployed.stderr}"
+    with get_client(sync_client=True) as client:
+        again = client.read_deployment_by_name("filter/filter-adhoc")
+        assert again.updated > before and again.entrypoint == "flows/filter.py:filter_flow"
+        # only that one: the other deployments were left as they were
+        assert client.read_deployment_by_name("ingest/ingest-adhoc").updated <= before
 
 
 def test_adhoc_build_through_the_api(api, tmp_path):

@@ -1,6 +1,7 @@
 """What units hold and record about the inference pools they use: concurrency slots, request metrics."""
 
 from prefcurate.config import load_config
+from prefcurate.stages import STAGE_NAMES
 from prefcurate.inference.pools import concurrency_limits
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
@@ -20,8 +21,7 @@ def test_units_hold_the_pools_their_stage_uses(tmp_path):
         "score.critiq.enabled": True, "score.critiq.pool": "critic",
     })
     ctx = context_for(tmp_path, config, "run-1", None)
-    held = {stage: get_step(stage).pools(ctx) for stage in ("ingest", "generate", "annotate", "filter",
-                                                            "score", "select", "export")}
+    held = {stage: get_step(stage).pools(ctx) for stage in STAGE_NAMES}
     assert held == {"ingest": [], "generate": ["generators"], "annotate": ["judges"], "filter": [],
                     "score": ["critic", "judges"], "select": [], "export": []}
 
