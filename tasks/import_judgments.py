@@ -208,7 +208,8 @@ def detect_format(path: Path, declared: str = "auto") -> str:
     for fmt, endings in (("jsonl", (".jsonl", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv", ".tsv"))):
         if suffix.endswith(endings):
             return fmt
-    raise JudgmentImportError(f"cannot tell the format of {path.name} from its suffix; pass --format jsonl|json|parquet|csv")
+    raise JudgmentImportError(f"cannot tell the format of {path.name} from its suffix; "
+                              "pass --format jsonl|json|parquet|csv")
 
 
 def read_records(path: Path, fmt: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -471,7 +472,8 @@ def import_frame(records: pl.DataFrame, mapping: ImportMapping, source: str, sou
         pl.col("prompt").str.len_chars().cast(pl.Int32).alias("char_len"),
     )
     prompts, _ = _new_rows(prompts, "prompt_id", existing.get("prompts"))
-    responses = pl.concat([_response_side(good, side, source) for side in ("1", "2")]).sort("source_record", maintain_order=True).drop("source_record")
+    responses = pl.concat([_response_side(good, side, source) for side in ("1", "2")])
+    responses = responses.sort("source_record", maintain_order=True).drop("source_record")
     responses, _ = _new_rows(responses, "response_id", existing.get("responses"))
     ratings = _ratings(good, mapping)
     ratings, _ = _new_rows(ratings, "rating_id", existing.get("ratings"))
