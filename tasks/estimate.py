@@ -110,6 +110,8 @@ def estimate_build(config) -> list[EstimateRow]:
                 (total_prompt_chars + system * n_prompts) * per_prompt, n_prompts * g.n * g.sampling.max_tokens)
 
     if "annotate" in stages:
+        from prefcurate.tasks.annotate import judge_mode
+
         annotate = section(config, "annotate")
         r = samples_per_prompt
         all_pairs = r * (r - 1) // 2
@@ -122,11 +124,12 @@ def estimate_build(config) -> list[EstimateRow]:
         for judge in annotate.judges:
             verdicts = n_prompts * pairs * criteria * 2
             verdict_chars = TEMPLATE_CHARS + shown_prompt + 2 * shown_response
-            if annotate.rationale_k:
-                k = annotate.rationale_k
+            mode = judge_mode(judge, annotate)  # per judge (the older rationale_k included)
+            if mode.name == "rationale":
+                k, max_tokens = mode.options.k, mode.options.max_tokens
                 add("annotate", judge.pool, f"judge {judge.name}: rationales ({k}/order)", verdicts * k,
-                    verdicts * k * verdict_chars, verdicts * k * annotate.rationale_max_tokens)
-                rationale_chars = annotate.rationale_max_tokens * CHARS_PER_TOKEN
+                    verdicts * k * verdict_chars, verdicts * k * max_tokens)
+                rationale_chars = max_tokens * CHARS_PER_TOKEN
                 add("annotate", judge.pool, f"judge {judge.name}: verdicts after rationales", verdicts * k,
                     verdicts * k * (verdict_chars + rationale_chars), verdicts * k)
             else:
@@ -193,6 +196,6 @@ def check_budget(config: dict[str, Any] | Any, store, stage: str, unit_key: str)
         raise BudgetExhausted(
             f"budget.max_usd reached: this dataset's requests cost ${spent:.4f} of ${max_usd:g}; stage "
             f"{stage!r} stopped before unit {unit_key[:12]} (units not done stay pending). Raise "
-            f"budget.max_usd (e.g. --set budget.max_usd={max(2 * max_usd, spent + 1):g}) and run the "
+            f"budget.max_usd (e.g. --set budget.max_usd={2 * max(max_usd, spent):.2g}) and run the "
             "build again to resume"
         )
