@@ -26,6 +26,15 @@ row (the ``request_metrics`` table's columns); :meth:`ServerPool.drain_metrics` 
 over. ``latency_s`` runs from the first attempt's start (after waiting for a free slot) to
 the answer, retries and backoff included.
 
+Position-free scoring (:mod:`prefcurate.inference.scoring`): ``score_rewards`` posts each
+(prompt, response) to ``/classify`` (``use_activation: false``: the raw score) of a server
+started on vLLM's pooling runner (``--runner pooling``, or a ``*ForSequenceClassification``
+checkpoint, which vLLM serves on it by default); ``continuation_logprobs`` posts
+``context + continuation`` ids to ``/v1/completions`` with ``prompt_logprobs: 0`` and
+``max_tokens: 1``. :meth:`ServerPool.check_serves` asks one replica with a one-token
+request whether a route is there: a generative server has no ``/classify`` and a pooling
+server no ``/v1/completions`` (HTTP 404), and a judge mode calls it before any work.
+
 The client is async (httpx) and runs on a private event-loop thread, so the synchronous
 :class:`Engine` methods can be called from any thread, including one that already runs an
 event loop; ``agenerate``/``ascore_choices`` serve async callers.
@@ -56,6 +65,15 @@ from prefcurate.inference.prompting import (
     choice_plan,
     normalise_logprobs,
     plain_prompt,
+)
+from prefcurate.inference.scoring import (
+    ContinuationLogprob,
+    ContinuationRequest,
+    PoolCapabilityError,
+    RewardRequest,
+    RewardScore,
+    continuation_ids,
+    reward_text,
 )
 
 T = TypeVar("T")
@@ -145,6 +163,18 @@ class ServerPool:
 
     def score_choices(self, requests: Sequence[ChoiceRequest]) -> list[ChoiceScore]:
         return self._run(self._score_all(list(requests)))
+
+    def score_rewards(self, requests: Sequence[RewardRequest]) -> list[RewardScore]:
+        return self._run(self._run_batch(list(requests), lambda _, request: self._reward_one(request)))
+
+    def continuation_logprobs(self, requests: Sequence[ContinuationRequest]) -> list[ContinuationLogprob]:
+        return self._run(self._run_batch(list(requests), lambda _, request: self._continuation_one(request)))
+
+    def check_serves(self, task: str, what: str = "this judge") -> None:
+        """Raise :class:`PoolCapabilityError` naming the pool unless its servers answer the
+        route ``task`` needs ("classify": ``/classify``; "generate": ``/v1/completions``)."""
+        path = {"classify": "/classify", "generate": "/v1/completions"}[task]
+        self._run(self._check_route(path, what))
 
     def check_health(self) -> dict[str, bool]:
         """Probe every replica now; url -> healthy."""
@@ -472,6 +502,71 @@ class ServerPool:
             "/v1/completions", payload, lambda body: _continuation_logprob(body, ids, len(prompt_ids))
         )
 
+    # ----------------------------------------------------------------- position-free scoring
+    async def _check_route(self, path: str, what: str) -> None:
+        await self._start()
+        payload = {"model": self.model}
+        # one token (id 2: BOS for gemma, a harmless id elsewhere), the cheapest request
+        payload |= {"input": [2], "use_activation": False} if path == "/classify" else {"prompt": [2], "max_tokens": 1}
+        try:
+            await self._post(path, payload)
+        except RequestFailed as failure:
+            runner = "pooling" if path == "/classify" else "generate"
+            raise PoolCapabilityError(
+                f"pool {self.name!r} ({self.model!r} at {failure.replica or ', '.join(self.urls)}) cannot serve "
+                f"{what}: {path} answered {failure.reason}; it needs servers on vLLM's {runner!r} runner"
+                + (" with a sequence-classification (reward) model (`--runner pooling`)" if runner == "pooling" else "")
+            ) from None
+
+    async def _reward_one(self, request: RewardRequest) -> RewardScore:
+        started = time.perf_counter()
+        ids: list[int] = []
+        try:
+            ids = await self._reward_ids(request)
+            if self.max_model_len and len(ids) > self.max_model_len:
+                raise RequestFailed(f"prompt_too_long: {len(ids)} tokens, the context holds {self.max_model_len}", "", 0)
+            payload = {"model": self.model, "input": ids, "use_activation": False}
+            outcome = await self._post("/classify", payload, _first_class_score)
+        except RequestFailed as failure:
+            latency = time.perf_counter() - started
+            self._record("score_rewards", failure.replica, False, failure.attempts, len(ids) or None, None, latency, failure.reason)
+            return RewardScore(float("nan"), len(ids), latency, failure.reason, failure.replica or None)
+        latency = time.perf_counter() - started
+        self._record("score_rewards", outcome.replica, True, outcome.attempts, len(ids), None, latency, None)
+        return RewardScore(outcome.body, len(ids), latency, None, outcome.replica)
+
+    async def _reward_ids(self, request: RewardRequest) -> list[int]:
+        if self.tokenizer is not None:
+            return self.tokenizer.prompt_ids(reward_text(self.tokenizer.tokenizer, request.prompt, request.response))
+        return await self._prompt_ids(reward_text(None, request.prompt, request.response))
+
+    async def _continuation_one(self, request: ContinuationRequest) -> ContinuationLogprob:
+        started = time.perf_counter()
+        tail: list[int] = []
+        try:
+            context = await self._prompt_ids(request.context)
+            if self.tokenizer is not None:
+                tail = continuation_ids(self.tokenizer.tokenizer, request.continuation)
+            else:
+                payload = {"model": self.model, "prompt": request.continuation, "add_special_tokens": False}
+                tail = (await self._post("/tokenize", payload, _tokens)).body
+            if not tail:
+                raise RequestFailed("empty_continuation: nothing to score", "", 0)
+            ids = context + tail
+            if error := self._too_long(ids):
+                raise RequestFailed(error, "", 0)
+            payload = {"model": self.model, "prompt": ids, "max_tokens": 1, "temperature": 0.0, "prompt_logprobs": 0}
+            outcome = await self._post(
+                "/v1/completions", payload, lambda body: _continuation_logprob(body, ids, len(context))
+            )
+        except RequestFailed as failure:
+            latency = time.perf_counter() - started
+            self._record("continuation_logprobs", failure.replica, False, failure.attempts, None, None, latency, failure.reason)
+            return ContinuationLogprob(float("nan"), len(tail), latency, failure.reason, failure.replica or None)
+        latency = time.perf_counter() - started
+        self._record("continuation_logprobs", outcome.replica, True, outcome.attempts, len(ids), 1, latency, None)
+        return ContinuationLogprob(outcome.body, len(tail), latency, None, outcome.replica)
+
     # ----------------------------------------------------------------- tokenization
     async def _generate_prompt(self, request: GenerateRequest) -> list[int]:
         if self.tokenizer is not None:
@@ -568,6 +663,14 @@ def _parse_generation(body: dict, n: int) -> Generation:
         total = int((body.get("usage") or {}).get("completion_tokens", 0))
         completions = [Completion(c.text, c.finish_reason, total // n) for c in completions]
     return Generation(completions, tokens_in)
+
+
+def _first_class_score(body: dict) -> float:
+    """The first class's raw score from a ``/classify`` answer (a reward model has one)."""
+    try:
+        return float(body["data"][0]["probs"][0])
+    except (KeyError, IndexError, TypeError, ValueError) as error:
+        raise _Retryable(f"malformed_response: no class score ({type(error).__name__}: {error})") from None
 
 
 def _first_token_logprobs(body: dict, wanted: list[int]) -> list[float]:

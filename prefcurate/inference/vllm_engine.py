@@ -30,6 +30,13 @@ request is retried alone so only the bad one carries the error.
 
 ``latency_s`` of each result is the wall time of the ``LLM.generate`` call that served it:
 in-process, a batch's requests run together and finish within that call.
+
+Position-free scoring (:mod:`prefcurate.inference.scoring`): ``score_rewards`` runs
+``LLM.classify`` on a sequence-classification model, which vLLM loads on its pooling runner
+(chosen from the architecture, e.g. ``Gemma3ForSequenceClassification``; ``runner`` tells
+which one this engine got); ``continuation_logprobs`` reads ``prompt_logprobs`` of one
+prefill per request on a generative model. Asking the wrong runner raises
+:class:`~prefcurate.inference.scoring.PoolCapabilityError` naming the pool.
 """
 
 from __future__ import annotations
@@ -53,6 +60,15 @@ from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     choice_plan,
     normalise_logprobs,
+)
+from prefcurate.inference.scoring import (
+    ContinuationLogprob,
+    ContinuationRequest,
+    PoolCapabilityError,
+    RewardRequest,
+    RewardScore,
+    continuation_ids,
+    reward_text,
 )
 
 REPLICA = "in-process"
@@ -140,6 +156,8 @@ class VLLMEngine:
             )
         self.llm = llm
         self.max_model_len = int(llm.llm_engine.model_config.max_model_len)
+        #: "generate" or "pooling": which vLLM runner serves the model (see the module docstring)
+        self.runner = str(getattr(llm.llm_engine.model_config, "runner_type", "generate"))
         self.tokenizer = LocalPromptTokenizer.from_folder(self.path, add_bos)
         self._metrics: list[dict] = []
         # vllm.LLM is not re-entrant: one batch at a time
@@ -258,6 +276,74 @@ class VLLMEngine:
             self._record("score_choices", result.error is None, tokens_in, 1 if result.error is None else None, result.latency_s, result.error)
         return results
 
+    def score_rewards(self, requests: Sequence[RewardRequest]) -> list[RewardScore]:
+        """The reward model's raw score of each (prompt, response); one pooled prefill each."""
+        from vllm import PoolingParams
+        from vllm.inputs import TokensPrompt
+
+        self._require_runner("pooling", "a reward-model judge")
+        results: list[RewardScore | None] = [None] * len(requests)
+        prompts, positions = [], []
+        for index, request in enumerate(requests):
+            ids = self.tokenizer.prompt_ids(reward_text(self.tokenizer.tokenizer, request.prompt, request.response))
+            if len(ids) > self.max_model_len:
+                error = f"prompt_too_long: {len(ids)} tokens, the context holds {self.max_model_len}"
+                results[index] = RewardScore(float("nan"), len(ids), 0.0, error, REPLICA)
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=ids))
+            positions.append(index)
+        if prompts:
+            params = PoolingParams(use_activation=False)
+            rows = self._run(prompts, [params] * len(prompts), positions, "classify")
+            for prompt, (index, output, latency, error) in zip(prompts, rows):
+                tokens = len(prompt["prompt_token_ids"])
+                if error is None:
+                    try:
+                        results[index] = RewardScore(float(output.outputs.probs[0]), tokens, latency, None, REPLICA)
+                        continue
+                    except (AttributeError, IndexError, TypeError, ValueError) as bad:
+                        error = f"no_reward: {type(bad).__name__}: {bad}"
+                results[index] = RewardScore(float("nan"), tokens, latency, error, REPLICA)
+        for result in results:
+            self._record("score_rewards", result.error is None, result.tokens_in, None, result.latency_s, result.error)
+        return results
+
+    def continuation_logprobs(self, requests: Sequence[ContinuationRequest]) -> list[ContinuationLogprob]:
+        """``sum log p(continuation | context)`` and its token count, from ``prompt_logprobs``."""
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        self._require_runner("generate", "a density-ratio judge")
+        results: list[ContinuationLogprob | None] = [None] * len(requests)
+        prompts, spans, positions = [], [], []
+        for index, request in enumerate(requests):
+            context = self.tokenizer.prompt_ids(request.context)
+            tail = continuation_ids(self.tokenizer.tokenizer, request.continuation)
+            if not tail:
+                results[index] = ContinuationLogprob(float("nan"), 0, 0.0, "empty_continuation: nothing to score", REPLICA)
+                continue
+            if error := self._too_long(len(context) + len(tail)):
+                results[index] = ContinuationLogprob(float("nan"), len(tail), 0.0, error, REPLICA)
+                continue
+            prompts.append(TokensPrompt(prompt_token_ids=context + tail))
+            spans.append((len(context), context + tail))
+            positions.append(index)
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        for slot, (index, output, latency, error) in enumerate(self._run(prompts, [params] * len(prompts), positions)):
+            start, ids = spans[slot]
+            if error is None:
+                try:
+                    total = sum(output.prompt_logprobs[pos][ids[pos]].logprob for pos in range(start, len(ids)))
+                    results[index] = ContinuationLogprob(float(total), len(ids) - start, latency, None, REPLICA)
+                    continue
+                except (KeyError, IndexError, TypeError) as bad:
+                    error = f"no_logprob: {type(bad).__name__}: {bad}"
+            results[index] = ContinuationLogprob(float("nan"), len(ids) - start, latency, error, REPLICA)
+        for result in results:
+            self._record("continuation_logprobs", result.error is None, None, 1 if result.error is None else None,
+                         result.latency_s, result.error)
+        return results
+
     def drain_metrics(self) -> list[dict]:
         """Per-request rows (REQUEST_METRICS columns) since the last drain."""
         rows, self._metrics = self._metrics, []
@@ -286,14 +372,27 @@ class VLLMEngine:
             )
         return None
 
-    def _run(self, prompts, params, owners):
+    def _require_runner(self, runner: str, what: str) -> None:
+        if self.runner != runner:
+            raise PoolCapabilityError(
+                f"pool {self.name!r} serves {self.model!r} on vLLM's {self.runner!r} runner; {what} "
+                f"needs a model on the {runner!r} runner"
+                + (" (a sequence-classification / reward model)" if runner == "pooling" else " (a generative model)")
+            )
+
+    def _call(self, kind: str, prompts, params):
+        if kind == "classify":
+            return self.llm.classify(prompts, pooling_params=params, use_tqdm=False)
+        return self.llm.generate(prompts, params, use_tqdm=False)
+
+    def _run(self, prompts, params, owners, kind: str = "generate"):
         """Yield (owner, output, latency, error) per prompt; isolate a batch-level failure."""
         if not prompts:
             return []
         with self._lock:
             started = time.perf_counter()
             try:
-                outputs = self.llm.generate(prompts, params, use_tqdm=False)
+                outputs = self._call(kind, prompts, params)
                 latency = time.perf_counter() - started
                 return [(owner, out, latency, None) for owner, out in zip(owners, outputs)]
             except Exception as error:
@@ -303,7 +402,7 @@ class VLLMEngine:
             for prompt, param, owner in zip(prompts, params, owners):
                 started = time.perf_counter()
                 try:
-                    out = self.llm.generate([prompt], [param], use_tqdm=False)[0]
+                    out = self._call(kind, [prompt], [param])[0]
                     rows.append((owner, out, time.perf_counter() - started, None))
                 except Exception as error:
                     rows.append((owner, None, time.perf_counter() - started, _rejected(error)))
