@@ -59,6 +59,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.support.rows import judgments_from_arrays  # noqa: E402
 from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts, judge_verdicts  # noqa: E402
 from prefcurate.tasks.jury import PAIR_KEY, accuracy_weight, latent_jury, vote_expr  # noqa: E402
 
@@ -93,22 +94,8 @@ def simulate(n: int, rng: np.random.Generator) -> tuple[pl.DataFrame, np.ndarray
         valid = rng.random(n) >= 0.1
         if name == "strong":
             belief_strong = x
-        frames.append(
-            pl.DataFrame(
-                {
-                    "prompt_id": [f"p{i:06d}" for i in range(n)],
-                    "response_a": "a",
-                    "response_b": "b",
-                    "judge": name,
-                    "judge_model": name,
-                    "criterion": "overall",
-                    "valid": valid,
-                    "p_first_ab": p_ab,
-                    "p_first_ba": p_ba,
-                    "p_a": (p_ab + 1.0 - p_ba) / 2.0,
-                }
-            )
-        )
+        frames.append(judgments_from_arrays([f"p{i:06d}" for i in range(n)], ["a"] * n, ["b"] * n, p_ab, p_ba,
+                                            name, valid=valid))
     rating_gap = np.round(2 * (belief_strong + rng.normal(0, 1.0, n))) / 2 - np.round(2 * rng.normal(0, 1.0, n)) / 2
     return pl.concat(frames), truth, rating_gap
 
