@@ -17,7 +17,7 @@ import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.tasks.critiq import CritiQParams
-from prefcurate.tasks.qurating import QuRatingParams, score_items
+from prefcurate.tasks.qurating import QuRatingParams, _quality_frame, score_items
 
 
 class CritiQStageParams(BaseModel):
@@ -98,7 +98,9 @@ def score_responses(items: pl.DataFrame, embeddings: np.ndarray, params: ScorePa
                 )
                 embed_seconds += time.perf_counter() - started
                 scores = np.asarray(scorer.score(embeddings), dtype=np.float64).ravel()
-                frames.append(_quality(items["item_id"], "critiq", "critiq", scores, params.qurating.item_kind))
+                # QUALITY rows through the one builder (qurating._quality_frame), as critiq_quality
+                frames.append(_quality_frame(items["item_id"].to_list(), params.qurating.item_kind, "critiq", "critiq",
+                                             scores))
                 report["critiq"]["scorer"] = getattr(scorer_report, "__dict__", str(scorer_report))
             except ValueError as error:  # too few decided pairs with a weak model: say so
                 report["critiq"]["scorer"] = f"not trained: {error}"
@@ -115,18 +117,6 @@ def _unlabelled_pairs(items: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
     second = (first + rng.integers(1, count, n)) % count
     texts = items["text"]
     return pl.DataFrame({"text_a": texts.gather(first), "text_b": texts.gather(second)})
-
-
-def _quality(item_ids: pl.Series, criterion: str, method: str, scores: np.ndarray, kind: str) -> pl.DataFrame:
-    std = scores.std()
-    return pl.DataFrame({
-        "item_id": item_ids,
-        "item_kind": kind,
-        "criterion": criterion,
-        "method": method,
-        "score": scores,
-        "z_score": (scores - scores.mean()) / std if std > 0 else np.zeros_like(scores),
-    })
 
 
 def pair_quality(pairs: pl.DataFrame, quality: pl.DataFrame) -> pl.DataFrame:
