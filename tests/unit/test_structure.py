@@ -158,3 +158,19 @@ def test_stage_params_given_in_the_form_override_the_config_section():
 
     config = load_config(merged.config_path, merged.overrides)
     assert config.ingest.limit == 7 and config.ingest.path == load_config("examples/quickstart.yaml").ingest.path
+
+
+def test_prefect_yaml_deploys_every_registered_stage_under_a_unique_name():
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[2]
+    deployments = yaml.safe_load((repo / "prefect.yaml").read_text())["deployments"]
+    names = [d["name"] for d in deployments]
+    assert len(names) == len(set(names))  # `prefect deploy --name <one>` finds exactly one
+    entrypoints = {d["name"]: d["entrypoint"] for d in deployments}
+    for spec in STAGES:
+        module, function = spec.flow.split(":")
+        assert entrypoints[f"{spec.name}-adhoc"] == f"flows/{module.rsplit('.', 1)[1]}.py:{function}"
+        assert (repo / "flows" / f"{spec.name}.py").is_file()
