@@ -134,7 +134,7 @@ TABLE_RULES: dict[str, list[Rule]] = {
     "judgments": [
         *_probability("p_first_ab", "p_first_ba", "p_a"),
         Rule("between", ("bpde",), "bpde is an entropy over 3 outcomes, in [0, ln 3]", 0.0, math.log(3) + 1e-9),
-        _one_of("mode", "probability", "rationale", "imported"),
+        _one_of("mode", "probability", "rationale", "imported", "reward_model", "density_ratio"),
         _canonical_pair("response_a", "response_b"),
     ],
     "ratings": [

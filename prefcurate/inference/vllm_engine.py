@@ -168,6 +168,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if error := self._wrong_runner("generate"):
+            return [Generation([], 0, 0.0, error, REPLICA) for _ in requests]
         results: list[Generation | None] = [None] * len(requests)
         prompts, params, positions = [], [], []
         for index, request in enumerate(requests):
@@ -210,6 +212,8 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        if error := self._wrong_runner("generate"):
+            return [ChoiceScore((), 0.0, error, REPLICA) for _ in requests]
         results: list[ChoiceScore | None] = [None] * len(requests)
         plans: dict[int, tuple[ChoicePlan, list[int], list[tuple[int, ...]]]] = {}
         prompts, params, owners = [], [], []
@@ -371,6 +375,12 @@ class VLLMEngine:
                 f"{self.max_model_len} (prompt + at least 1 output token)"
             )
         return None
+
+    def _wrong_runner(self, runner: str) -> str | None:
+        """A per-request error for a call this engine's runner cannot serve (no vLLM call)."""
+        if self.runner == runner:
+            return None
+        return f"wrong_runner: pool {self.name!r} runs {self.model!r} on vLLM's {self.runner!r} runner, not {runner!r}"
 
     def _require_runner(self, runner: str, what: str) -> None:
         if self.runner != runner:
