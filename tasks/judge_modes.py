@@ -12,6 +12,9 @@ cue, both orders) and ``rationale`` (FairEval MEC: k sampled evidence texts per 
 verdict probability read after each). Any module named ``prefcurate.tasks.judge_modes_*``
 (a file ``tasks/judge_modes_<x>.py``) is imported on the first lookup of an unknown name,
 so **adding a mode is one file + its template + one test**: no other file names it.
+A judge without ``mode`` is a probability judge (or a rationale judge under the older
+stage-wide ``annotate.rationale_k > 0``); :func:`prefcurate.tasks.annotate.judge_mode`
+returns a judge's mode object and is the one place that reads that older switch.
 
 The interface (:class:`JudgeMode`)
 ----------------------------------
