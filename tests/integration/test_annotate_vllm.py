@@ -132,16 +132,14 @@ def test_the_two_orders_of_a_pair_share_their_prefix_in_the_kv_cache(engine):
 def test_rationale_mode_and_calibration_on_the_real_engine(frames, engine):
     prompts, responses = frames
     pairs = schedule_pairs(responses, "all").head(1)
-    judge = JudgeSpec(name="gemma-judge")
-    params = AnnotateParams(
-        judges=[judge], criteria=["overall"], rubric_aspects=[], rationale_k=2, rationale_max_tokens=24
-    )
+    judge = JudgeSpec(name="gemma-judge", mode="rationale", mode_options={"k": 2, "max_tokens": 24})
+    params = AnnotateParams(judges=[judge], criteria=["overall"], rubric_aspects=[])
     out = judge_pairs(pairs, responses, prompts, judge, engine, params)
     assert out["mode"].to_list() == ["rationale"] and out["valid"].all()
     assert 0 < out["p_a"][0] < 1
 
     gold = load_gold_pairs().head(6)
-    row = calibrate_judge(gold, judge, engine).row(0, named=True)
+    row = calibrate_judge(gold, JudgeSpec(name="gemma-judge"), engine).row(0, named=True)
     assert row["gold_pairs"] == 6
     assert 0 <= row["accuracy"] <= 1 and 0 <= row["position_flip_rate"] <= 1
     assert 0 < row["first_position_pref"] < 1
