@@ -92,20 +92,25 @@ class EMResult:
     share: np.ndarray  # (judges,) 1 / block size: the share of a vote each judge's log-odds gets
 
 
-def moment_accuracy(votes: np.ndarray, min_covotes: int = 30) -> tuple[np.ndarray, np.ndarray]:
-    """(accuracy estimates, (judges x judges) co-vote correlations) by the triplet method.
+def moment_accuracy(votes: np.ndarray, min_covotes: int = 30) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(accuracy estimates, (judges x judges) co-vote correlations, usable triplets per
+    judge) by the triplet method.
 
     For conditionally independent judges, E[v_i v_j] = s_i s_j with s = 2 acc - 1, so
     s_i^2 = C_ij C_ik / C_jk for any two other judges j, k. The median over all (j, k) pairs
     keeps one correlated pair from moving the estimate (most triplets do not contain it);
     the sign is the sign of the judge's median correlation with the others (most judges
-    beat chance). C is measured over the pairs both judges voted on."""
+    beat chance). C is measured over the pairs both judges voted on; a triplet is usable
+    when |C_jk| is more than twice its sampling error (about 1 / sqrt(co-votes)), since
+    dividing by a noisy near-zero C_jk gives nonsense. NaN where no triplet is usable."""
     cast = (votes != 0).astype(np.float64)
     covotes = cast.T @ cast
     corr = (votes.T @ votes) / np.maximum(covotes, 1.0)
     corr = np.where(covotes >= min_covotes, corr, 0.0)
+    floor = np.maximum(0.05, 2.0 / np.sqrt(np.maximum(covotes, 1.0)))
     n = votes.shape[1]
-    signal = np.zeros(n)
+    signal = np.full(n, np.nan)
+    usable_count = np.zeros(n, dtype=np.int64)
     judges = np.arange(n)
     for i in range(n):  # judges, not rows: a handful of iterations
         others = judges[judges != i]
@@ -113,12 +118,22 @@ def moment_accuracy(votes: np.ndarray, min_covotes: int = 30) -> tuple[np.ndarra
             continue
         j, k = np.triu_indices(others.size, 1)
         j, k = others[j], others[k]
-        usable = np.abs(corr[j, k]) > 0.05
+        usable = np.abs(corr[j, k]) > floor[j, k]
+        usable_count[i] = int(usable.sum())
         if not usable.any():
             continue
         squared = np.median(corr[i, j[usable]] * corr[i, k[usable]] / corr[j[usable], k[usable]])
         signal[i] = np.sqrt(np.clip(squared, 0.0, 0.96)) * np.sign(np.median(corr[i, others]))
-    return (1.0 + signal) / 2.0, corr
+    return (1.0 + signal) / 2.0, corr, usable_count
+
+
+def majority_accuracy(votes: np.ndarray) -> np.ndarray:
+    """Each judge's agreement with the majority of the *other* judges (where both exist)."""
+    total = votes.sum(axis=1, keepdims=True)
+    others = np.sign(total - votes)
+    both = (votes != 0) & (others != 0)
+    agree = ((votes == others) & both).sum(axis=0)
+    return (agree + 1.0) / (both.sum(axis=0) + 2.0)
 
 
 def dependent_blocks(accuracy: np.ndarray, corr: np.ndarray, threshold: float = 0.2) -> np.ndarray:
@@ -139,7 +154,8 @@ def one_coin_em(
     """One-coin Dawid-Skene EM over a (items x judges) matrix of +1 / -1 / 0 votes.
 
     Started from :func:`moment_accuracy` (not the majority vote: a majority of weak or
-    copying judges would pick the start, and EM rarely leaves it). Judges that
+    copying judges would pick the start, and EM rarely leaves it); a judge the moments do
+    not determine starts at :func:`majority_accuracy`. Judges that
     :func:`dependent_blocks` finds copying each other share one vote's weight (each
     member's log-odds divided by the block size), so a correlated block does not
     outvote an accurate judge and EM does not drift to the block's fixed point."""
@@ -152,14 +168,17 @@ def one_coin_em(
     for_a = (votes > 0).astype(np.float64)
     for_b = (votes < 0).astype(np.float64)
     counted = cast.sum(axis=1)
-    accuracy, corr = moment_accuracy(votes)
-    blocks = dependent_blocks(accuracy, corr) if n_judges >= 3 else np.arange(n_judges)
+    moments, corr, usable = moment_accuracy(votes)
+    # a judge without a usable triplet starts at its agreement with the others' majority
+    accuracy = np.where(np.isfinite(moments), moments, majority_accuracy(votes)) if n_judges else moments
+    # copying is only told apart from accuracy with 4+ judges, from well-measured moments
+    measured = usable >= 2
+    blocks = np.arange(n_judges)
+    if n_judges >= 4 and measured.sum() >= 2:
+        blocks = dependent_blocks(np.where(measured, accuracy, 0.5), np.where(np.outer(measured, measured), corr, 0.0))
     share = 1.0 / np.bincount(blocks)[blocks] if n_judges else np.ones(0)
     prior = 0.5
-    if n_judges >= 3:
-        q = _sigmoid(votes @ (share * _logit(accuracy)))
-    else:  # too few judges for moments: start at the majority vote's share of a-votes
-        q = np.where(counted > 0, (for_a.sum(axis=1) + 0.5) / (counted + 1.0), 0.5)
+    q = _sigmoid(votes @ (share * _logit(accuracy)))
     converged = False
     iteration = 0
     for iteration in range(1, max_iter + 1):
