@@ -513,8 +513,8 @@ class ServerPool:
         except RequestFailed as failure:
             runner = "pooling" if path == "/classify" else "generate"
             raise PoolCapabilityError(
-                f"pool {self.name!r} ({self.model!r} at {failure.replica or ', '.join(self.urls)}) cannot serve "
-                f"{what}: {path} answered {failure.reason}; it needs servers on vLLM's {runner!r} runner"
+                f"{what} cannot run on pool {self.name!r} ({self.model!r} at {failure.replica or ', '.join(self.urls)}): "
+                f"{path} answered {failure.reason}; it needs servers on vLLM's {runner!r} runner"
                 + (" with a sequence-classification (reward) model (`--runner pooling`)" if runner == "pooling" else "")
             ) from None
 

@@ -182,3 +182,90 @@ def test_annotate_stores_position_free_judgments_and_calibrates_them():
     np.testing.assert_allclose(first.to_numpy(), sigmoid(len("Red.") - len("Brown.")))
     calibration = calibrate_judge(load_gold_pairs(), judge, engine, params)
     assert calibration["gold_pairs"][0] == 42 and calibration["position_flip_rate"].is_null().all()
+
+
+# ------------------------------------------------------------- server pool, fake replica
+class _CharTokenizer:
+    """Test double: one token per character, no chat template, no BOS."""
+
+    chat_template = None
+
+    def encode(self, text, add_special_tokens=True):
+        return [ord(c) for c in text]
+
+
+class _CharPromptTokenizer:
+    tokenizer = _CharTokenizer()
+
+    def prompt_ids(self, text):
+        return [ord(c) for c in text]
+
+
+@pytest.fixture()
+def fake_server():
+    """A loopback test double of one ``vllm serve`` replica: ``/classify`` answers the token
+    count as the reward when ``pooling`` is set (else 404, as a generative server does);
+    ``/v1/completions`` answers prompt logprobs of -0.5 per token unless ``pooling``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    state = {"pooling": True, "bodies": []}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def _send(self, status, body):
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._send(200, {})
+
+        def do_POST(self):
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            state["bodies"].append((self.path, body))
+            if self.path == "/classify" and state["pooling"]:
+                if 0 in body["input"]:
+                    return self._send(400, {"error": {"message": "token 0 is not allowed"}})
+                return self._send(200, {"data": [{"index": 0, "probs": [float(len(body["input"]))], "num_classes": 1}]})
+            if self.path == "/v1/completions" and not state["pooling"]:
+                rows = [None] + [{str(t): {"logprob": -0.5}} for t in body["prompt"][1:]]
+                return self._send(200, {"choices": [{"text": "", "prompt_logprobs": rows}]})
+            self._send(404, {"detail": "Not Found"})
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    yield state
+    server.shutdown()
+
+
+def test_server_pool_rewards_logprobs_and_route_checks(fake_server):
+    from prefcurate.inference.scoring import ContinuationRequest, RewardRequest
+    from prefcurate.inference.server_pool import ServerPool
+
+    pool = ServerPool("rm-servers", [fake_server["url"]], "rm", tokenizer=_CharPromptTokenizer(), retries=0)
+    try:
+        pool.check_serves("classify")
+        good, bad = pool.score_rewards([RewardRequest("Hi", "yo"), RewardRequest("Hi", "a\x00b")])
+        assert good.error is None and good.reward == len("Question: Hi\nAnswer: yo")
+        assert bad.error.startswith("http_400") and math.isnan(bad.reward)  # fails alone
+        assert fake_server["bodies"][-1][1]["use_activation"] is False
+        with pytest.raises(PoolCapabilityError, match="judge 'cdr'.*pool 'rm-servers'.*/v1/completions answered http_404"):
+            density_mode().check_engine(pool, "cdr")
+        fake_server["pooling"] = False
+        with pytest.raises(PoolCapabilityError, match="judge 'rm'.*pool 'rm-servers'.*/classify answered http_404"):
+            reward_mode().check_engine(pool, "rm")
+        (out,) = pool.continuation_logprobs([ContinuationRequest("Q:", " abc")])
+        assert out.error is None and out.tokens == 4 and out.logprob == pytest.approx(-2.0)
+        assert [r["kind"] for r in pool.drain_metrics()].count("continuation_logprobs") == 1
+    finally:
+        pool.close()
