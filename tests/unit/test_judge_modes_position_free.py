@@ -269,3 +269,13 @@ def test_server_pool_rewards_logprobs_and_route_checks(fake_server):
         assert [r["kind"] for r in pool.drain_metrics()].count("continuation_logprobs") == 1
     finally:
         pool.close()
+
+
+@pytest.mark.skipif(not is_prepared(), reason="embedded model not prepared (prefcurate models prepare)")
+def test_the_annotate_plan_check_refuses_a_reward_judge_on_a_generative_pool():
+    from prefcurate.tasks.annotate import AnnotateParams, check_judge_pools
+
+    judge = JudgeSpec(name="rm", pool="judges", mode="reward_model")
+    params = AnnotateParams(judges=[judge], rubric_aspects=[])
+    with pytest.raises(PoolCapabilityError, match="judge 'rm' \\(mode 'reward_model'\\).*pool 'judges'"):
+        check_judge_pools(params.judges, {"judges": {"kind": "embedded"}}, params)
