@@ -272,18 +272,23 @@ def check_integrity(frame: pl.DataFrame, tokenizer, max_length: int,
     """``frame`` plus the tokens each part keeps after TRL-style truncation and the first
     failing reason (``integrity_issue``, null when the pair is fine).
 
-    TRL adds a BOS to the prompt and an EOS to each completion when the tokenizer has
-    them; those count against the budget. The prompt keeps its last ``max_prompt_length``
-    tokens, the completions their first ``max_length - prompt tokens``.
+    The prompt is counted as the tokenizer's chat template renders it (system and user
+    turns and the generation prompt: what TRL feeds for conversational data, and the
+    longer of the two formats) when it has one, else as plain text with a BOS; each
+    completion gets an EOS. The prompt keeps its last ``max_prompt_length`` tokens, the
+    completions their first ``max_length - prompt tokens``.
     """
     def encode(texts: pl.Series) -> pl.Series:
         ids = tokenizer(texts.fill_null("").to_list(), add_special_tokens=False)["input_ids"] if texts.len() else []
         return pl.Series(ids, dtype=pl.List(pl.Int64))
 
-    bos = int(getattr(tokenizer, "bos_token_id", None) is not None)
     eos = int(getattr(tokenizer, "eos_token_id", None) is not None)
-    ids = pl.DataFrame({"_p": encode(prompt_texts(frame)), "_c": encode(frame["chosen"]),
-                        "_r": encode(frame["rejected"])})
+    templated = _chat_prompts(frame, tokenizer)
+    if templated is not None:  # the template writes its own BOS and turn markers
+        prompt_ids, bos = encode(templated), 0
+    else:
+        prompt_ids, bos = encode(prompt_texts(frame)), int(getattr(tokenizer, "bos_token_id", None) is not None)
+    ids = pl.DataFrame({"_p": prompt_ids, "_c": encode(frame["chosen"]), "_r": encode(frame["rejected"])})
     prompt_kept = pl.col("_p").list.len() + bos
     if max_prompt_length is not None:
         prompt_kept = pl.min_horizontal(prompt_kept, pl.lit(max_prompt_length))
@@ -303,6 +308,18 @@ def check_integrity(frame: pl.DataFrame, tokenizer, max_length: int,
         issue.alias("integrity_issue"),
     )
     return pl.concat([frame.drop([c for c in INTEGRITY_COLUMNS if c in frame.columns]), checked], how="horizontal")
+
+
+def _chat_prompts(frame: pl.DataFrame, tokenizer) -> pl.Series | None:
+    """The prompts rendered by the tokenizer's chat template, or None without a usable one."""
+    if not getattr(tokenizer, "chat_template", None) or frame.height == 0:
+        return None
+    conversations = trl_conversational(frame)["prompt"].to_list()
+    try:
+        rendered = tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    except Exception:  # a template that refuses a role (e.g. system): count the plain text instead
+        return None
+    return pl.Series(rendered, dtype=pl.String)
 
 
 # --- card statistics of the exported pairs ----------------------------------------------

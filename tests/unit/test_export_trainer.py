@@ -123,3 +123,19 @@ def test_card_statistics_length_bias_judge_agreement_and_single_order():
 def test_integrity_params_refuse_a_prompt_budget_above_the_total():
     with pytest.raises(ValueError, match="exceeds max_length"):
         IntegrityParams(max_length=128, max_prompt_length=256)
+
+
+@needs_tokenizer
+def test_a_chat_template_counts_the_prompt_as_the_trainer_renders_it(tokenizer):
+    frame = _pairs().head(1)
+    plain = check_integrity(frame, tokenizer, max_length=64)["prompt_tokens"][0]
+    saved = tokenizer.chat_template
+    tokenizer.chat_template = ("{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n"
+                               "{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+    try:
+        templated = check_integrity(frame, tokenizer, max_length=64)["prompt_tokens"][0]
+        # the turn markers count: a prompt that fits as plain text may not once templated
+        assert templated > plain
+        assert check_integrity(frame, tokenizer, max_length=templated + 1)["integrity_issue"][0] == PROMPT_FILLS_BUDGET
+    finally:
+        tokenizer.chat_template = saved
