@@ -10,8 +10,8 @@ sections, the way the stages plan them:
   sample when the generator is seeded; output tokens are an upper bound, every sample
   running to ``max_tokens``.
 - annotate: per judge, each scheduled pair in both orders per criterion (one verdict
-  request each; ``rationale_k`` adds that many rationale generations per order), and per
-  response and rubric aspect one rating request; the responses are assumed as long as
+  request each; ``rationale_k`` adds that many rationale generations per order), the gold
+  pairs of calibration in both orders, and per response and rubric aspect one rating request; the responses are assumed as long as
   their ``max_tokens`` allows (cut at ``max_response_chars``).
 - score: QuRating's pairwise judgments, ``sample_size`` items x ``pairs_per_item`` / 2
   comparisons per criterion, both orders (CritiQ, when enabled, is not estimated).
@@ -121,6 +121,7 @@ def estimate_build(config) -> list[EstimateRow]:
         shown_prompt = min(mean_prompt_chars, annotate.max_prompt_chars or math.inf)
         shown_response = min(mean_response_chars, annotate.max_response_chars or math.inf)
         criteria = len(annotate.criteria)
+        gold_pairs = _gold_pair_count(annotate)
         for judge in annotate.judges:
             verdicts = n_prompts * pairs * criteria * 2
             verdict_chars = TEMPLATE_CHARS + shown_prompt + 2 * shown_response
@@ -135,6 +136,9 @@ def estimate_build(config) -> list[EstimateRow]:
             else:
                 add("annotate", judge.pool, f"judge {judge.name}: verdicts ({pairs} pairs/prompt x {criteria} "
                     "criteria x 2 orders)", verdicts, verdicts * verdict_chars, verdicts)
+            if gold_pairs:  # the calibration unit judges the gold pairs in both orders
+                add("annotate", judge.pool, f"judge {judge.name}: calibration ({gold_pairs} gold pairs x 2 orders)",
+                    gold_pairs * 2, gold_pairs * 2 * verdict_chars, gold_pairs * 2)
             aspects = len(annotate.rubric_aspects)
             if aspects:
                 ratings = n_prompts * r * aspects
@@ -150,6 +154,12 @@ def estimate_build(config) -> list[EstimateRow]:
         add("score", score.pool, f"QuRating: {items} items x {q.pairs_per_item} comparisons", comparisons,
             comparisons * (TEMPLATE_CHARS + 2 * excerpt), comparisons)
     return rows
+
+
+def _gold_pair_count(annotate) -> int:
+    from prefcurate.steps.model_stages import _gold_pairs
+
+    return _gold_pairs(annotate).height
 
 
 def format_estimate(rows: list[EstimateRow], config=None) -> str:

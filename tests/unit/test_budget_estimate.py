@@ -108,6 +108,8 @@ def test_a_build_stops_at_the_budget_and_resumes_when_it_is_raised(tmp_path, stu
     assert run_pending_units("annotate", context_for(store.root, raised, "r3"), store) == len(todo)
     judgments = store.query("SELECT * FROM judgments")
     assert judgments.height > 0 and judgments["valid"].all()
+    verdicts = store.count("request_metrics") - metrics.height
+    assert sum(r.requests for r in estimate if r.stage == "annotate") == verdicts  # pairs x 2 + calibration x 2
     paths = store.query("SELECT verdict_path FROM request_metrics WHERE kind = 'score_choices'")["verdict_path"]
     assert paths.len() > 0 and (paths == "top_logprobs").all()
 
