@@ -32,6 +32,12 @@ Methods, each emitting at most one pair per prompt
 - (c) ours: :func:`apply_filters` with its defaults (mean jury, every default check,
   best_vs_worst by Bradley-Terry margin, one pair per prompt).
 
+Also printed (no RESULT keys): ``strategy judged`` (every candidate that passed the checks,
+as the jury oriented it), and the default filter on *hard* verdicts (each order thresholded
+to A or B, so a flip is an exact tie): its dropped pairs counted once by primary reason,
+next to the per-reason sum that used to count a flip three times. The baselines are
+tie-aware: a tied rating or a verdict of exactly 0.5 emits no pair.
+
 Reported: agreement = share of emitted pairs whose chosen has the higher latent quality,
 in percent. ``kept_share`` = prompts for which ours emits a pair / prompts, i.e. our pairs
 relative to the one pair per prompt that (a) emits; the share of candidate pairs that pass
@@ -254,6 +260,28 @@ def main() -> None:
             f"ours {agreement(pairs, quality):.1f} ({pairs.height / (args.prompts // 2):.3f} kept)"
         )
     print(f"sensitivity ({args.prompts // 2} prompts each): " + "; ".join(sensitivity))
+
+    # every consistent pair, as judged (strategy judged: no per-prompt cap, no margin cut)
+    judged, _, _ = apply_filters(judgments, ratings, responses, FilterParams(strategy="judged"))
+    print(f"strategy judged: {judged.height} pairs ({judged.height / report['candidates']:.3f} of the candidates), "
+          f"agreement {agreement(judged, truth):.1f}%")
+
+    # hard verdicts (each order answers A or B): a flip is an exact tie, which is also an
+    # abstention and low confidence; the report counts each such pair once (primary reason)
+    half = judgments.filter(pl.col("prompt_id") < f"p{args.prompts // 2:05d}")
+    hard = half.with_columns(
+        p_first_ab=(pl.col("p_first_ab") > 0.5).cast(pl.Float64),
+        p_first_ba=(pl.col("p_first_ba") > 0.5).cast(pl.Float64),
+    ).with_columns(p_a=(pl.col("p_first_ab") + 1.0 - pl.col("p_first_ba")) / 2.0)
+    hard_pairs, hard_drops, hard_report = apply_filters(hard, ratings, responses, FilterParams())
+    dropped = hard_drops.select("prompt_id", "response_a", "response_b").unique().height
+    print(
+        f"hard verdicts ({args.prompts // 2} prompts): ours {agreement(hard_pairs, truth):.1f}% on "
+        f"{hard_pairs.height} pairs; {dropped} dropped pairs = {sum(hard_report['drops_per_reason'].values())} "
+        f"counted by primary reason (the per-reason sum would say "
+        f"{sum(hard_report['failed_per_reason'].values())}); abstentions on "
+        f"{hard_report['abstentions']['pairs']} pairs"
+    )
 
     ours_agree, argmax_agree, single_agree = rows[2][2], rows[0][2], rows[1][2]
     kept_share = ours.height / n_prompts

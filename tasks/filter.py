@@ -757,10 +757,11 @@ def filter_report_frame(drops: pl.DataFrame, pairs: pl.DataFrame, responses: pl.
 # --- baselines --------------------------------------------------------------------------
 def argmax_baseline_pairs(ratings: pl.DataFrame, responses: pl.DataFrame) -> pl.DataFrame:
     """Distilabel-style binarisation: per prompt, the response with the highest mean rubric
-    score against the one with the lowest, with no margin, tie or position check (ties go to
-    the smaller response id for chosen, the larger for rejected, so they still emit a pair
-    when the prompt has two responses). PAIRS columns; ``p_chosen`` is NaN (no jury) and
-    ``margin`` the rubric score difference."""
+    score against the one with the lowest, with no margin or position check. Tie-aware: a
+    prompt whose best and worst scores are equal emits no pair (a tied rating is a tie, not a
+    win for one side); among responses sharing the best (worst) score the smaller (larger)
+    id is taken. PAIRS columns; ``p_chosen`` is NaN (no jury) and ``margin`` the rubric
+    score difference."""
     scores = response_scores(ratings).join(
         responses.select("response_id", "prompt_id", "generator").unique("response_id"), on="response_id"
     )
@@ -784,7 +785,7 @@ def argmax_baseline_pairs(ratings: pl.DataFrame, responses: pl.DataFrame) -> pl.
     )
     selected = (
         best.join(worst, on="prompt_id")
-        .filter(pl.col("chosen_id") != pl.col("rejected_id"))
+        .filter((pl.col("chosen_id") != pl.col("rejected_id")) & (pl.col("chosen_score") > pl.col("rejected_score")))
         .with_columns(
             p_chosen=pl.lit(float("nan")),
             margin=pl.col("chosen_score") - pl.col("rejected_score"),
@@ -801,7 +802,8 @@ def single_order_pairs(
     per_prompt: Literal["best_vs_worst", "all"] = "best_vs_worst",
 ) -> pl.DataFrame:
     """A naive single-order pairwise judge: one judge (``judge``; default the first by name),
-    only the a-first presentation (``p_first_ab``), verdicts taken at face value.
+    only the a-first presentation (``p_first_ab``), verdicts taken at face value. Tie-aware:
+    a verdict of exactly 0.5 orients nothing (it is a tie, not a win for b).
 
     ``all``: every judged pair, oriented by that verdict. ``best_vs_worst``: per prompt,
     responses ranked by Copeland score (wins - losses) and the judged pair with the largest
@@ -811,7 +813,11 @@ def single_order_pairs(
     if judge is None:
         judge = rows["judge"].min() if rows.height else None
     rows = rows.filter(pl.col("judge") == judge)
-    verdicts = rows.group_by(PAIR_KEY).agg(pl.col("p_first_ab").cast(pl.Float64).mean().alias("p"))
+    verdicts = (
+        rows.group_by(PAIR_KEY)
+        .agg(pl.col("p_first_ab").cast(pl.Float64).mean().alias("p"))
+        .filter((pl.col("p") - 0.5).abs() > _TIE_EPS)
+    )
     a_wins = pl.col("p") > 0.5
     oriented = verdicts.with_columns(
         chosen_id=pl.when(a_wins).then(pl.col("response_a")).otherwise(pl.col("response_b")),

@@ -276,3 +276,16 @@ def test_with_the_position_check_off_a_flip_is_no_abstention():
     assert report["abstentions"]["verdicts"] == 0
     _, drops, _ = run(jud, confidence={"min_margin": 0.0})
     assert {F.POSITION_FLIP, F.JUDGE_ABSTAINED} <= set(drops["reason"])
+
+
+# --- honest baselines -------------------------------------------------------------------
+def test_baselines_treat_a_tie_as_a_tie():
+    from tests.unit.test_filter import ratings
+
+    resp = pl.concat([responses(ids=("A", "B")), responses(ids=("C", "D"), prompt="p2")])
+    rat = pl.concat([ratings({"A": 3.0, "B": 3.0}), ratings({"C": 4.0, "D": 2.0}, prompt="p2")])
+    pairs = F.argmax_baseline_pairs(rat, resp)
+    assert pairs.select("chosen_id", "rejected_id").rows() == [("C", "D")]  # p1's scores tie
+    jud = judgments(judgment("A", "B", 0.5), judgment("C", "D", 0.3, prompt="p2"))
+    single = F.single_order_pairs(jud, per_prompt="all")
+    assert single.select("chosen_id", "rejected_id").rows() == [("D", "C")]  # 0.5 orients nothing
