@@ -45,6 +45,11 @@ def status_text(store: Store) -> str:
     quarantine = store.query("SELECT * FROM quarantine_summary")
     if quarantine.height:
         out.write("quarantine by stage and reason\n" + _table(quarantine) + "\n\n")
+    from prefcurate.tasks.estimate import spend_by_pool
+
+    spend = spend_by_pool(store)
+    if spend is not None:
+        out.write("requests and spend of priced pools (USD)\n" + _table(spend) + "\n\n")
     for title, sql in (
         ("judge calibration (gold pairs)",
          "SELECT DISTINCT ON (judge) judge, judge_model, gold_pairs, round(accuracy, 3) AS accuracy, "

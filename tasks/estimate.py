@@ -193,6 +193,16 @@ def spent_usd(store) -> float:
     return float(total or 0.0)
 
 
+def spend_by_pool(store):
+    """Requests, tokens and USD per pool of the priced pools' requests (None: nothing priced)."""
+    if spent_usd(store) <= 0:
+        return None
+    return store.query(
+        "SELECT pool, count(*) AS requests, sum(tokens_in) AS tokens_in, sum(tokens_out) AS tokens_out, "
+        "round(sum(cost_usd), 4) AS usd FROM request_metrics WHERE cost_usd IS NOT NULL GROUP BY pool ORDER BY pool"
+    )
+
+
 def check_budget(config: dict[str, Any] | Any, store, stage: str, unit_key: str) -> None:
     """Raise :class:`BudgetExhausted` when the dataset's spend reached ``budget.max_usd``."""
     budget = config.get("budget") if isinstance(config, dict) else getattr(config, "budget", None)

@@ -113,6 +113,10 @@ def test_a_build_stops_at_the_budget_and_resumes_when_it_is_raised(tmp_path, stu
     paths = store.query("SELECT verdict_path FROM request_metrics WHERE kind = 'score_choices'")["verdict_path"]
     assert paths.len() > 0 and (paths == "top_logprobs").all()
 
+    from prefcurate.report import status_text
+
+    assert "requests and spend of priced pools (USD)" in status_text(store)
+
     # the key went into Authorization headers only: no file of the dataset holds it
     for path in store.root.rglob("*"):
         if path.is_file():
