@@ -257,8 +257,9 @@ class AnnotateParams(BaseModel):
         resolve_criteria(self.criteria, self.custom_criteria)
         resolve_rubrics(self.rubric_aspects, self.custom_rubrics)
         for judge in self.judges:
-            judge_mode(judge, self).templates()  # loads and validates them
-            if self.rubric_aspects:
+            mode = judge_mode(judge, self)
+            mode.templates()  # loads and validates them
+            if self.rubric_aspects and mode.rates_responses:
                 load_template(judge.rubric_template, "rubric")
         return self
 
@@ -300,10 +301,11 @@ def check_judge_pools(
 def judge_template_hashes(judge: JudgeSpec, params: AnnotateParams, verdicts_only: bool = False) -> dict[str, str]:
     """The hashes of the templates ``judge`` uses under ``params`` (role -> hash), read from
     the files now: they enter the unit keys, so a template edited in place is judged again.
-    Every template of the judge's mode, and the rubric template when aspects are rated;
-    ``verdicts_only``: the mode's templates alone (calibration's)."""
-    hashes = judge_mode(judge, params).template_hashes()
-    if params.rubric_aspects and not verdicts_only:
+    Every template of the judge's mode, and the rubric template when the judge rates
+    aspects; ``verdicts_only``: the mode's templates alone (calibration's)."""
+    mode = judge_mode(judge, params)
+    hashes = mode.template_hashes()
+    if params.rubric_aspects and mode.rates_responses and not verdicts_only:
         hashes["rubric"] = load_template(judge.rubric_template, "rubric").hash
     return hashes
 
@@ -642,11 +644,12 @@ def rate_responses(
     """Rubric scores 1-5 per (usable response, aspect): RATINGS rows.
 
     ``probs`` are P("1") .. P("5") normalised over the five digits and ``expected_score``
-    is ``sum s * p(s)``.
+    is ``sum s * p(s)``. A judge whose mode does not rate responses
+    (``JudgeMode.rates_responses``) gives none.
     """
     params = params or AnnotateParams(judges=[judge])
     rubrics = resolve_rubrics(params.rubric_aspects, params.custom_rubrics)
-    if not rubrics:
+    if not rubrics or not judge_mode(judge, params).rates_responses:
         return pl.DataFrame(schema=RATING_COLUMNS)
     _require(responses, ["response_id", "prompt_id", "text"], "responses")
     _require(prompts, ["prompt_id", "prompt"], "prompts")
