@@ -35,6 +35,10 @@ A mode class declares, as class attributes:
   starts. :meth:`JudgeMode.check_pool` runs at plan time, before any engine is opened
   (``check_judge_pools`` in ``tasks/annotate.py``): override it to refuse a pool that cannot
   serve the mode (a reward mode given a generative model), naming judge and pool.
+- ``rates_responses``: whether the judge also gives the rubric ratings (1-5 per aspect, a
+  ``score_choices`` call on the same engine). False for a mode whose engine cannot read
+  option probabilities (a pooling reward model): the judge then rates nothing, and the
+  rubric template leaves its unit keys.
 
 and implements:
 
@@ -341,6 +345,8 @@ class JudgeMode:
     Options: ClassVar[type[BaseModel]] = NoOptions
     needs_both_orders: ClassVar[bool] = True
     engine_calls: ClassVar[tuple[str, ...]] = ("score_choices",)
+    #: the judge also rates each response on the rubric aspects (a ``score_choices`` call)
+    rates_responses: ClassVar[bool] = True
 
     def __init__(self, judge: JudgeSpec, options: BaseModel | None = None):
         self.judge_spec = judge

@@ -206,6 +206,7 @@ class LengthMode(JudgeMode):
     Options = _LengthOptions
     needs_both_orders = False
     engine_calls = ()
+    rates_responses = False
 
     def template_names(self):
         return {"pairwise": (self.judge_spec.template, "pairwise")}
@@ -228,10 +229,18 @@ def test_a_position_free_mode_joins_the_jury_without_a_second_order(length_mode)
     prompts, responses = _frames()
     free = JudgeSpec(name="free", mode="test_length")
     engine = Recorder(choice_fn=biased_pairwise)
-    params = AnnotateParams(judges=[free, JudgeSpec(name="quick")], rubric_aspects=[])
-    result = annotate(responses, prompts, params, {"free": engine, "quick": Recorder(choice_fn=biased_pairwise)})
+    quick = JudgeSpec(name="quick")
+    params = AnnotateParams(judges=[free, quick], rubric_aspects=["honesty"])
+
+    def any_choice(prompt, options):
+        return biased_pairwise(prompt, options) if options == ("A", "B") else [1, 1, 1, 1, 1]
+
+    result = annotate(responses, prompts, params, {"free": engine, "quick": Recorder(choice_fn=any_choice)})
     mine = result.judgments.filter(pl.col("judge") == "free")
     assert engine.choice_batches == [] and mine.height == 4 and mine["valid"].all()
+    # it rates nothing (its engine may not read option probabilities): no rubric in its keys
+    assert set(result.ratings["judge"]) == {"quick"}
+    assert "rubric" not in judge_template_hashes(free, params) and "rubric" in judge_template_hashes(quick, params)
     assert mine["p_first_ab"].null_count() == mine.height and mine["bpde"].null_count() == mine.height
     assert set(mine["mode"]) == {"test_length"}
     assert mode_class("test_length") is LengthMode
