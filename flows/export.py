@@ -1,26 +1,6 @@
-"""The export stage as a Prefect flow: run alone (``prefcurate run export``, its deployment in
-prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
+"""The export stage's Prefect flow: run alone (``prefcurate run export``, the ``export-adhoc``
+deployment in prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
 
-from __future__ import annotations
+from prefcurate.flows.stage import stage_flow
 
-from prefect import flow
-
-from prefcurate.flows.common import RunParameters
-from prefcurate.flows.stage import run_stage_flow
-from prefcurate.tasks.export_config import ExportParams
-
-
-@flow(name="export", log_prints=True)
-def export_flow(parameters: RunParameters = RunParameters(), stage_params: ExportParams | None = None,
-                cluster: str | None = None, parent_run: str | None = None) -> dict:
-    """The export stage: DPO JSONL, Parquet and a dataset card.
-
-    Args:
-        parameters: the config file, dataset and dotted overrides.
-        stage_params: the config's `export` section, field by field: the fields given here
-            replace the file's (the rest keep the file's values).
-        cluster: a Dask scheduler address to run the units on; default: the config's
-            `executor` (a local cluster of its own).
-        parent_run: the build run this stage belongs to (set by build-dataset).
-    """
-    return run_stage_flow("export", parameters, stage_params, cluster, parent_run)
+export_flow = stage_flow("export")

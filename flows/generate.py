@@ -1,26 +1,6 @@
-"""The generate stage as a Prefect flow: run alone (``prefcurate run generate``, its deployment in
-prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
+"""The generate stage's Prefect flow: run alone (``prefcurate run generate``, the ``generate-adhoc``
+deployment in prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
 
-from __future__ import annotations
+from prefcurate.flows.stage import stage_flow
 
-from prefect import flow
-
-from prefcurate.flows.common import RunParameters
-from prefcurate.flows.stage import run_stage_flow
-from prefcurate.tasks.generate import GenerateParams
-
-
-@flow(name="generate", log_prints=True)
-def generate_flow(parameters: RunParameters = RunParameters(), stage_params: GenerateParams | None = None,
-                  cluster: str | None = None, parent_run: str | None = None) -> dict:
-    """The generate stage: sample responses for every prompt shard.
-
-    Args:
-        parameters: the config file, dataset and dotted overrides.
-        stage_params: the config's `generate` section, field by field: the fields given here
-            replace the file's (the rest keep the file's values).
-        cluster: a Dask scheduler address to run the units on; default: the config's
-            `executor` (a local cluster of its own).
-        parent_run: the build run this stage belongs to (set by build-dataset).
-    """
-    return run_stage_flow("generate", parameters, stage_params, cluster, parent_run)
+generate_flow = stage_flow("generate")

@@ -1,26 +1,6 @@
-"""The select stage as a Prefect flow: run alone (``prefcurate run select``, its deployment in
-prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
+"""The select stage's Prefect flow: run alone (``prefcurate run select``, the ``select-adhoc``
+deployment in prefect.yaml) or as a subflow of ``build-dataset``; the same flow either way."""
 
-from __future__ import annotations
+from prefcurate.flows.stage import stage_flow
 
-from prefect import flow
-
-from prefcurate.flows.common import RunParameters
-from prefcurate.flows.stage import run_stage_flow
-from prefcurate.tasks.selection import SelectParams
-
-
-@flow(name="select", log_prints=True)
-def select_flow(parameters: RunParameters = RunParameters(), stage_params: SelectParams | None = None,
-                cluster: str | None = None, parent_run: str | None = None) -> dict:
-    """The select stage: embeddings, dedup and a diverse subset.
-
-    Args:
-        parameters: the config file, dataset and dotted overrides.
-        stage_params: the config's `select` section, field by field: the fields given here
-            replace the file's (the rest keep the file's values).
-        cluster: a Dask scheduler address to run the units on; default: the config's
-            `executor` (a local cluster of its own).
-        parent_run: the build run this stage belongs to (set by build-dataset).
-    """
-    return run_stage_flow("select", parameters, stage_params, cluster, parent_run)
+select_flow = stage_flow("select")

@@ -1,16 +1,20 @@
-"""The body every stage flow shares: its units go to the executor the config names.
+"""Every stage's Prefect flow, made from the stage registry; and the body they share.
 
-Each stage has its own flow (``flows/<stage>.py``, one Prefect flow named like the stage);
+Each stage has its own flow (``flows/<stage>.py`` holds ``<stage>_flow = stage_flow(...)``,
+the entrypoint its deployment names), a Prefect flow named like the stage.
 ``prefcurate run <stage>``, its deployment and the build (as a subflow) all run that flow,
-so the Prefect UI shows one shape everywhere: ``build-dataset`` > ``<stage>`` > the
-stage's unit task runs, named ``<stage>-<unit key prefix>``.
+so the Prefect UI shows one shape everywhere: ``build-dataset`` > ``<stage>`` > the stage's
+unit task runs, named ``<stage>-<unit key prefix>``. The flow's form in the UI is typed with
+the stage's params model (``stage_params``), so it shows every parameter of the stage.
 """
 
-from __future__ import annotations
+from typing import Optional
 
+from prefect import Flow, flow
 from pydantic import BaseModel
 
 from prefcurate.flows.common import RunParameters, dask_cluster, resolve, run_stage, task_runner_for
+from prefcurate.stages import load, stage_spec
 
 
 def with_stage_params(parameters: RunParameters, stage: str, stage_params: BaseModel | None) -> RunParameters:
@@ -33,3 +37,31 @@ def run_stage_flow(stage: str, parameters: RunParameters, stage_params: BaseMode
     config, store = resolve(parameters)
     with dask_cluster(config, cluster) as scheduler, task_runner_for(config, scheduler) as runner:
         return run_stage(stage, config, store, parameters.config_path, parent_run, runner=runner)
+
+
+_DOC = """The {stage} stage: {summary}.
+
+Args:
+    parameters: the config file, dataset and dotted overrides.
+    stage_params: the config's `{stage}` section, field by field: the fields given here
+        replace the file's (the rest keep the file's values).
+    cluster: a Dask scheduler address to run the units on; default: the config's
+        `executor` (a local cluster of its own).
+    parent_run: the build run this stage belongs to (set by build-dataset).
+"""
+
+
+def stage_flow(stage: str) -> Flow:
+    """The Prefect flow of ``stage``, named like it; its ``stage_params`` typed with the
+    params model the registry names (annotations are evaluated here, not postponed, so the
+    form's schema sees the real model)."""
+    spec = stage_spec(stage)
+    params_model = load(spec.params)
+
+    def run(parameters: RunParameters = RunParameters(), stage_params: Optional[params_model] = None,
+            cluster: Optional[str] = None, parent_run: Optional[str] = None) -> dict:
+        return run_stage_flow(stage, parameters, stage_params, cluster, parent_run)
+
+    run.__name__ = run.__qualname__ = spec.flow.split(":")[1]
+    run.__doc__ = _DOC.format(stage=stage, summary=spec.summary)
+    return flow(name=stage, description=f"The {stage} stage: {spec.summary}.", log_prints=True)(run)

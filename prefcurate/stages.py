@@ -4,7 +4,8 @@ The config's default ``stages`` and its section models, ``STAGE_ORDER``, the CLI
 the step table (:func:`prefcurate.steps.get_step`), the Prefect flows and the tests all read
 this tuple. Adding a stage = one entry here, its ``Step`` (``prefcurate/steps/``), its params
 model (``tasks/``), its section field on ``PipelineConfig`` (checked against this entry at
-import) and its flow file ``flows/<name>.py`` (plus a ``prefect.yaml`` deployment).
+import), its flow file ``flows/<name>.py`` (one line: ``<name>_flow = stage_flow("<name>")``)
+and a ``<name>-adhoc`` deployment in ``prefect.yaml``.
 
 Entries name their classes by ``module:attribute`` so importing the registry stays cheap (the
 CLI reads it for its help text before any stage module loads).
@@ -24,27 +25,30 @@ class StageSpec:
     step: str
     #: ``module:Class`` of the pydantic model of its config section (``PipelineConfig.<name>``)
     params: str
-    #: ``module:function`` of its Prefect flow (``flows/<name>.py``), run alone or in a build
-    flow: str
-    #: one line for the CLI and the docs
+    #: one line for the CLI, the flow's description and the docs
     summary: str
+
+    @property
+    def flow(self) -> str:
+        """``module:function`` of its Prefect flow (``flows/<name>.py``), run alone or in a build."""
+        return f"prefcurate.flows.{self.name}:{self.name}_flow"
 
 
 STAGES: tuple[StageSpec, ...] = (
-    StageSpec("ingest", "prefcurate.steps.ingest:IngestStep", "prefcurate.tasks.ingest:IngestParams",
-              "prefcurate.flows.ingest:ingest_flow", "read prompts: validate, normalise, de-duplicate, shard"),
-    StageSpec("generate", "prefcurate.steps.model_stages:GenerateStep", "prefcurate.tasks.generate:GenerateParams",
-              "prefcurate.flows.generate:generate_flow", "sample candidate responses per prompt"),
-    StageSpec("annotate", "prefcurate.steps.model_stages:AnnotateStep", "prefcurate.tasks.annotate:AnnotateParams",
-              "prefcurate.flows.annotate:annotate_flow", "judge response pairs (both orders) into verdicts"),
-    StageSpec("filter", "prefcurate.steps.filter:FilterStep", "prefcurate.tasks.filter:FilterParams",
-              "prefcurate.flows.filter:filter_flow", "drop pairs by the enabled checks, each with a reason"),
-    StageSpec("score", "prefcurate.steps.score_select:ScoreStep", "prefcurate.tasks.score:ScoreParams",
-              "prefcurate.flows.score:score_flow", "score prompt quality (QuRating, CritiQ)"),
-    StageSpec("select", "prefcurate.steps.score_select:SelectStep", "prefcurate.tasks.selection:SelectParams",
-              "prefcurate.flows.select:select_flow", "choose a diverse, high-quality subset within a budget"),
-    StageSpec("export", "prefcurate.steps.score_select:ExportStep", "prefcurate.tasks.export_config:ExportParams",
-              "prefcurate.flows.export:export_flow", "write DPO JSONL, Parquet and a dataset card"),
+    StageSpec("ingest", "prefcurate.steps.ingest:IngestStep",
+              "prefcurate.tasks.ingest:IngestParams", "read prompts: validate, normalise, de-duplicate, shard"),
+    StageSpec("generate", "prefcurate.steps.model_stages:GenerateStep",
+              "prefcurate.tasks.generate:GenerateParams", "sample candidate responses per prompt"),
+    StageSpec("annotate", "prefcurate.steps.model_stages:AnnotateStep",
+              "prefcurate.tasks.annotate:AnnotateParams", "judge response pairs (both orders) into verdicts"),
+    StageSpec("filter", "prefcurate.steps.filter:FilterStep",
+              "prefcurate.tasks.filter:FilterParams", "drop pairs by the enabled checks, each with a reason"),
+    StageSpec("score", "prefcurate.steps.score_select:ScoreStep",
+              "prefcurate.tasks.score:ScoreParams", "score quality (QuRating, CritiQ)"),
+    StageSpec("select", "prefcurate.steps.score_select:SelectStep",
+              "prefcurate.tasks.selection:SelectParams", "choose a diverse, high-quality subset within a budget"),
+    StageSpec("export", "prefcurate.steps.score_select:ExportStep",
+              "prefcurate.tasks.export_config:ExportParams", "write DPO JSONL, Parquet and a dataset card"),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)

@@ -21,6 +21,13 @@ TEXTS = {
 }
 
 
+#: the JUDGMENTS columns a hand-made or simulated verdict holds the same value in
+_FIXED = {"template": "pairwise", "template_hash": "t0", "mode": "probability"}
+#: the JUDGMENTS data columns, in the table's order
+JUDGMENT_COLUMNS = ("judgment_id", "prompt_id", "response_a", "response_b", "judge", "judge_model", "criterion",
+                    *_FIXED, "p_first_ab", "p_first_ba", "p_a", "valid", "error")
+
+
 def judgment(
     a, b, p_ab, p_ba=None, judge="j1", model="acme/judge-7b", prompt="p1", criterion="overall", valid=True
 ) -> dict:
@@ -29,23 +36,10 @@ def judgment(
         a, b = b, a
         p_ab, p_ba = (p_ba if p_ba is not None else 1.0 - p_ab), p_ab
     p_ba = 1.0 - p_ab if p_ba is None else p_ba
-    return {
-        "judgment_id": content_id(prompt, a, b, judge, criterion, p_ab, p_ba),
-        "prompt_id": prompt,
-        "response_a": a,
-        "response_b": b,
-        "judge": judge,
-        "judge_model": model,
-        "criterion": criterion,
-        "template": "pairwise",
-        "template_hash": "t0",
-        "mode": "probability",
-        "p_first_ab": p_ab,
-        "p_first_ba": p_ba,
-        "p_a": (p_ab + 1.0 - p_ba) / 2.0,
-        "valid": valid,
-        "error": None,
-    }
+    row = dict(judgment_id=content_id(prompt, a, b, judge, criterion, p_ab, p_ba), prompt_id=prompt,
+               response_a=a, response_b=b, judge=judge, judge_model=model, criterion=criterion, p_first_ab=p_ab,
+               p_first_ba=p_ba, p_a=(p_ab + 1.0 - p_ba) / 2.0, valid=valid, error=None, **_FIXED)
+    return {name: row[name] for name in JUDGMENT_COLUMNS}
 
 
 def judgments(*rows: dict) -> pl.DataFrame:
@@ -58,26 +52,11 @@ def judgments_from_arrays(
     judge_model: str | None = None, valid: bool | np.ndarray = True, criterion: str = "overall",
 ) -> pl.DataFrame:
     """A judge's JUDGMENTS frame from columns (a bench's simulated verdicts), built at once."""
-    return pl.DataFrame(
-        {
-            "judgment_id": [f"{judge}-{k}" for k in range(len(p_ab))],
-            "prompt_id": prompt_ids,
-            "response_a": response_a,
-            "response_b": response_b,
-            "judge": judge,
-            "judge_model": judge_model or judge,
-            "criterion": criterion,
-            "template": "pairwise",
-            "template_hash": "t0",
-            "mode": "probability",
-            "p_first_ab": p_ab,
-            "p_first_ba": p_ba,
-            "p_a": (p_ab + 1.0 - p_ba) / 2.0,
-            "valid": valid,
-            "error": None,
-        },
-        schema_overrides={"error": pl.String},
-    )
+    columns = dict(judgment_id=[f"{judge}-{k}" for k in range(len(p_ab))], prompt_id=prompt_ids,
+                   response_a=response_a, response_b=response_b, judge=judge, judge_model=judge_model or judge,
+                   criterion=criterion, p_first_ab=p_ab, p_first_ba=p_ba, p_a=(p_ab + 1.0 - p_ba) / 2.0,
+                   valid=valid, error=None, **_FIXED)
+    return pl.DataFrame({name: columns[name] for name in JUDGMENT_COLUMNS}, schema_overrides={"error": pl.String})
 
 
 def responses(
