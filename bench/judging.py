@@ -52,11 +52,32 @@ in chunks of ``CHUNK`` verdicts (rotating which goes first) over ``ROUNDS`` roun
 times are summed, so bursts of load from other processes hit all alike. CPU-seconds of the
 engine processes are printed too (robust to other load).
 
+Position-free judges (``--position-free-only`` runs these and ours alone, ~4 min): the
+``density_ratio`` mode on the same generative engine (the expert-preamble context over the
+plain one, two prefills per response, ``prompt_logprobs``) and the ``reward_model`` mode on
+the seeded reward checkpoint (``prefcurate.inference.reward_models``: the embedded model
+with a random score head, on vLLM's pooling runner, a second in-process engine), judging
+the same 42 gold pairs. They are timed in turn with ours (its 84 both-orders requests),
+prefix cache reset before each call, over ``ROUNDS`` rounds; the figure is *pair*
+verdicts/s (ours needs two requests per pair verdict, they one score per response, each
+response once). The temperature is given (1.0): fitting it on the gold pairs is a one-off
+per model, timed and printed apart. The reward head is random: its agreement with gold is
+printed but means nothing. Measured here (``--position-free-only``, 2 cores, other jobs
+waiting on the machine): ours 11.5 pair verdicts/s, reward_model 28.4 (x2.46), density_ratio
+1.18 (x0.10). The density ratio is slow on this model because ``prompt_logprobs`` makes vLLM
+run the 262k-word output layer (and a log-softmax over it) at *every* prompt position, the
+expert preamble's included, and such requests skip the prefix cache; ours runs it at one
+position after a prefix-cached prompt. The fitted temperatures: reward_model ``inf`` (the
+random head carries no signal: every verdict a tie), density_ratio 13 (agreement with gold
+0.60 on 42 pairs, not distinguishable from chance).
+
 Last line: ``RESULT speedup=<explanation-first free-text s per verdict / ours>
 parse_failures=<ours> baseline_parse_failures=<explanation-first> decode_tokens=<baseline's
 mean per verdict> speedup_mtbench_length=<..> mtbench_length_parse_failures=<..>
 speedup_short_evidence=<..> short_evidence_parse_failures=<..>
-speedup_verdict_only=<..> verdict_only_parse_failures=<..>``.
+speedup_verdict_only=<..> verdict_only_parse_failures=<..> probability_pairs_per_s=<..> reward_model_pairs_per_s=<..>
+density_ratio_pairs_per_s=<..> reward_model_vs_probability=<..> density_ratio_vs_probability=<..>``
+(the free-text keys are ``na`` with ``--position-free-only``).
 """
 
 from __future__ import annotations
@@ -219,9 +240,88 @@ def reset_prefix_cache(engine) -> None:
         llm.reset_prefix_cache()
 
 
+def gold_jobs() -> tuple[pl.DataFrame, np.ndarray]:
+    """The gold pairs as judge-mode jobs (one per pair), and whether response_a won."""
+    gold = load_gold_pairs()
+    jobs = gold.with_row_index("job").select(
+        "job", "prompt", pl.col("response_a").alias("text_a"), pl.col("response_b").alias("text_b"),
+        pl.lit(resolve_criteria(["overall"])["overall"]).alias("criterion_description"),
+    )  # fmt: skip
+    return jobs, (gold["winner"] == "A").to_numpy()
+
+
+def position_free_modes():
+    from prefcurate.tasks.judge_modes_position_free import (
+        DensityRatioMode,
+        DensityRatioOptions,
+        RewardModelMode,
+        RewardModelOptions,
+    )
+
+    return (
+        RewardModelMode(JudgeSpec(name="bench-reward"), RewardModelOptions(temperature=1.0)),
+        DensityRatioMode(JudgeSpec(name="bench-cdr"), DensityRatioOptions(temperature=1.0)),
+    )
+
+
+def bench_position_free(engine, prompts: list[str]) -> dict[str, float]:
+    """Ours vs the reward-model and density-ratio modes on the same gold pairs (docstring)."""
+    from prefcurate.inference.reward_models import prepare_seeded_reward_model
+    from prefcurate.inference.vllm_engine import VLLMEngine
+
+    jobs, a_wins = gold_jobs()
+    pairs = jobs.height
+    loading = time.perf_counter()
+    reward_engine = VLLMEngine(str(prepare_seeded_reward_model()), name="bench-reward", kv_cache_space_gb=1)
+    print(f"reward engine ({reward_engine.runner} runner) loaded in {time.perf_counter() - loading:.0f} s", flush=True)
+    reward_mode, density_mode = position_free_modes()
+    wall = {"ours": 0.0, "reward_model": 0.0, "density_ratio": 0.0}
+    agreement: dict[str, float] = {}
+    try:
+        reward_mode.judge(jobs.head(2), reward_engine)  # warm-up
+        density_mode.judge(jobs.head(2), engine)
+        order = list(wall)
+        for round_index in range(ROUNDS):
+            shift = round_index % len(order)
+            for method in order[shift:] + order[:shift]:
+                target = reward_engine if method == "reward_model" else engine
+                reset_prefix_cache(target)
+                started = time.perf_counter()
+                if method == "ours":
+                    score_options(engine, prompts, PAIRWISE_OPTIONS, batch_size=BATCH)
+                else:
+                    mode = reward_mode if method == "reward_model" else density_mode
+                    p_a = mode.judge(jobs, target, batch_size=BATCH).p_a
+                    margin = np.where(np.abs(p_a - 0.5) < 1e-9, 0.0, p_a - 0.5)
+                    agreement[method] = float(np.mean(np.where(a_wins, margin > 0, margin < 0)))
+                wall[method] += time.perf_counter() - started
+            print(f"position-free round {round_index + 1} (cumulative): "
+                  + ", ".join(f"{m} {wall[m]:.1f} s" for m in order), flush=True)
+        fitting = time.perf_counter()
+        from prefcurate.tasks.judge_modes_position_free import DensityRatioMode, RewardModelMode
+
+        fitted = {
+            "reward_model": RewardModelMode(JudgeSpec(name="fit-reward")).fit_on_gold(reward_engine, BATCH),
+            "density_ratio": DensityRatioMode(JudgeSpec(name="fit-cdr")).fit_on_gold(engine, BATCH),
+        }
+        print(f"temperature fitted on the {pairs} gold pairs in {time.perf_counter() - fitting:.1f} s (both): "
+              + ", ".join(f"{m} t={t:.3g}" for m, t in fitted.items()))
+    finally:
+        reward_engine.close()
+    rates = {m: ROUNDS * pairs / wall[m] for m in wall}
+    for method, rate in rates.items():
+        requests = {"ours": "2 requests per pair", "reward_model": "1 reward per response",
+                    "density_ratio": "2 prefills per response"}[method]
+        extra = f"  agreement with gold {agreement[method]:.2f}" if method in agreement else ""
+        print(f"{method:14s}: {rate:7.2f} pair verdicts/s  ({requests}){extra}  "
+              f"x{rate / rates['ours']:.2f} vs probability")
+    return rates
+
+
 def main() -> None:
     from prefcurate.inference.pools import EmbeddedPoolConfig, open_engine
 
+    position_free_only = "--position-free-only" in sys.argv[1:]
     prompts, explain_prompts, evidence_prompts, first_is_better = build_prompts()
     verdict_prompts = [p[: -len(VERDICT_CUE)] for p in prompts]
     assert all(p.endswith(VERDICT_CUE) for p in prompts)
@@ -233,7 +333,7 @@ def main() -> None:
     engine = open_engine("bench-judge", EmbeddedPoolConfig(kv_cache_space_gb=1))
     print(f"engine {engine.model} loaded in {time.perf_counter() - loading:.0f} s", flush=True)
     p_first = np.full(n, np.nan)
-    free = {
+    free = {} if position_free_only else {
         "explain": FreeTextJudge("free text, explanation", explain_prompts, EXPLAIN_MAX_TOKENS),
         "explain_94": FreeTextJudge("explanation, MT-Bench length", explain_prompts, FORCED_MAX_TOKENS,
                                     MTBENCH_EXPLANATION_TOKENS),
@@ -273,6 +373,7 @@ def main() -> None:
             print(f"round {round_index + 1} (cumulative): "
                   + ", ".join(f"{m} {wall[m]:.1f} s ({cpu[m]:.1f} cpu-s)" for m in order), flush=True)
         metrics = engine.drain_metrics() if hasattr(engine, "drain_metrics") else []
+        rates = bench_position_free(engine, prompts)
     finally:
         engine.close()
 
@@ -301,16 +402,28 @@ def main() -> None:
     prompt_tokens = [m["tokens_in"] for m in metrics if m["kind"] == "score_choices" and m["tokens_in"]]
     if prompt_tokens:
         print(f"prompt tokens per verdict (ours): {np.mean(prompt_tokens):.0f} ({PREFIX_NOTE})")
+    def ratio(method: str) -> str:
+        return f"{per[method] / per['ours']:.2f}" if method in per else "na"
+
+    def count(method: str) -> str:
+        return str(failures[method]) if method in failures else "na"
+
+    decode_tokens = f"{np.mean(free['explain'].tokens):.1f}" if "explain" in free else "na"
     print(
-        f"RESULT speedup={per['explain'] / per['ours']:.2f} parse_failures={ours_failures} "
-        f"baseline_parse_failures={failures['explain']} "
-        f"decode_tokens={np.mean(free['explain'].tokens):.1f} "
-        f"speedup_mtbench_length={per['explain_94'] / per['ours']:.2f} "
-        f"mtbench_length_parse_failures={failures['explain_94']} "
-        f"speedup_short_evidence={per['evidence'] / per['ours']:.2f} "
-        f"short_evidence_parse_failures={failures['evidence']} "
-        f"speedup_verdict_only={per['verdict'] / per['ours']:.2f} "
-        f"verdict_only_parse_failures={failures['verdict']}"
+        f"RESULT speedup={ratio('explain')} parse_failures={ours_failures} "
+        f"baseline_parse_failures={count('explain')} "
+        f"decode_tokens={decode_tokens} "
+        f"speedup_mtbench_length={ratio('explain_94')} "
+        f"mtbench_length_parse_failures={count('explain_94')} "
+        f"speedup_short_evidence={ratio('evidence')} "
+        f"short_evidence_parse_failures={count('evidence')} "
+        f"speedup_verdict_only={ratio('verdict')} "
+        f"verdict_only_parse_failures={count('verdict')} "
+        f"probability_pairs_per_s={rates['ours']:.2f} "
+        f"reward_model_pairs_per_s={rates['reward_model']:.2f} "
+        f"density_ratio_pairs_per_s={rates['density_ratio']:.2f} "
+        f"reward_model_vs_probability={rates['reward_model'] / rates['ours']:.2f} "
+        f"density_ratio_vs_probability={rates['density_ratio'] / rates['ours']:.2f}"
     )
 
 
