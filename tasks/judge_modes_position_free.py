@@ -151,6 +151,9 @@ class PositionFreeMode(JudgeMode):
     """Scores each distinct response once; ``p_a`` from the score difference (module docstring)."""
 
     needs_both_orders = False
+    #: no rubric ratings: a reward model has no "1".."5" answer to read, and the density
+    #: ratio judge's job is the pair verdict (its pool can still rate under another judge)
+    rates_responses = False
     Options: ClassVar[type[BaseModel]] = PositionFreeOptions
     #: the vLLM runner the pool's model must be on, and the server route that shows it
     runner: ClassVar[str]

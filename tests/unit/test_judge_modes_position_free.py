@@ -279,3 +279,15 @@ def test_the_annotate_plan_check_refuses_a_reward_judge_on_a_generative_pool():
     params = AnnotateParams(judges=[judge], rubric_aspects=[])
     with pytest.raises(PoolCapabilityError, match="judge 'rm' \\(mode 'reward_model'\\).*pool 'judges'"):
         check_judge_pools(params.judges, {"judges": {"kind": "embedded"}}, params)
+
+
+def test_position_free_judges_rate_no_responses_and_keep_the_rubric_out_of_their_keys():
+    from prefcurate.tasks.annotate import AnnotateParams, judge_template_hashes, rate_responses
+
+    judge = JudgeSpec(name="rm", pool="rewards", mode="reward_model")
+    params = AnnotateParams(judges=[judge])  # the default rubric aspects
+    responses = pl.DataFrame({"response_id": ["r1"], "prompt_id": ["p1"], "text": ["Red."]})
+    prompts = pl.DataFrame({"prompt_id": ["p1"], "prompt": ["Name a primary color."]})
+    engine = ScriptedScoringEngine(reward_fn=lambda p, r: 0.0)
+    assert rate_responses(responses, prompts, judge, engine, params).height == 0
+    assert "rubric" not in judge_template_hashes(judge, params)
