@@ -289,3 +289,14 @@ def test_baselines_treat_a_tie_as_a_tie():
     jud = judgments(judgment("A", "B", 0.5), judgment("C", "D", 0.3, prompt="p2"))
     single = F.single_order_pairs(jud, per_prompt="all")
     assert single.select("chosen_id", "rejected_id").rows() == [("D", "C")]  # 0.5 orients nothing
+
+
+def test_the_filter_drops_contract_flags_an_unregistered_reason():
+    from prefcurate.schemas.expectations import validate_batch
+
+    _, drops, _ = run(judgments(judgment("A", "B", 0.5), judgment("A", "C", 0.9), judgment("A", "D", 0.8)))
+    assert validate_batch("filter_drops", drops).bad_row_mask.sum() == 0  # what the filter writes passes
+    bad = drops.with_columns(reason=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("made_up")).otherwise("reason"))
+    result = validate_batch("filter_drops", bad)
+    assert result.bad_row_mask.tolist() == [True] + [False] * (bad.height - 1)
+    assert not result.batch_level_failure
