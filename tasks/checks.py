@@ -127,7 +127,8 @@ def judge_positions(
     lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
     lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
     both = pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null()
-    flipped = both & (lean_ab * lean_ba < 0) & (lean_ab.abs() > flip_tolerance) & (lean_ba.abs() > flip_tolerance)
+    beyond_tolerance = (lean_ab.abs() > flip_tolerance) & (lean_ba.abs() > flip_tolerance)
+    flipped = both & (lean_ab * lean_ba < 0) & beyond_tolerance
     return verdicts.with_columns(
         both_orders=both,
         flipped=flipped.fill_null(False),
@@ -247,7 +248,13 @@ class AbstentionCheck(Check):
         )
         why = (
             pl.when(pl.col("flipped"))
-            .then(pl.format("flipped (P(A) a-first={} b-first={})", _fmt(pl.col("p_first_ab")), _fmt(pl.col("p_first_ba"))))
+            .then(
+                pl.format(
+                    "flipped (P(A) a-first={} b-first={})",
+                    _fmt(pl.col("p_first_ab")),
+                    _fmt(pl.col("p_first_ba")),
+                )
+            )
             .otherwise(pl.lit("balanced p_a is 0.5"))
         )
         return _drop_rows(
@@ -313,7 +320,9 @@ class AgreementCheck(Check):
             self.reason,
             agreement,
             self.min_agreement,
-            pl.format("{} for a, {} for b, of {} judges{}", pl.col("n_a"), pl.col("n_b"), n_voters, abstained),
+            pl.format(
+                "{} for a, {} for b, of {} judges{}", pl.col("n_a"), pl.col("n_b"), n_voters, abstained
+            ),
         )
 
 
@@ -339,7 +348,9 @@ class RatingRankingCheck(Check):
             self.reason,
             gap,
             -self.tolerance,
-            pl.format("rubric chosen={} rejected={}", _fmt(pl.col("chosen_score")), _fmt(pl.col("rejected_score"))),
+            pl.format(
+                "rubric chosen={} rejected={}", _fmt(pl.col("chosen_score")), _fmt(pl.col("rejected_score"))
+            ),
         )
 
 
@@ -369,7 +380,9 @@ class TransitivityCheck(Check):
             self.reason,
             pl.col("margin"),
             self.margin,
-            pl.format("on a preference cycle; Bradley-Terry margin of the jury's verdict {}", _fmt(pl.col("margin"))),
+            pl.format(
+                "on a preference cycle; Bradley-Terry margin of the jury's verdict {}", _fmt(pl.col("margin"))
+            ),
         )
 
 
@@ -426,11 +439,15 @@ class SelfPreferenceGuard(Check):
 
     def drops(self, candidates, verdicts):
         decided = _judged(candidates).filter(_DISTANCE > _TIE_EPS)
-        voters = verdicts.join(decided.select(*PAIR_KEY, "a_wins", "chosen_family"), on=PAIR_KEY).with_columns(
+        voters = verdicts.join(
+            decided.select(*PAIR_KEY, "a_wins", "chosen_family"), on=PAIR_KEY
+        ).with_columns(
             judge_family=model_family(pl.col("judge_model"), self.families),
             judge_p_chosen=pl.when(pl.col("a_wins")).then(pl.col("p_a")).otherwise(1.0 - pl.col("p_a")),
         )
-        own = voters.filter((pl.col("judge_family") == pl.col("chosen_family")) & (pl.col("judge_p_chosen") > 0.5))
+        own = voters.filter(
+            (pl.col("judge_family") == pl.col("chosen_family")) & (pl.col("judge_p_chosen") > 0.5)
+        )
         return _drop_rows(
             own,
             self.reason,

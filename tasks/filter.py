@@ -145,7 +145,8 @@ class _FilterParamsBase(BaseModel):
     )
     pairs_per_prompt: int | None = Field(1, ge=1, description="None: no cap (ignored by strategy judged)")
     margin: float = Field(
-        0.0, description="minimum Bradley-Terry margin (logits) of an emitted pair (ignored by strategy judged)"
+        0.0,
+        description="minimum Bradley-Terry margin (logits) of an emitted pair (ignored by strategy judged)",
     )
     seed: int = 0
 
@@ -654,7 +655,10 @@ def _report(
                 (~both).sum().alias("single_order_verdicts"),
                 pl.col("abstained").sum().alias("abstained"),
                 (lean_ab * lean_ba < 0).filter(both).mean().alias("position_flip_rate"),
-                ((pl.col("p_first_ab") + pl.col("p_first_ba")) / 2).filter(both).mean().alias("first_position_pref"),
+                ((pl.col("p_first_ab") + pl.col("p_first_ba")) / 2)
+                .filter(both)
+                .mean()
+                .alias("first_position_pref"),
             )
             .sort("judge")
         )
@@ -785,7 +789,9 @@ def argmax_baseline_pairs(ratings: pl.DataFrame, responses: pl.DataFrame) -> pl.
     )
     selected = (
         best.join(worst, on="prompt_id")
-        .filter((pl.col("chosen_id") != pl.col("rejected_id")) & (pl.col("chosen_score") > pl.col("rejected_score")))
+        .filter(
+            (pl.col("chosen_id") != pl.col("rejected_id")) & (pl.col("chosen_score") > pl.col("rejected_score"))
+        )
         .with_columns(
             p_chosen=pl.lit(float("nan")),
             margin=pl.col("chosen_score") - pl.col("rejected_score"),
