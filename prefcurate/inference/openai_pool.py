@@ -129,7 +129,8 @@ class OpenAIPoolConfig(PoolConfigBase):
     #: chat: /chat/completions (the provider applies the chat template); completions: /completions
     route: Literal["chat", "completions"] = "chat"
     price: Prices | None = None
-    #: alternatives asked per verdict position (the OpenAI API allows at most 20)
+    #: alternatives asked per verdict position (OpenAI allows at most 20 on chat, 5 on its
+    #: legacy completions; vLLM 20 unless started with a larger --max-logprobs)
     top_logprobs: int = Field(MAX_TOP_LOGPROBS, ge=1, le=MAX_TOP_LOGPROBS)
     #: the options' token ids in the provider's vocabulary, for ``logit_bias`` ("A": 32)
     option_token_ids: dict[str, int] = Field(default_factory=dict)
