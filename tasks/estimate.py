@@ -172,7 +172,8 @@ def format_estimate(rows: list[EstimateRow], config=None) -> str:
     lines.append(f"{'total':<22} {sum(r.requests for r in rows):>9,} {sum(r.tokens_in for r in rows):>11,} "
                  f"{sum(r.tokens_out for r in rows):>11,} {sum(priced):10.4f}")
     lines.append("tokens are characters / 4; output tokens are upper bounds (every sample to max_tokens); "
-                 "'-': a pool without a price table (local)")
+                 "'-': a pool without a price table (local); a whole build from scratch: work an existing "
+                 "dataset has done already is not subtracted")
     budget = getattr(getattr(config, "budget", None), "max_usd", None)
     if budget is not None:
         verdict = "within" if sum(priced) <= budget else "OVER"
