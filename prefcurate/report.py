@@ -66,7 +66,24 @@ def status_text(store: Store) -> str:
         frame = store.query(sql)
         if frame.height:
             out.write(title + "\n" + _table(frame) + "\n\n")
+    out.write(_filter_summary(store))
     return out.getvalue().rstrip() + "\n"
+
+
+def _filter_summary(store: Store) -> str:
+    """Abstentions and the verdicts the position checks do not apply to (latest filter run)."""
+    report = (store.latest_reports("filter", "report") or [{}])[0]
+    if not report:
+        return ""
+    abstained = report.get("abstentions") or {}
+    single = report.get("position_checks_not_applicable") or {}
+    return (
+        f"filter (latest run): {report.get('candidates', 0)} candidates, {report.get('pairs', 0)} pairs; "
+        f"judges abstained (flipped or tied) on {abstained.get('verdicts', 0)} verdicts of "
+        f"{abstained.get('pairs', 0)} pairs; position checks not applicable to "
+        f"{single.get('verdicts', 0)} single-order verdicts ({single.get('pairs', 0)} pairs without "
+        "both orders from any judge)\n"
+    )
 
 
 def _markdown_table(frame: pl.DataFrame, digits: int = 3) -> str:

@@ -300,3 +300,17 @@ def test_the_filter_drops_contract_flags_an_unregistered_reason():
     result = validate_batch("filter_drops", bad)
     assert result.bad_row_mask.tolist() == [True] + [False] * (bad.height - 1)
     assert not result.batch_level_failure
+
+
+def test_status_shows_abstentions_and_single_order_verdicts(tmp_path):
+    from prefcurate.report import status_text
+    from prefcurate.store import Store
+
+    _, _, report = run(judgments(single_order("A", "B", 0.9), judgment("A", "C", 0.9, p_ba=0.9)))
+    store = Store.init(tmp_path / "ds")
+    run_id = store.start_run("filter")
+    store.record_reports(run_id, "filter", {"report": {"unit": report}})
+    store.finish_run(run_id, "completed", {"pairs": report["pairs"]}, {"seconds": 1.0})
+    text = status_text(store)
+    assert "judges abstained (flipped or tied) on 1 verdicts of 1 pairs" in text
+    assert "position checks not applicable to 1 single-order verdicts (1 pairs" in text
