@@ -264,9 +264,29 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         raise ConfigError(format_errors(error.errors(), source, lines)) from None
     # what the config refers to exists here, checked once before any work
     errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
+    errors = errors or _unservable_judge_modes(config)
     if errors:
         raise ConfigError(format_errors(errors, source, lines))
     return config
+
+
+def _unservable_judge_modes(config: PipelineConfig) -> list[dict]:
+    """A judge whose mode its pool cannot serve (e.g. a reward-model judge on a generative
+    model's pool): the mode's plan-time check (``JudgeMode.check_pool``), here so that it
+    stops a build before its first stage, not at annotate after generation."""
+    if "annotate" not in config.stages:
+        return []
+    from prefcurate.tasks.annotate import judge_mode
+
+    errors = []
+    for index, judge in enumerate(config.annotate.judges):
+        if judge.pool not in config.pools:
+            continue  # a defaulted pool name (see _undefined_pool_references)
+        try:
+            judge_mode(judge, config.annotate).check_pool(judge.pool, config.pools[judge.pool], judge.name)
+        except (ValueError, FileNotFoundError) as error:
+            errors.append(_error(("annotate", "judges", index, "pool"), str(error)))
+    return errors
 
 
 def _set_dotted(data: dict, dotted: str, value: Any) -> None:

@@ -291,3 +291,16 @@ def test_position_free_judges_rate_no_responses_and_keep_the_rubric_out_of_their
     engine = ScriptedScoringEngine(reward_fn=lambda p, r: 0.0)
     assert rate_responses(responses, prompts, judge, engine, params).height == 0
     assert "rubric" not in judge_template_hashes(judge, params)
+
+
+@pytest.mark.skipif(not is_prepared(), reason="embedded model not prepared (prefcurate models prepare)")
+def test_load_config_refuses_a_reward_judge_on_a_generative_pool_before_any_stage(tmp_path):
+    from prefcurate.config import ConfigError, load_config
+
+    path = tmp_path / "bad.yaml"
+    path.write_text(
+        "pools:\n  generators: {kind: embedded}\n  judges: {kind: embedded}\n"
+        "annotate:\n  judges:\n    - {name: ok, pool: judges}\n    - {name: rm, pool: judges, mode: reward_model}\n"
+    )
+    with pytest.raises(ConfigError, match=r"bad.yaml:7: annotate.judges.1.pool: judge 'rm' \(mode 'reward_model'\).*pool 'judges'"):
+        load_config(path)
