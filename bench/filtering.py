@@ -239,7 +239,10 @@ def main() -> None:
     primary = {r: n for r, n in report["drops_per_reason"].items() if n}
     print("dropped pairs per primary reason (each once):", ", ".join(f"{r}={n}" for r, n in primary.items()))
     failed = {r: n for r, n in report["failed_per_reason"].items() if n}
-    print("pairs failing each reason (a pair may fail several):", ", ".join(f"{r}={n}" for r, n in failed.items()))
+    print(
+        "pairs failing each reason (a pair may fail several):",
+        ", ".join(f"{r}={n}" for r, n in failed.items()),
+    )
     abstained = report["abstentions"]
     print(
         f"judge abstentions: {abstained['verdicts']} verdicts ({abstained['flipped']} flipped, "
@@ -263,8 +266,10 @@ def main() -> None:
 
     # every consistent pair, as judged (strategy judged: no per-prompt cap, no margin cut)
     judged, _, _ = apply_filters(judgments, ratings, responses, FilterParams(strategy="judged"))
-    print(f"strategy judged: {judged.height} pairs ({judged.height / report['candidates']:.3f} of the candidates), "
-          f"agreement {agreement(judged, truth):.1f}%")
+    print(
+        f"strategy judged: {judged.height} pairs ({judged.height / report['candidates']:.3f} of the "
+        f"candidates), agreement {agreement(judged, truth):.1f}%"
+    )
 
     # hard verdicts (each order answers A or B): a flip is an exact tie, which is also an
     # abstention and low confidence; the report counts each such pair once (primary reason)
@@ -277,8 +282,9 @@ def main() -> None:
     dropped = hard_drops.select("prompt_id", "response_a", "response_b").unique().height
     print(
         f"hard verdicts ({args.prompts // 2} prompts): ours {agreement(hard_pairs, truth):.1f}% on "
-        f"{hard_pairs.height} pairs; {dropped} dropped pairs = {sum(hard_report['drops_per_reason'].values())} "
-        f"counted by primary reason (the per-reason sum would say "
+        f"{hard_pairs.height} pairs; {dropped} dropped pairs = "
+        f"{sum(hard_report['drops_per_reason'].values())} counted by primary reason "
+        f"(the per-reason sum would say "
         f"{sum(hard_report['failed_per_reason'].values())}); abstentions on "
         f"{hard_report['abstentions']['pairs']} pairs"
     )

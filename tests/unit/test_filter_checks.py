@@ -43,8 +43,10 @@ def test_registry_is_the_one_source_of_checks_and_reasons():
 
 
 def test_existing_configs_still_load():
-    for name in ("quickstart.yaml", "gpu_cluster.yaml"):
-        section = yaml.safe_load((ROOT / "examples" / name).read_text()).get("filter") or {}
+    configs = sorted((ROOT / "examples").glob("*.yaml"))
+    assert {"quickstart.yaml", "gpu_cluster.yaml"} <= {c.name for c in configs}
+    for path in configs:
+        section = yaml.safe_load(path.read_text()).get("filter") or {}
         params = F.FilterParams(**section)
         assert params.model_dump(mode="json")["strategy"] == section.get("strategy", "best_vs_worst")
     with pytest.raises(ValueError):
@@ -63,17 +65,15 @@ def test_unregistered_reasons_are_refused():
 
 
 def test_a_new_check_is_one_class():
-    class LongPromptIdCheck(C.Check):
+    class FirstPromptCheck(C.Check):
         reason = "made_up"
 
         def drops(self, candidates, verdicts):
             return C._drop_rows(candidates.filter(pl.col("prompt_id") == "p1"), self.reason, pl.lit(1), None)
 
-    frame, verdicts = F._candidate_frame(
-        judgments(judgment("A", "B", 0.9)), F.NO_RATINGS if hasattr(F, "NO_RATINGS") else _no_ratings(),
-        responses(), F.FilterParams()
-    )
-    out = LongPromptIdCheck().drops(frame, verdicts)
+    jud = judgments(judgment("A", "B", 0.9))
+    frame, verdicts = F._candidate_frame(jud, _no_ratings(), responses(), F.FilterParams())
+    out = FirstPromptCheck().drops(frame, verdicts)
     assert out.columns == [f.name for f in tables.FILTER_DROPS if f.name not in F._PROVENANCE]
     assert out["reason"].to_list() == ["made_up"]
 
@@ -183,7 +183,8 @@ def test_judged_strategy_keeps_each_judged_pair():
         judgment("E", "F", 0.5, prompt="p2"),  # a tie: still dropped, the checks apply
     )
     resp = pl.concat([responses(), responses(ids=("E", "F"), prompt="p2")])
-    pairs, drops, report = F.apply_filters(jud, _no_ratings(), resp, F.FilterParams(strategy="judged", margin=5.0))
+    params = F.FilterParams(strategy="judged", margin=5.0)
+    pairs, drops, report = F.apply_filters(jud, _no_ratings(), resp, params)
     assert pairs.height == 6 and set(pairs["strategy"]) == {"judged"}  # no cap, no margin cut
     assert (pairs["p_chosen"] > 0.5).all()
     assert F.NOT_SELECTED not in set(drops["reason"]) and F.BELOW_MARGIN not in set(drops["reason"])
@@ -234,8 +235,8 @@ def test_filter_report_view_agrees_with_the_function():
     jud, resp = _random_case(3)
     # a response missing from the responses table: its generator is unknown ("?") in both
     resp = resp.filter(pl.col("response_id") != "p0-3")
-    pairs, drops, report = F.apply_filters(jud, _no_ratings(), resp, F.FilterParams(strategy="all_above_margin",
-                                                                                     pairs_per_prompt=2))
+    params = F.FilterParams(strategy="all_above_margin", pairs_per_prompt=2)
+    pairs, drops, report = F.apply_filters(jud, _no_ratings(), resp, params)
     assert report["failed_per_reason"][F.POSITION_FLIP] > 0 and report["failed_per_reason"][F.TIE] > 0
 
     con = duckdb.connect()
@@ -270,7 +271,9 @@ def test_filter_report_view_agrees_with_the_function():
 def test_with_the_position_check_off_a_flip_is_no_abstention():
     # the demo config turns position_flip off for a judge that nearly always flips: its
     # flipped verdicts then count at their balanced value, as before abstention existed
-    jud = judgments(judgment("A", "B", 0.9, p_ba=0.8, judge="j1"), judgment("A", "B", 0.95, p_ba=0.7, judge="j2"))
+    jud = judgments(
+        judgment("A", "B", 0.9, p_ba=0.8, judge="j1"), judgment("A", "B", 0.95, p_ba=0.7, judge="j2")
+    )
     pairs, drops, report = run(jud, position_flip={"enabled": False}, confidence={"min_margin": 0.0})
     assert pairs.height == 1 and drops.height == 0
     assert report["abstentions"]["verdicts"] == 0
@@ -296,7 +299,8 @@ def test_the_filter_drops_contract_flags_an_unregistered_reason():
 
     _, drops, _ = run(judgments(judgment("A", "B", 0.5), judgment("A", "C", 0.9), judgment("A", "D", 0.8)))
     assert validate_batch("filter_drops", drops).bad_row_mask.sum() == 0  # what the filter writes passes
-    bad = drops.with_columns(reason=pl.when(pl.int_range(pl.len()) == 0).then(pl.lit("made_up")).otherwise("reason"))
+    first = pl.int_range(pl.len()) == 0
+    bad = drops.with_columns(reason=pl.when(first).then(pl.lit("made_up")).otherwise("reason"))
     result = validate_batch("filter_drops", bad)
     assert result.bad_row_mask.tolist() == [True] + [False] * (bad.height - 1)
     assert not result.batch_level_failure
