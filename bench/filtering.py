@@ -35,7 +35,9 @@ Methods, each emitting at most one pair per prompt
 Also printed (no RESULT keys): ``strategy judged`` (every candidate that passed the checks,
 as the jury oriented it), and the default filter on *hard* verdicts (each order thresholded
 to A or B, so a flip is an exact tie): its dropped pairs counted once by primary reason,
-next to the per-reason sum that used to count a flip three times. The baselines are
+next to the per-reason sum that used to count a flip three times. When
+``../shared/data/pandalm/`` exists, the filter on PandaLM's real judgments against its human
+labels (see :func:`pandalm_lines`; a few seconds). The baselines are
 tie-aware: a tied rating or a verdict of exactly 0.5 emits no pair.
 
 Reported: agreement = share of emitted pairs whose chosen has the higher latent quality,
@@ -197,6 +199,66 @@ def agreement(pairs: pl.DataFrame, truth: dict[str, float]) -> float:
     return 100.0 * float((joined["qc"] > joined["qr"]).mean())
 
 
+PANDALM = Path(__file__).resolve().parents[2] / "shared" / "data" / "pandalm"
+
+
+def pandalm_lines() -> list[str]:
+    """The filter on real published judgments, when ``../shared/data/pandalm/`` exists: the
+    PandaLM test set imported with examples/import_pandalm.yaml (no code), its two model
+    judges (gpt-3.5-turbo, PandaLM-7B: one presentation order, hard verdicts) filtered with
+    strategy ``judged``, scored against the majority of the three human annotators (their
+    ties left out). Abstention-aware (a judge that says tie abstains; default) against
+    ``max_abstain_share 0`` (any abstention drops the pair, which is what counting a tie as
+    disagreement did), next to each judge alone through the same filter."""
+    if not (PANDALM / "testset-v1.json").exists():
+        return ["pandalm: ../shared/data/pandalm/ not found, skipped"]
+    import tempfile
+
+    from prefcurate.steps.import_judgments import run_import
+    from prefcurate.store import Store
+    from prefcurate.tasks.import_judgments import load_mapping
+
+    key = ["prompt_id", "response_a", "response_b"]
+    with tempfile.TemporaryDirectory() as folder:
+        mapping = load_mapping(Path(__file__).resolve().parents[1] / "examples" / "import_pandalm.yaml")
+        run_import(Path(folder) / "pandalm", PANDALM / "testset-v1.json", mapping)
+        store = Store.open(Path(folder) / "pandalm")
+        frames = {
+            t: store.read(f"current_{t}").drop("run_id", "stage", "code_version", "created_at")
+            for t in ("judgments", "responses", "ratings")
+        }
+    human = frames["judgments"]["judge"].str.starts_with("annotator")
+    votes = frames["judgments"].filter(human).group_by(key).agg(
+        (pl.col("p_a") > 0.5).sum().alias("a"), (pl.col("p_a") < 0.5).sum().alias("b")
+    )
+    truth = votes.filter(pl.col("a") != pl.col("b")).select(*key, a_better=pl.col("a") > pl.col("b"))
+    models = frames["judgments"].filter(~human)
+    lines = []
+    runs = [
+        (f"{judge} alone", models.filter(pl.col("judge") == judge), {}) for judge in sorted(set(models["judge"]))
+    ]
+    runs += [
+        ("2 model judges, abstention-aware", models, {}),
+        ("2 model judges, any abstention drops", models, {"max_abstain_share": 0.0}),
+    ]
+    for label, judged, extra in runs:
+        params = FilterParams(strategy="judged", truncation={"enabled": False}, abstention=extra)
+        pairs, _, report = apply_filters(judged, frames["ratings"], frames["responses"], params)
+        scored = pairs.with_columns(
+            response_a=pl.min_horizontal("chosen_id", "rejected_id"),
+            response_b=pl.max_horizontal("chosen_id", "rejected_id"),
+            a_chosen=pl.col("chosen_id") < pl.col("rejected_id"),
+        ).join(truth, on=key)
+        agree = 100.0 * float((scored["a_chosen"] == scored["a_better"]).mean())
+        lines.append(
+            f"pandalm, {label}: {pairs.height} of {report['candidates']} pairs kept, "
+            f"{agree:.1f}% agree with the human majority ({scored.height} with a majority); "
+            f"position checks not applicable to {report['position_checks_not_applicable']['verdicts']} "
+            "single-order verdicts"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--prompts", type=int, default=2000)
@@ -288,6 +350,9 @@ def main() -> None:
         f"{sum(hard_report['failed_per_reason'].values())}); abstentions on "
         f"{hard_report['abstentions']['pairs']} pairs"
     )
+
+    for line in pandalm_lines():
+        print(line)
 
     ours_agree, argmax_agree, single_agree = rows[2][2], rows[0][2], rows[1][2]
     kept_share = ours.height / n_prompts
