@@ -38,7 +38,9 @@ separable gold pairs keep a finite ``t``. A slope at or below zero (the scores d
 follow the labels) gives ``t = inf``: every verdict is 0.5, a tie, so a judge whose scores
 carry no signal abstains rather than being trusted or silently inverted. The gold file's
 hash enters the judgment ids (a changed gold set is a new verdict). Calibration judges the
-same gold pairs; its accuracy depends only on the sign of ``d``, not on ``t``.
+same gold pairs: with a finite ``t`` its accuracy depends only on the sign of ``d``; with
+``t = inf`` every verdict is a tie, which calibration counts as wrong (accuracy 0), so the
+calibration gate leaves such a judge out.
 
 Bad input, before any work: :meth:`check_pool` (plan time, from the pool's config: a
 generative model folder for a reward judge, a pooling model for a density-ratio judge, a

@@ -72,6 +72,28 @@ class TimedEngine:
         finally:
             self.seconds += time.perf_counter() - started
 
+    #: optional engine calls (position-free judge modes), timed like the two above when the
+    #: engine offers them; absent otherwise, so a mode's check_engine sees what it lacks
+    _OPTIONAL_CALLS = frozenset({"score_rewards", "continuation_logprobs"})
+
+    def __getattr__(self, name: str):
+        # only reached for what this view does not define: the engine's own attributes
+        # (runner, name, check_serves, ...), with its optional scoring calls timed
+        if name.startswith("__") or name in ("engine", "seconds", "_cache_key"):
+            raise AttributeError(name)
+        attribute = getattr(self.engine, name)
+        if name not in self._OPTIONAL_CALLS:
+            return attribute
+
+        def timed(requests):
+            started = time.perf_counter()
+            try:
+                return self._checked(attribute(requests))
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
+
     def drain_metrics(self) -> list[dict]:
         """The engine's per-request rows since the last drain (shared by every view of it)."""
         drain = getattr(self.engine, "drain_metrics", None)

@@ -304,3 +304,16 @@ def test_load_config_refuses_a_reward_judge_on_a_generative_pool_before_any_stag
     )
     with pytest.raises(ConfigError, match=r"bad.yaml:7: annotate.judges.1.pool: judge 'rm' \(mode 'reward_model'\).*pool 'judges'"):
         load_config(path)
+
+
+def test_the_steps_timing_view_passes_the_scoring_calls_through_only_when_the_engine_has_them():
+    from prefcurate.inference.scoring import RewardRequest
+    from prefcurate.steps.engines import TimedEngine
+
+    timed = TimedEngine(ScriptedScoringEngine(reward_fn=lambda p, r: 2.0))
+    (score,) = timed.score_rewards([RewardRequest("q", "a")])
+    assert score.reward == 2.0 and timed.name == "scripted"
+    reward_mode().check_engine(timed, "rm")  # the mode sees the engine's call through the view
+    bare = TimedEngine(SimpleNamespace(model="generative-only"))
+    with pytest.raises(ValueError, match="judge 'rm'.*score_rewards"):
+        reward_mode().check_engine(bare, "rm")
