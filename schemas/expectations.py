@@ -178,7 +178,7 @@ TABLE_RULES: dict[str, list[Rule]] = {
         _one_of("reason", "selected", "near_duplicate", "exact_duplicate", "budget"),
     ],
     "request_metrics": [
-        _one_of("kind", "generate", "score_choices"),
+        _one_of("kind", "generate", "score_choices", "score_rewards", "continuation_logprobs"),
         _at_least("attempts", 1, "a request is attempted at least once"),
         _at_least("tokens_in", 0, "token counts are non-negative"),
         _at_least("tokens_out", 0, "token counts are non-negative"),
