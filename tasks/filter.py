@@ -1,6 +1,6 @@
 """Consistency filtering of judged pairs, and preference-pair construction.
 
-Input: the ``judgments`` table (every judge, both orders, per criterion), the ``ratings``
+Input: the ``judgments`` table (every judge, per criterion; both orders, or one), the ``ratings``
 table (rubric expected scores) and the ``responses`` table. Output: the ``pairs`` table
 (chosen, rejected), the ``filter_drops`` table (one row per candidate pair and failed
 check, with the numbers that failed it) and a JSON-able report.
@@ -11,11 +11,15 @@ Method (ALGORITHMS.md, "Judging" and "Consistency": consistency is measured, nev
   row, keyed by ``(prompt_id, response_a, response_b)`` with ``response_a < response_b``.
 - Each judge's verdict on a candidate is the mean of its valid judgments over the selected
   criteria (``FilterParams.criteria``; all by default) and repeated samples (MEC): one
-  position-balanced ``p_a`` plus the mean raw ``P("A")`` of each order.
+  position-balanced ``p_a`` plus the mean raw ``P("A")`` of each order. A judgment with one
+  presentation order (imported, position-free judges) gives its verdict from that order;
+  the position checks do not apply to it and the report counts it.
 - The jury's verdict (:func:`aggregate_jury`) is the mean, majority share or weighted mean
   of the judges' ``p_a``; ``agreement`` is the share of judges on the majority side.
-- Every check below runs on every candidate (they are independent, a pair can fail several);
-  a candidate survives only when it fails none. Reason codes are the module constants.
+- Every enabled check of the registry (``tasks/checks.py``, ``CHECKS``) runs on every
+  candidate (they are independent, a pair can fail several); a candidate survives only when
+  it fails none. Reports count each dropped pair once, under its *primary* reason (the first
+  of its reasons in registry order), and list every reason it failed.
 - Survivors are oriented by the jury (chosen = the side with ``p > 0.5``), scored by a
   per-prompt Bradley-Terry fit over the jury's soft verdicts (``margin`` = strength of
   chosen minus strength of rejected, in logits), and a strategy picks the emitted pairs.
@@ -25,7 +29,7 @@ Method (ALGORITHMS.md, "Judging" and "Consistency": consistency is measured, nev
 
 Baselines for the bench: :func:`argmax_baseline_pairs` (distilabel-style binarisation,
 argmax/argmin of the rubric score, no checks) and :func:`single_order_pairs` (one judge, one
-presentation order, taken at face value).
+presentation order, taken at face value); both tie-aware.
 """
 
 from __future__ import annotations
