@@ -144,15 +144,23 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
 
 
 @app.command()
-def init(dataset: Path = typer.Argument(..., help="new (or empty) directory for the dataset")) -> None:
+def init(
+    dataset: Path = typer.Argument(..., help="new (or empty) directory for the dataset"),
+    shards_uri: Optional[str] = typer.Option(
+        None, help="keep the shards on an S3-compatible store (s3://BUCKET/PREFIX); the catalog stays in "
+        "DATASET; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
+    endpoint_url: Optional[str] = typer.Option(None, help="the S3-compatible endpoint (MinIO, Ceph, ...) "
+                                               "for --shards-uri; default AWS"),
+) -> None:
     """Create a new, empty dataset directory (catalog, views, shard folders)."""
+    from prefcurate.object_store import ObjectStoreError
     from prefcurate.store import NotADatasetError, Store
 
     try:
-        store = Store.init(dataset)
-    except NotADatasetError as error:
+        store = Store.init(dataset, shards_uri=shards_uri, endpoint_url=endpoint_url)
+    except (NotADatasetError, ObjectStoreError) as error:
         fail(str(error))
-    typer.echo(f"dataset ready at {store.root}")
+    typer.echo(f"dataset ready at {store.root}" + (f" (shards at {store.objects.uri})" if store.objects else ""))
 
 
 @app.command()

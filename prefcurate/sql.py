@@ -229,6 +229,11 @@ def _read_catalog(store: Store) -> _CatalogSnapshot:
         raise SqlError(f"cannot read the catalog {store.catalog}: {error}") from None
     shard_paths: dict[str, list[Path]] = {}
     for table, relpath in rows:
+        if store.objects is not None:  # shards on an object store: read there, by key, never elsewhere
+            if Path(relpath).is_absolute() or ".." in Path(relpath).parts:
+                raise SqlError(f"the catalog lists shard {relpath!r} outside the dataset's shards; refusing to read it")
+            shard_paths.setdefault(table, []).append(store.objects.key(relpath))
+            continue
         path = (store.root / relpath).resolve()
         if store.root not in path.parents:  # a tampered catalog must not point reads elsewhere
             raise SqlError(
@@ -274,7 +279,8 @@ def sandbox(store: Store, memory_limit: str | None = None) -> Iterator[duckdb.Du
             # our own reader opens the shards; by the table's schema so that shards written
             # before a column was added read it as NULL
             source = (
-                pads.dataset([str(p) for p in paths], schema=schema, format="parquet")
+                pads.dataset([str(p) for p in paths], schema=schema, format="parquet",
+                             filesystem=store.objects.filesystem if store.objects is not None else None)
                 if paths
                 else schema.empty_table()
             )

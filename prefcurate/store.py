@@ -225,11 +225,25 @@ class Store:
     def __init__(self, root: Path):
         self.root = root.resolve()
         self.catalog = self.root / CATALOG
+        from prefcurate.object_store import ObjectShards
+
+        #: where the shards live when not under ``root`` (an S3-compatible store), else None
+        self.objects = ObjectShards.from_marker(self.root / MARKER)
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
-    def init(cls, root: str | Path) -> "Store":
+    def init(cls, root: str | Path, shards_uri: str | None = None, endpoint_url: str | None = None) -> "Store":
+        """``shards_uri`` (``s3://bucket/prefix``): keep the shards on an S3-compatible store
+        (see :mod:`prefcurate.object_store`); the catalog stays in ``root``."""
         root = Path(root)
+        objects = None
+        if shards_uri:
+            from prefcurate.object_store import ObjectShards
+
+            objects = ObjectShards.parse(shards_uri, endpoint_url)
+            if (root / MARKER).exists() and cls(root).objects != objects:
+                raise NotADatasetError(f"{root} is already a dataset whose shards are not at {objects.uri}")
+            objects.check_reachable()
         if root.exists() and not (root / MARKER).exists() and not (root / WRITER_LOCK).exists() \
                 and any(root.iterdir()):
             raise NotADatasetError(
@@ -252,8 +266,9 @@ class Store:
                         con.execute("INSERT OR REPLACE INTO _meta VALUES ('instance_id', ?)", [instance])
                     (root / MARKER).write_text(
                         json.dumps({"format_version": FORMAT_VERSION, "created_by": code_version(),
-                                    "instance_id": instance})
+                                    "instance_id": instance, **(objects.marker_fields() if objects else {})})
                     )
+                    store.objects = objects
         return store
 
     @classmethod
@@ -348,6 +363,8 @@ class Store:
         for attempt in range(attempts):
             try:
                 con = duckdb.connect(str(self.catalog), read_only=read_only)
+                if self.objects is not None:  # the views read s3:// shards through fsspec
+                    self.objects.register_on(con)
                 break
             except duckdb.Error as error:
                 locked = "lock" in str(error).lower()
@@ -483,7 +500,7 @@ class Store:
     def _rebuild_views(self, con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> None:
         for table in tables:
             paths = [
-                str(self.root / row[0])
+                self.shard_url(row[0])
                 for row in con.execute(
                     "SELECT path FROM _shards WHERE table_name = ? ORDER BY registered_at, path",
                     [table],
@@ -509,7 +526,22 @@ class Store:
 
     # ---- shards ----------------------------------------------------------------------
     def write(self, table: str, frame, *, key: str, run_id: str, stage: str) -> ShardInfo:
+        if self.objects is not None:
+            from prefcurate.object_store import write_object_shard
+
+            return write_object_shard(self.objects, table, frame, key=key, run_id=run_id, stage=stage)
         return write_shard(self.root, table, frame, key=key, run_id=run_id, stage=stage)
+
+    def shard_url(self, relpath: str) -> str:
+        """What DuckDB reads for a shard: its local path, or its ``s3://`` URL."""
+        return self.objects.url(relpath) if self.objects is not None else str(self.root / relpath)
+
+    def storage_options(self) -> dict | None:
+        """``storage_options`` for ``pl.scan_parquet`` over :meth:`shard_url` paths."""
+        return self.objects.polars_options() if self.objects is not None else None
+
+    def shard_exists(self, relpath: str) -> bool:
+        return self.objects.exists(relpath) if self.objects is not None else (self.root / relpath).exists()
 
     def register(self, shards: Sequence[ShardInfo], unit: tuple[str, str] | None = None,
                  counts: dict | None = None) -> int:
@@ -525,7 +557,7 @@ class Store:
         if not shards:
             return 0
         for shard in shards:
-            if not (self.root / shard.path).exists():
+            if not self.shard_exists(shard.path):
                 raise StoreError(f"cannot register {shard.path}: the file does not exist")
         with self.connect() as con:
             con.execute("BEGIN")
@@ -560,7 +592,7 @@ class Store:
                 "INSERT INTO _shards VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [shard.table, shard.key, shard.path, rows, shard.run_id, shard.stage, now_utc()],
             )
-            pending.setdefault(shard.table, []).append(str(self.root / shard.path))
+            pending.setdefault(shard.table, []).append(self.shard_url(shard.path))
             new += 1
         if unit is not None and new:
             con.execute(
@@ -571,7 +603,7 @@ class Store:
 
     def _drop_present_ids(self, con, shard: ShardInfo, id_column: str, pending: list[str]) -> int:
         """Rewrite ``shard`` without ids the table (or this transaction) already holds."""
-        path = self.root / shard.path
+        path = self.shard_url(shard.path)
         present = f"SELECT {id_column} FROM {shard.table}"
         if pending:
             present += f" UNION ALL SELECT {id_column} FROM read_parquet({_sql_list(pending)})"
@@ -582,9 +614,13 @@ class Store:
             return 0
         import pyarrow.compute as pc
 
-        data = pq.read_table(path)
+        data = self.objects.read_arrow(shard.path) if self.objects is not None else pq.read_table(path)
         keep = pc.invert(pc.is_in(data[id_column], pa.array([row[0] for row in duplicated], pa.string())))
         kept = data.filter(keep)
+        if self.objects is not None:
+            self.objects.write(shard.path, kept)
+            return data.num_rows - kept.num_rows
+        path = Path(path)
         temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
         pq.write_table(kept, temporary, compression="zstd")
         with open(temporary, "rb") as handle:
@@ -605,6 +641,11 @@ class Store:
 
     def adopt_complete_shard(self, table: str, key: str, run_id: str, stage: str) -> ShardInfo | None:
         """A complete but unregistered shard file left by a crash, as a ShardInfo."""
+        if self.objects is not None:
+            if not self.objects.exists(shard_relpath(table, key)):
+                return None
+            rows = self.objects.num_rows(shard_relpath(table, key))
+            return ShardInfo(table, key, shard_relpath(table, key), rows, run_id, stage)
         path = self.root / shard_relpath(table, key)
         if not path.exists():
             return None
@@ -620,6 +661,8 @@ class Store:
         return frame.to_dicts()
 
     def read_shard(self, path: str) -> pl.DataFrame:
+        if self.objects is not None:
+            return self.objects.read(path)
         return pl.read_parquet(self.root / path)
 
     def sweep_temporary_files(self, older_than_s: float = 3600.0) -> int:
@@ -629,7 +672,7 @@ class Store:
         now (a stage flow started by hand beside a build) keeps its in-flight files.
         """
         cutoff = time.time() - older_than_s
-        removed = 0
+        removed = self.objects.sweep(TABLES, older_than_s) if self.objects is not None else 0
         for table in TABLES:
             for temporary in (self.root / table).glob(".shard-*.tmp"):
                 try:
@@ -673,15 +716,16 @@ class Store:
                     shards = [ShardInfo(**item) for item in recorded["shards"]]
                 except (OSError, ValueError, KeyError, TypeError):
                     continue
-                if all((store.root / shard.path).is_file() for shard in shards):
+                if all(store.shard_exists(shard.path) for shard in shards):
                     units.append((manifest.stat().st_mtime, manifest.parent.name, recorded["unit"], shards,
                                   recorded.get("counts")))
             units.sort(key=lambda unit: unit[0])  # about the order they were registered in
             listed = {shard.path for unit in units for shard in unit[3]}
             unlisted = sorted(
-                str(path.relative_to(store.root)) for table in TABLES
-                for path in (store.root / table).glob("shard-*.parquet")
-                if str(path.relative_to(store.root)) not in listed
+                relpath for table in TABLES
+                for relpath in (store.objects.list_shards(table) if store.objects is not None else
+                                (str(path.relative_to(store.root)) for path in (store.root / table).glob("shard-*.parquet")))
+                if relpath not in listed
             )
             run_ids: dict[str, str] = {}
             without_counts = 0

@@ -170,7 +170,7 @@ class Step:
         if manifest.exists():
             recorded = json.loads(manifest.read_text())
             shards = [ShardInfo(**item) for item in recorded["shards"]]
-            if all((store.root / s.path).exists() for s in shards):
+            if all(store.shard_exists(s.path) for s in shards):
                 # the unit's own counts travel with it, so its accounting survives the crash
                 return UnitResult(unit.key, shards, {**recorded.get("counts", {}), "adopted": 1}, skipped=True)
         if self.pools(ctx):  # a unit that asks a priced pool stops, pending, once budget.max_usd is spent
