@@ -19,7 +19,8 @@ from prefcurate.schemas.expectations import TABLE_RULES
 from prefcurate.schemas.views import REPORT_VIEWS
 from prefcurate.tasks import checks as C
 from prefcurate.tasks import filter as F
-from tests.unit.test_filter import judgment, judgments, responses, run
+from tests.support.rows import judgment, judgments, ratings, responses
+from tests.unit.test_filter import NO_RATINGS, run
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -79,8 +80,6 @@ def test_a_new_check_is_one_class():
 
 
 def _no_ratings() -> pl.DataFrame:
-    from tests.unit.test_filter import NO_RATINGS
-
     return NO_RATINGS
 
 
@@ -283,8 +282,6 @@ def test_with_the_position_check_off_a_flip_is_no_abstention():
 
 # --- honest baselines -------------------------------------------------------------------
 def test_baselines_treat_a_tie_as_a_tie():
-    from tests.unit.test_filter import ratings
-
     resp = pl.concat([responses(ids=("A", "B")), responses(ids=("C", "D"), prompt="p2")])
     rat = pl.concat([ratings({"A": 3.0, "B": 3.0}), ratings({"C": 4.0, "D": 2.0}, prompt="p2")])
     pairs = F.argmax_baseline_pairs(rat, resp)
