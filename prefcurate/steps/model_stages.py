@@ -57,7 +57,7 @@ def _unit_rows(store, table: str, files: list[str] | None) -> str:
     version). Reading only the unit's files keeps a unit's cost independent of the dataset's."""
     if files is None:
         return table
-    listed = ", ".join("'" + str(store.root / f).replace("'", "''") + "'" for f in files)
+    listed = ", ".join("'" + store.shard_url(f).replace("'", "''") + "'" for f in files)
     # by name, over the table's empty frame: shards written before a column was added read it as NULL
     return (f"(SELECT * FROM _empty_{table}" +
             (f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}], union_by_name = true)" if files else "") + ")")
@@ -93,8 +93,9 @@ def _files_by_shard(store, prompt_shards: pl.DataFrame, table: str) -> dict[str,
     registered = [s["path"] for s in store.shards(table)]
     if not registered or prompt_shards.height == 0:
         return {}
-    by_file = {str(store.root / path): path for path in registered}
-    holders = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore")
+    by_file = {store.shard_url(path): path for path in registered}
+    holders = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore",
+                               storage_options=store.storage_options())
                .select("prompt_id", "file").unique().collect())
     per_shard = (holders.join(prompt_shards, on="prompt_id")
                  .group_by("path").agg(pl.col("file").unique().sort()))
@@ -105,9 +106,10 @@ def _prompt_ids_by_shard(store, shards: list[dict]) -> pl.DataFrame:
     """(prompt_id, path) of every prompt shard, read in one pass over the prompt files."""
     if not shards:
         return pl.DataFrame(schema={"prompt_id": pl.String, "path": pl.String})
-    by_file = {str(store.root / s["path"]): s["path"] for s in shards}
+    by_file = {store.shard_url(s["path"]): s["path"] for s in shards}
     # shards of older versions may hold other columns beside prompt_id
-    frame = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore")
+    frame = (pl.scan_parquet(list(by_file), include_file_paths="file", extra_columns="ignore",
+                             storage_options=store.storage_options())
              .select("prompt_id", "file").collect())
     return frame.select("prompt_id", pl.col("file").replace_strict(by_file).alias("path"))
 
