@@ -246,3 +246,19 @@ def test_a_whole_build_over_the_object_store_matches_one_on_local_disk(tmp_path,
     chosen = "SELECT pair_id, prompt_id, chosen_id, rejected_id FROM pairs ORDER BY ALL"
     assert remote.query(chosen).equals(local.query(chosen))
     assert not [p for p in (tmp_path / "remote").rglob("*.parquet") if "export" not in p.parts]
+
+
+def test_repair_recreates_the_catalog_from_the_manifests_and_the_object_store(store):
+    ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
+    step = CrashingUpload()
+    for key in ("unit-a", "unit-b"):
+        unit = Unit("ingest", key, ("prompts",))
+        result = step.run_unit(unit, ctx)
+        if key == "unit-a":  # unit-b's coordinator died before registering it
+            store.register(result.shards, unit=("ingest", key), counts=result.counts)
+    store.write("prompts", _prompts(["q"]), key="orphan", run_id="r", stage="ingest")  # no manifest lists it
+    store.catalog.write_bytes(b"not a catalog")
+    done = Store.repair(store.root)
+    assert done["units"] == 2 and done["shards_registered"] == 2
+    assert done["unlisted_shards"] == ["prompts/shard-orphan.parquet"]
+    assert sorted(Store.open(store.root).read("prompts")["prompt_id"].to_list()) == ["x", "y", "z"]  # deduplicated
