@@ -24,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import os
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,7 +43,8 @@ class ObjectStoreError(RuntimeError):
 
 
 @functools.lru_cache(maxsize=8)
-def _filesystem(endpoint_url: str | None):
+def _filesystem(endpoint_url: str | None, pid: int):
+    """One per process (``pid``): a forked worker must not reuse its parent's HTTP session."""
     import s3fs
 
     # no listing cache: another process (a worker) may have written the key just now
@@ -79,7 +81,7 @@ class ObjectShards:
     # ---- names ---------------------------------------------------------------------
     @property
     def filesystem(self):
-        return _filesystem(self.endpoint_url)
+        return _filesystem(self.endpoint_url, os.getpid())
 
     def key(self, relpath: str) -> str:
         """``bucket/prefix/relpath``: the name s3fs uses."""
