@@ -222,7 +222,7 @@ def judge_accuracy_table(
     reason = pl.concat_str(
         [
             pl.when(not_credible).then(pl.format(
-                "gold accuracy {} ({}/{}), {}% interval [{}, {}] does not exclude chance {}",
+                "labelled accuracy {} ({}/{}), {}% interval [{}, {}] does not exclude chance {}",
                 pl.col("accuracy").round(3), pl.col("correct"), pl.col("labelled"), pl.lit(round(100 * params.confidence)),
                 pl.col("accuracy_low").round(3), pl.col("accuracy_high").round(3), pl.lit(params.chance))),
             pl.when(flips).then(pl.format("flip rate {} above {}", pl.col("flip_rate").round(3), pl.lit(params.max_flip_rate))),
