@@ -148,7 +148,7 @@ TABLE_RULES: dict[str, list[Rule]] = {
     ],
     "jury": [
         *_probability("p_a", "agreement"),
-        _one_of("method", "mean", "majority", "weighted"),
+        _one_of("method", "mean", "majority", "weighted", "calibrated", "unsupervised", "human"),
         _at_least("n_judges", 1, "an aggregate needs at least one judge"),
         _canonical_pair("response_a", "response_b"),
     ],
@@ -156,6 +156,11 @@ TABLE_RULES: dict[str, list[Rule]] = {
         *_probability("accuracy", "position_flip_rate", "first_position_pref"),
         _at_least("gold_pairs", 0, "counts are non-negative"),
     ],
+    "judge_accuracy": [
+        *_probability("accuracy", "accuracy_low", "accuracy_high", "flip_rate", "em_accuracy"),
+        _one_of("gate", "pass", "warned", "excluded", "uncalibrated"),
+    ],
+    "human_labels": [_one_of("winner", "A", "B", "tie"), _canonical_pair("response_a", "response_b")],
     "pairs": [
         *_probability("p_chosen", "agreement"),
         Rule("differ", ("chosen_id", "rejected_id"), "chosen and rejected are different responses"),

@@ -121,6 +121,35 @@ JUDGE_CALIBRATION = _schema(
     pa.field("first_position_pref", pa.float64()),  # mean P("A") over both orders
 )
 
+JUDGE_ACCURACY = _schema(
+    # each judge's accuracy as the filter saw it (tasks/calibration.py, tasks/jury.py)
+    pa.field("judge", pa.string(), nullable=False),
+    pa.field("jury_method", pa.string(), nullable=False),  # the aggregation the run used
+    pa.field("labelled", pa.int32(), nullable=False),  # gold + human-labelled A/B pairs
+    pa.field("correct", pa.int32(), nullable=False),
+    pa.field("accuracy", pa.float64()),  # correct / labelled
+    pa.field("accuracy_low", pa.float64()),  # Wilson interval (filter.calibration.confidence)
+    pa.field("accuracy_high", pa.float64()),
+    pa.field("flip_rate", pa.float64()),  # position flip rate on the gold pairs
+    pa.field("em_accuracy", pa.float64()),  # one-coin Dawid-Skene estimate, no labels used
+    pa.field("votes", pa.int64()),  # verdicts that took a side (EM's data)
+    pa.field("weight", pa.float64()),  # log-odds weight in the jury (calibrated/unsupervised)
+    pa.field("gate", pa.string(), nullable=False),  # pass | warned | excluded | uncalibrated
+    pa.field("gate_reason", pa.string()),
+)
+
+HUMAN_LABELS = _schema(
+    # a person's verdict on a dataset pair (prefcurate review import); the newest wins
+    pa.field("label_id", pa.string(), nullable=False),  # hash(pair, annotator, winner, file)
+    pa.field("prompt_id", pa.string(), nullable=False),
+    pa.field("response_a", pa.string(), nullable=False),  # response_a < response_b
+    pa.field("response_b", pa.string(), nullable=False),
+    pa.field("winner", pa.string(), nullable=False),  # A (= response_a) | B | tie
+    pa.field("annotator", pa.string()),
+    pa.field("source_file", pa.string(), nullable=False),
+    pa.field("source_record", pa.int64(), nullable=False),
+)
+
 PAIRS = _schema(
     pa.field("pair_id", pa.string(), nullable=False),  # hash(prompt, chosen, rejected)
     pa.field("prompt_id", pa.string(), nullable=False),
@@ -208,6 +237,8 @@ TABLES: dict[str, pa.Schema] = {
     "ratings": RATINGS,
     "jury": JURY,
     "judge_calibration": JUDGE_CALIBRATION,
+    "judge_accuracy": JUDGE_ACCURACY,
+    "human_labels": HUMAN_LABELS,
     "pairs": PAIRS,
     "filter_drops": FILTER_DROPS,
     "quality": QUALITY,
@@ -225,6 +256,8 @@ PRIMARY_KEYS: dict[str, str | None] = {
     "ratings": "rating_id",
     "jury": None,
     "judge_calibration": None,
+    "judge_accuracy": None,
+    "human_labels": "label_id",
     "pairs": "pair_id",
     "filter_drops": None,
     "quality": None,

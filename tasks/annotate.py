@@ -247,6 +247,12 @@ class AnnotateParams(BaseModel):
     calibration_pairs: int | None = Field(
         None, ge=1, description="gold pairs judged for calibration (the first N); None = all (42)"
     )
+    gold_path: str | None = Field(
+        None,
+        description="your labelled pairs (prompt, response_a, response_b, winner A/B/tie; JSONL, CSV or "
+        "Parquet) to calibrate the judges on instead of the packaged 42; bad rows are quarantined "
+        "(tasks/calibration.py)",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> AnnotateParams:

@@ -34,6 +34,7 @@ from prefcurate.tasks.annotate import (
     judge_template_hashes,
     load_gold_pairs,
 )
+from prefcurate.tasks.calibration import decisive, load_gold_file
 from prefcurate.tasks.generate import GenerateParams, check_pools, run_generators
 
 _PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
@@ -147,9 +148,17 @@ def _bound_generate_params(config: PipelineConfig) -> GenerateParams:
     return params.model_copy(update={"generators": bind_to_pools(params.generators, config.pools, "generator")})
 
 
-def _gold_pairs(params: AnnotateParams) -> pl.DataFrame:
-    gold = load_gold_pairs()
-    return gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
+def _gold_pairs(params: AnnotateParams, with_quarantine: bool = False):
+    """The gold pairs judged for calibration: the user's ``gold_path`` (its A/B pairs; its bad
+    rows returned for quarantine) or the packaged set."""
+    quarantine = None
+    if params.gold_path:
+        gold, quarantine = load_gold_file(params.gold_path)
+        gold = decisive(gold)
+    else:
+        gold = load_gold_pairs()
+    gold = gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
+    return (gold, quarantine) if with_quarantine else gold
 
 
 class GenerateStep(Step):
@@ -208,7 +217,7 @@ class AnnotateStep(Step):
         store = ctx.store()
         config = ctx.pipeline_config()
         params: AnnotateParams = config.annotate
-        check_judge_pools(params.judges, config.pools)
+        check_judge_pools(params.judges, config.pools, params)
         bound = bind_to_pools(params.judges, config.pools, "judge")
         judges = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params)} for j in bound]
         verdicts = [j.model_dump(mode="json") | {"templates": judge_template_hashes(j, params, verdicts_only=True)}
@@ -231,7 +240,8 @@ class AnnotateStep(Step):
             units += _with_retry(unit, failed_judgments.get(path, []) + failed_ratings.get(path, []))
         gold = _gold_pairs(params)
         gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
-        units.append(Unit(self.name, gold_key, ("judge_calibration", "request_metrics"), {"calibration": True}))
+        outputs = ("judge_calibration", "request_metrics") + (("quarantine",) if params.gold_path else ())
+        units.append(Unit(self.name, gold_key, outputs, {"calibration": True}))
         return units
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -240,10 +250,12 @@ class AnnotateStep(Step):
         params: AnnotateParams = config.annotate
         engines = {j.name: engine_for(config.pools, j.pool) for j in params.judges}
         if unit.payload.get("calibration"):
-            gold = _gold_pairs(params)
+            gold, bad_gold = _gold_pairs(params, with_quarantine=True)
             rows = [calibrate_judge(gold, judge, engines[judge.name], params) for judge in params.judges]
-            return ({"judge_calibration": pl.concat(rows), "request_metrics": request_metrics(*engines.values())},
-                    model_time(*engines.values()))
+            outputs = {"judge_calibration": pl.concat(rows), "request_metrics": request_metrics(*engines.values())}
+            if params.gold_path:  # the user's gold file's bad rows, with record and field
+                outputs["quarantine"] = bad_gold
+            return outputs, model_time(*engines.values())
         prompts = _shard_prompts(store, unit.payload["prompts_path"])
         ids = prompts["prompt_id"].to_list()
         # current_responses' rule (prefer a good row, then the newest), with the unit's prompt
