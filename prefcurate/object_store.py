@@ -62,7 +62,8 @@ class ObjectShards:
     def parse(cls, uri: str, endpoint_url: str | None = None) -> "ObjectShards":
         parsed = urlparse(uri)
         if parsed.scheme not in ("s3", "s3a") or not parsed.netloc:
-            raise ObjectStoreError(f"shards URI {uri!r}: expected s3://BUCKET[/PREFIX] (an S3-compatible store)")
+            raise ObjectStoreError(
+                f"shards URI {uri!r}: expected s3://BUCKET[/PREFIX] (an S3-compatible store)")
         prefix = parsed.path.strip("/")
         return cls(f"s3://{parsed.netloc}" + (f"/{prefix}" if prefix else ""), endpoint_url or None)
 
@@ -139,7 +140,8 @@ class ObjectShards:
     def list_shards(self, table: str) -> list[str]:
         """Relative paths of the final shard objects of ``table`` (registered or not)."""
         return sorted(
-            f"{table}/{name}" for name in self._names(table) if name.startswith("shard-") and name.endswith(".parquet")
+            f"{table}/{name}" for name in self._names(table)
+            if name.startswith("shard-") and name.endswith(".parquet")
         )
 
     def _names(self, table: str, detail: bool = False):
@@ -147,9 +149,8 @@ class ObjectShards:
             entries = self.filesystem.ls(self.key(table), detail=True)
         except FileNotFoundError:
             return []
-        if detail:
-            return [(entry["name"].rsplit("/", 1)[1], entry) for entry in entries if entry.get("type") == "file"]
-        return [entry["name"].rsplit("/", 1)[1] for entry in entries if entry.get("type") == "file"]
+        files = [(entry["name"].rsplit("/", 1)[1], entry) for entry in entries if entry.get("type") == "file"]
+        return files if detail else [name for name, _ in files]
 
     def sweep(self, tables, older_than_s: float = 3600.0) -> int:
         """Delete temporary uploads older than ``older_than_s`` (writes that crashed before their
@@ -186,7 +187,8 @@ def write_object_shard(objects: ObjectShards, table: str, frame, *, key: str, ru
     from prefcurate.store import ShardInfo, conform, shard_metadata, shard_relpath
 
     data = conform(table, frame, run_id=run_id, stage=stage)
-    data = data.replace_schema_metadata({**(data.schema.metadata or {}), **shard_metadata(table, key, run_id, stage)})
+    metadata = {**(data.schema.metadata or {}), **shard_metadata(table, key, run_id, stage)}
+    data = data.replace_schema_metadata(metadata)
     relpath = shard_relpath(table, key)
     objects.write(relpath, data)
     return ShardInfo(table, key, relpath, data.num_rows, run_id, stage)

@@ -231,7 +231,8 @@ def _read_catalog(store: Store) -> _CatalogSnapshot:
     for table, relpath in rows:
         if store.objects is not None:  # shards on an object store: read there, by key, never elsewhere
             if Path(relpath).is_absolute() or ".." in Path(relpath).parts:
-                raise SqlError(f"the catalog lists shard {relpath!r} outside the dataset's shards; refusing to read it")
+                raise SqlError(
+                    f"the catalog lists shard {relpath!r} outside the dataset's shards; refusing to read it")
             shard_paths.setdefault(table, []).append(store.objects.key(relpath))
             continue
         path = (store.root / relpath).resolve()

@@ -232,7 +232,8 @@ class Store:
 
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
-    def init(cls, root: str | Path, shards_uri: str | None = None, endpoint_url: str | None = None) -> "Store":
+    def init(cls, root: str | Path, shards_uri: str | None = None,
+             endpoint_url: str | None = None) -> "Store":
         """``shards_uri`` (``s3://bucket/prefix``): keep the shards on an S3-compatible store
         (see :mod:`prefcurate.object_store`); the catalog stays in ``root``."""
         root = Path(root)
@@ -724,7 +725,8 @@ class Store:
             unlisted = sorted(
                 relpath for table in TABLES
                 for relpath in (store.objects.list_shards(table) if store.objects is not None else
-                                (str(path.relative_to(store.root)) for path in (store.root / table).glob("shard-*.parquet")))
+                                (str(path.relative_to(store.root))
+                                 for path in (store.root / table).glob("shard-*.parquet")))
                 if relpath not in listed
             )
             run_ids: dict[str, str] = {}
