@@ -16,7 +16,9 @@
   pairs exceeds ``max_flip_rate``. ``gate``: ``exclude`` (default) drops its verdicts
   before the jury and fails the build when no judge is left; ``warn`` keeps it and flags
   it (report, status, card); ``fail`` stops the build. A judge with no labelled pairs is
-  ``uncalibrated``: the gate cannot judge it and keeps it (flagged).
+  ``uncalibrated``: the gate cannot judge it and keeps it (flagged); so is one with fewer
+  than ``min_labelled`` (10) labelled pairs, where even a perfect record has a Wilson
+  interval reaching down to chance (6/6 correct: lower end 0.61, 5/6: 0.44).
 """
 
 from __future__ import annotations
@@ -49,6 +51,9 @@ class CalibrationParams(BaseModel):
     chance: float = Field(0.5, ge=0.0, lt=1.0, description="accuracy a judge must credibly beat")
     confidence: float = Field(0.95, gt=0.0, lt=1.0, description="two-sided level of the Wilson interval")
     max_flip_rate: float = Field(0.5, ge=0.0, le=1.0, description="largest gold flip rate a judge may have")
+    min_labelled: int = Field(
+        10, ge=1, description="fewer labelled pairs than this: the gate cannot judge the judge (uncalibrated)"
+    )
 
 
 def wilson_interval(correct: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
@@ -231,14 +236,17 @@ def judge_accuracy_table(
         ignore_nulls=True,
     )
     failed = not_credible | flips
+    too_few = pl.col("labelled") < params.min_labelled
     gate = (
-        pl.when(pl.col("labelled") == 0).then(pl.lit(UNCALIBRATED))
+        pl.when(too_few).then(pl.lit(UNCALIBRATED))
         .when(failed).then(pl.lit(WARNED if params.gate == "warn" else EXCLUDED))
         .otherwise(pl.lit(PASS))
     )
     return table.with_columns(
         gate=gate,
         gate_reason=pl.when(pl.col("labelled") == 0).then(pl.lit("no labelled pairs"))
+        .when(too_few).then(pl.format("only {} labelled pairs (min_labelled {})", pl.col("labelled"),
+                                      pl.lit(params.min_labelled)))
         .when(failed).then(reason).otherwise(None),
     ).select("judge", "labelled", "correct", "gold_pairs", "human_n", "accuracy", "accuracy_low",
              "accuracy_high", "flip_rate", "weight", "gate", "gate_reason")
@@ -374,7 +382,7 @@ def card_judges(accuracy: pl.DataFrame) -> dict:
         if row["gate"] == WARNED:
             failed.append(f"{row['judge']} ({row['gate_reason']})")
         elif row["gate"] == UNCALIBRATED:
-            unchecked.append(row["judge"])
+            unchecked.append(f"{row['judge']} ({row['gate_reason']})")
     warnings = []
     if failed:
         warnings.append("these pairs come from judge(s) that FAILED the calibration gate and were kept only because "
@@ -382,6 +390,6 @@ def card_judges(accuracy: pl.DataFrame) -> dict:
                         + ". Their verdicts are not credibly better than chance on the labelled pairs: "
                         "treat the pairs as unvalidated.")
     if unchecked:
-        warnings.append("judge(s) with no labelled pair (accuracy unchecked): " + ", ".join(unchecked) + ".")
+        warnings.append("judge(s) whose accuracy the labelled pairs could not check: " + "; ".join(unchecked) + ".")
     return {"judges": records, "judge_warning": " ".join(warnings) or None,
             "jury_method": accuracy["jury_method"][0]}

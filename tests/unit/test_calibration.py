@@ -76,14 +76,17 @@ CALIBRATION = _calibration([
     ("strong", 42, 38 / 42, 0.1),  # credibly above chance
     ("chance", 42, 22 / 42, 0.2),  # interval covers 0.5
     ("flippy", 42, 40 / 42, 0.9),  # accurate but follows the slot
+    ("few", 6, 1.0, 0.0),  # 6 of 6: too few pairs to judge (Wilson lower end 0.61, 5/6 would be 0.44)
 ])
 
 
 def test_gate_excludes_warns_or_fails():
-    judges = ["strong", "chance", "flippy", "new"]
+    judges = ["strong", "chance", "flippy", "new", "few"]
     table = judge_accuracy_table(judges, CALIBRATION, None, CalibrationParams())
     gates = dict(table.select("judge", "gate").iter_rows())
-    assert gates == {"strong": "pass", "chance": "excluded", "flippy": "excluded", "new": "uncalibrated"}
+    assert gates == {"strong": "pass", "chance": "excluded", "flippy": "excluded", "new": "uncalibrated",
+                     "few": "uncalibrated"}
+    assert "only 6 labelled pairs" in table.filter(pl.col("judge") == "few")["gate_reason"][0]
     reasons = dict(table.select("judge", "gate_reason").iter_rows())
     assert "does not exclude chance" in reasons["chance"] and "flip rate 0.9" in reasons["flippy"]
     assert apply_gate(table, CalibrationParams()) == ["chance", "flippy"]

@@ -48,9 +48,8 @@ def _dataset(root) -> Store:
 
 
 def _filter(store: Store) -> pl.DataFrame:
-    # gate warn: one labelled pair cannot make a judge credibly better than chance
-    config = PipelineConfig(contracts=False, filter={"rating_vs_ranking": {"enabled": False},
-                                                     "calibration": {"gate": "warn"}})
+    # the default gate: one labelled pair is below min_labelled, so the judges stay (uncalibrated)
+    config = PipelineConfig(contracts=False, filter={"rating_vs_ranking": {"enabled": False}})
     ctx = context_for(store.root, config, store.start_run("filter", {}))
     run_pending_units("filter", ctx, store)
     return store.query("SELECT prompt_id, chosen_id FROM pairs WHERE run_id = ? ORDER BY prompt_id", [ctx.run_id])
