@@ -142,3 +142,18 @@ def test_prepare_jury_gates_and_sets_calibrated_weights_and_human_labels_join_ca
 def test_calibrated_without_any_labels_is_a_clear_error():
     with pytest.raises(ValueError, match="calibrated needs labelled pairs"):
         prepare_jury(_judgments(), pl.DataFrame(), None, FilterParams(jury_method="calibrated"))
+
+
+def test_the_card_lists_the_judges_and_warns_about_pairs_from_judges_that_failed_the_gate(tmp_path):
+    from prefcurate.tasks.export import export_pairs
+
+    warn = CalibrationParams(gate="warn")
+    table = judge_accuracy_table(["strong", "chance"], CALIBRATION, None, warn).with_columns(
+        jury_method=pl.lit("calibrated"), em_accuracy=pl.lit(0.7))
+    pairs = pl.DataFrame({"pair_id": ["x"], "prompt_id": ["p"], "prompt": ["q"], "chosen": ["a"],
+                          "rejected": ["b"], "p_chosen": [0.9], "margin": [1.0]})
+    written = export_pairs(pairs, tmp_path / "export", card_stats=card_judges(table))
+    card = written["card"].read_text()
+    assert "## Judges and calibration" in card and "Jury aggregation: `calibrated`" in card
+    assert "FAILED the calibration gate" in card and "chance (labelled accuracy 0.524" in card
+    assert "90.5%" in card  # strong's labelled accuracy, 38 of 42
