@@ -25,8 +25,10 @@ Methods and why each baseline is the strongest honest one
   P("A") emitting nothing (not a win for either side); what a pipeline without BPC emits.
 - argmax: the best judge's 1-5 rubric rating of each response (its belief plus rating
   noise, rounded to half points), argmax vs argmin, a tied rating emitting nothing.
-- mean jury: the filter's default jury and checks (mean p_a, |p - 0.5| >= 0.1, agreement
-  >= 0.6 among judges that took a side, at most half the judges flipping).
+- mean jury: the filter's default mean jury (``jury_from_verdicts``) with its default
+  checks re-stated here over the verdicts (|p - 0.5| >= 0.1, agreement >= 0.6 among judges
+  that took a side, at most half the judges abstaining), not via ``apply_filters``, so that
+  every method sees the same candidates and no rating or transitivity check.
 - calibrated / unsupervised: ``p_a`` from this project's juries, emitted at |p - 0.5| >= 0.1.
 Precision = share of emitted pairs whose chosen side is the true winner; coverage = emitted
 / pairs. "At equal coverage" = the method's pairs ranked by |p_a - 0.5| and cut at the
