@@ -67,8 +67,9 @@ class ScoreStep(Step):
         # which models judge (the pools decide) and the prompts and files they are shown
         models = {name: parse_pool(pool_config(config.pools, name)).model_identity()
                   for name in self.pools(ctx)}
-        prompts = {"qurating": qurating.prompt_hash(),
-                   "critiq": critiq.inputs_hash(params.critiq.human_pairs, params.critiq.seed_criteria)
+        prompts = {"qurating": qurating.prompt_hash(params.qurating.template),
+                   "critiq": critiq.inputs_hash(params.critiq.human_pairs, params.critiq.seed_criteria,
+                                                params.critiq.params)
                    if params.critiq.enabled else None}
         key = content_id("score", self.input_fingerprint(ctx, ["responses", "prompts"]), params.model_dump(mode="json"),
                          models, prompts)
