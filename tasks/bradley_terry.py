@@ -278,6 +278,8 @@ class _HalfEdgeProblem:
         z = r * inv_diag
         direction = z.copy()
         rz = _dot(r, z)
+        if rz == 0.0:  # already optimal (e.g. every comparison a tie at equal scores)
+            return x
         stop = (rel_tol**2) * rz
         for _ in range(_MAX_CG):
             h_dir = diagonal * direction - self.adjacency @ direction

@@ -170,3 +170,14 @@ def test_pairwise_accuracy():
 def test_normalise_centres():
     assert normalise([1.0, 2.0, 3.0]).tolist() == [-1.0, 0.0, 1.0]
     assert normalise([]).shape == (0,)
+
+
+@pytest.mark.parametrize("n_items", [5, bt.DENSE_MAX_ITEMS + 10])
+def test_all_ties_give_equal_strengths_without_failing(n_items):
+    # every verdict 0.5 (identical responses, a judge that always abstains): the start is
+    # already the optimum, so the first Newton system has a zero right-hand side
+    rng = np.random.default_rng(0)
+    i = rng.integers(0, n_items, 4 * n_items)
+    j = (i + 1 + rng.integers(0, n_items - 1, i.size)) % n_items
+    strengths = fit_bradley_terry(i, j, np.full(i.size, 0.5), n_items)
+    np.testing.assert_array_equal(strengths, np.zeros(n_items))
