@@ -159,25 +159,35 @@ def test_every_template_a_judge_uses_enters_the_annotate_keys(world):
     rationale.write_text(read_template_text("rationale_v2"))
     judges = [{"name": "judge", "pool": "judges", "template": str(pairwise), "rationale_template": str(rationale),
                "rubric_template": str(world["rubric"])}]
+    per_judge = [judges[0] | {"mode": "rationale", "mode_options": {"k": 1}}]  # the judge's own mode
     plain = _context(world, world["first"], **{"annotate.judges": judges})
     mec = _context(world, world["first"], **{"annotate.judges": judges, "annotate.rationale_k": 1})
-    keys = {"plain": _keys(plain, "annotate"), "mec": _keys(mec, "annotate")}
+    keys = {"plain": _keys(plain, "annotate"), "mec": _keys(mec, "annotate"),
+            "per_judge": _keys(_context(world, world["first"], **{"annotate.judges": per_judge}), "annotate")}
+    assert keys["per_judge"].isdisjoint(keys["plain"])
 
     rationale.write_text(rationale.read_text() + " ")  # an edit only rationale mode sees
     assert _keys(_context(world, world["first"], **{"annotate.judges": judges}), "annotate") == keys["plain"]
     assert _keys(_context(world, world["first"], **{"annotate.judges": judges, "annotate.rationale_k": 1}),
                  "annotate").isdisjoint(keys["mec"])
+    assert _keys(_context(world, world["first"], **{"annotate.judges": per_judge}),
+                 "annotate").isdisjoint(keys["per_judge"])
 
     pairwise.write_text(pairwise.read_text().replace("Verdict", "Decision", 1))
     assert _keys(_context(world, world["first"], **{"annotate.judges": judges}), "annotate").isdisjoint(keys["plain"])
 
 
-def test_the_score_key_follows_its_pools_prompts_and_data_files(world, monkeypatch):
-    from prefcurate.tasks import critiq, qurating
+def test_the_score_key_follows_its_pools_prompts_and_data_files(world):
+    from prefcurate.tasks import critiq
 
     pairs = world["tmp"] / "human_pairs.jsonl"
     pairs.write_text(critiq.DEFAULT_HUMAN_PAIRS.read_text())
-    on = {"score.critiq.enabled": True, "score.critiq.human_pairs": str(pairs)}
+    judge_prompt = world["tmp"] / "my_qurating.txt"
+    judge_prompt.write_text(read_template_text("qurating_v1"))
+    worker_prompt = world["tmp"] / "my_worker.txt"
+    worker_prompt.write_text(read_template_text("critiq_worker_v1"))
+    on = {"score.critiq.enabled": True, "score.critiq.human_pairs": str(pairs),
+          "score.qurating.template": str(judge_prompt), "score.critiq.params.worker_template": str(worker_prompt)}
     base = _keys(_context(world, world["first"], **on), "score")
     assert _keys(_context(world, world["first"], **on), "score") == base
 
@@ -185,11 +195,12 @@ def test_the_score_key_follows_its_pools_prompts_and_data_files(world, monkeypat
     edited = _keys(_context(world, world["first"], **on), "score")
     assert edited.isdisjoint(base)
 
-    monkeypatch.setattr(qurating, "_JUDGE_TEMPLATE", qurating._JUDGE_TEMPLATE.replace("Compare", "Contrast"))
-    assert _keys(_context(world, world["first"], **on), "score").isdisjoint(edited)
-    monkeypatch.undo()
-    monkeypatch.setattr(critiq, "_WORKER_TEMPLATE", critiq._WORKER_TEMPLATE + " ")
-    assert _keys(_context(world, world["first"], **on), "score").isdisjoint(edited)
+    # the QuRating and CritiQ prompts are template files: edited in place, they score again
+    judge_prompt.write_text(judge_prompt.read_text().replace("Compare", "Contrast", 1))
+    judged = _keys(_context(world, world["first"], **on), "score")
+    assert judged.isdisjoint(edited)
+    worker_prompt.write_text(worker_prompt.read_text().replace("Compare", "Contrast", 1))
+    assert _keys(_context(world, world["first"], **on), "score").isdisjoint(judged | edited)
 
 
 def test_a_server_pool_is_identified_by_served_name_revision_and_local_folder(tmp_path):
