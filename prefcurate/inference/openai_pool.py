@@ -88,6 +88,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
+from prefcurate.inference.loop_thread import LoopThread
 from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
@@ -334,11 +335,8 @@ class OpenAIPool:
         self._rng = random.Random(seed)
         self._metrics: list[dict] = []
         self._metrics_lock = threading.Lock()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._loop_lock = threading.Lock()
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread(name, f"prefcurate-openai-{name}")
         self._client: httpx.AsyncClient | None = None
-        self._closed = False
         self.spent_usd = 0.0
         self.throttled = 0  # 429/503 answers seen
 
@@ -359,15 +357,11 @@ class OpenAIPool:
         return rows
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop is not None:
-            if self._client is not None:
-                asyncio.run_coroutine_threadsafe(self._client.aclose(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+        self._loop.close(self._shutdown)
+
+    async def _shutdown(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
     def __enter__(self) -> "OpenAIPool":
         return self
@@ -377,16 +371,7 @@ class OpenAIPool:
 
     # ------------------------------------------------------------------ loop plumbing
     def _run(self, coro: Awaitable[T]) -> T:
-        if self._closed:
-            raise InferenceError(f"inference pool {self.name!r} is closed")
-        with self._loop_lock:  # two threads' first calls must not start two loops
-            if self._loop is None:
-                self._loop = asyncio.new_event_loop()
-                self._thread = threading.Thread(
-                    target=self._loop.run_forever, name=f"prefcurate-openai-{self.name}", daemon=True
-                )
-                self._thread.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop).result()
+        return self._loop.run(coro)
 
     def _start(self) -> None:
         if self._client is not None:

@@ -59,6 +59,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
+from prefcurate.inference.loop_thread import LoopThread
 from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     chat_messages,
@@ -147,15 +148,13 @@ class ServerPool:
         self._metrics: list[dict] = []
         self._metrics_lock = threading.Lock()
         self._rng = random.Random(self.seed)
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
+        self._loop = LoopThread(self.name, f"prefcurate-pool-{self.name}")
         self._client: httpx.AsyncClient | None = None
         self._cond: asyncio.Condition | None = None
         self._health_task: asyncio.Task | None = None
         self._probe_lock: asyncio.Lock | None = None
         self._remote_option_ids: dict[str, tuple[int, ...]] = {}
         self._remote_chat_template: bool | None = None
-        self._closed = False
 
     # ------------------------------------------------------------------ sync Engine API
     def generate(self, requests: Sequence[GenerateRequest]) -> list[Generation]:
@@ -187,14 +186,7 @@ class ServerPool:
         return rows
 
     def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        if self._loop is not None:
-            asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result()
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=10)
-            self._loop.close()
+        self._loop.close(self._shutdown)
 
     def __enter__(self) -> "ServerPool":
         return self
@@ -211,15 +203,7 @@ class ServerPool:
 
     # ----------------------------------------------------------------- loop plumbing
     def _submit(self, coro: Awaitable[T]):
-        if self._closed:
-            raise InferenceError(f"inference pool {self.name!r} is closed")
-        if self._loop is None:
-            self._loop = asyncio.new_event_loop()
-            self._thread = threading.Thread(
-                target=self._loop.run_forever, name=f"prefcurate-pool-{self.name}", daemon=True
-            )
-            self._thread.start()
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        return self._loop.submit(coro)
 
     def _run(self, coro: Awaitable[T]) -> T:
         return self._submit(coro).result()

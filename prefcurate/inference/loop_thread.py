@@ -1,0 +1,53 @@
+"""An asyncio event loop on a daemon thread, for the HTTP pools' synchronous Engine API.
+
+A pool keeps one loop for its life so that its HTTP client, connection pool and
+background tasks (health probes) survive between the synchronous calls that stages make;
+the loop starts on the first call, from whichever thread makes it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import threading
+from typing import Awaitable, Callable, TypeVar
+
+from prefcurate.inference.base import InferenceError
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self, pool_name: str, thread_name: str):
+        self.pool_name = pool_name
+        self.thread_name = thread_name
+        self.closed = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()  # two threads' first calls must not start two loops
+
+    def submit(self, coro: Awaitable[T]) -> concurrent.futures.Future:
+        if self.closed:
+            raise InferenceError(f"inference pool {self.pool_name!r} is closed")
+        with self._start_lock:
+            if self._loop is None:
+                self._loop = asyncio.new_event_loop()
+                self._thread = threading.Thread(target=self._loop.run_forever, name=self.thread_name, daemon=True)
+                self._thread.start()
+        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+
+    def run(self, coro: Awaitable[T]) -> T:
+        return self.submit(coro).result()
+
+    def close(self, shutdown: Callable[[], Awaitable[None]] | None = None) -> None:
+        """Run ``shutdown()`` on the loop (if it ever started), then stop it; idempotent."""
+        if self.closed:
+            return
+        self.closed = True
+        if self._loop is None:
+            return
+        if shutdown is not None:
+            asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+        self._loop.close()
