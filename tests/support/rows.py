@@ -112,3 +112,11 @@ def ratings(scores: dict[str, float], prompt="p1", judge="j1") -> pl.DataFrame:
         for rid, score in scores.items()
     ]
     return pl.DataFrame(rows, schema=RATINGS_SCHEMA)
+
+
+def prompts(ids: Sequence[str]) -> pl.DataFrame:
+    """PROMPTS rows for ``ids``: text ``text <id>``, records numbered from 1."""
+    return pl.DataFrame({
+        "prompt_id": list(ids), "prompt": [f"text {i}" for i in ids], "source_file": ["f"] * len(ids),
+        "source_record": list(range(1, len(ids) + 1)), "char_len": [6] * len(ids),
+    })

@@ -8,14 +8,15 @@ import logging
 import os
 from pathlib import Path
 
-import polars as pl
 import pytest
 
 from prefcurate.object_store import ObjectShards, ObjectStoreError
-from prefcurate.steps.base import StageContext, Step, Unit
+from prefcurate.steps.base import StageContext, Unit
 from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import Store
 from prefcurate.tasks.ingest import IngestParams
+from tests.support.rows import prompts
+from tests.support.steps import CountingIngestStep
 
 BUCKET = "prefcurate-shards"
 
@@ -46,25 +47,18 @@ def store(tmp_path, s3_endpoint, request) -> Store:
     return Store.init(tmp_path / "ds", shards_uri=f"s3://{BUCKET}/{request.node.name}", endpoint_url=s3_endpoint)
 
 
-def _prompts(ids):
-    return pl.DataFrame({
-        "prompt_id": ids, "prompt": [f"text {i}" for i in ids], "source_file": ["f"] * len(ids),
-        "source_record": list(range(1, len(ids) + 1)), "char_len": [6] * len(ids),
-    })
-
-
 def _objects(store: Store, table: str) -> list[str]:
     """Every object under the table's prefix, temporary ones included."""
     return sorted(name for name in store.objects._names(table))
 
 
 def test_shards_live_on_the_object_store_and_sql_reads_them(store):
-    first = store.write("prompts", _prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
+    first = store.write("prompts", prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
     assert _objects(store, "prompts") == ["shard-k1.parquet"]  # no temporary key left after the copy
     assert not (store.root / "prompts").exists()  # nothing on the local disk but the catalog
     assert store.count("prompts") == 0  # complete, but not registered: does not exist
     assert store.register([first]) == 1
-    store.commit("prompts", _prompts(["c"]), key="k2", run_id="r", stage="ingest")
+    store.commit("prompts", prompts(["c"]), key="k2", run_id="r", stage="ingest")
     assert store.count("prompts") == 3
     assert store.query("SELECT string_agg(prompt_id, ',' ORDER BY prompt_id) AS ids, max(source_record) AS top "
                        "FROM prompts WHERE char_len = 6").row(0) == ("a,b,c", 2)
@@ -81,29 +75,16 @@ def test_shards_live_on_the_object_store_and_sql_reads_them(store):
 
 
 def test_ids_already_present_are_dropped_from_a_new_object_shard(store):
-    store.commit("prompts", _prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
-    second = store.write("prompts", _prompts(["b", "c"]), key="k2", run_id="r", stage="ingest")
+    store.commit("prompts", prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
+    second = store.write("prompts", prompts(["b", "c"]), key="k2", run_id="r", stage="ingest")
     assert store.register([second]) == 1
     assert sorted(store.read("prompts")["prompt_id"].to_list()) == ["a", "b", "c"]
     assert store.read_shard(second.path)["prompt_id"].to_list() == ["c"]  # rewritten on the store
 
 
-class CrashingUpload(Step):
-    """A unit whose process dies after uploading its shard, before the copy to its final key."""
-
-    name = "ingest"
-
-    def __init__(self):
-        self.computed = 0
-
-    def compute(self, unit, ctx):
-        self.computed += 1
-        return {"prompts": _prompts(["x", "y", "z"])}, {}
-
-
 def test_crash_between_upload_and_registration_is_invisible_and_the_rerun_duplicates_nothing(store, monkeypatch):
     ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
-    step, unit = CrashingUpload(), Unit("ingest", "unit-1", ("prompts",))
+    step, unit = CountingIngestStep(), Unit("ingest", "unit-1", ("prompts",))
 
     def killed(self, temporary, relpath):
         raise KeyboardInterrupt("killed between upload and copy")
@@ -131,7 +112,7 @@ def test_crash_between_upload_and_registration_is_invisible_and_the_rerun_duplic
 
 def test_crash_after_the_copy_before_registration_is_adopted(store):
     ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
-    step, unit = CrashingUpload(), Unit("ingest", "unit-2", ("prompts",))
+    step, unit = CountingIngestStep(), Unit("ingest", "unit-2", ("prompts",))
     step.run_unit(unit, ctx)  # final object and manifest complete; the coordinator died here
     assert store.count("prompts") == 0
     rerun = step.run_unit(unit, ctx)
@@ -250,13 +231,13 @@ def test_a_whole_build_over_the_object_store_matches_one_on_local_disk(tmp_path,
 
 def test_repair_recreates_the_catalog_from_the_manifests_and_the_object_store(store):
     ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
-    step = CrashingUpload()
+    step = CountingIngestStep()
     for key in ("unit-a", "unit-b"):
         unit = Unit("ingest", key, ("prompts",))
         result = step.run_unit(unit, ctx)
         if key == "unit-a":  # unit-b's coordinator died before registering it
             store.register(result.shards, unit=("ingest", key), counts=result.counts)
-    store.write("prompts", _prompts(["q"]), key="orphan", run_id="r", stage="ingest")  # no manifest lists it
+    store.write("prompts", prompts(["q"]), key="orphan", run_id="r", stage="ingest")  # no manifest lists it
     store.catalog.write_bytes(b"not a catalog")
     done = Store.repair(store.root)
     assert done["units"] == 2 and done["shards_registered"] == 2

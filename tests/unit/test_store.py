@@ -1,23 +1,17 @@
 import os
 import time
 
-import polars as pl
 import pytest
 
-from prefcurate.steps.base import StageContext, Step, Unit
+from prefcurate.steps.base import StageContext, Unit
 from prefcurate.store import NotADatasetError, Store, write_shard
-
-
-def _prompts(ids):
-    return pl.DataFrame({
-        "prompt_id": ids, "prompt": [f"text {i}" for i in ids], "source_file": ["f"] * len(ids),
-        "source_record": list(range(1, len(ids) + 1)), "char_len": [6] * len(ids),
-    })
+from tests.support.rows import prompts
+from tests.support.steps import CountingIngestStep
 
 
 def test_a_shard_is_invisible_until_registered(tmp_path):
     store = Store.init(tmp_path / "ds")
-    shard = write_shard(store.root, "prompts", _prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
+    shard = write_shard(store.root, "prompts", prompts(["a", "b"]), key="k1", run_id="r", stage="ingest")
     assert (store.root / shard.path).exists()
     assert store.count("prompts") == 0  # complete file, but not registered: does not exist
     assert store.register([shard]) == 1
@@ -28,7 +22,7 @@ def test_a_shard_is_invisible_until_registered(tmp_path):
 
 def test_rows_carry_provenance(tmp_path):
     store = Store.init(tmp_path / "ds")
-    store.commit("prompts", _prompts(["a"]), key="k", run_id="run-7", stage="ingest")
+    store.commit("prompts", prompts(["a"]), key="k", run_id="run-7", stage="ingest")
     row = store.read("prompts").row(0, named=True)
     assert row["run_id"] == "run-7" and row["stage"] == "ingest" and row["code_version"]
     assert row["created_at"] is not None
@@ -45,23 +39,10 @@ def test_directory_that_is_not_ours_is_refused(tmp_path):
         Store.open(tmp_path / "nowhere")
 
 
-class CrashingStep(Step):
-    """A step whose unit writes its shard and then the process 'dies' before registration."""
-
-    name = "ingest"
-
-    def __init__(self):
-        self.computed = 0
-
-    def compute(self, unit, ctx):
-        self.computed += 1
-        return {"prompts": _prompts(["x", "y", "z"])}, {}
-
-
 def test_crash_between_shard_write_and_registration_resumes_without_recompute(tmp_path):
     store = Store.init(tmp_path / "ds")
     ctx = StageContext(str(store.root), {}, "run-1")
-    step = CrashingStep()
+    step = CountingIngestStep()
     unit = Unit("ingest", "unit-1", ("prompts",))
     result = step.run_unit(unit, ctx)  # files and manifest complete...
     # ...and the coordinator crashed here, before store.register(result.shards)
