@@ -114,9 +114,10 @@ def ratings(scores: dict[str, float], prompt="p1", judge="j1") -> pl.DataFrame:
     return pl.DataFrame(rows, schema=RATINGS_SCHEMA)
 
 
-def prompts(ids: Sequence[str]) -> pl.DataFrame:
-    """PROMPTS rows for ``ids``: text ``text <id>``, records numbered from 1."""
+def prompts(ids: Sequence[str], texts: Sequence[str] | None = None) -> pl.DataFrame:
+    """PROMPTS rows for ``ids`` (texts default to ``text <id>``), records numbered from 1."""
+    texts = list(texts) if texts is not None else [f"text {i}" for i in ids]
     return pl.DataFrame({
-        "prompt_id": list(ids), "prompt": [f"text {i}" for i in ids], "source_file": ["f"] * len(ids),
-        "source_record": list(range(1, len(ids) + 1)), "char_len": [6] * len(ids),
+        "prompt_id": list(ids), "prompt": texts, "source_file": ["f"] * len(ids),
+        "source_record": list(range(1, len(ids) + 1)), "char_len": [len(t) for t in texts],
     })

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import polars as pl
 import pytest
 
 from prefcurate.config import load_config
@@ -19,6 +18,7 @@ from prefcurate.store import Store
 from prefcurate.tasks.estimate import BudgetExhausted, estimate_build, format_estimate, spent_usd
 from tests.support.openai_api import KEY, KEY_ENV, StubAPI
 from tests.unit.stage_runs import run_pending_units
+from tests.support.rows import prompts
 
 PRICE = {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 10.0}
 
@@ -76,18 +76,15 @@ def test_the_estimate_command_prints_without_starting_anything(tmp_path, stub):
 
 def test_a_build_stops_at_the_budget_and_resumes_when_it_is_raised(tmp_path, stub):
     store = Store.init(tmp_path / "ds")
-    prompts = pl.DataFrame({
-        "prompt_id": ["p1", "p2"], "prompt": ["What is steady?", "What is calm?"], "source_file": ["f", "f"],
-        "source_record": [1, 2], "char_len": [15, 13],
-    })
-    store.register([store.write("prompts", prompts, key="shard-0", run_id="r0", stage="ingest")])
+    two = prompts(["p1", "p2"], ["What is steady?", "What is calm?"])
+    store.register([store.write("prompts", two, key="shard-0", run_id="r0", stage="ingest")])
     unlimited = hosted_config(stub)
     store.start_run("generate", {"config": unlimited.model_dump(mode="json")})  # as a flow records it
     assert run_pending_units("generate", context_for(store.root, unlimited, "r1"), store) >= 1
     metrics = store.query("SELECT * FROM request_metrics")
     assert metrics.height == len(stub.requests) and metrics["ok"].all()
     # the estimate for as many prompts counts exactly the generate requests made
-    estimate = estimate_build(hosted_config(stub, **{"ingest.limit": prompts.height}))
+    estimate = estimate_build(hosted_config(stub, **{"ingest.limit": two.height}))
     assert sum(r.requests for r in estimate if r.stage == "generate") == metrics.height
     spent = spent_usd(store)
     assert spent == pytest.approx(float(metrics["cost_usd"].sum())) and spent > 0

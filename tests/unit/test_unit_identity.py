@@ -24,6 +24,7 @@ from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import close_all
 from prefcurate.store import Store
 from prefcurate.templates import read_template_text
+from tests.support.rows import prompts
 
 
 def fake_model_folder(parent: Path, layers: int, name: str = "tiny-lm") -> Path:
@@ -53,11 +54,8 @@ def scripted_pools(monkeypatch):
 @pytest.fixture
 def world(tmp_path, scripted_pools):
     store = Store.init(tmp_path / "ds")
-    prompts = pl.DataFrame({
-        "prompt_id": ["p1", "p2"], "prompt": ["What is steady?", "Name a colour."], "source_file": ["f", "f"],
-        "source_record": [1, 2], "char_len": [15, 14],
-    })
-    store.register([store.write("prompts", prompts, key="shard-0", run_id="r0", stage="ingest")])
+    two = prompts(["p1", "p2"], ["What is steady?", "Name a colour."])
+    store.register([store.write("prompts", two, key="shard-0", run_id="r0", stage="ingest")])
     rubric = tmp_path / "my_rubric.txt"
     rubric.write_text(read_template_text("rubric_v1"))
     first = fake_model_folder(tmp_path / "a", layers=2)
