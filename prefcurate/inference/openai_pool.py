@@ -88,7 +88,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.loop_thread import LoopThread
+from prefcurate.inference.http_common import LoopThread, error_message
 from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
@@ -479,7 +479,7 @@ class OpenAIPool:
             if not isinstance(answer, dict):
                 raise _Retry(f"malformed_response: expected an object, got {type(answer).__name__}")
             return answer
-        message = _error_message(response)
+        message = error_message(response, 300)
         reason = f"http_{status}: {message}"
         if status in (429, 503):
             raise _Retry(reason, throttled=True, wait_s=retry_after_seconds(response.headers))
@@ -719,16 +719,4 @@ def _reask_prompt(prompt: str, options: Sequence[str], route: str) -> str:
     # the prompt ends where the verdict is due: a completion prompt keeps its end
     return f"{prompt}\n\n{instruction}" if route == "chat" else f"{instruction}\n\n{prompt}"
 
-
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        if isinstance(body, dict):
-            error = body.get("error", body)
-            if isinstance(error, dict):
-                return str(error.get("message", error))[:300]
-            return str(error)[:300]
-    except ValueError:
-        pass
-    return response.text[:300]
 

@@ -59,7 +59,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.loop_thread import LoopThread
+from prefcurate.inference.http_common import LoopThread, error_message
 from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     chat_messages,
@@ -352,7 +352,7 @@ class ServerPool:
         except httpx.HTTPError as error:
             raise _Retryable(f"transport: {type(error).__name__}: {error}") from None
         if response.status_code != 200:
-            message = _error_message(response)
+            message = error_message(response)
             reason = f"http_{response.status_code}: {message}"
             if response.status_code in _RETRYABLE_STATUS or response.status_code >= 500:
                 raise _Retryable(reason)
@@ -605,19 +605,6 @@ class ServerPool:
 
 
 # --------------------------------------------------------------------- response parsing
-def _error_message(response: httpx.Response) -> str:
-    try:
-        body = response.json()
-        if isinstance(body, dict):
-            error = body.get("error", body)
-            if isinstance(error, dict):
-                return str(error.get("message", error))[:500]
-            return str(error)[:500]
-    except ValueError:
-        pass
-    return response.text[:500]
-
-
 def _tokens(body: dict) -> list[int]:
     tokens = body.get("tokens")
     if not isinstance(tokens, list):

@@ -1,4 +1,5 @@
-"""An asyncio event loop on a daemon thread, for the HTTP pools' synchronous Engine API.
+"""What the HTTP pools (``servers``, ``openai``) share: the event loop their synchronous
+Engine API runs on, and how an error answer is read.
 
 A pool keeps one loop for its life so that its HTTP client, connection pool and
 background tasks (health probes) survive between the synchronous calls that stages make;
@@ -11,6 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 from typing import Awaitable, Callable, TypeVar
+
+import httpx
 
 from prefcurate.inference.base import InferenceError
 
@@ -51,3 +54,18 @@ class LoopThread:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=10)
         self._loop.close()
+
+
+def error_message(response: httpx.Response, limit: int = 500) -> str:
+    """The server's own words for a failed request (OpenAI-style ``{"error": {"message"}}``,
+    a bare ``{"error": ...}`` or plain text), cut to ``limit`` characters."""
+    try:
+        body = response.json()
+        if isinstance(body, dict):
+            error = body.get("error", body)
+            if isinstance(error, dict):
+                return str(error.get("message", error))[:limit]
+            return str(error)[:limit]
+    except ValueError:
+        pass
+    return response.text[:limit]
