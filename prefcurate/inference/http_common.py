@@ -56,6 +56,24 @@ class LoopThread:
         self._loop.close()
 
 
+class MetricRows:
+    """Per-request metric rows (REQUEST_METRICS columns), added by the loop's tasks and
+    drained by the stage's thread."""
+
+    def __init__(self):
+        self._rows: list[dict] = []
+        self.lock = threading.Lock()
+
+    def add(self, row: dict) -> None:
+        with self.lock:
+            self._rows.append(row)
+
+    def drain(self) -> list[dict]:
+        with self.lock:
+            rows, self._rows = self._rows, []
+        return rows
+
+
 def error_message(response: httpx.Response, limit: int = 500) -> str:
     """The server's own words for a failed request (OpenAI-style ``{"error": {"message"}}``,
     a bare ``{"error": ...}`` or plain text), cut to ``limit`` characters."""

@@ -70,7 +70,6 @@ import email.utils
 import math
 import os
 import random
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,7 +87,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.http_common import LoopThread, error_message
+from prefcurate.inference.http_common import LoopThread, MetricRows, error_message
 from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
@@ -333,8 +332,7 @@ class OpenAIPool:
 
             self._tokenizer = LocalPromptTokenizer.from_folder(resolve_model_path(config.tokenizer), False)
         self._rng = random.Random(seed)
-        self._metrics: list[dict] = []
-        self._metrics_lock = threading.Lock()
+        self._metrics = MetricRows()
         self._loop = LoopThread(name, f"prefcurate-openai-{name}")
         self._client: httpx.AsyncClient | None = None
         self.spent_usd = 0.0
@@ -352,9 +350,7 @@ class OpenAIPool:
 
     def drain_metrics(self) -> list[dict]:
         """Per-request rows (REQUEST_METRICS columns) since the last drain."""
-        with self._metrics_lock:
-            rows, self._metrics = self._metrics, []
-        return rows
+        return self._metrics.drain()
 
     def close(self) -> None:
         self._loop.close(self._shutdown)
@@ -498,7 +494,7 @@ class OpenAIPool:
     def _add_cost(self, tokens_in: int, tokens_out: int) -> None:
         cost = self.config.cost(tokens_in, tokens_out)
         if cost:
-            with self._metrics_lock:
+            with self._metrics.lock:
                 self.spent_usd += cost
 
     # ------------------------------------------------------------------ generate
@@ -682,8 +678,7 @@ class OpenAIPool:
             "cost_usd": self.config.cost(tokens_in, tokens_out),
             "verdict_path": verdict_path,
         }
-        with self._metrics_lock:
-            self._metrics.append(row)
+        self._metrics.add(row)
 
 
 # --------------------------------------------------------------------- helpers
@@ -718,5 +713,3 @@ def _reask_prompt(prompt: str, options: Sequence[str], route: str) -> str:
     instruction = f"Answer with exactly one of: {', '.join(options)}."
     # the prompt ends where the verdict is due: a completion prompt keeps its end
     return f"{prompt}\n\n{instruction}" if route == "chat" else f"{instruction}\n\n{prompt}"
-
-

@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Awaitable, Callable, Sequence, TypeVar
@@ -59,7 +58,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.http_common import LoopThread, error_message
+from prefcurate.inference.http_common import LoopThread, MetricRows, error_message
 from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     chat_messages,
@@ -145,8 +144,7 @@ class ServerPool:
         if not self.urls:
             raise ValueError(f"pool {self.name!r} has no replica urls")
         self.replicas = [Replica(u.rstrip("/"), self.max_concurrency_per_replica) for u in self.urls]
-        self._metrics: list[dict] = []
-        self._metrics_lock = threading.Lock()
+        self._metrics = MetricRows()
         self._rng = random.Random(self.seed)
         self._loop = LoopThread(self.name, f"prefcurate-pool-{self.name}")
         self._client: httpx.AsyncClient | None = None
@@ -181,9 +179,7 @@ class ServerPool:
 
     def drain_metrics(self) -> list[dict]:
         """Per-request rows (REQUEST_METRICS columns) since the last drain."""
-        with self._metrics_lock:
-            rows, self._metrics = self._metrics, []
-        return rows
+        return self._metrics.drain()
 
     def close(self) -> None:
         self._loop.close(self._shutdown)
@@ -600,8 +596,7 @@ class ServerPool:
             "latency_s": float(latency),
             "error": error,
         }
-        with self._metrics_lock:
-            self._metrics.append(row)
+        self._metrics.add(row)
 
 
 # --------------------------------------------------------------------- response parsing
