@@ -50,20 +50,13 @@ SCORE_COLUMNS = ("p_chosen", "margin", "agreement", "chosen_score", "rejected_sc
 SPLIT = "train"
 
 
-def export_pairs(
-    frame: pl.DataFrame,
-    out_dir: str | os.PathLike,
-    *,
-    formats: Iterable[str] = ("jsonl", "parquet"),
-    card_stats: Mapping[str, Any] | None = None,
-    plots: bool = True,
-    **trainer: Any,
-) -> dict[str, Path]:
+def export_pairs(frame: pl.DataFrame, out_dir: str | os.PathLike, **options: Any) -> dict[str, Path]:
     """Write the pairs and the card; returns ``{"jsonl", "parquet", "card", plot names...}`` -> path.
 
-    ``trainer``: the keyword arguments of :func:`export_curated` (formats, integrity, judgments).
+    ``options``: the keyword arguments of :func:`export_curated` (formats, card_stats, plots,
+    trainer formats, integrity, judgments).
     """
-    return export_curated(frame, out_dir, formats=formats, card_stats=card_stats, plots=plots, **trainer)[0]
+    return export_curated(frame, out_dir, **options)[0]
 
 
 def export_curated(

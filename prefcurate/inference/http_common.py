@@ -87,3 +87,18 @@ def error_message(response: httpx.Response, limit: int = 500) -> str:
     except ValueError:
         pass
     return response.text[:limit]
+
+
+class MalformedAnswer(ValueError):
+    """A 200 answer that is not a JSON object (a body cut short, a proxy's HTML page)."""
+
+
+def json_object(response: httpx.Response) -> dict:
+    """The JSON object of a 200 answer, or :class:`MalformedAnswer` saying what came instead."""
+    try:
+        answer = response.json()
+    except ValueError:
+        raise MalformedAnswer(f"malformed_response: not JSON (truncated?): {response.text[:200]!r}") from None
+    if not isinstance(answer, dict):
+        raise MalformedAnswer(f"malformed_response: expected an object, got {type(answer).__name__}")
+    return answer

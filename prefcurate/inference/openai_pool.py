@@ -87,7 +87,13 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.http_common import LoopThread, MetricRows, error_message
+from prefcurate.inference.http_common import (
+    LoopThread,
+    MalformedAnswer,
+    MetricRows,
+    error_message,
+    json_object,
+)
 from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
@@ -469,12 +475,9 @@ class OpenAIPool:
         status = response.status_code
         if status == 200:
             try:
-                answer = response.json()
-            except ValueError:
-                raise _Retry(f"malformed_response: not JSON (truncated?): {response.text[:200]!r}") from None
-            if not isinstance(answer, dict):
-                raise _Retry(f"malformed_response: expected an object, got {type(answer).__name__}")
-            return answer
+                return json_object(response)
+            except MalformedAnswer as error:
+                raise _Retry(str(error)) from None
         message = error_message(response, 300)
         reason = f"http_{status}: {message}"
         if status in (429, 503):

@@ -58,7 +58,7 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference.http_common import LoopThread, MetricRows, error_message
+from prefcurate.inference import http_common
 from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     chat_messages,
@@ -144,9 +144,9 @@ class ServerPool:
         if not self.urls:
             raise ValueError(f"pool {self.name!r} has no replica urls")
         self.replicas = [Replica(u.rstrip("/"), self.max_concurrency_per_replica) for u in self.urls]
-        self._metrics = MetricRows()
+        self._metrics = http_common.MetricRows()
         self._rng = random.Random(self.seed)
-        self._loop = LoopThread(self.name, f"prefcurate-pool-{self.name}")
+        self._loop = http_common.LoopThread(self.name, f"prefcurate-pool-{self.name}")
         self._client: httpx.AsyncClient | None = None
         self._cond: asyncio.Condition | None = None
         self._health_task: asyncio.Task | None = None
@@ -348,18 +348,15 @@ class ServerPool:
         except httpx.HTTPError as error:
             raise _Retryable(f"transport: {type(error).__name__}: {error}") from None
         if response.status_code != 200:
-            message = error_message(response)
+            message = http_common.error_message(response)
             reason = f"http_{response.status_code}: {message}"
             if response.status_code in _RETRYABLE_STATUS or response.status_code >= 500:
                 raise _Retryable(reason)
             raise _Fatal(reason)
         try:
-            body = response.json()
-        except ValueError:
-            raise _Retryable(f"malformed_response: not JSON: {response.text[:200]!r}") from None
-        if not isinstance(body, dict):
-            raise _Retryable(f"malformed_response: expected an object, got {type(body).__name__}")
-        return body
+            return http_common.json_object(response)
+        except http_common.MalformedAnswer as error:
+            raise _Retryable(str(error)) from None
 
     async def _run_batch(self, items: Sequence[T], one: Callable[[int, T], Awaitable[Any]]) -> list:
         await self._start()
