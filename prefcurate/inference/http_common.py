@@ -64,7 +64,12 @@ class MetricRows:
         self._rows: list[dict] = []
         self.lock = threading.Lock()
 
-    def add(self, row: dict) -> None:
+    def add(self, pool: str, replica: str, kind: str, ok: bool, attempts: int, tokens_in: int,
+            tokens_out: int, latency_s: float, error: str | None, **extra) -> None:
+        """One request's row; ``extra``: a pool kind's own columns (cost_usd, verdict_path)."""
+        row = {"pool": pool, "replica": replica, "kind": kind, "ok": ok, "attempts": int(attempts),
+               "tokens_in": tokens_in, "tokens_out": tokens_out, "latency_s": float(latency_s),
+               "error": error, **extra}
         with self.lock:
             self._rows.append(row)
 

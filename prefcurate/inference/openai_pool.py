@@ -668,20 +668,8 @@ class OpenAIPool:
 
     # ------------------------------------------------------------------ metrics
     def _record(self, kind, ok, attempts, tokens_in, tokens_out, latency, error, verdict_path) -> None:
-        row = {
-            "pool": self.name,
-            "replica": self.base_url,
-            "kind": kind,
-            "ok": ok,
-            "attempts": int(attempts),
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "latency_s": float(latency),
-            "error": error,
-            "cost_usd": self.config.cost(tokens_in, tokens_out),
-            "verdict_path": verdict_path,
-        }
-        self._metrics.add(row)
+        self._metrics.add(self.name, self.base_url, kind, ok, attempts, tokens_in, tokens_out, latency, error,
+                          cost_usd=self.config.cost(tokens_in, tokens_out), verdict_path=verdict_path)
 
 
 # --------------------------------------------------------------------- helpers

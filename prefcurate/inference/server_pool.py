@@ -582,18 +582,7 @@ class ServerPool:
 
     # ----------------------------------------------------------------- metrics
     def _record(self, kind, replica, ok, attempts, tokens_in, tokens_out, latency, error) -> None:
-        row = {
-            "pool": self.name,
-            "replica": replica or "",
-            "kind": kind,
-            "ok": ok,
-            "attempts": int(attempts),
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "latency_s": float(latency),
-            "error": error,
-        }
-        self._metrics.add(row)
+        self._metrics.add(self.name, replica or "", kind, ok, attempts, tokens_in, tokens_out, latency, error)
 
 
 # --------------------------------------------------------------------- response parsing
