@@ -214,12 +214,8 @@ def _placement(step: Step, ctx: StageContext, config: PipelineConfig):
     """Dask annotations for a stage's units: those that load an embedded model ask for
     ``executor.model_resources`` (e.g. GPU=1), so on a mixed cluster they run only on the
     workers that advertise it; units of HTTP pools and model-free stages run anywhere."""
-    def kind(pool) -> str:  # a pool is a plain mapping or a typed pool model
-        found = pool.get("kind") if isinstance(pool, dict) else getattr(pool, "kind", None)
-        return found or "embedded"
-
-    pools = config.pools or {}
-    embedded = [name for name in step.pools(ctx) if name in pools and kind(pools[name]) == "embedded"]
+    pools = config.pools
+    embedded = [name for name in step.pools(ctx) if name in pools and pools[name].kind == "embedded"]
     if not (config.executor.model_resources and embedded):
         return contextlib.nullcontext()
     import dask
