@@ -35,6 +35,7 @@ import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.schemas import tables
+from prefcurate.tasks.jury import flipped_expr
 
 PAIR_KEY = ["prompt_id", "response_a", "response_b"]
 _PROVENANCE = {f.name for f in tables.PROVENANCE}
@@ -124,11 +125,8 @@ def judge_positions(
     - ``abstained``: the judge took no side: tied, or flipped when ``flips_abstain`` (the
       filter passes ``position_flip.enabled``: with the position check off, a flipped
       verdict is taken at its balanced value)."""
-    lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
-    lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
     both = pl.col("p_first_ab").is_not_null() & pl.col("p_first_ba").is_not_null()
-    beyond_tolerance = (lean_ab.abs() > flip_tolerance) & (lean_ba.abs() > flip_tolerance)
-    flipped = both & (lean_ab * lean_ba < 0) & beyond_tolerance
+    flipped = both & flipped_expr(flip_tolerance)
     return verdicts.with_columns(
         both_orders=both,
         flipped=flipped.fill_null(False),

@@ -62,14 +62,20 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
+def flipped_expr(flip_tolerance: float = 0.0) -> pl.Expr:
+    """A verdict row's two presentation orders picked the same *slot*, each further than
+    ``flip_tolerance`` from 0.5 (null when an order is missing)."""
+    lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
+    lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
+    return (lean_ab * lean_ba < 0) & (lean_ab.abs() > flip_tolerance) & (lean_ba.abs() > flip_tolerance)
+
+
 def vote_expr(flip_tolerance: float = 0.0) -> pl.Expr:
     """+1 / -1 / 0 (abstain) from a verdict row's ``p_a``, ``p_first_ab``, ``p_first_ba``.
 
-    A flip (both orders on the same slot, each further than ``flip_tolerance`` from 0.5) is
-    an abstention; a verdict without both orders is taken at its balanced ``p_a``."""
-    lean_ab = pl.col("p_first_ab") - 0.5  # > 0: a preferred with a shown first
-    lean_ba = 0.5 - pl.col("p_first_ba")  # > 0: a preferred with b shown first
-    flipped = ((lean_ab * lean_ba) < 0) & (lean_ab.abs() > flip_tolerance) & (lean_ba.abs() > flip_tolerance)
+    A flip (:func:`flipped_expr`) is an abstention; a verdict without both orders is taken at
+    its balanced ``p_a``."""
+    flipped = flipped_expr(flip_tolerance)
     side = (
         pl.when(pl.col("p_a") > 0.5 + _TIE_EPS)
         .then(1)
