@@ -73,12 +73,15 @@ def wilson_interval(correct: np.ndarray, n: np.ndarray, confidence: float = 0.95
 
 
 # --- the gold file -------------------------------------------------------------------------
-def _read_any(path: Path) -> pl.DataFrame:
+def read_labelled_file(path: Path, what: str = "gold file") -> pl.DataFrame:
+    """A file of labelled pairs as text columns, one row per record (JSONL/CSV/Parquet).
+
+    A blank JSONL line stays a record with every field missing, so row numbers are the
+    file's record numbers and bad rows can be quarantined by them."""
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".ndjson", ".json"):
         text = path.read_text(encoding="utf-8")
         rows = [json.loads(line) if line.strip() else None for line in text.splitlines()]
-        # keep line numbers: a blank line is a record with every field missing
         return pl.DataFrame([r if isinstance(r, dict) else {} for r in rows], infer_schema_length=None).with_columns(
             pl.all().cast(pl.String)
         ) if rows else pl.DataFrame()
@@ -86,7 +89,7 @@ def _read_any(path: Path) -> pl.DataFrame:
         return pl.read_csv(path, infer_schema=False)
     if suffix in (".parquet", ".pq"):
         return pl.read_parquet(path).with_columns(pl.all().cast(pl.String))
-    raise ValueError(f"gold file {path}: unknown format {suffix!r}; expected .jsonl, .csv or .parquet")
+    raise ValueError(f"{what} {path}: unknown format {suffix!r}; expected .jsonl, .csv or .parquet")
 
 
 def _quarantine_rows(frame: pl.DataFrame, source: str, reason: str, field: str, message: pl.Expr) -> pl.DataFrame:
@@ -111,7 +114,7 @@ def load_gold_file(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     if not path.exists():
         raise FileNotFoundError(f"annotate.gold_path: {path} does not exist")
     source = str(path)
-    raw = _read_any(path)
+    raw = read_labelled_file(path)
     for column in GOLD_FIELDS + ["id", "why"]:
         if column not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(column))

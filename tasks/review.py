@@ -23,14 +23,13 @@ exported-and-labelled file also works as ``annotate.gold_path``.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 from pathlib import Path
 
 import polars as pl
 
 from prefcurate.schemas.ids import content_id
-from prefcurate.tasks.calibration import WINNERS
+from prefcurate.tasks.calibration import WINNERS, read_labelled_file
 from prefcurate.tasks.jury import PAIR_KEY, binary_entropy
 
 EXPORT_COLUMNS = ["prompt_id", "response_a_id", "response_b_id", "prompt", "response_a", "response_b",
@@ -111,21 +110,6 @@ def write_review_file(frame: pl.DataFrame, path: str | Path) -> Path:
     return path
 
 
-def _read_labels_file(path: Path) -> pl.DataFrame:
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        rows = [json.loads(line) if line.strip() else {} for line in path.read_text(encoding="utf-8").splitlines()]
-        if not rows:
-            return pl.DataFrame()
-        frame = pl.DataFrame([r if isinstance(r, dict) else {} for r in rows], infer_schema_length=None)
-        return frame.select([pl.col(c).cast(pl.String) for c in frame.columns])
-    if suffix == ".csv":
-        return pl.read_csv(path, infer_schema=False)
-    if suffix in (".parquet", ".pq"):
-        return pl.read_parquet(path).with_columns(pl.all().cast(pl.String))
-    raise ValueError(f"review import: {path}: unknown format {suffix!r}; expected .jsonl, .csv or .parquet")
-
-
 def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """(HUMAN_LABELS rows, QUARANTINE rows, rows left unlabelled) from a labelled file.
 
@@ -138,7 +122,7 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
     if not path.exists():
         raise FileNotFoundError(f"review import: {path} does not exist")
     source = str(path)
-    raw = _read_labels_file(path)
+    raw = read_labelled_file(path, "review import:")
     for column in [*ID_FIELDS, "winner", "annotator"]:
         if column not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(column))
