@@ -27,6 +27,12 @@ Method (ALGORITHMS.md, "Judging" and "Consistency": consistency is measured, nev
   ``not_selected`` or ``length_bias`` row, so each candidate is either a ``pairs`` row or
   has at least one ``filter_drops`` row: nothing vanishes unexplained.
 
+Streaming (:func:`apply_filters_sharded`, what the filter step runs): the judgment-derived
+quantities (jury, judge positions, Bradley-Terry strengths: :func:`judged_signals`) are
+computed once over the dataset from the judgments' numbers; the checks, which read texts and
+ratings per pair, run prompt shard by prompt shard; pair construction and the report run once
+over the shards' narrow survivors. Same result as :func:`apply_filters`, row for row.
+
 Baselines for the bench: :func:`argmax_baseline_pairs` (distilabel-style binarisation,
 argmax/argmin of the rubric score, no checks) and :func:`single_order_pairs` (one judge, one
 presentation order, taken at face value); both tie-aware.
@@ -34,6 +40,8 @@ presentation order, taken at face value); both tie-aware.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -217,7 +225,8 @@ def verdict_fleiss_kappa(verdicts: pl.DataFrame, group: list[str] | None = None)
     modal = (
         per_item.group_by("n").agg(pl.len().alias("items")).sort(["items", "n"], descending=True).item(0, "n")
     )
-    chosen = per_item.filter(pl.col("n") == modal)
+    # sorted: group_by's order is arbitrary, and the sums below would differ in the last bits
+    chosen = per_item.filter(pl.col("n") == modal).sort(group)
     counts = chosen.select("a", "b", (pl.col("n") - pl.col("a") - pl.col("b")).alias("tie")).to_numpy()
     kappa = fleiss_kappa(counts)
     return {"fleiss_kappa": None if np.isnan(kappa) else kappa, "items": chosen.height, "raters": int(modal)}
@@ -379,14 +388,54 @@ def prompt_strengths(jury: pl.DataFrame, l2: float = 1e-3) -> pl.DataFrame:
 
 
 # --- the filter -------------------------------------------------------------------------
-def _candidate_frame(
-    judgments: pl.DataFrame,
-    ratings: pl.DataFrame,
-    responses: pl.DataFrame,
-    params: FilterParams,
-    human_labels: pl.DataFrame | None = None,
-) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(candidates with every per-pair signal, per-judge verdicts)."""
+#: the columns of a survivor that pair construction reads (:func:`_select_pairs`, the PAIRS
+#: table): what the sharded filter keeps of each shard's survivors
+_SURVIVOR_COLUMNS = [
+    *PAIR_KEY, "chosen_id", "rejected_id", "p_chosen", "margin", "agreement", "chosen_score",
+    "rejected_score", "chosen_generator", "rejected_generator", "chosen_strength", "chosen_char_len",
+    "rejected_char_len",
+]
+#: the columns of a candidate the report reads (:func:`_report`)
+_REPORT_COLUMNS = [*PAIR_KEY, "generator_a", "generator_b"]
+
+
+@dataclass(frozen=True)
+class JudgedSignals:
+    """What the filter derives from the judgments alone, over the whole dataset: narrow
+    (ids and numbers, no text), so it is held at once while the texts are streamed by shard.
+
+    These are the filter's dataset-wide quantities: a latent jury (Dawid-Skene EM, calibrated
+    weights) and the Bradley-Terry fit are global fits, whose numbers a fit per shard would
+    not reproduce exactly. Everything else the checks read is per pair (see :meth:`shard`)."""
+
+    candidates: pl.DataFrame  # pair key, sorted
+    jury: pl.DataFrame  # pair key, p_a, n_judges, n_for_a, n_for_b, agreement
+    verdicts: pl.DataFrame  # one row per (pair, judge), with judge_positions' flags
+    strengths: pl.DataFrame  # response_id, strength, component
+
+    def response_ids(self) -> pl.Series:
+        """Every response a candidate names (its texts and ratings are the shard's inputs)."""
+        return pl.concat([self.candidates["response_a"], self.candidates["response_b"]]).unique().sort()
+
+    def shard(self, prompt_ids: pl.Series) -> "JudgedSignals":
+        """The signals of the candidates of ``prompt_ids`` (a pair belongs to one prompt)."""
+        wanted = pl.DataFrame({"prompt_id": prompt_ids.cast(pl.String)})
+        candidates = self.candidates.join(wanted, on="prompt_id", how="semi", maintain_order="left")
+        sides = pl.concat([candidates["response_a"], candidates["response_b"]])
+        responses = pl.DataFrame({"response_id": sides})
+        return JudgedSignals(
+            candidates,
+            self.jury.join(wanted, on="prompt_id", how="semi", maintain_order="left"),
+            self.verdicts.join(wanted, on="prompt_id", how="semi", maintain_order="left"),
+            self.strengths.join(responses, on="response_id", how="semi", maintain_order="left"),
+        )
+
+
+def judged_signals(
+    judgments: pl.DataFrame, params: FilterParams, human_labels: pl.DataFrame | None = None
+) -> JudgedSignals:
+    """Pass 1 of the filter: candidates, the jury, each judge's verdict and position flags,
+    and the per-prompt Bradley-Terry strengths, from the judgments (see :class:`JudgedSignals`)."""
     rows = (
         judgments if params.criteria is None else judgments.filter(pl.col("criterion").is_in(params.criteria))
     )
@@ -396,17 +445,38 @@ def _candidate_frame(
     jury = _jury_from_verdicts(verdicts, PAIR_KEY, params.jury_method, params.judge_weights)
     # a person's label replaces the jury on its pair (tasks/review.py)
     jury, verdicts = override_with_labels(jury, verdicts, human_labels)
+    strengths = prompt_strengths(jury, l2=params.intransitivity.l2)
+    positions = judge_positions(verdicts, params.position_flip.tolerance, params.position_flip.enabled)
+    return JudgedSignals(candidates, jury, positions, strengths)
 
+
+def _candidate_frame(
+    judgments: pl.DataFrame,
+    ratings: pl.DataFrame,
+    responses: pl.DataFrame,
+    params: FilterParams,
+    human_labels: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(candidates with every per-pair signal, per-judge verdicts)."""
+    signals = judged_signals(judgments, params, human_labels)
+    return _pair_frame(signals, ratings, responses, params), signals.verdicts
+
+
+def _pair_frame(
+    signals: JudgedSignals, ratings: pl.DataFrame, responses: pl.DataFrame, params: FilterParams
+) -> pl.DataFrame:
+    """One row per candidate of ``signals`` with every per-pair signal the checks read: the
+    jury, both responses' features, rubric scores and strengths, and the text similarity.
+    Per pair only, so a shard of candidates with its responses gives the shard's rows."""
     features = _response_features(responses, params.self_preference.families)
     scores = response_scores(ratings, params.rating_vs_ranking.aspects)
-    strengths = prompt_strengths(jury, l2=params.intransitivity.l2)
     per_response = (
         features.join(scores, on="response_id", how="full", coalesce=True)
-        .join(strengths, on="response_id", how="full", coalesce=True)
+        .join(signals.strengths, on="response_id", how="full", coalesce=True)
         .with_columns(pl.col("has_text").fill_null(False))
     )
 
-    frame = candidates.join(jury, on=PAIR_KEY, how="left")
+    frame = signals.candidates.join(signals.jury, on=PAIR_KEY, how="left")
     frame = _with_sides(
         frame,
         per_response,
@@ -446,7 +516,7 @@ def _candidate_frame(
 
     if params.near_duplicate.enabled:
         frame = pair_text_similarity(frame, responses, params.near_duplicate.ngram)
-    return frame, judge_positions(verdicts, params.position_flip.tolerance, params.position_flip.enabled)
+    return frame
 
 
 def _single_order_p_a() -> pl.Expr:
@@ -601,16 +671,85 @@ def apply_filters(
     apply to (single order), each judge's flip rate and first-position preference, and the
     jury's Fleiss' kappa (see :func:`verdict_fleiss_kappa`)."""
     params = params or FilterParams()
-    frame, verdicts = _candidate_frame(judgments, ratings, responses, params, human_labels)
-    check_drops = pl.concat(_check_drops(frame, verdicts, params), how="vertical")
+    signals = judged_signals(judgments, params, human_labels)
+    return _finish_filters(signals, [_shard_checks(signals, ratings, responses, params)], params)
+
+
+#: reads a shard's inputs: response ids -> (their ratings, their responses)
+ShardReader = Callable[[pl.Series], tuple[pl.DataFrame, pl.DataFrame]]
+
+
+def apply_filters_sharded(
+    judgments: pl.DataFrame,
+    read_shard: ShardReader,
+    params: FilterParams | None = None,
+    human_labels: pl.DataFrame | None = None,
+    shard_prompts: int = 5000,
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """:func:`apply_filters` with the texts streamed by prompt shard: the same result, row for
+    row, with at most ``shard_prompts`` prompts' responses, ratings and shingles held at once.
+
+    ``judgments`` need only the columns the jury reads (pair key, judge, judge_model,
+    criterion, valid, p_a, p_first_ab, p_first_ba): pass 1 (:func:`judged_signals`) computes
+    the dataset-wide quantities from them; pass 2 runs every check shard by shard with those
+    fixed, reading each shard's ratings and responses through ``read_shard``; pair
+    construction (a run-wide length-bias cap, a seeded draw) and the report run once over
+    the shards' narrow survivors and drops."""
+    params = params or FilterParams()
+    signals = judged_signals(judgments, params, human_labels)
+    shards = []
+    for prompt_ids in prompt_shards(signals.candidates["prompt_id"], shard_prompts):
+        part = signals.shard(prompt_ids)
+        ratings, responses = read_shard(part.response_ids())
+        shards.append(_shard_checks(part, ratings, responses, params))
+    if not shards:  # no candidate: one empty shard gives the empty tables and report
+        shards.append(_shard_checks(signals, *read_shard(signals.response_ids()), params))
+    return _finish_filters(signals, shards, params)
+
+
+def prompt_shards(prompt_ids: pl.Series, size: int) -> Iterable[pl.Series]:
+    """The distinct prompt ids, sorted, in consecutive chunks of ``size``."""
+    if size < 1:
+        raise ValueError(f"shard_prompts must be >= 1, got {size}")
+    distinct = prompt_ids.unique().sort()
+    for offset in range(0, distinct.len(), size):
+        yield distinct.slice(offset, size)
+
+
+@dataclass(frozen=True)
+class _ShardResult:
+    check_drops: pl.DataFrame  # FILTER_DROPS rows of the checks
+    survivors: pl.DataFrame  # candidates that passed every check, _SURVIVOR_COLUMNS
+    candidates: pl.DataFrame  # every candidate, _REPORT_COLUMNS
+
+
+def _shard_checks(
+    signals: JudgedSignals, ratings: pl.DataFrame, responses: pl.DataFrame, params: FilterParams
+) -> _ShardResult:
+    """Pass 2 on one shard: every enabled check, and what pair construction and the report
+    need of the shard (narrow: no text)."""
+    frame = _pair_frame(signals, ratings, responses, params)
+    check_drops = pl.concat(_check_drops(frame, signals.verdicts, params), how="vertical")
     survivors = frame.join(check_drops.select(PAIR_KEY).unique(), on=PAIR_KEY, how="anti")
+    return _ShardResult(check_drops, survivors.select(_SURVIVOR_COLUMNS), frame.select(_REPORT_COLUMNS))
+
+
+def _finish_filters(
+    signals: JudgedSignals, shards: list[_ShardResult], params: FilterParams
+) -> tuple[pl.DataFrame, pl.DataFrame, dict]:
+    """Pair construction over every shard's survivors, the sorted drops, and the report."""
+    check_drops = pl.concat([s.check_drops for s in shards], how="vertical")
+    # shards are consecutive prompt ranges of the sorted candidates: concatenated, they are in
+    # the order one whole-dataset frame has
+    survivors = pl.concat([s.survivors for s in shards], how="vertical")
+    frame = pl.concat([s.candidates for s in shards], how="vertical")
     selected, selection_drops = _select_pairs(survivors, params)
     drops = pl.concat([check_drops, *selection_drops], how="vertical").sort(
         [*PAIR_KEY, "reason", "judge"], nulls_last=True
     )
     require_registered_reasons(drops)
     pairs = _pairs_table(selected, params.strategy)
-    report = _report(frame, verdicts, drops, pairs, survivors, params)
+    report = _report(frame, signals.verdicts, drops, pairs, survivors, params)
     return pairs, drops, report
 
 
