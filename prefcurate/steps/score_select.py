@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import pyarrow as pa
 
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit
@@ -25,29 +26,52 @@ def _latest(store, table: str, key: str) -> pl.DataFrame:
     return frame.sort("created_at").unique(key, keep="last").drop(_PROVENANCE) if frame.height else frame.drop(_PROVENANCE)
 
 
+#: texts given to the embedder per call: bounds its working memory, each chunk's vectors go
+#: straight into the result matrix
+EMBED_CHUNK = 16384
+#: cached vectors read per batch from the embeddings table
+_CACHE_BATCH = 65536
+
+
 def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn) -> tuple[np.ndarray, pl.DataFrame, float]:
-    """Vectors for ``items`` (item_id, text) in order, and the new EMBEDDINGS rows to store."""
-    cached = store.query(
-        "SELECT DISTINCT ON (item_id) item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?",
-        [kind, model_name],
-    )
-    missing = items.join(cached.select("item_id"), on="item_id", how="anti")
+    """Vectors for ``items`` (item_id, text) in order, and the new EMBEDDINGS rows to store.
+
+    One float32 matrix is the only whole copy of the vectors held: cached vectors stream
+    into it from the embeddings table batch by batch, the missing items are embedded into it
+    chunk by chunk, and the new rows' vector column shares its memory when every item is new."""
+    from prefcurate.schemas.tables import EMBEDDING_DIM
+
+    index = items.select("item_id").with_row_index("_row")
+    matrix = np.zeros((items.height, EMBEDDING_DIM), dtype=np.float32)
+    cached = np.zeros(items.height, dtype=bool)
+    with store.connect(read_only=True) as con:
+        # an item embedded twice has the same vector either time: whichever row comes last stays
+        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?",
+                         params=[kind, model_name]).to_arrow_reader(_CACHE_BATCH)
+        for batch in reader:
+            hits = pl.from_arrow(batch).join(index, on="item_id", how="inner")
+            if hits.height:
+                rows = hits["_row"].to_numpy()
+                matrix[rows] = hits["vector"].to_numpy()
+                cached[rows] = True
+    missing = np.flatnonzero(~cached)
     seconds = 0.0
-    if missing.height:
-        started = time.perf_counter()
-        vectors = np.asarray(embed_fn(missing["text"].to_list()), dtype=np.float32)
-        seconds = time.perf_counter() - started
-        new_rows = pl.DataFrame({
-            "item_id": missing["item_id"], "item_kind": kind, "model": model_name,
-            "vector": pl.Series("vector", vectors, dtype=pl.Array(pl.Float32, vectors.shape[1])),
-        })
-    else:
+    if missing.size == 0:
         new_rows = pl.DataFrame(schema={"item_id": pl.String, "item_kind": pl.String, "model": pl.String,
-                                        "vector": pl.Array(pl.Float32, 384)})
-    everything = pl.concat([cached, new_rows.select("item_id", "vector")], how="vertical_relaxed")
-    ordered = items.select("item_id").join(everything, on="item_id", how="left", maintain_order="left")
-    matrix = ordered["vector"].to_numpy() if ordered.height else np.zeros((0, 384), np.float32)
-    return np.asarray(matrix, dtype=np.float32), new_rows, seconds
+                                        "vector": pl.Array(pl.Float32, EMBEDDING_DIM)})
+        return matrix, new_rows, seconds
+    texts = items["text"].gather(missing)
+    for offset in range(0, missing.size, EMBED_CHUNK):
+        started = time.perf_counter()
+        chunk = np.asarray(embed_fn(texts.slice(offset, EMBED_CHUNK).to_list()), dtype=np.float32)
+        seconds += time.perf_counter() - started
+        matrix[missing[offset:offset + EMBED_CHUNK]] = chunk
+    new_vectors = matrix if missing.size == items.height else matrix[missing]
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(new_vectors.reshape(-1)), EMBEDDING_DIM)
+    new_rows = pl.DataFrame({
+        "item_id": items["item_id"].gather(missing), "item_kind": kind, "model": model_name,
+    }).with_columns(pl.Series("vector", vector))
+    return matrix, new_rows, seconds
 
 
 class ScoreStep(Step):
@@ -83,7 +107,8 @@ class ScoreStep(Step):
         store = ctx.store()
         config = ctx.pipeline_config()
         params = config.score
-        responses = store.read("current_responses").drop(_PROVENANCE)
+        # the columns item_texts reads (not the sampling, errors and timings of every response)
+        responses = store.read("current_responses", ["response_id", "prompt_id", "text"])
         prompts = _latest(store, "prompts", "prompt_id")
         items = item_texts(responses, prompts, params.max_text_chars)
         if items.height < 2:
