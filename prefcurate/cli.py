@@ -102,7 +102,6 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
         pipeline = load_config(config, overrides)  # fail fast, with line numbers, before Prefect starts
     except ConfigError as error:
         fail(str(error))
-    from prefcurate.flows.common import RunParameters, ensure_prefect_api
     from prefcurate.store import StoreError
 
     # a broken catalog or a busy dataset is said before Prefect starts
@@ -118,6 +117,12 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
 
         # ends an earlier killed build's leftovers; this build's children end with it
         start_watchdog(store.root)
+        if stage is None:
+            finished = _finished_build(pipeline, store, config)
+            if finished is not None:  # nothing pending: neither Prefect nor Dask is started
+                return finished
+        from prefcurate.flows.common import RunParameters, ensure_prefect_api
+
         ensure_prefect_api(pipeline)
         parameters = RunParameters(
             config_path=str(config) if config else None, dataset=str(dataset) if dataset else None,
@@ -201,6 +206,25 @@ def ingest(
     )
 
 
+def _finished_build(pipeline, store, config: Optional[Path]) -> dict | None:
+    """The result of a build with nothing pending in any stage (recorded as a completed build
+    run that ran no stage), or None when some stage has work (or its plan fails: the build
+    then says why)."""
+    from prefcurate.stages import STAGE_NAMES
+    from prefcurate.steps.build_plan import plan_build
+
+    stages = [s for s in pipeline.stages if s in STAGE_NAMES]
+    plan = plan_build(pipeline, store, stages, str(config) if config else None)
+    if not plan.complete:
+        return None
+    run_id = store.start_run("build", {"stages": stages, "config_path": str(config) if config else None,
+                                       "nothing_to_do": True})
+    store.finish_run(run_id, "completed", plan.counts(), {"seconds": plan.seconds, "plan_seconds": plan.seconds},
+                     message="nothing to do: every stage is up to date")
+    return {"run_id": run_id, "dataset": str(store.root), "seconds": plan.seconds, "stages": [],
+            "nothing_to_do": True}
+
+
 @app.command()
 def build(
     config: Optional[Path] = CONFIG_OPTION,
@@ -214,6 +238,10 @@ def build(
     if stages:
         overrides["stages"] = [s.strip() for s in stages.split(",")]
     result = _run_flow(None, config, dataset, overrides, no_wait)
+    if result.get("nothing_to_do"):
+        typer.echo(f"nothing to do: every stage is up to date (planned in {result['seconds']:.1f} s): "
+                   f"{result['dataset']}")
+        return
     typer.echo(f"build {result['run_id']} completed in {result['seconds']:.0f} s: {result['dataset']}")
     for summary in result["stages"]:
         typer.echo(f"  {summary['stage']:<9} {summary['seconds']:7.1f} s")

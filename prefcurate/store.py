@@ -556,6 +556,8 @@ class Store:
         """
         shards = [s for s in shards if s is not None]
         if not shards:
+            if unit is not None:  # a unit that writes files, not tables (export): done all the same
+                self.record_unit(unit, counts)
             return 0
         for shard in shards:
             if not self.shard_exists(shard.path):
@@ -602,6 +604,19 @@ class Store:
             )
         return new
 
+    def record_unit(self, unit: tuple[str, str], counts: dict | None = None, run_id: str = "") -> None:
+        """Record a unit (stage, unit key) as done, once, without shards (its output is files)."""
+        with self.connect() as con:
+            con.execute("INSERT OR IGNORE INTO unit_counts VALUES (?, ?, ?, ?, ?)",
+                        [unit[0], unit[1], run_id, json.dumps(counts or {}, default=str), now_utc()])
+
+    def recorded_units(self, stage: str) -> dict[str, dict]:
+        """{unit key: its counts} of the units of ``stage`` recorded as done (:meth:`register`,
+        :meth:`record_unit`)."""
+        with self.connect(read_only=True) as con:
+            rows = con.execute("SELECT unit_key, counts FROM unit_counts WHERE stage = ?", [stage]).fetchall()
+        return {key: json.loads(counts) for key, counts in rows}
+
     def _drop_present_ids(self, con, shard: ShardInfo, id_column: str, pending: list[str]) -> int:
         """Rewrite ``shard`` without ids the table (or this transaction) already holds."""
         path = self.shard_url(shard.path)
@@ -636,9 +651,19 @@ class Store:
         return shard
 
     def registered_keys(self, table: str) -> set[str]:
+        return self.registered_keys_of([table])[table]
+
+    def registered_keys_of(self, tables: Sequence[str]) -> dict[str, set[str]]:
+        """{table: its registered shard keys} of ``tables``, from one catalog query."""
+        keys: dict[str, set[str]] = {table: set() for table in tables}
+        if not keys:
+            return keys
         with self.connect(read_only=True) as con:
-            rows = con.execute("SELECT shard_key FROM _shards WHERE table_name = ?", [table]).fetchall()
-        return {row[0] for row in rows}
+            rows = con.execute("SELECT table_name, shard_key FROM _shards WHERE table_name IN (SELECT unnest(?))",
+                               [list(keys)]).fetchall()
+        for table, key in rows:
+            keys[table].add(key)
+        return keys
 
     def adopt_complete_shard(self, table: str, key: str, run_id: str, stage: str) -> ShardInfo | None:
         """A complete but unregistered shard file left by a crash, as a ShardInfo."""

@@ -144,13 +144,12 @@ class Step:
     @staticmethod
     def input_fingerprint(ctx: StageContext, tables: list[str]) -> list:
         """The registered shards of the input tables: new input shards mean a new unit key."""
-        store = ctx.store()
-        return [sorted(store.registered_keys(t)) for t in tables]
+        registered = ctx.store().registered_keys_of(tables)
+        return [sorted(registered[t]) for t in tables]
 
     def pending(self, ctx: StageContext, units: list[Unit]) -> tuple[list[Unit], list[Unit]]:
         """(units still to run, units already complete) according to the registry."""
-        store = ctx.store()
-        registered = {table: store.registered_keys(table) for table in {t for u in units for t in u.outputs}}
+        registered = ctx.store().registered_keys_of(sorted({t for u in units for t in u.outputs}))
         todo, done = [], []
         for unit in units:
             if all(unit.shard_key(t) in registered[t] for t in unit.outputs):

@@ -182,17 +182,33 @@ class SelectStep(Step):
         return {"selections": selections, "embeddings": new_embeddings}, counts
 
 
+#: what the export reads: curated_pairs (selections, pairs, prompts, responses), the card's
+#: judgments and judge accuracy; the filter and select reports come with their runs' shards
+_EXPORT_INPUTS = ["selections", "pairs", "prompts", "responses", "judgments", "judge_accuracy"]
+
+
 class ExportStep(Step):
-    """Writes files, not tables: runs every time (cheap), keyed by its run."""
+    """Writes files, not tables: keyed by its inputs' registered shards and its options, and
+    done when that key is recorded (``unit_counts``) and the files it wrote are all there."""
 
     name = "export"
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        return [Unit(self.name, content_id("export", ctx.run_id), ())]
+        config = ctx.pipeline_config()
+        options = {"export": config.export.model_dump(mode="json"), "name": config.name,
+                   "export_dir": config.export_dir, "dataset": ctx.dataset}
+        return [Unit(self.name, content_id("export", self.input_fingerprint(ctx, _EXPORT_INPUTS), options), ())]
 
     def pending(self, ctx, units):
-        return list(units), []
+        recorded = ctx.store().recorded_units(self.name)
+        todo, done = [], []
+        for unit in units:
+            files = recorded.get(unit.key, {}).get("files", {}) if unit.key in recorded else None
+            # deleted or moved export files are written again
+            complete = files is not None and all(Path(path).exists() for path in files.values())
+            (done if complete else todo).append(unit)
+        return todo, done
 
     def compute(self, unit: Unit, ctx: StageContext):
         from prefcurate.tasks.export import export_curated

@@ -136,12 +136,15 @@ def test_export_loads_with_datasets(built):
 def test_rebuild_adds_nothing_and_skips_finished_units(built):
     store = Store.open(built)
     before = {t: store.count(t) for t in ("prompts", "responses", "judgments", "ratings")}
+    stage_runs = store.runs().filter(pl.col("kind") != "build").height
     _build(built)
     after = {t: store.count(t) for t in before}
     assert after == before
-    latest = store.query(
-        "SELECT kind, counts FROM runs WHERE kind IN ('generate', 'annotate') ORDER BY started_at DESC LIMIT 2"
-    )
-    for counts in latest["counts"]:
-        parsed = json.loads(counts)
-        assert parsed["units_skipped"] == parsed["units"]
+    # planned before Prefect started, nothing pending: no stage ran, the build run says so
+    assert store.runs().filter(pl.col("kind") != "build").height == stage_runs
+    latest = store.query("SELECT counts, message FROM runs WHERE kind = 'build' ORDER BY started_at DESC LIMIT 1")
+    assert latest["message"][0].startswith("nothing to do")
+    per_stage = json.loads(latest["counts"][0])
+    assert set(per_stage) == set(STAGE_NAMES)
+    for counts in per_stage.values():
+        assert counts["units_skipped"] == counts["units"] > 0

@@ -3,7 +3,9 @@ way to drive plan -> pending -> run_unit -> register as a build would."""
 
 from __future__ import annotations
 
+from prefcurate.stages import STAGE_NAMES
 from prefcurate.steps import get_step
+from prefcurate.steps.base import context_for
 
 
 def run_pending_units(stage, ctx, store) -> int:
@@ -13,3 +15,18 @@ def run_pending_units(stage, ctx, store) -> int:
     for unit in todo:
         store.register(step.run_unit(unit, ctx).shards)
     return len(todo)
+
+
+def run_every_stage(store, config, config_path: str | None = None) -> dict[str, int]:
+    """Every stage in order, its pending units run and registered with their counts as the
+    coordinator does (a unit that writes only files is recorded too); {stage: units run}."""
+    ran = {}
+    for stage in STAGE_NAMES:
+        ctx = context_for(store.root, config, f"run-{stage}", config_path)
+        step = get_step(stage)
+        todo, _ = step.pending(ctx, step.plan(ctx))
+        for unit in todo:
+            result = step.run_unit(unit, ctx)
+            store.register(result.shards, unit=(stage, unit.key), counts=result.counts)
+        ran[stage] = len(todo)
+    return ran
