@@ -18,13 +18,14 @@ same retry key, so it is asked once per distinct set of failures, not on every r
 from __future__ import annotations
 
 import hashlib
+import json
 
 import polars as pl
 
 from prefcurate.config import PipelineConfig
 from prefcurate.inference.pools import bind_to_pools
 from prefcurate.schemas.ids import content_id
-from prefcurate.steps.base import StageContext, Step, Unit
+from prefcurate.steps.base import StageContext, Step, Unit, _write_atomic
 from prefcurate.steps.engines import engine_for, model_time, request_metrics
 from prefcurate.tasks.annotate import (
     AnnotateParams,
@@ -129,6 +130,28 @@ def _ids_by_shard(store, prompt_shards: pl.DataFrame, table: str, id_column: str
     return good, failed
 
 
+#: bump when what a lookup returns changes, so no memo of the earlier form is read
+_LOOKUP_VERSION = 1
+
+
+def _registry_memo(store, name: str, tables: list[str], compute) -> dict:
+    """``compute()`` (a JSON-able dict of per-prompt-shard lookups over ``tables``) once per
+    registry state of ``tables``: kept in ``_plans/`` under their registered shard keys, which
+    fix the rows read (a registered shard is never rewritten). So planning a dataset whose
+    tables did not change reads the catalog once, not the shards."""
+    registered = store.registered_keys_of(tables)
+    key = content_id("plan-lookups", name, _LOOKUP_VERSION, [sorted(registered[t]) for t in tables])
+    path = store.root / "_plans" / f"{name}-{key}.json"
+    if path.exists():
+        return json.loads(path.read_text())
+    value = compute()
+    _write_atomic(path, json.dumps(value))
+    for earlier in path.parent.glob(f"{name}-*.json"):  # only the latest state is asked again
+        if earlier != path:
+            earlier.unlink(missing_ok=True)
+    return value
+
+
 def _with_retry(unit: Unit, failed: list[str]) -> list[Unit]:
     """``unit``, and a retry of the failed ids its earlier runs left (when there are any)."""
     if not failed:
@@ -161,7 +184,16 @@ def _gold_pairs(params: AnnotateParams, with_quarantine: bool = False):
     return (gold, quarantine) if with_quarantine else gold
 
 
-class GenerateStep(Step):
+class _PromptShardStep(Step):
+    """A step with a unit per prompt shard, whose plan looks up ids in the tables it writes."""
+
+    def finalize(self, ctx: StageContext, results: list) -> dict:
+        if results:  # its tables changed: their lookups, made now, are what the next plan reads
+            self.plan(ctx)
+        return {}
+
+
+class GenerateStep(_PromptShardStep):
     name = "generate"
 
     def pools(self, ctx: StageContext) -> list[str]:
@@ -174,9 +206,14 @@ class GenerateStep(Step):
         identity = [g.identity() | {"n": g.n} for g in params.generators]
         store = ctx.store()
         shards = _prompt_shards(store)
-        prompt_shards = _prompt_ids_by_shard(store, shards)
-        _, failed = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
-        response_files = _files_by_shard(store, prompt_shards, "responses")
+
+        def lookups() -> dict:
+            prompt_shards = _prompt_ids_by_shard(store, shards)
+            _, failed = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
+            return {"failed": failed, "files": _files_by_shard(store, prompt_shards, "responses")}
+
+        found = _registry_memo(store, "generate", ["prompts", "responses"], lookups)
+        failed, response_files = found["failed"], found["files"]
         units = []
         for shard in shards:
             path = shard["path"]
@@ -206,7 +243,7 @@ class GenerateStep(Step):
         return {"responses": responses, "request_metrics": request_metrics(*engines.values())}, counts
 
 
-class AnnotateStep(Step):
+class AnnotateStep(_PromptShardStep):
     name = "annotate"
 
     def pools(self, ctx: StageContext) -> list[str]:
@@ -224,20 +261,28 @@ class AnnotateStep(Step):
                     for j in bound]
         settings = params.model_dump(mode="json", exclude={"judges", "batch_size"})
         shards = _prompt_shards(store)
-        prompt_shards = _prompt_ids_by_shard(store, shards)
-        good_responses, _ = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
-        _, failed_judgments = _ids_by_shard(store, prompt_shards, "judgments", "judgment_id", "valid")
-        _, failed_ratings = _ids_by_shard(store, prompt_shards, "ratings", "rating_id", "valid")
-        files = {table: _files_by_shard(store, prompt_shards, table) for table in ("responses", "judgments", "ratings")}
+        tables = ["responses", "judgments", "ratings"]
+
+        def lookups() -> dict:
+            prompt_shards = _prompt_ids_by_shard(store, shards)
+            good_responses, _ = _ids_by_shard(store, prompt_shards, "responses", "response_id", _RESPONSE_OK)
+            _, failed_judgments = _ids_by_shard(store, prompt_shards, "judgments", "judgment_id", "valid")
+            _, failed_ratings = _ids_by_shard(store, prompt_shards, "ratings", "rating_id", "valid")
+            paths = [shard["path"] for shard in shards]
+            # the judgeable responses (a failed response retried into a good one changes the key)
+            return {"responses_digest": {path: _ids_digest(good_responses.get(path, [])) for path in paths},
+                    "failed": {path: failed_judgments.get(path, []) + failed_ratings.get(path, []) for path in paths},
+                    "files": {table: _files_by_shard(store, prompt_shards, table) for table in tables}}
+
+        found = _registry_memo(store, "annotate", ["prompts"] + tables, lookups)
+        files = found["files"]
         units = []
         for shard in shards:
             path = shard["path"]
-            # the judgeable responses: a failed response retried into a good one changes the key
-            response_ids = good_responses.get(path, [])
-            key = content_id("annotate", shard["shard_key"], _ids_digest(response_ids), judges, settings)
+            key = content_id("annotate", shard["shard_key"], found["responses_digest"][path], judges, settings)
             unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
                         {"prompts_path": path, "inputs": {t: by_shard.get(path, []) for t, by_shard in files.items()}})
-            units += _with_retry(unit, failed_judgments.get(path, []) + failed_ratings.get(path, []))
+            units += _with_retry(unit, found["failed"][path])
         gold = _gold_pairs(params)
         gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
         outputs = ("judge_calibration", "request_metrics") + (("quarantine",) if params.gold_path else ())

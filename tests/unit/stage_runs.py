@@ -19,14 +19,17 @@ def run_pending_units(stage, ctx, store) -> int:
 
 def run_every_stage(store, config, config_path: str | None = None) -> dict[str, int]:
     """Every stage in order, its pending units run and registered with their counts as the
-    coordinator does (a unit that writes only files is recorded too); {stage: units run}."""
+    coordinator does (a unit that writes only files is recorded too), then the step's
+    ``finalize``; {stage: units run}."""
     ran = {}
     for stage in STAGE_NAMES:
         ctx = context_for(store.root, config, f"run-{stage}", config_path)
         step = get_step(stage)
         todo, _ = step.pending(ctx, step.plan(ctx))
+        results = []
         for unit in todo:
-            result = step.run_unit(unit, ctx)
-            store.register(result.shards, unit=(stage, unit.key), counts=result.counts)
+            results.append(step.run_unit(unit, ctx))
+            store.register(results[-1].shards, unit=(stage, unit.key), counts=results[-1].counts)
+        step.finalize(ctx, results)
         ran[stage] = len(todo)
     return ran

@@ -121,3 +121,44 @@ def test_a_finished_build_rerun_does_nothing_and_a_new_prompt_makes_work(tmp_pat
     assert again["ingest"] == again["generate"] == 1 and again["export"] == 1, again
     assert store.count("prompts") == PROMPTS + 1
     assert "nothing to do" in _cli_build(config_path).output
+
+
+def _plan_reading_no_shard(monkeypatch, config, store):
+    """``plan_build`` with every way to read table rows refused; (the plan, the reads tried)."""
+    import polars as pl
+
+    reads = []
+
+    def refused(name):
+        def refuse(*args, **kwargs):
+            reads.append(name)
+            raise AssertionError(f"planning read rows: {name}")
+        return refuse
+
+    with monkeypatch.context() as patch:
+        for owner, name in ((Store, "query"), (Store, "read"), (Store, "read_shard"), (pl, "scan_parquet"),
+                            (pl, "read_parquet")):
+            patch.setattr(owner, name, refused(name))
+        return plan_build(config, store, list(STAGE_NAMES)), reads
+
+
+def test_planning_a_finished_build_reads_the_registry_not_the_shards(tmp_path, instant_models, monkeypatch):
+    from prefcurate.steps import model_stages
+
+    _write_prompts(tmp_path / "prompts.jsonl", PROMPTS)
+    config_path = _config(tmp_path)
+    config = load_config(str(config_path))
+    store = Store.init(tmp_path / "ds")
+    _build(store, config_path)
+    plan, reads = _plan_reading_no_shard(monkeypatch, config, store)
+    assert plan.complete and not reads, (plan, reads)
+
+    # a new prompt shard is a new registry state: the lookups are made again, then remembered
+    looked_up = []
+    lookups = model_stages._prompt_ids_by_shard
+    monkeypatch.setattr(model_stages, "_prompt_ids_by_shard", lambda *a: looked_up.append(1) or lookups(*a))
+    _write_prompts(tmp_path / "prompts.jsonl", PROMPTS + 1)
+    ran = _build(store, config_path)
+    assert ran["generate"] == 1 and looked_up
+    plan, reads = _plan_reading_no_shard(monkeypatch, config, store)
+    assert plan.complete and not reads, (plan, reads)
