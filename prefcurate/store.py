@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import hashlib
 import json
 import os
 import time
@@ -182,7 +183,7 @@ def _catalog_fingerprint() -> str:
 
     from prefcurate.schemas.views import REPORT_VIEWS
 
-    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1", STAGE_REPORTS_DDL])
+    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1", STAGE_REPORTS_DDL, "table_schema-1"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -486,6 +487,7 @@ class Store:
             con.register("_arrow_empty", empty)
             con.execute(f"CREATE OR REPLACE TABLE _empty_{table} AS SELECT * FROM _arrow_empty")
             con.unregister("_arrow_empty")
+        self._note_schema_changes(con)
         self._rebuild_views(con, list(TABLES))
         self._create_report_views(con)
         con.execute("INSERT OR REPLACE INTO _meta VALUES ('schema', ?)", [_catalog_fingerprint()])
@@ -499,23 +501,40 @@ class Store:
             con.execute(f"CREATE OR REPLACE VIEW {name} AS {sql}")
 
     def _rebuild_views(self, con: duckdb.DuckDBPyConnection, tables: Sequence[str]) -> None:
+        mixed = {key.removeprefix("mixed_schemas.") for (key,) in con.execute(
+            "SELECT key FROM _meta WHERE key LIKE 'mixed_schemas.%'").fetchall()}
+        listed_paths = dict(con.execute(
+            "SELECT table_name, list(path ORDER BY registered_at, path) FROM _shards "
+            "WHERE table_name IN (SELECT unnest(?)) GROUP BY table_name", [list(tables)]).fetchall())
         for table in tables:
-            paths = [
-                self.shard_url(row[0])
-                for row in con.execute(
-                    "SELECT path FROM _shards WHERE table_name = ? ORDER BY registered_at, path",
-                    [table],
-                ).fetchall()
-            ]
+            paths = [self.shard_url(path) for path in listed_paths.get(table) or []]
             select = f"SELECT * FROM _empty_{table}"
             if paths:
                 listed = ", ".join("'" + p.replace("'", "''") + "'" for p in paths)
-                # by name: shards written before a column was added read it as NULL
-                select += f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}], union_by_name = true)"
+                # Shards written with the current schema share it: DuckDB binds the first
+                # file's footer and matches columns by name. Only a table holding shards from
+                # before a schema change reads by name across files (a column added since reads
+                # as NULL), which opens every footer at bind time, on every query of the view.
+                by_name = ", union_by_name = true" if table in mixed else ""
+                select += f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}]{by_name})"
             con.execute(f"CREATE OR REPLACE VIEW {table} AS {select}")
         con.execute(
             "INSERT OR REPLACE INTO _meta VALUES ('root', ?)", [str(self.root)]
         )
+
+    def _note_schema_changes(self, con: duckdb.DuckDBPyConnection, all_shards_suspect: bool = False) -> None:
+        """Mark the tables whose registered shards may predate their current schema
+        (``mixed_schemas.<table>`` in ``_meta``; their views read by name, see
+        :meth:`_rebuild_views`). Conservative: a catalog that never recorded a table's schema,
+        or ``all_shards_suspect`` (repair registers files of any age), marks every table with
+        shards."""
+        stored = dict(con.execute("SELECT key, value FROM _meta WHERE key LIKE 'table_schema.%'").fetchall())
+        with_shards = {table for (table,) in con.execute("SELECT DISTINCT table_name FROM _shards").fetchall()}
+        for table, schema in TABLES.items():
+            fingerprint = hashlib.sha256(str(schema).encode()).hexdigest()[:16]
+            if table in with_shards and (all_shards_suspect or stored.get(f"table_schema.{table}") != fingerprint):
+                con.execute("INSERT OR REPLACE INTO _meta VALUES (?, 'true')", [f"mixed_schemas.{table}"])
+            con.execute("INSERT OR REPLACE INTO _meta VALUES (?, ?)", [f"table_schema.{table}", fingerprint])
 
     def refresh_views(self) -> None:
         """Rebuild all views, e.g. after the dataset directory was moved."""
@@ -774,6 +793,7 @@ class Store:
                         [run_id, stage, "re-created by prefcurate repair: parameters, timings and run-level "
                          "counts were in the lost catalog", code_version(), now_utc()],
                     )
+                store._note_schema_changes(con, all_shards_suspect=True)  # files of any age
                 store._rebuild_views(con, list(TABLES))
                 con.execute("COMMIT")
         _checked_catalogs.clear()

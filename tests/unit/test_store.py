@@ -70,3 +70,36 @@ def test_half_written_temporary_files_are_never_visible(tmp_path):
     assert store.count("prompts") == 0
     assert store.sweep_temporary_files() == 1
     assert not crashed.exists() and in_flight.exists()
+
+
+def _view_sql(store: Store, table: str) -> str:
+    with store.connect(read_only=True) as con:
+        return con.execute("SELECT sql FROM duckdb_views() WHERE view_name = ?", [table]).fetchone()[0]
+
+
+def test_views_read_by_name_only_where_shards_predate_the_schema(tmp_path):
+    """Shards written with the current schema are read without ``union_by_name`` (which opens
+    every file's footer on every query); a table holding shards from before a schema change
+    keeps reading by name, so a column added since reads as NULL."""
+    import pyarrow.parquet as pq
+
+    from prefcurate import store as store_module
+    from prefcurate.store import ShardInfo, conform, shard_relpath
+
+    store = Store.init(tmp_path / "ds")
+    store.commit("prompts", prompts(["a"]), key="new-1", run_id="r", stage="ingest")
+    assert "union_by_name" not in _view_sql(store, "prompts")
+    assert store.read("prompts", ["prompt_id"])["prompt_id"].to_list() == ["a"]
+
+    # as if an earlier version wrote the catalog, with another prompts schema
+    with store.connect() as con:
+        con.execute("UPDATE _meta SET value = 'earlier' WHERE key IN ('schema', 'table_schema.prompts')")
+    store_module._checked_catalogs.clear()
+    store = Store.open(store.root)  # the upgrade marks prompts as holding older shards
+    older = conform("prompts", prompts(["b"]), run_id="r", stage="ingest").drop_columns(["category"])
+    pq.write_table(older, store.root / shard_relpath("prompts", "old-1"))
+    store.register([ShardInfo("prompts", "old-1", shard_relpath("prompts", "old-1"), 1, "r", "ingest")])
+    assert "union_by_name = true" in _view_sql(store, "prompts")
+    assert "union_by_name" not in _view_sql(store, "responses")
+    rows = store.read("prompts", ["prompt_id", "category"]).sort("prompt_id")
+    assert rows["prompt_id"].to_list() == ["a", "b"] and rows["category"].to_list() == [None, None]
