@@ -117,10 +117,9 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
 
         # ends an earlier killed build's leftovers; this build's children end with it
         start_watchdog(store.root)
-        if stage is None:
-            finished = _finished_build(pipeline, store, config)
-            if finished is not None:  # nothing pending: neither Prefect nor Dask is started
-                return finished
+        finished = _finished_build(pipeline, store, config, stage)
+        if finished is not None:  # nothing pending: neither Prefect nor Dask is started
+            return finished
         from prefcurate.flows.common import RunParameters, ensure_prefect_api
 
         ensure_prefect_api(pipeline)
@@ -206,21 +205,25 @@ def ingest(
     )
 
 
-def _finished_build(pipeline, store, config: Optional[Path]) -> dict | None:
-    """The result of a build with nothing pending in any stage (recorded as a completed build
-    run that ran no stage), or None when some stage has work (or its plan fails: the build
-    then says why)."""
+def _finished_build(pipeline, store, config: Optional[Path], stage: Optional[str] = None) -> dict | None:
+    """The result of a build (or of ``stage`` alone) with nothing pending, recorded as a
+    completed run that ran no unit; None when there is work (or a plan fails: the run then
+    says why)."""
     from prefcurate.stages import STAGE_NAMES
     from prefcurate.steps.build_plan import plan_build
 
-    stages = [s for s in pipeline.stages if s in STAGE_NAMES]
+    stages = [stage] if stage else [s for s in pipeline.stages if s in STAGE_NAMES]
     plan = plan_build(pipeline, store, stages, str(config) if config else None)
     if not plan.complete:
         return None
-    run_id = store.start_run("build", {"stages": stages, "config_path": str(config) if config else None,
-                                       "nothing_to_do": True})
-    store.finish_run(run_id, "completed", plan.counts(), {"seconds": plan.seconds, "plan_seconds": plan.seconds},
-                     message="nothing to do: every stage is up to date")
+    message = f"nothing to do: {'every stage is' if stage is None else stage + ' is'} up to date"
+    counts = plan.counts()
+    run_id = store.start_run(stage or "build", {"stages": stages, "config_path": str(config) if config else None,
+                                                "nothing_to_do": True})
+    store.finish_run(run_id, "completed", counts[stage] if stage else counts,
+                     {"seconds": plan.seconds, "plan_seconds": plan.seconds}, message=message)
+    if stage:
+        return {"stage": stage, "run_id": run_id, "nothing_to_do": True, **counts[stage], "seconds": plan.seconds}
     return {"run_id": run_id, "dataset": str(store.root), "seconds": plan.seconds, "stages": [],
             "nothing_to_do": True}
 

@@ -80,10 +80,10 @@ def _catalog(store: Store) -> tuple:
             store.query("SELECT stage, unit_key, counts FROM unit_counts ORDER BY ALL").rows())
 
 
-def _cli_build(config_path: Path):
+def _cli_build(config_path: Path, command: tuple[str, ...] = ("build",)):
     from prefcurate.cli import app
 
-    return CliRunner().invoke(app, ["build", "-c", str(config_path)])
+    return CliRunner().invoke(app, [*command, "-c", str(config_path)])
 
 
 def test_a_finished_build_rerun_does_nothing_and_a_new_prompt_makes_work(tmp_path, instant_models, no_prefect):
@@ -103,6 +103,11 @@ def test_a_finished_build_rerun_does_nothing_and_a_new_prompt_makes_work(tmp_pat
     build_run = store.runs().filter(kind="build").to_dicts()[-1]
     assert build_run["status"] == "completed" and "nothing to do" in build_run["message"]
     assert json.loads(build_run["counts"])["generate"] == {"units": 2, "units_skipped": 2}
+    for command in (("export",), ("run", "annotate")):  # a stage alone: the same, for that stage
+        result = _cli_build(config_path, command)
+        assert result.exit_code == 0 and '"nothing_to_do": true' in result.output, (result.output, result.exception)
+    assert _catalog(store) == before
+    assert [run["kind"] for run in store.runs().to_dicts()[-2:]] == ["export", "annotate"]
 
     # the export's files are gone: the export (only) is pending
     for path in (tmp_path / "ds" / "export" / "data").iterdir():
