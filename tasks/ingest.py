@@ -5,9 +5,15 @@ where duplicates are exact duplicates of the normalised (system prompt, prompt),
 the file or against prompts already in the dataset. Nothing is dropped silently: every
 rejected row lands in the quarantine frame with the reason, the field and the raw text.
 
-Normalisation: Unicode NFC, then whitespace runs collapsed to one space (newlines kept as
-single newlines, since prompts with code or lists need them), then trimmed. The prompt id
-hashes the normalised (system prompt, prompt), so equal prompts get equal ids in any file.
+Normalisation: Unicode NFC; line breaks (CRLF, CR) as "\\n" and kept, blank lines included,
+since prompts with code, lists or paragraphs need them; any other whitespace run becomes one
+space; a space at either end of a line and whitespace at either end of the text go. Nothing
+else changes: the text is otherwise byte for byte what the file holds. The prompt id hashes
+the normalised (system prompt, prompt), so equal prompts get equal ids in any file.
+
+Reading is vectorised: a JSONL file's lines are found with numpy and parsed together by
+polars' reader; only lines that are not one object each, or that the reader refuses, go
+through the per-record path, so a bad line costs its own parse, not the file's.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -139,7 +146,7 @@ def ingest_file(params: IngestParams, existing: pl.DataFrame | None = None) -> I
     text_fields = [f for f in (params.fields.prompt, params.fields.system_prompt) if f is not None]
     records, unreadable, rows_read = _read(path, fmt, source, text_fields)
     accepted, rejected = _validate(records, params, source)
-    accepted, duplicates, conflicts = _deduplicate(accepted, existing, params)
+    accepted, duplicates, conflicts = _deduplicate(accepted, existing, records)
     quarantine = pl.concat([unreadable, rejected, conflicts], how="vertical_relaxed")
     if params.limit is not None and accepted.height > params.limit:
         # prompts past the limit are neither accepted nor lost: they are simply not read yet
@@ -251,55 +258,227 @@ def _split_lossy_csv_rows(data: bytes, frame: pl.DataFrame, source: str) -> tupl
 
 
 def _read_jsonl(path: Path, source: str, text_fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """Lines that look like one JSON object each are parsed together by polars' reader; only
+    the others (and any the reader refuses) go through the per-record path, which names
+    the record and why it is unreadable. Record numbers are line numbers (blank lines count)."""
     data = _read_bytes(path).removeprefix(_BOM)
-    lines = data.split(b"\n")
-    if lines and lines[-1] == b"":
-        lines.pop()
-    # Fast path: a clean file (no blank lines) parses in one vectorised call, with the text
-    # fields typed as strings so a number, list or object there is a type error, not text;
-    # any error sends us to the line-by-line path, which says which record and field.
-    if lines and all(line.strip() for line in lines) and _is_utf8(data):
-        frame = _read_jsonl_strict(data, text_fields, longest=max(map(len, lines)))
-        if frame is not None and frame.height == len(lines):
-            return _with_record_numbers(frame), _quarantine_frame([]), len(lines)
-    return _read_jsonl_lines(lines, source, text_fields)
+    lines = _JsonLines(data)
+    frame, refused = _parse_object_lines(lines, lines.object_like())
+    frame = _with_text_types(frame, lines, text_fields)
+    others = np.union1d(lines.other(), refused)
+    slow, bad, slow_read = _read_jsonl_lines(lines.numbered(others), source, text_fields)
+    rows_read = frame.height + slow_read
+    if slow.height and frame.height:
+        frame = pl.concat([_as_text_like(frame, slow), slow], how="diagonal_relaxed").sort("source_record")
+    elif slow.height:
+        frame = slow
+    return frame, bad, rows_read
 
 
-def _is_utf8(data: bytes) -> bool:
-    """The JSON reader passes invalid bytes through; the line-by-line path names them."""
-    try:
-        data.decode("utf-8")
-    except UnicodeDecodeError:
-        return False
-    return True
+class _JsonLines:
+    """A JSONL file's lines as offsets into its bytes, classified without a loop over lines."""
 
+    def __init__(self, data: bytes):
+        self.data = data
+        buffer = np.frombuffer(data, np.uint8)
+        offsets = np.concatenate([np.zeros(1, np.int64), _newlines(buffer) + 1])
+        if offsets[-1] != len(data):  # a last line without its newline
+            offsets = np.append(offsets, len(data))
+        self.offsets = offsets
+        starts, stops = offsets[:-1], offsets[1:]
+        if not len(starts):
+            self.first = self.last = self.length = np.zeros(0, np.int64)
+            return
+        # the content of each line: without its "\n" and a "\r" before it
+        stops = stops - (buffer[stops - 1] == ord("\n"))
+        stops = stops - ((stops > starts) & (buffer[np.maximum(stops - 1, 0)] == ord("\r")))
+        self.length = stops - starts
+        self.first = np.where(self.length > 0, buffer[np.minimum(starts, len(data) - 1)], 0)
+        self.last = np.where(self.length > 0, buffer[np.maximum(stops - 1, 0)], 0)
 
-def _read_jsonl_strict(data: bytes, text_fields: list[str], longest: int) -> pl.DataFrame | None:
-    """The whole file in one vectorised parse, or None when any line is not clean."""
-    import pyarrow.json as pa_json
+    def object_like(self) -> np.ndarray:
+        """Indices of lines written as one object: ``{`` first and ``}`` last."""
+        return ((self.first == ord("{")) & (self.last == ord("}"))).nonzero()[0]
 
-    schema = pa.schema([(name, pa.string()) for name in text_fields])
-    try:
-        table = pa_json.read_json(
-            io.BytesIO(data),
-            read_options=pa_json.ReadOptions(block_size=max(1 << 20, longest + 2)),
-            parse_options=pa_json.ParseOptions(explicit_schema=schema, unexpected_field_behavior="infer"),
+    def other(self) -> np.ndarray:
+        """Indices of the lines that are neither empty nor object-like (the per-record path
+        reads them: whitespace, arrays, malformed text)."""
+        return ((self.length > 0) & ~((self.first == ord("{")) & (self.last == ord("}")))).nonzero()[0]
+
+    def arrow(self, indices: np.ndarray | None = None) -> pa.LargeBinaryArray:
+        """The lines (each with its newline) as an Arrow array over the file's bytes, no copy."""
+        whole = pa.LargeBinaryArray.from_buffers(
+            pa.large_binary(), len(self.offsets) - 1, [None, pa.py_buffer(self.offsets), pa.py_buffer(self.data)]
         )
-        frame = pl.from_arrow(table)
-    except Exception:  # a type conflict, a malformed line, a nesting the readers refuse
+        if indices is None or len(indices) == len(whole):  # (indices are ascending and distinct)
+            return whole
+        return whole.take(pa.array(indices, pa.int64()))
+
+    def joined(self, indices: np.ndarray) -> bytes | memoryview:
+        if len(indices) == len(self.offsets) - 1:
+            return self.data
+        picked = self.arrow(indices)
+        _, offsets, values = picked.buffers()
+        bounds = np.frombuffer(offsets, np.int64)[[picked.offset, picked.offset + len(picked)]]
+        return memoryview(values)[bounds[0]:bounds[1]]
+
+    def numbered(self, indices: np.ndarray) -> list[tuple[int, bytes]]:
+        """(line number, bytes) of a few lines, for the per-record path."""
+        return [(int(i) + 1, self.data[self.offsets[i]:self.offsets[i + 1]].removesuffix(b"\n"))
+                for i in indices]
+
+
+def _newlines(buffer: np.ndarray, step: int = 1 << 22) -> np.ndarray:
+    """Offsets of the "\\n" bytes, found a few MB at a time (one reused mask, not one the file's size)."""
+    mask = np.empty(min(step, len(buffer)), bool)
+    found = [np.zeros(0, np.int64)]
+    for start in range(0, len(buffer), step):
+        piece = buffer[start:start + step]
+        found.append(np.equal(piece, ord("\n"), out=mask[:len(piece)]).nonzero()[0].astype(np.int64) + start)
+    return np.concatenate(found)
+
+
+def _parse_object_lines(lines: _JsonLines, indices: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
+    """The lines parsed by polars with a ``source_record`` column, and the lines it refused.
+
+    One call for a clean file. When it fails, DuckDB marks the lines that are not valid UTF-8
+    JSON objects (they are refused), and the rest is parsed in halves until each failure is
+    one line, so one bad line in a million costs a few more parses, not a line-by-line read.
+    """
+    empty = pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)})
+    if not len(indices):
+        return empty, indices
+    frame = _read_ndjson(lines.joined(indices))
+    if frame is not None and frame.height == len(indices):
+        return _numbered(frame, indices, lines), np.zeros(0, np.int64)
+    valid = _valid_objects(lines.arrow(indices))
+    refused = [indices[~valid]]
+    parts: list[pl.DataFrame] = []
+    pending = [indices[valid]]
+    while pending:
+        chunk = pending.pop()
+        if not len(chunk):
+            continue
+        frame = _read_ndjson(lines.joined(chunk))
+        if frame is not None and frame.height == len(chunk):
+            parts.append(_numbered(frame, chunk, lines))
+        elif len(chunk) == 1:
+            refused.append(chunk)
+        else:
+            pending += [chunk[len(chunk) // 2:], chunk[: len(chunk) // 2]]
+    frame = pl.concat(parts, how="diagonal_relaxed").sort("source_record") if parts else empty
+    return frame, np.sort(np.concatenate(refused))
+
+
+def _read_ndjson(data) -> pl.DataFrame | None:
+    try:
+        return pl.read_ndjson(io.BytesIO(data))
+    except Exception:  # malformed or non-UTF-8 lines, nesting past the reader's limit, type clashes
         return None
-    if not isinstance(frame, pl.DataFrame):
+
+
+def _numbered(frame: pl.DataFrame, indices: np.ndarray, lines: _JsonLines) -> pl.DataFrame:
+    """``source_record`` (the line number) added; every key of every line kept as a column.
+
+    The reader infers columns from its first 100 lines; DuckDB lists the keys of all of them,
+    and a key found later (metadata the first lines lack) means one more, fully inferred, parse.
+    """
+    if frame.height > 100:
+        keys = _all_keys(lines.arrow(indices))
+        if keys is None or not keys <= set(frame.columns):
+            try:
+                frame = pl.read_ndjson(io.BytesIO(lines.joined(indices)), infer_schema_length=None)
+            except Exception:
+                pass  # still parsed in one piece above; the missing keys cannot be typed together
+    return frame.with_columns(pl.Series("source_record", indices + 1, dtype=pl.Int64))
+
+
+def _duckdb_lines(lines: pa.LargeBinaryArray, sql: str):
+    import duckdb
+
+    con = duckdb.connect()
+    try:
+        con.register("raw_lines", pa.table({"line": lines}))
+        # ``lines`` as text, null where a line is not UTF-8
+        return con.sql(f"WITH lines AS (SELECT try(decode(line)) AS line FROM raw_lines) {sql}").fetchnumpy()
+    finally:
+        con.close()
+
+
+def _valid_objects(lines: pa.LargeBinaryArray) -> np.ndarray:
+    result = _duckdb_lines(
+        lines, "SELECT CASE WHEN json_valid(line) THEN json_type(line) = 'OBJECT' ELSE false END AS ok FROM lines"
+    )
+    return np.asarray(result["ok"], dtype=bool)
+
+
+def _all_keys(lines: pa.LargeBinaryArray) -> set[str] | None:
+    try:
+        return set(_duckdb_lines(lines, "SELECT DISTINCT unnest(json_keys(line)) AS k FROM lines")["k"].tolist())
+    except Exception:
         return None
-    # the explicit schema adds its fields even when no line has them: drop those again,
-    # so a file without the prompt field is the same error on every path
-    absent = [name for name in text_fields
-              if frame[name].null_count() == frame.height and json.dumps(name).encode() not in data]
-    return frame.drop(absent)
+
+
+# what polars writes for a number, boolean, list or object read into a text column
+_MAYBE_NOT_TEXT = r"^(?:[-0-9\[{]|true$|false$)"
+_DUCKDB_TYPES = {"BIGINT": "number", "UBIGINT": "number", "HUGEINT": "number", "DOUBLE": "number",
+                 "BOOLEAN": "boolean", "ARRAY": "array", "OBJECT": "object"}
+
+
+def _with_text_types(frame: pl.DataFrame, lines: _JsonLines, text_fields: list[str]) -> pl.DataFrame:
+    """A ``_type:<field>`` column per text field: the JSON type of a value that is not text.
+
+    Polars reads a number, boolean, list or object in a text column as its JSON text, so only
+    rows whose text could be one of those are asked again, of DuckDB, what their line holds.
+    """
+    for name in text_fields:
+        if name not in frame.columns:
+            continue
+        column = frame[name]
+        if column.dtype in (pl.String, pl.Null):
+            kinds = pl.Series(_TYPE_PREFIX + name, [None] * frame.height, dtype=pl.String)
+            maybe = column.str.contains(_MAYBE_NOT_TEXT).fill_null(False) if column.dtype == pl.String else None
+            if maybe is not None and maybe.any():
+                rows = maybe.arg_true()
+                path = "$." + json.dumps(name)
+                found = _duckdb_lines(lines.arrow(frame["source_record"].gather(rows).to_numpy() - 1),
+                                      f"SELECT json_type(line, {_sql_text(path)}) AS t FROM lines")["t"]
+                kinds = kinds.scatter(rows, pl.Series([_DUCKDB_TYPES.get(t) for t in found.tolist()],
+                                                      dtype=pl.String))
+            frame = frame.with_columns(kinds)
+        else:  # the whole column holds another type: every non-null value is not text
+            kind = "boolean" if column.dtype == pl.Boolean else (
+                "array" if isinstance(column.dtype, (pl.List, pl.Array)) else
+                "object" if isinstance(column.dtype, pl.Struct) else "number")
+            frame = frame.with_columns(
+                pl.when(pl.col(name).is_not_null()).then(pl.lit(kind)).otherwise(None).alias(_TYPE_PREFIX + name),
+                _json_text(name),
+            )
+    return frame
+
+
+def _sql_text(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def _json_text(name: str) -> pl.Expr:
+    """A column as text, nested values as their JSON."""
+    return pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.strip_suffix("}").alias(name)
+
+
+def _as_text_like(frame: pl.DataFrame, texts: pl.DataFrame) -> pl.DataFrame:
+    """``frame``'s columns that the per-record path holds as text, as JSON text too, so the two concatenate."""
+    clash = [c for c in frame.columns if c in texts.columns and frame.schema[c] != texts.schema[c]
+             and texts.schema[c] == pl.String]
+    return frame.with_columns(
+        [_json_text(c) if frame.schema[c].is_nested() else pl.col(c).cast(pl.String) for c in clash]
+    )
 
 
 def _read_jsonl_lines(
-    lines: list[bytes], source: str, text_fields: list[str]
+    lines: list[tuple[int, bytes]], source: str, text_fields: list[str]
 ) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+    """The per-record path, for the lines the vectorised reader could not take."""
     records: list[dict] = []
     bad: list[dict] = []
     rows_read = 0
@@ -308,7 +487,7 @@ def _read_jsonl_lines(
         bad.append({"source_file": source, "source_record": number, "field": None, "reason": reason,
                     "message": f"record {number}: {message}", "raw": raw})
 
-    for number, raw in enumerate(lines, start=1):
+    for number, raw in lines:
         if not raw.strip():
             continue  # blank lines are not records
         rows_read += 1
@@ -362,25 +541,20 @@ def _json_type(value) -> str:
 
 
 def _normalise(series: pl.Series) -> pl.Series:
-    """NFC, collapse whitespace runs (keeping single newlines), trim; vectorised.
+    return pl.select(_normalised(pl.lit(series))).to_series().alias(series.name)
 
-    NFC is the identity on ASCII, so only non-ASCII rows go through it, and the newline
-    rules only run on rows that have a newline: the common case costs one regex pass.
+
+def _normalised(text: pl.Expr) -> pl.Expr:
+    """NFC, line breaks as "\\n", runs of other whitespace as one space, no space at either end
+    of a line, trimmed. Line breaks themselves are kept, blank lines included.
+
+    NFC is the identity on ASCII (as many bytes as characters), so only other rows pay for it.
     """
-    needs_nfc = series.str.contains(r"[^\x00-\x7F]").fill_null(False)
-    if needs_nfc.any():
-        composed = pl.Series(series.name, pc.utf8_normalize(series.filter(needs_nfc).to_arrow(), "NFC"))
-        series = series.scatter(needs_nfc.arg_true(), composed)
-    series = series.str.replace_all(r"[^\S\n]+", " ")
-    has_newline = series.str.contains("\n", literal=True).fill_null(False)
-    if has_newline.any():
-        lines = (
-            series.filter(has_newline)
-            .str.replace_all(r"\r\n?", "\n")
-            .str.replace_all(r" ?\n[ \n]*", "\n")
-        )
-        series = series.scatter(has_newline.arg_true(), lines)
-    return series.str.strip_chars()
+    text = pl.when(text.str.len_bytes() != text.str.len_chars()).then(text.str.normalize("NFC")).otherwise(text)
+    text = pl.when(text.str.contains("\r", literal=True)).then(text.str.replace_all(r"\r\n?", "\n")).otherwise(text)
+    # a single space is left alone rather than rewritten: the common case matches nothing
+    text = text.str.replace_all(r"[^\S\n]{2,}|[^\S\n ]", " ")
+    return text.str.replace_all(r" ?\n ?", "\n").str.strip_chars()
 
 
 def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -403,7 +577,7 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         if name in (mapping.prompt, mapping.system_prompt):
             return pl.lit(None, dtype=pl.String)  # rejected as wrong_type below
         if dtype.is_nested():  # an id or category given as a list or object: its JSON text
-            return pl.struct(pl.col(name).alias("v")).struct.json_encode().str.slice(5).str.strip_suffix("}")
+            return _json_text(name)
         return pl.col(name).cast(pl.String, strict=False)
 
     def type_error(name: str | None) -> pl.Expr:
@@ -416,7 +590,7 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         # a whole column of another type (Parquet list<string>, binary, numbers): every row
         return pl.lit(None if _is_text(dtype) else str(dtype), dtype=pl.String)
 
-    raw_json = pl.struct([pl.col(c) for c in columns]).struct.json_encode().alias("raw")
+    raw_json = _raw_json(columns)
     frame = records.with_columns(
         text_column(mapping.prompt).alias("_prompt_raw"),
         text_column(mapping.system_prompt).alias("_system_raw"),
@@ -427,8 +601,8 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         type_error(mapping.system_prompt).alias("_system_type"),
     )
     frame = frame.with_columns(
-        _normalise(frame["_prompt_raw"].fill_null("")).alias("prompt"),
-        _normalise(frame["_system_raw"].fill_null("")).alias("system_prompt"),
+        _normalised(pl.col("_prompt_raw").fill_null("")).alias("prompt"),
+        _normalised(pl.col("_system_raw").fill_null("")).alias("system_prompt"),
     ).with_columns(
         pl.when(pl.col("system_prompt") == "").then(None).otherwise(pl.col("system_prompt")).alias("system_prompt"),
         pl.col("prompt").str.len_chars().cast(pl.Int32).alias("char_len"),
@@ -476,7 +650,6 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         pl.struct([pl.col(c) for c in metadata_cols]).struct.json_encode() if metadata_cols else pl.lit(None, pl.String)
     )
     accepted = frame.filter(pl.col("_reason").is_null()).with_columns(
-        raw_json,
         pl.concat_str([pl.col("system_prompt").fill_null(""), pl.lit("\x1f"), pl.col("prompt")])
         .alias("_key"),
         metadata.alias("metadata"),
@@ -485,8 +658,13 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
     accepted = accepted.with_columns(_hash_ids(accepted["_key"]).alias("prompt_id"))
     return accepted.select(
         "prompt_id", "prompt", "system_prompt", "source_id", "source_file", "source_record",
-        "category", "metadata", "char_len", "raw",
+        "category", "metadata", "char_len",
     ), rejected
+
+
+def _raw_json(columns: list[str]) -> pl.Expr:
+    """A record as JSON text, for its quarantine row (computed for quarantined rows only)."""
+    return pl.struct([pl.col(c) for c in columns]).struct.json_encode().alias("raw")
 
 
 def _is_text(dtype: pl.DataType) -> bool:
@@ -506,41 +684,59 @@ def _hash_ids(keys: pl.Series) -> pl.Series:
 
 
 def _deduplicate(
-    accepted: pl.DataFrame, existing: pl.DataFrame | None, params: IngestParams
+    accepted: pl.DataFrame, existing: pl.DataFrame | None, records: pl.DataFrame
 ) -> tuple[pl.DataFrame, int, pl.DataFrame]:
-    """Drop exact duplicates; quarantine ids reused for a different text."""
+    """Drop exact duplicates; quarantine ids reused for a different text.
+
+    ``records`` are the rows as read, for the quarantine's raw text of a conflicting row.
+    """
+    has_existing = existing is not None and existing.height > 0
+    source_ids = accepted["source_id"].drop_nulls()
+    # without a repeated source id (in the file or against the dataset) there is no conflict
+    if has_existing or source_ids.n_unique() < source_ids.len():
+        accepted, conflicts = _split_id_conflicts(accepted, existing if has_existing else None, records)
+    else:
+        conflicts = _quarantine_frame([])
+    before = accepted.height
+    kept = accepted.unique("prompt_id", keep="first", maintain_order=True)
+    if has_existing:
+        kept = kept.join(existing.select("prompt_id").unique(), on="prompt_id", how="anti")
+    return kept, before - kept.height, conflicts
+
+
+def _split_id_conflicts(
+    accepted: pl.DataFrame, existing: pl.DataFrame | None, records: pl.DataFrame
+) -> tuple[pl.DataFrame, pl.DataFrame]:
     source_ids = accepted.filter(pl.col("source_id").is_not_null())
     # first occurrence of each source id wins; later rows with another text conflict
-    first_text = source_ids.group_by("source_id", maintain_order=True).agg(pl.col("prompt_id").first().alias("_first"))
-    known = first_text
-    if existing is not None and existing.height:
+    known = source_ids.group_by("source_id", maintain_order=True).agg(pl.col("prompt_id").first().alias("_first"))
+    if existing is not None:
         prior = existing.filter(pl.col("source_id").is_not_null()).group_by("source_id").agg(
             pl.col("prompt_id").first().alias("_first")
         )
-        known = pl.concat([prior, first_text]).unique("source_id", keep="first", maintain_order=True)
-    flagged = accepted.join(known, on="source_id", how="left")
+        known = pl.concat([prior, known]).unique("source_id", keep="first", maintain_order=True)
+    flagged = accepted.join(known, on="source_id", how="left", maintain_order="left")
     conflict_mask = flagged["_first"].is_not_null() & (flagged["_first"] != flagged["prompt_id"])
-    conflicts = flagged.filter(conflict_mask).select(
+    conflicting = flagged.filter(conflict_mask)
+    columns = [c for c in records.columns if c != "source_record" and not c.startswith(_TYPE_PREFIX)]
+    raw = records.join(conflicting.select("source_record"), on="source_record", how="semi").select(
+        "source_record", _raw_json(columns)
+    )
+    conflicts = conflicting.join(raw, on="source_record", how="left").select(
         "source_file", "source_record", pl.lit("id").alias("field"),
         pl.lit(DUPLICATE_ID_CONFLICT).alias("reason"),
         (pl.lit("record ") + pl.col("source_record").cast(pl.String) + pl.lit(": id ")
          + pl.col("source_id") + pl.lit(" was already used for a different prompt")).alias("message"),
         "raw",
     )
-    kept = flagged.filter(~conflict_mask).drop("_first")
-    before = kept.height
-    kept = kept.unique("prompt_id", keep="first", maintain_order=True)
-    if existing is not None and existing.height:
-        kept = kept.join(existing.select("prompt_id").unique(), on="prompt_id", how="anti")
-    duplicates = before - kept.height
-    return kept.drop("raw"), duplicates, conflicts
+    return flagged.filter(~conflict_mask).drop("_first"), conflicts
 
 
 def _empty_prompts() -> pl.DataFrame:
     return pl.DataFrame(schema={
         "prompt_id": pl.String, "prompt": pl.String, "system_prompt": pl.String, "source_id": pl.String,
         "source_file": pl.String, "source_record": pl.Int64, "category": pl.String, "metadata": pl.String,
-        "char_len": pl.Int32, "raw": pl.String,
+        "char_len": pl.Int32,
     })
 
 

@@ -158,7 +158,7 @@ def test_wide_records_and_joined_files_need_only_a_mapping(tmp_path):
     assert result.counts["judgment_rows"] == 12 and result.counts["judgments"] == 11
     assert result.quarantine.select("source_record", "field", "reason").row(0) == (5, "verdict_12", INVALID_VERDICT)
     assert set(result.judgments["judge"]) == {"gpt", "human"}
-    assert result.prompts.filter(pl.col("source_id") == "0")["prompt"][0] == "Task 0\ninput 0"  # normalised as ingest does
+    assert result.prompts.filter(pl.col("source_id") == "0")["prompt"][0] == "Task 0\n\ninput 0"  # normalised as ingest does (blank lines kept)
     assert result.prompts.filter(pl.col("source_id") == "1")["prompt"][0] == "Task 1"
     with pytest.raises(JudgmentImportError, match="no record has 'judge'.*--const judge=NAME"):
         import_file(tmp_path / "items.json", load_mapping(mapping_file, {"judges": [{"fields": {"verdict_12": "human"}}]}))

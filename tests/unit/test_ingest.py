@@ -108,3 +108,37 @@ def test_bad_inputs_of_every_kind_are_quarantined_or_refused_with_accounting(tmp
     counts = ingest_accounting(store).row(0, named=True)
     assert counts["accepted"] == accepted and counts["quarantined"] == len(reasons)
     assert counts["rows_read"] == counts["accepted"] + counts["quarantined"] + counts["duplicates"]
+
+
+def test_blank_lines_inside_a_prompt_survive_normalisation(tmp_path):
+    text = "Fix this code:\r\n\r\n    def f(x):\n        return  x\n\n\nThanks.  "
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps({"prompt": text}) + "\n")
+    (prompt,) = ingest_file(IngestParams(path=str(path))).accepted["prompt"].to_list()
+    # line breaks kept as they are (blank lines too); other whitespace runs become one space
+    assert prompt == "Fix this code:\n\ndef f(x):\nreturn x\n\n\nThanks."
+
+
+def test_a_large_file_with_a_few_bad_lines_keeps_every_good_record(tmp_path):
+    """The vectorised reader takes the good lines; only the bad ones go record by record,
+    and each keeps its line number (blank lines count) and names the field."""
+    lines = [json.dumps({"id": f"r{i}", "prompt": f"prompt number {i}", "n": i}) for i in range(3000)]
+    lines[10] = '{"id": "r10", "prompt": "cut off'  # malformed
+    lines[500] = ""  # blank: not a record, but it still counts as a line
+    lines[1200] = json.dumps({"id": "r1200", "prompt": 12})  # wrong type, object-looking
+    lines[1300] = json.dumps({"id": "r1300", "prompt": "12 monkeys"})  # looks like a number, is text
+    lines[2500] = json.dumps({"id": "r2500", "prompt": "late metadata", "late_field": [1, 2]})
+    lines[2600] = '  {"id": "r2600", "prompt": "indented line"}'
+    path = tmp_path / "big.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = ingest_file(IngestParams(path=str(path)))
+    quarantine = result.quarantine.select("source_record", "field", "reason").rows()
+    assert quarantine == [(11, None, "malformed_json"), (1201, "prompt", "wrong_type")]
+    assert result.rows_read == 2999 and result.accepted.height == 2997
+    accepted = result.accepted
+    assert accepted.filter(pl.col("source_id") == "r1300")["prompt"].item() == "12 monkeys"
+    assert accepted.filter(pl.col("source_id") == "r2600")["source_record"].item() == 2601
+    assert accepted.filter(pl.col("source_id") == "r2999")["source_record"].item() == 3000
+    late = json.loads(accepted.filter(pl.col("source_id") == "r2500")["metadata"].item())
+    assert late["late_field"] == [1, 2]  # a key first seen past the reader's inference window is kept
+    assert accepted["source_record"].is_sorted()
