@@ -341,16 +341,19 @@ def _newlines(buffer: np.ndarray, step: int = 1 << 22) -> np.ndarray:
 def _parse_object_lines(lines: _JsonLines, indices: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
     """The lines parsed by polars with a ``source_record`` column, and the lines it refused.
 
-    One call for a clean file. When it fails, DuckDB marks the lines that are not valid UTF-8
-    JSON objects (they are refused), and the rest is parsed in halves until each failure is
-    one line, so one bad line in a million costs a few more parses, not a line-by-line read.
+    One call for a clean file. When it fails, one more with the types inferred from every line
+    (a field whose type widens after the first lines); then DuckDB marks the lines that are
+    not valid UTF-8 JSON objects (they are refused), and the rest is parsed in halves until
+    each failure is one line: one bad line in a million costs a few more parses, not a
+    line-by-line read.
     """
     empty = pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)})
     if not len(indices):
         return empty, indices
-    frame = _read_ndjson(lines.joined(indices))
-    if frame is not None and frame.height == len(indices):
-        return _numbered(frame, indices, lines), np.zeros(0, np.int64)
+    for every_line in (False, True):
+        frame = _read_ndjson(lines.joined(indices), every_line)
+        if frame is not None and frame.height == len(indices):
+            return _numbered(frame, indices, lines, every_line), np.zeros(0, np.int64)
     valid = _valid_objects(lines.arrow(indices))
     refused = [indices[~valid]]
     parts: list[pl.DataFrame] = []
@@ -359,9 +362,9 @@ def _parse_object_lines(lines: _JsonLines, indices: np.ndarray) -> tuple[pl.Data
         chunk = pending.pop()
         if not len(chunk):
             continue
-        frame = _read_ndjson(lines.joined(chunk))
+        frame = _read_ndjson(lines.joined(chunk), every_line=True)
         if frame is not None and frame.height == len(chunk):
-            parts.append(_numbered(frame, chunk, lines))
+            parts.append(_numbered(frame, chunk, lines, inferred_from_every_line=True))
         elif len(chunk) == 1:
             refused.append(chunk)
         else:
@@ -370,26 +373,27 @@ def _parse_object_lines(lines: _JsonLines, indices: np.ndarray) -> tuple[pl.Data
     return frame, np.sort(np.concatenate(refused))
 
 
-def _read_ndjson(data) -> pl.DataFrame | None:
+def _read_ndjson(data, every_line: bool = False) -> pl.DataFrame | None:
     try:
-        return pl.read_ndjson(io.BytesIO(data))
+        return pl.read_ndjson(io.BytesIO(data), infer_schema_length=None if every_line else 100)
     except Exception:  # malformed or non-UTF-8 lines, nesting past the reader's limit, type clashes
         return None
 
 
-def _numbered(frame: pl.DataFrame, indices: np.ndarray, lines: _JsonLines) -> pl.DataFrame:
+def _numbered(
+    frame: pl.DataFrame, indices: np.ndarray, lines: _JsonLines, inferred_from_every_line: bool
+) -> pl.DataFrame:
     """``source_record`` (the line number) added; every key of every line kept as a column.
 
     The reader infers columns from its first 100 lines; DuckDB lists the keys of all of them,
     and a key found later (metadata the first lines lack) means one more, fully inferred, parse.
     """
-    if frame.height > 100:
+    if frame.height > 100 and not inferred_from_every_line:
         keys = _all_keys(lines.arrow(indices))
         if keys is None or not keys <= set(frame.columns):
-            try:
-                frame = pl.read_ndjson(io.BytesIO(lines.joined(indices)), infer_schema_length=None)
-            except Exception:
-                pass  # still parsed in one piece above; the missing keys cannot be typed together
+            again = _read_ndjson(lines.joined(indices), every_line=True)
+            # (polars read these lines with the first lines' types, so it reads them again)
+            frame = again if again is not None and again.height == frame.height else frame
     return frame.with_columns(pl.Series("source_record", indices + 1, dtype=pl.Int64))
 
 

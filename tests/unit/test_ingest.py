@@ -142,3 +142,14 @@ def test_a_large_file_with_a_few_bad_lines_keeps_every_good_record(tmp_path):
     late = json.loads(accepted.filter(pl.col("source_id") == "r2500")["metadata"].item())
     assert late["late_field"] == [1, 2]  # a key first seen past the reader's inference window is kept
     assert accepted["source_record"].is_sorted()
+
+
+def test_a_field_whose_type_widens_after_the_first_lines_keeps_every_value(tmp_path):
+    # polars infers types from the first 100 lines: a float at line 500 fails that parse
+    lines = [json.dumps({"prompt": f"p {i}", "score": i if i < 500 else i + 0.5}) for i in range(1000)]
+    path = tmp_path / "widen.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    result = ingest_file(IngestParams(path=str(path)))
+    assert (result.accepted.height, result.quarantine.height) == (1000, 0)
+    scores = result.accepted["metadata"].str.json_decode(pl.Struct({"score": pl.Float64})).struct.field("score")
+    assert scores.to_list() == [i if i < 500 else i + 0.5 for i in range(1000)]
