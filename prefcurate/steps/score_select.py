@@ -31,6 +31,14 @@ def _latest(store, table: str, key: str) -> pl.DataFrame:
 EMBED_CHUNK = 16384
 #: cached vectors read per batch from the embeddings table
 _CACHE_BATCH = 65536
+#: rows per shard of new embeddings: a shard is one Parquet row group, which a reader
+#: decompresses whole, so small shards keep the next run's streaming read small
+EMBEDDING_SHARD_ROWS = 32768
+
+
+def _in_parts(frame: pl.DataFrame, rows: int = EMBEDDING_SHARD_ROWS) -> list[pl.DataFrame]:
+    """``frame`` as zero-copy slices of at most ``rows`` rows (one shard each; one when empty)."""
+    return [frame.slice(offset, rows) for offset in range(0, frame.height, rows)] or [frame]
 
 
 def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn) -> tuple[np.ndarray, pl.DataFrame, float]:
@@ -127,7 +135,7 @@ class ScoreStep(Step):
         model["model_seconds"] += embed_seconds + outcome.embed_seconds
         counts = {"items": items.height, "quality_rows": outcome.quality.height,
                   "embedded": new_embeddings.height, **model, "report": outcome.report}
-        return {"quality": outcome.quality, "embeddings": new_embeddings,
+        return {"quality": outcome.quality, "embeddings": _in_parts(new_embeddings),
                 "request_metrics": request_metrics(judge, critiq)}, counts
 
 
@@ -179,7 +187,7 @@ class SelectStep(Step):
                   "near_duplicates": result.info.get("n_near_duplicates", 0),
                   "exact_duplicates": result.info.get("n_exact_duplicates", 0),
                   "model_seconds": embed_seconds, "report": json.loads(json.dumps(report, default=float))}
-        return {"selections": selections, "embeddings": new_embeddings}, counts
+        return {"selections": selections, "embeddings": _in_parts(new_embeddings)}, counts
 
 
 #: what the export reads: curated_pairs (selections, pairs, prompts, responses), the card's
