@@ -353,11 +353,14 @@ class VLLMEngine:
         rows, self._metrics = self._metrics, []
         return rows
 
-    def close(self) -> None:
+    def close(self, grace_s: float | None = None) -> None:
+        """``grace_s``: how long the engine-core process may take to exit once told to before
+        it is killed (None: vLLM's default, 5 s; its CPU engine takes longer, so a build's end,
+        where nothing in it is kept, passes 0)."""
         llm, self.llm = getattr(self, "llm", None), None
         if llm is not None and self._owns_llm:
             try:
-                llm.llm_engine.engine_core.shutdown()
+                llm.llm_engine.engine_core.shutdown(timeout=grace_s)
             except Exception:
                 pass
 
