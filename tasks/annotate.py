@@ -57,7 +57,13 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, RATINGS
-from prefcurate.tasks.generate import frame_schema
+from prefcurate.tasks.generate import (
+    check_pools,
+    frame_schema,
+    pool_model_field,
+    require_columns,
+    require_unique_names,
+)
 from prefcurate.tasks.judge_modes import (  # noqa: F401  (re-exported for callers of this module)
     BPDE_TIE_BAND,
     PAIRWISE_OPTIONS,
@@ -174,10 +180,7 @@ class JudgeSpec(BaseModel):
 
     name: str = Field(..., min_length=1, description="unique name; stored with each judgment")
     pool: str = Field("judges", description="inference pool that serves this model")
-    model: str | None = Field(
-        None, description="optional, for older configs: the pool decides the model; if given it must "
-        "name the pool's model. The annotate step sets it to the pool's model identity"
-    )
+    model: str | None = pool_model_field("annotate")
     template: str = Field("pairwise_v3", description="pairwise template (name or .txt path)")
     rubric_template: str = Field("rubric_v1", description="rubric template (name or .txt path)")
     rationale_template: str = Field(
@@ -256,10 +259,7 @@ class AnnotateParams(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> AnnotateParams:
-        names = [j.name for j in self.judges]
-        repeated = sorted({n for n in names if names.count(n) > 1})
-        if repeated:
-            raise ValueError(f"judge names must be unique; repeated: {', '.join(repeated)}")
+        require_unique_names([j.name for j in self.judges], "judge")
         resolve_criteria(self.criteria, self.custom_criteria)
         resolve_rubrics(self.rubric_aspects, self.custom_rubrics)
         for judge in self.judges:
@@ -290,13 +290,7 @@ def check_judge_pools(
     """Raise naming the judge and pool when a judge's pool is not configured, and (given
     the pools' configs and ``params``) when its mode cannot run on that pool
     (:meth:`JudgeMode.check_pool`): at plan time, before any engine is opened."""
-    known = sorted(set(known_pools))
-    for judge in judges:
-        if judge.pool not in known:
-            raise ValueError(
-                f"judge {judge.name!r} names pool {judge.pool!r}, which is not configured; "
-                f"configured pools: {', '.join(known) or '(none)'}"
-            )
+    check_pools(judges, known_pools, "judge")
     if params is not None and isinstance(known_pools, Mapping):
         from prefcurate.inference.pools import parse_pool
 
@@ -335,12 +329,6 @@ def _usable(responses: pl.DataFrame, exclude_truncated: bool) -> pl.DataFrame:
     return responses.filter(ok)
 
 
-def _require(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)}")
-
-
 def find_unjudgeable(
     responses: pl.DataFrame,
     prompts: pl.DataFrame | None = None,
@@ -352,14 +340,14 @@ def find_unjudgeable(
     Reasons: ``fewer_than_two_responses`` (counting usable responses only) and
     ``prompt_missing`` (responses whose prompt is not in ``prompts``). For quarantine.
     """
-    _require(responses, ["response_id", "prompt_id", "text"], "responses")
+    require_columns(responses, ["response_id", "prompt_id", "text"], "responses")
     totals = responses.group_by("prompt_id").agg(pl.len().alias("total"))
     usable = (
         _usable(responses, exclude_truncated).group_by("prompt_id").agg(pl.len().alias("usable"))
     )
     counts = totals.join(usable, on="prompt_id", how="left")
     if prompts is not None:
-        _require(prompts, ["prompt_id"], "prompts")
+        require_columns(prompts, ["prompt_id"], "prompts")
         counts = prompts.select("prompt_id").unique().join(counts, on="prompt_id", how="full",
                                                            coalesce=True)
     counts = counts.with_columns(pl.col("total", "usable").fill_null(0))
@@ -461,7 +449,7 @@ def schedule_pairs(
 
     Only usable responses count (see :func:`find_unjudgeable` for the prompts left out).
     """
-    _require(responses, ["response_id", "prompt_id", "text"], "responses")
+    require_columns(responses, ["response_id", "prompt_id", "text"], "responses")
     if pairing not in ("auto", "all", "balanced"):
         raise ValueError(f"unknown pairing {pairing!r}; use all, balanced or auto")
     ranked = (
@@ -524,9 +512,9 @@ def _pair_jobs(
     criteria: Mapping[str, str],
     params: AnnotateParams,
 ) -> pl.DataFrame:
-    _require(pairs, ["prompt_id", "response_a", "response_b"], "pairs")
-    _require(responses, ["response_id", "text"], "responses")
-    _require(prompts, ["prompt_id", "prompt"], "prompts")
+    require_columns(pairs, ["prompt_id", "response_a", "response_b"], "pairs")
+    require_columns(responses, ["response_id", "text"], "responses")
+    require_columns(prompts, ["prompt_id", "prompt"], "prompts")
     same = pairs.filter(pl.col("response_a") == pl.col("response_b"))
     if same.height:
         raise ValueError(f"a pair compares response {same['response_a'][0]!r} with itself")
@@ -657,8 +645,8 @@ def rate_responses(
     rubrics = resolve_rubrics(params.rubric_aspects, params.custom_rubrics)
     if not rubrics or not judge_mode(judge, params).rates_responses:
         return pl.DataFrame(schema=RATING_COLUMNS)
-    _require(responses, ["response_id", "prompt_id", "text"], "responses")
-    _require(prompts, ["prompt_id", "prompt"], "prompts")
+    require_columns(responses, ["response_id", "prompt_id", "text"], "responses")
+    require_columns(prompts, ["prompt_id", "prompt"], "prompts")
     template = load_template(judge.rubric_template, "rubric")
     rubric_frame = pl.DataFrame(
         [{"aspect": name, "aspect_description": spec.description,
@@ -727,7 +715,7 @@ def load_gold_pairs(path: str | Path | None = None) -> pl.DataFrame:
 
     gold = pl.read_ndjson(io.StringIO(text)) if text.strip() else pl.DataFrame()
     needed = ["id", "prompt", "response_a", "response_b", "winner"]
-    _require(gold, needed, f"gold pairs ({source})")
+    require_columns(gold, needed, f"gold pairs ({source})")
     bad = gold.with_row_index("line", offset=1).filter(
         ~pl.col("winner").is_in(["A", "B"]) | pl.any_horizontal(pl.col(needed).is_null())
     )
@@ -795,7 +783,7 @@ def calibrate_judge(
     """
     params = params or AnnotateParams(judges=[judge], rubric_aspects=[])
     description = resolve_criteria([criterion], params.custom_criteria)[criterion]
-    _require(gold, ["id", "prompt", "response_a", "response_b", "winner"], "gold")
+    require_columns(gold, ["id", "prompt", "response_a", "response_b", "winner"], "gold")
     mode = judge_mode(judge, params)
     _, template_hash = mode.stored_template(mode.templates())
     jobs = gold.with_row_index("job").select(

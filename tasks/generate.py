@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -52,6 +53,22 @@ def frame_schema(arrow_schema) -> pl.Schema:
 RESPONSE_COLUMNS = frame_schema(RESPONSES)
 
 
+def pool_model_field(step: str) -> Any:
+    """A generator's or judge's ``model``: the pool decides it (:func:`bind_to_pools`), and
+    older configs that still name one are checked against the pool."""
+    return Field(
+        None, description="optional, for older configs: the pool decides the model; if given it must "
+        f"name the pool's model. The {step} step sets it to the pool's model identity"
+    )
+
+
+def require_unique_names(names: Sequence[str], what: str) -> None:
+    """Raise naming the repeated ones: names are stored with each row and key the engines."""
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names must be unique; repeated: {', '.join(repeated)}")
+
+
 class SamplingConfig(BaseModel):
     """Per-generator sampling parameters (passed to the engine for every sample)."""
 
@@ -71,10 +88,7 @@ class GeneratorSpec(BaseModel):
 
     name: str = Field(..., min_length=1, description="unique name; stored with each response")
     pool: str = Field("generators", description="inference pool that serves this model")
-    model: str | None = Field(
-        None, description="optional, for older configs: the pool decides the model; if given it must "
-        "name the pool's model. The generate step sets it to the pool's model identity"
-    )
+    model: str | None = pool_model_field("generate")
     n: int = Field(2, ge=1, description="samples per prompt")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     system_prompt: str | None = Field(
@@ -112,20 +126,18 @@ class GenerateParams(BaseModel):
     @field_validator("generators")
     @classmethod
     def _unique_names(cls, generators: list[GeneratorSpec]) -> list[GeneratorSpec]:
-        names = [g.name for g in generators]
-        duplicates = sorted({n for n in names if names.count(n) > 1})
-        if duplicates:
-            raise ValueError(f"generator names must be unique; repeated: {', '.join(duplicates)}")
+        require_unique_names([g.name for g in generators], "generator")
         return generators
 
 
-def check_pools(specs: Iterable[GeneratorSpec], known_pools: Iterable[str]) -> None:
-    """Raise naming the generator and pool when a generator's pool is not configured."""
+def check_pools(specs: Iterable[Any], known_pools: Iterable[str], what: str = "generator") -> None:
+    """Raise naming the spec (a ``what``: generator or judge) and pool when its pool is not
+    configured."""
     known = sorted(set(known_pools))
     for spec in specs:
         if spec.pool not in known:
             raise ValueError(
-                f"generator {spec.name!r} names pool {spec.pool!r}, which is not configured; "
+                f"{what} {spec.name!r} names pool {spec.pool!r}, which is not configured; "
                 f"configured pools: {', '.join(known) or '(none)'}"
             )
 
@@ -134,7 +146,7 @@ def response_id(prompt_id: str, spec: GeneratorSpec, sample_index: int) -> str:
     return content_id("response", prompt_id, spec.identity(), int(sample_index))
 
 
-def _require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
+def require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
     missing = [c for c in columns if c not in frame.columns]
     if missing:
         raise ValueError(f"{what} frame lacks column(s) {', '.join(missing)}")
@@ -150,7 +162,7 @@ def plan_generation(
     Columns: ``response_id, prompt_id, generator, sample_index, prompt, system_prompt``
     (``system_prompt`` already resolved: the prompt's own, else the generator's).
     """
-    _require_columns(prompts, ["prompt_id", "prompt"], "prompts")
+    require_columns(prompts, ["prompt_id", "prompt"], "prompts")
     base = prompts.select(
         "prompt_id",
         "prompt",
