@@ -356,17 +356,9 @@ def all_cores_for_torch():
 
 
 def embed_with_params(texts: Sequence[str] | pl.Series, params: EmbedParams | None = None) -> np.ndarray:
-    params = params or EmbedParams()
-    return embed_texts(
-        texts,
-        model_path=params.model_path,
-        batch_size=params.batch_size,
-        device=params.device,
-        show_progress=params.show_progress,
-        max_chars=params.max_chars,
-        backend=params.backend,
-        precision=params.precision,
-    )
+    # EmbedParams's fields are embed_texts's keywords, one for one (a field embed_texts
+    # does not take is a TypeError here, on the first call)
+    return embed_texts(texts, **dict(params or EmbedParams()))
 
 
 def pair_embedding_text(prompt: pl.Series | Sequence[str], chosen: pl.Series | Sequence[str]) -> pl.Series:
