@@ -277,6 +277,16 @@ class PositionFreeMode(JudgeMode):
 _FITTED: dict[tuple, float] = {}
 
 
+def _in_batches(call, requests: Sequence, batch_size: int, progress: Progress | None):
+    """``(index, result)`` of ``call`` over ``requests``, ``batch_size`` requests a call,
+    reporting ``progress`` after each call."""
+    for start in range(0, len(requests), batch_size):
+        for offset, result in enumerate(call(requests[start : start + batch_size])):
+            yield start + offset, result
+        if progress is not None:
+            progress(min(start + batch_size, len(requests)), len(requests))
+
+
 class RewardModelOptions(PositionFreeOptions):
     pass
 
@@ -303,12 +313,9 @@ class RewardModelMode(PositionFreeMode):
         requests = [RewardRequest(p, t) for p, t in texts.select("prompt", "text").iter_rows()]
         scores = np.full(len(requests), np.nan)
         errors: list[str | None] = [None] * len(requests)
-        for start in range(0, len(requests), batch_size):
-            for offset, result in enumerate(engine.score_rewards(requests[start : start + batch_size])):
-                scores[start + offset] = result.reward if result.error is None else np.nan
-                errors[start + offset] = result.error
-            if progress is not None:
-                progress(min(start + batch_size, len(requests)), len(requests))
+        for index, result in _in_batches(engine.score_rewards, requests, batch_size, progress):
+            scores[index] = result.reward if result.error is None else np.nan
+            errors[index] = result.error
         return scores, errors
 
 
@@ -352,14 +359,10 @@ class DensityRatioMode(PositionFreeMode):
         logprob = np.full(len(requests), np.nan)
         tokens = np.zeros(len(requests))
         errors: list[str | None] = [None] * len(requests)
-        for start in range(0, len(requests), batch_size):
-            for offset, result in enumerate(engine.continuation_logprobs(requests[start : start + batch_size])):
-                index = start + offset
-                logprob[index] = result.logprob if result.error is None else np.nan
-                tokens[index] = result.tokens
-                errors[index] = result.error
-            if progress is not None:
-                progress(min(start + batch_size, len(requests)), len(requests))
+        for index, result in _in_batches(engine.continuation_logprobs, requests, batch_size, progress):
+            logprob[index] = result.logprob if result.error is None else np.nan
+            tokens[index] = result.tokens
+            errors[index] = result.error
         n = texts.height
         weak = plain.with_columns(
             pl.Series("weak", logprob[n:], dtype=pl.Float64), pl.Series("weak_error", errors[n:], dtype=pl.String)
