@@ -89,6 +89,15 @@ def _run_stage(stage: str, ctx) -> int:
     return len(todo)
 
 
+def _generated_and_annotated(world):
+    """The first run (r1, the first model folder) through generate and annotate: what the
+    changes below are made against."""
+    ctx = _context(world, world["first"])
+    _run_stage("generate", ctx)
+    _run_stage("annotate", ctx)
+    return ctx
+
+
 def test_nothing_changed_means_the_rerun_does_nothing(world):
     ctx = _context(world, world["first"])
     assert _run_stage("generate", ctx) == 1 and _run_stage("annotate", ctx) == 2  # shard + calibration
@@ -99,9 +108,7 @@ def test_nothing_changed_means_the_rerun_does_nothing(world):
 
 def test_swapping_the_model_behind_a_pool_recomputes(world):
     store = world["store"]
-    ctx = _context(world, world["first"])
-    _run_stage("generate", ctx)
-    _run_stage("annotate", ctx)
+    ctx = _generated_and_annotated(world)
     before = store.query("SELECT response_id, model FROM responses")
     score_before = _keys(ctx, "score")
 
@@ -133,9 +140,7 @@ def test_changing_the_model_folder_in_place_recomputes(world):
 
 def test_editing_a_custom_rubric_file_rejudges_what_it_rated(world):
     store = world["store"]
-    ctx = _context(world, world["first"])
-    _run_stage("generate", ctx)
-    _run_stage("annotate", ctx)
+    _generated_and_annotated(world)
     ratings = store.count("ratings")
     assert ratings > 0
 
