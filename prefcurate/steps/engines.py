@@ -8,6 +8,7 @@ bench/pipeline.py reports as model time against everything else).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
@@ -59,19 +60,18 @@ class TimedEngine:
             raise EngineDied(f"engine for {self.model!r} died: {dead[0][:300]}")
         return results
 
-    def generate(self, requests: Sequence[GenerateRequest]):
+    def _timed(self, call, requests):
         started = time.perf_counter()
         try:
-            return self._checked(self.engine.generate(requests))
+            return self._checked(call(requests))
         finally:
             self.seconds += time.perf_counter() - started
 
+    def generate(self, requests: Sequence[GenerateRequest]):
+        return self._timed(self.engine.generate, requests)
+
     def score_choices(self, requests: Sequence[ChoiceRequest]):
-        started = time.perf_counter()
-        try:
-            return self._checked(self.engine.score_choices(requests))
-        finally:
-            self.seconds += time.perf_counter() - started
+        return self._timed(self.engine.score_choices, requests)
 
     #: optional engine calls (position-free judge modes), timed like the two above when the
     #: engine offers them; absent otherwise, so a mode's check_engine sees what it lacks
@@ -86,14 +86,7 @@ class TimedEngine:
         if name not in self._OPTIONAL_CALLS:
             return attribute
 
-        def timed(requests):
-            started = time.perf_counter()
-            try:
-                return self._checked(attribute(requests))
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        return timed
+        return functools.partial(self._timed, attribute)
 
     def drain_metrics(self) -> list[dict]:
         """The engine's per-request rows since the last drain (shared by every view of it)."""
