@@ -912,26 +912,20 @@ def argmax_baseline_pairs(ratings: pl.DataFrame, responses: pl.DataFrame) -> pl.
     scores = response_scores(ratings).join(
         responses.select("response_id", "prompt_id", "generator").unique("response_id"), on="response_id"
     )
-    best = (
-        scores.sort(["prompt_id", "score", "response_id"], descending=[False, True, False])
-        .group_by("prompt_id", maintain_order=True)
-        .agg(
-            pl.col("response_id").first().alias("chosen_id"),
-            pl.col("score").first().alias("chosen_score"),
-            pl.col("generator").first().alias("chosen_generator"),
+
+    def extreme(side: str, highest: bool) -> pl.DataFrame:
+        return (
+            scores.sort(["prompt_id", "score", "response_id"], descending=[False, highest, not highest])
+            .group_by("prompt_id", maintain_order=True)
+            .agg(
+                pl.col("response_id").first().alias(f"{side}_id"),
+                pl.col("score").first().alias(f"{side}_score"),
+                pl.col("generator").first().alias(f"{side}_generator"),
+            )
         )
-    )
-    worst = (
-        scores.sort(["prompt_id", "score", "response_id"], descending=[False, False, True])
-        .group_by("prompt_id", maintain_order=True)
-        .agg(
-            pl.col("response_id").first().alias("rejected_id"),
-            pl.col("score").first().alias("rejected_score"),
-            pl.col("generator").first().alias("rejected_generator"),
-        )
-    )
+
     selected = (
-        best.join(worst, on="prompt_id")
+        extreme("chosen", highest=True).join(extreme("rejected", highest=False), on="prompt_id")
         .filter(
             (pl.col("chosen_id") != pl.col("rejected_id")) & (pl.col("chosen_score") > pl.col("rejected_score"))
         )
