@@ -12,7 +12,8 @@ from __future__ import annotations
 import json
 import math
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from tests.support.loopback import QuietHandler, serve
 
 KEY = "sk-test-7c1d9a0e5b2f4e8d"
 KEY_ENV = "PREFCURATE_TEST_OPENAI_KEY"
@@ -38,12 +39,7 @@ class StubAPI:
         self.lock = threading.Lock()
         stub = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length))
@@ -56,20 +52,8 @@ class StubAPI:
                     return self.send_json(401, {"error": {"message": "Incorrect API key provided"}})
                 self.send_json(200, stub.answer(self.path, body))
 
-            def send_json(self, status, payload, headers=None):
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.thread, root = serve(Handler)
+        self.url = f"{root}/v1"
 
     def distribution(self, body: dict) -> tuple[list[tuple[str, float]], tuple[str, float]]:
         text = json.dumps(body.get("messages") or body.get("prompt"))

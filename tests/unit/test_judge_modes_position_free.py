@@ -207,43 +207,28 @@ def fake_server():
     count as the reward when ``pooling`` is set (else 404, as a generative server does);
     ``/v1/completions`` answers prompt logprobs of -0.5 per token unless ``pooling``."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.support.loopback import QuietHandler, serve
 
     state = {"pooling": True, "bodies": []}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args):
-            pass
-
-        def _send(self, status, body):
-            data = json.dumps(body).encode()
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
+    class Handler(QuietHandler):
         def do_GET(self):
-            self._send(200, {})
+            self.send_json(200, {})
 
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["bodies"].append((self.path, body))
             if self.path == "/classify" and state["pooling"]:
                 if 0 in body["input"]:
-                    return self._send(400, {"error": {"message": "token 0 is not allowed"}})
-                return self._send(200, {"data": [{"index": 0, "probs": [float(len(body["input"]))], "num_classes": 1}]})
+                    return self.send_json(400, {"error": {"message": "token 0 is not allowed"}})
+                return self.send_json(200, {"data": [{"index": 0, "probs": [float(len(body["input"]))], "num_classes": 1}]})
             if self.path == "/v1/completions" and not state["pooling"]:
                 rows = [None] + [{str(t): {"logprob": -0.5}} for t in body["prompt"][1:]]
-                return self._send(200, {"choices": [{"text": "", "prompt_logprobs": rows}]})
-            self._send(404, {"detail": "Not Found"})
+                return self.send_json(200, {"choices": [{"text": "", "prompt_logprobs": rows}]})
+            self.send_json(404, {"detail": "Not Found"})
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    state["url"] = f"http://127.0.0.1:{server.server_address[1]}"
+    server, _, state["url"] = serve(Handler)
     yield state
     server.shutdown()
 

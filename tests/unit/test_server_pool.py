@@ -13,7 +13,6 @@ import math
 import sys
 import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pyarrow as pa
@@ -29,6 +28,7 @@ from prefcurate.inference.pools import ServersPoolConfig, load_pools, open_engin
 from prefcurate.inference.prompting import ChoicePlan, choice_plan, normalise_logprobs, plain_prompt
 from prefcurate.inference.server_pool import ServerPool
 from prefcurate.schemas.tables import REQUEST_METRICS
+from tests.support.loopback import QuietHandler, serve
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -74,17 +74,12 @@ class FakeReplica:
         self.dead = threading.Event()
         replica = self
 
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args):
-                pass
-
+        class Handler(QuietHandler):
             def do_GET(self):
                 if self.path == "/health" and not replica.dead.is_set():
-                    self._send(replica.health_status, b"")
+                    self.send_bytes(replica.health_status, b"")
                 else:
-                    self._send(404, b"{}")
+                    self.send_bytes(404, b"{}")
 
             def do_POST(self):
                 length = int(self.headers.get("Content-Length", 0))
@@ -102,23 +97,12 @@ class FakeReplica:
                         self.close_connection = True
                         self.connection.shutdown(2)  # no response: the server "crashed"
                         return
-                    self._send(status, body)
+                    self.send_bytes(status, body)
                 finally:
                     with replica.lock:
                         replica.in_flight -= 1
 
-            def _send(self, status, body):
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
+        self.server, self.thread, self.url = serve(Handler)
 
     def answer(self, path, payload, index):
         deadline = time.monotonic() + self.delay_s
