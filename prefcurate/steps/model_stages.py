@@ -26,7 +26,7 @@ from prefcurate.config import PipelineConfig
 from prefcurate.inference.pools import bind_to_pools
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit, _write_atomic
-from prefcurate.steps.engines import engine_for, model_time, request_metrics
+from prefcurate.steps.engines import TimedEngine, engine_for, model_time, request_metrics
 from prefcurate.tasks.annotate import (
     AnnotateParams,
     annotate,
@@ -185,7 +185,17 @@ def _gold_pairs(params: AnnotateParams, with_quarantine: bool = False):
 
 
 class _PromptShardStep(Step):
-    """A step with a unit per prompt shard, whose plan looks up ids in the tables it writes."""
+    """A step with a unit per prompt shard, whose plan looks up ids in the tables it writes,
+    and an engine per model spec (a generator or judge: ``name`` and ``pool``)."""
+
+    def model_specs(self, config: PipelineConfig) -> list:
+        raise NotImplementedError
+
+    def pools(self, ctx: StageContext) -> list[str]:
+        return sorted({spec.pool for spec in self.model_specs(ctx.pipeline_config())})
+
+    def engines(self, config: PipelineConfig) -> dict[str, TimedEngine]:
+        return {spec.name: engine_for(config.pools, spec.pool) for spec in self.model_specs(config)}
 
     def finalize(self, ctx: StageContext, results: list) -> dict:
         if results:  # its tables changed: their lookups, made now, are what the next plan reads
@@ -196,9 +206,8 @@ class _PromptShardStep(Step):
 class GenerateStep(_PromptShardStep):
     name = "generate"
 
-    def pools(self, ctx: StageContext) -> list[str]:
-        params: GenerateParams = ctx.pipeline_config().generate
-        return sorted({g.pool for g in params.generators})
+    def model_specs(self, config: PipelineConfig) -> list:
+        return config.generate.generators
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         config = ctx.pipeline_config()
@@ -231,7 +240,7 @@ class GenerateStep(_PromptShardStep):
         inputs = unit.payload.get("inputs", {})
         existing = _good_ids(store, "responses", "response_id", _RESPONSE_OK, prompts["prompt_id"].to_list(),
                              inputs.get("responses"))
-        engines = {g.name: engine_for(config.pools, g.pool) for g in params.generators}
+        engines = self.engines(config)
         responses = run_generators(prompts, params, engines, existing)
         counts = {
             "responses": responses.height,
@@ -246,9 +255,8 @@ class GenerateStep(_PromptShardStep):
 class AnnotateStep(_PromptShardStep):
     name = "annotate"
 
-    def pools(self, ctx: StageContext) -> list[str]:
-        params: AnnotateParams = ctx.pipeline_config().annotate
-        return sorted({j.pool for j in params.judges})
+    def model_specs(self, config: PipelineConfig) -> list:
+        return config.annotate.judges
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         store = ctx.store()
@@ -293,7 +301,7 @@ class AnnotateStep(_PromptShardStep):
         store = ctx.store()
         config = ctx.pipeline_config()
         params: AnnotateParams = config.annotate
-        engines = {j.name: engine_for(config.pools, j.pool) for j in params.judges}
+        engines = self.engines(config)
         if unit.payload.get("calibration"):
             gold, bad_gold = _gold_pairs(params, with_quarantine=True)
             rows = [calibrate_judge(gold, judge, engines[judge.name], params) for judge in params.judges]
