@@ -144,16 +144,16 @@ def test_answers_from_probs_argmax_ties_and_failures():
     assert answers_from_probs(probs).tolist() == [ANSWER_A, ANSWER_B, ANSWER_NONE, ANSWER_NONE, ANSWER_ERROR]
 
 
+_ANSWER_LETTERS = {"A": ANSWER_A, "B": ANSWER_B, "N": ANSWER_NONE, "E": ANSWER_ERROR}
+
+
+def _answers(*rows: str) -> np.ndarray:
+    """An answer matrix written one row a string, one letter an answer: A, B, N (none), E (error)."""
+    return np.array([[_ANSWER_LETTERS[letter] for letter in row] for row in rows])
+
+
 def test_majority_vote_counts_a_and_b_and_ties_are_none():
-    answers = np.array(
-        [
-            [ANSWER_A, ANSWER_A, ANSWER_B],
-            [ANSWER_A, ANSWER_B, ANSWER_NONE],
-            [ANSWER_NONE, ANSWER_NONE, ANSWER_NONE],
-            [ANSWER_B, ANSWER_NONE, ANSWER_ERROR],
-            [ANSWER_A, ANSWER_ERROR, ANSWER_ERROR],
-        ]
-    )
+    answers = _answers("AAB", "ABN", "NNN", "BNE", "AEE")
     verdict, votes_a, votes_b = majority_vote(answers)
     assert verdict == ["A", None, None, "B", "A"]
     assert votes_a.tolist() == [2, 1, 0, 0, 1]
@@ -163,14 +163,7 @@ def test_majority_vote_counts_a_and_b_and_ties_are_none():
 
 
 def test_criterion_accuracy_excludes_none_and_counts_failures_wrong():
-    answers = np.array(
-        [
-            [ANSWER_A, ANSWER_NONE, ANSWER_B],
-            [ANSWER_B, ANSWER_NONE, ANSWER_B],
-            [ANSWER_ERROR, ANSWER_A, ANSWER_B],
-            [ANSWER_NONE, ANSWER_NONE, ANSWER_B],
-        ]
-    )
+    answers = _answers("ANB", "BNB", "EAB", "NNB")
     accuracy, answered = criterion_accuracy(answers, ["A", "B", "A", "A"])
     assert answered.tolist() == [3, 1, 4]
     assert accuracy[0] == pytest.approx(2 / 3)
