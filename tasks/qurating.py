@@ -383,17 +383,18 @@ def _quality_frame(
 ) -> pl.DataFrame:
     scores = np.asarray(scores, dtype=np.float64)
     z = np.asarray(zscore(scores), dtype=np.float64) if len(scores) else scores
-    return pl.DataFrame(
-        {
-            "item_id": list(item_ids),
-            "item_kind": [item_kind] * len(scores),
-            "criterion": [criterion] * len(scores),
-            "method": [method] * len(scores),
-            "score": scores,
-            "z_score": z,
-        },
-        schema=QUALITY_COLUMNS,
-    ).with_columns(pl.col("z_score").fill_nan(None))
+    # a polars Series of ids stays one (no Python string per item: a scorer's frame covers every response)
+    ids = item_ids.cast(pl.String) if isinstance(item_ids, pl.Series) else pl.Series(list(item_ids), dtype=pl.String)
+    return (
+        pl.DataFrame({"item_id": ids, "score": scores, "z_score": z})
+        .with_columns(
+            item_kind=pl.lit(item_kind, pl.String),
+            criterion=pl.lit(criterion, pl.String),
+            method=pl.lit(method, pl.String),
+            z_score=pl.col("z_score").fill_nan(None),
+        )
+        .select(list(QUALITY_COLUMNS))
+    )
 
 
 #: the QUALITY table's data columns (the store adds provenance)
@@ -405,6 +406,13 @@ QUALITY_COLUMNS = {
     "score": pl.Float64,
     "z_score": pl.Float64,
 }
+
+
+def _gathered(values: Sequence[str] | pl.Series, positions) -> list[str]:
+    """``values`` at ``positions`` as a list (a Series is gathered, not turned into a list whole)."""
+    if isinstance(values, pl.Series):
+        return values.gather(np.asarray(positions, dtype=np.int64)).to_list()
+    return [values[k] for k in positions]
 
 
 def empty_quality_frame() -> pl.DataFrame:
@@ -480,8 +488,8 @@ class QuRatingResult:
 
 def score_items(
     engine: Engine,
-    item_ids: Sequence[str],
-    texts: Sequence[str],
+    item_ids: Sequence[str] | pl.Series,
+    texts: Sequence[str] | pl.Series,
     params: QuRatingParams,
     embeddings: np.ndarray | None = None,
 ) -> QuRatingResult:
@@ -505,10 +513,10 @@ def score_items(
             raise ValueError("embeddings must be [n_items, dim], one row per item")
     criteria = params.all_criteria
     sample = sample_items(len(texts), params.sample_size, params.seed)
-    excerpts = make_excerpts([texts[k] for k in sample], params.excerpt_chars, params.seed)
+    excerpts = make_excerpts(_gathered(texts, sample), params.excerpt_chars, params.seed)
     item_i, item_j = sample_comparisons(len(sample), params.pairs_per_item, params.seed)
     judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria, params.template)
-    sample_ids = [item_ids[k] for k in sample]
+    sample_ids = _gathered(item_ids, sample)
     frames = [
         fit_ratings(judgments, sample_ids, params.item_kind, params.confidence, params.bt_l2)
     ]

@@ -66,8 +66,8 @@ def item_texts(responses: pl.DataFrame, prompts: pl.DataFrame, max_chars: int) -
 def score_responses(items: pl.DataFrame, embeddings: np.ndarray, params: ScoreParams, judge_engine,
                     critiq_engine=None, embed_fn=None) -> ScoreOutcome:
     """QuRating (+ optional CritiQ) over the items; returns QUALITY rows and a report."""
-    result = score_items(judge_engine, items["item_id"].to_list(), items["text"].to_list(),
-                         params.qurating, embeddings=embeddings)
+    # Series, not lists: 300,000 Python strings would be held through the whole stage
+    result = score_items(judge_engine, items["item_id"], items["text"], params.qurating, embeddings=embeddings)
     frames = [result.quality]
     report = {"qurating": result.summary()}
     markdown = None
@@ -99,7 +99,7 @@ def score_responses(items: pl.DataFrame, embeddings: np.ndarray, params: ScorePa
                 embed_seconds += time.perf_counter() - started
                 scores = np.asarray(scorer.score(embeddings), dtype=np.float64).ravel()
                 # QUALITY rows through the one builder (qurating._quality_frame), as critiq_quality
-                frames.append(_quality_frame(items["item_id"].to_list(), params.qurating.item_kind, "critiq", "critiq",
+                frames.append(_quality_frame(items["item_id"], params.qurating.item_kind, "critiq", "critiq",
                                              scores))
                 report["critiq"]["scorer"] = getattr(scorer_report, "__dict__", str(scorer_report))
             except ValueError as error:  # too few decided pairs with a weak model: say so

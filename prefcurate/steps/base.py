@@ -176,6 +176,14 @@ class Step:
             from prefcurate.tasks.estimate import check_budget
 
             check_budget(ctx.config, store, self.name, unit.key)
+        if not self.whole_dataset:
+            return self._compute_and_write(unit, ctx, store, manifest)
+        try:
+            return self._compute_and_write(unit, ctx, store, manifest)
+        finally:
+            release_freed_memory()
+
+    def _compute_and_write(self, unit: Unit, ctx: StageContext, store: Store, manifest: Path) -> UnitResult:
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
         gate = ctx.config.get("contracts", True)
@@ -202,6 +210,24 @@ class Step:
         _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards],
                                             "counts": counts}, default=str))
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
+
+
+def release_freed_memory() -> None:
+    """Give the C heap's freed pages back to the OS after a whole-dataset unit.
+
+    A worker runs filter, score and select one after another; glibc keeps what each freed
+    (arenas are trimmed only from the top), so the next stage's peak stacked on the last
+    one's. ``malloc_trim`` is glibc's; elsewhere this does nothing.
+    """
+    import ctypes
+    import ctypes.util
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        pass
 
 
 def _as_polars(table: str, part) -> pl.DataFrame:

@@ -68,7 +68,7 @@ def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, emb
         new_rows = pl.DataFrame(schema={"item_id": pl.String, "item_kind": pl.String, "model": pl.String,
                                         "vector": pl.Array(pl.Float32, EMBEDDING_DIM)})
         return matrix, new_rows, seconds
-    texts = items["text"].gather(missing)
+    texts = items["text"] if missing.size == items.height else items["text"].gather(missing)
     for offset in range(0, missing.size, EMBED_CHUNK):
         started = time.perf_counter()
         chunk = np.asarray(embed_fn(texts.slice(offset, EMBED_CHUNK).to_list()), dtype=np.float32)
@@ -119,6 +119,7 @@ class ScoreStep(Step):
         responses = store.read("current_responses", ["response_id", "prompt_id", "text"])
         prompts = _latest(store, "prompts", "prompt_id")
         items = item_texts(responses, prompts, params.max_text_chars)
+        del responses, prompts  # items holds what is needed of them, for the rest of the stage
         if items.height < 2:
             return {"quality": None, "embeddings": None}, {"items": items.height, "skipped": "fewer than 2 items"}
         vectors, new_embeddings, embed_seconds = embed_with_cache(
