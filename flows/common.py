@@ -343,6 +343,7 @@ def dask_cluster(config: PipelineConfig, address: str | None = None) -> Iterator
     from prefcurate.steps.engines import close_all
 
     configure_dask()
+    _quiet_resource_tracker()
     cluster = LocalCluster(
         n_workers=config.executor.n_workers,
         threads_per_worker=config.executor.threads_per_worker,
@@ -363,6 +364,24 @@ def dask_cluster(config: PipelineConfig, address: str | None = None) -> Iterator
         cluster.close()
         _unit_logger().info("closed the workers' engines in %.1f s, the Dask cluster in %.1f s",
                             engines_closed - closing, time.perf_counter() - engines_closed)
+
+
+#: a warnings filter for the resource tracker that multiprocessing starts for our LocalCluster
+RESOURCE_TRACKER_QUIET = "ignore:resource_tracker:UserWarning"
+
+
+def _quiet_resource_tracker() -> None:
+    """Keep the resource tracker from warning about what it cleans up at a build's end.
+
+    Our workers leave through ``os._exit`` once closed (:func:`exit_at_once_when_closed`),
+    so the shared memory and semaphores vLLM's engine registered are unlinked by the
+    tracker instead of by the worker, and it warns about each ("leaked ... objects to clean
+    up") although nothing is left behind. It gets this process's ``-W`` options when it starts.
+    """
+    import sys
+
+    if RESOURCE_TRACKER_QUIET not in sys.warnoptions:
+        sys.warnoptions.append(RESOURCE_TRACKER_QUIET)
 
 
 def exit_at_once_when_closed() -> None:
