@@ -198,7 +198,6 @@ def _openvino_installed() -> bool:
 def _checked_encoder(model, precision: Precision):
     """OpenVINO in the chosen precision, kept only if it agrees with the torch model on a few texts;
     a bfloat16 encoder that does not is replaced by a float32 one, a float32 one by None (torch)."""
-    encoder = OpenVINOEncoder(model, "f32" if precision == "float32" else _native_precision())
     probe = [
         "How do I bake sourdough bread at home?",
         "Request: Explain photosynthesis.\nResponse: Plants turn light, water and carbon dioxide "
@@ -208,12 +207,15 @@ def _checked_encoder(model, precision: Precision):
         reference = model.encode(
             probe, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False
         )
-    encoder.self_check_cosine = float(np.min(np.sum(encoder.encode(probe) * reference, axis=1)))
-    if encoder.self_check_cosine >= MIN_SELF_CHECK_COSINE:
-        return encoder
-    fallback = "float32" if encoder.precision != "f32" else "torch"
-    _announce(f"embeddings: {encoder.describe()} is below {MIN_SELF_CHECK_COSINE}; using {fallback}")
-    return _checked_encoder(model, "float32") if fallback == "float32" else None
+    first = "f32" if precision == "float32" else _native_precision()
+    for choice in dict.fromkeys([first, "f32"]):  # bf16 then f32, or f32 alone
+        encoder = OpenVINOEncoder(model, choice)
+        encoder.self_check_cosine = float(np.min(np.sum(encoder.encode(probe) * reference, axis=1)))
+        if encoder.self_check_cosine >= MIN_SELF_CHECK_COSINE:
+            return encoder
+        fallback = "float32" if choice != "f32" else "torch"
+        _announce(f"embeddings: {encoder.describe()} is below {MIN_SELF_CHECK_COSINE}; using {fallback}")
+    return None
 
 
 def _native_precision() -> str:

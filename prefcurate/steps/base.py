@@ -176,12 +176,11 @@ class Step:
             from prefcurate.tasks.estimate import check_budget
 
             check_budget(ctx.config, store, self.name, unit.key)
-        if not self.whole_dataset:
-            return self._compute_and_write(unit, ctx, store, manifest)
         try:
             return self._compute_and_write(unit, ctx, store, manifest)
         finally:
-            release_freed_memory()
+            if self.whole_dataset:
+                release_freed_memory()
 
     def _compute_and_write(self, unit: Unit, ctx: StageContext, store: Store, manifest: Path) -> UnitResult:
         started = time.perf_counter()
