@@ -13,7 +13,8 @@ Faults, per request:
   ``GET /health`` brings it back when it answers again.
 - HTTP 5xx/429, a timeout, or a body that is not the JSON we expect: retried up to
   ``retries`` times with exponential backoff and full jitter (``uniform(0, min(cap,
-  base * 2**k))``, the AWS-architecture-blog variant), preferring another replica.
+  base * 2**k))``, the AWS-architecture-blog variant), on another healthy replica when
+  there is one (waiting for a free slot there rather than going back to the failing one).
 - HTTP 4xx (e.g. a prompt longer than the context): not retried.
 - a request that still fails is returned with ``error`` set (reason code first:
   ``http_400: ...``, ``timeout: ...``, ``malformed_response: ...``); the batch goes on.
@@ -284,8 +285,10 @@ class ServerPool:
                 if not healthy:
                     break
                 free = [r for r in healthy if r.outstanding < r.cap]
-                if avoid is not None and len(free) > 1:
-                    free = [r for r in free if r is not avoid] or free
+                if avoid is not None and any(r is not avoid for r in healthy):
+                    # a retry waits for another healthy replica, busy or not: going straight
+                    # back to the one that just failed spent the retries on it under load
+                    free = [r for r in free if r is not avoid]
                 if free:
                     fewest = min(r.outstanding for r in free)
                     replica = self._rng.choice([r for r in free if r.outstanding == fewest])

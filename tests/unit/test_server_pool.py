@@ -229,6 +229,16 @@ def test_5xx_on_one_replica_is_retried_elsewhere(replicas):
     assert any(r["attempts"] > 1 for r in rows) and broken.requests
 
 
+
+def test_a_retry_waits_for_the_busy_good_replica_rather_than_going_back_to_the_failing_one(replicas):
+    broken, busy = replicas(mode="error500"), replicas(delay_s=0.15)
+    with make_pool([broken, busy], max_concurrency_per_replica=1, retries=1) as pool:
+        out = pool.generate([gen(f"p{i}") for i in range(4)])
+    # one retry each: every failed first attempt on the broken replica is retried on the good one
+    assert all(g.error is None and g.replica == busy.url for g in out)
+    assert len(broken.requests) <= 4 and len(busy.requests) == 4
+
+
 def test_5xx_everywhere_is_recorded_as_failed_after_retries(replicas):
     a, b = replicas(mode="error500"), replicas(mode="error500")
     with make_pool([a, b], retries=2) as pool:
