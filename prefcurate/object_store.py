@@ -111,8 +111,10 @@ class ObjectShards:
         final = self.key(relpath)
         folder, name = final.rsplit("/", 1)
         temporary = f"{folder}/.{name}.{uuid.uuid4().hex}.tmp"
+        from prefcurate.store import dictionary_columns
+
         with self.filesystem.open(temporary, "wb") as handle:
-            pq.write_table(data, handle, compression="zstd")
+            pq.write_table(data, handle, compression="zstd", use_dictionary=dictionary_columns(data))
         return temporary
 
     def publish(self, temporary: str, relpath: str) -> None:

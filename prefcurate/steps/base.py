@@ -193,14 +193,15 @@ class Step:
             parts = produced if isinstance(produced, list) else [produced]
             for index, part in enumerate(parts or [None]):
                 # the gate sees exactly what will be written: schema columns, provenance
-                part = pl.from_arrow(conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name))
-                if gate and table != "quarantine" and part.height:
-                    part, bad = contract_gate(table, part, self.name, unit.key)
+                conformed = conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name)
+                if gate and table != "quarantine" and conformed.num_rows:
+                    kept, bad = contract_gate(table, pl.from_arrow(conformed), self.name, unit.key)
                     if bad is not None:
+                        conformed = kept
                         rejected.append(bad)
                         counts[f"contract_quarantined.{table}"] = counts.get(f"contract_quarantined.{table}", 0) + bad.height
-                shards.append(
-                    store.write(table, part, key=unit.shard_key(table, index), run_id=ctx.run_id, stage=self.name)
+                shards.append(  # (an unchanged conformed table is written as it is, not conformed again)
+                    store.write(table, conformed, key=unit.shard_key(table, index), run_id=ctx.run_id, stage=self.name)
                 )
         if rejected:
             shards.append(store.write("quarantine", pl.concat(rejected, how="vertical_relaxed"),

@@ -226,6 +226,31 @@ def test_registration_never_duplicates_an_id_even_without_the_lock(tmp_path):
     assert _accounting(store) == accounting
 
 
+
+def test_one_registration_keeps_the_first_shard_of_an_id_and_rewrites_only_the_later_ones(tmp_path):
+    store = Store.init(tmp_path / "ds")
+
+    def shard(key: str, ids: list[str]):
+        frame = pl.DataFrame({"prompt_id": ids, "prompt": ids, "source_file": "f", "source_record": range(len(ids)),
+                              "char_len": [1] * len(ids)}, schema_overrides={"char_len": pl.Int32})
+        return store.write("prompts", frame, key=key, run_id="r", stage="ingest")
+
+    store.commit("prompts", pl.DataFrame({"prompt_id": ["a"], "prompt": ["a"], "source_file": "f", "source_record": [0],
+                                          "char_len": [1]}, schema_overrides={"char_len": pl.Int32}),
+                 key="k0", run_id="r", stage="ingest")
+    first, second, third = shard("k1", ["a", "b", "c"]), shard("k2", ["c", "d"]), shard("k3", ["e"])
+    untouched = (store.root / third.path).stat().st_mtime_ns
+    counts = {"rows_read": 6, "accepted": 6, "duplicates": 0}
+    assert store.register([first, second, third, third], unit=("ingest", "u"), counts=counts) == 3
+    assert sorted(store.read("prompts")["prompt_id"].to_list()) == ["a", "b", "c", "d", "e"]
+    assert store.read_shard(first.path)["prompt_id"].to_list() == ["b", "c"]  # "a" was in the table
+    assert store.read_shard(second.path)["prompt_id"].to_list() == ["d"]  # "c" is the first shard's
+    assert (store.root / third.path).stat().st_mtime_ns == untouched  # nothing to leave out: not rewritten
+    assert {s["shard_key"]: s["rows"] for s in store.shards("prompts")} == {"k0": 1, "k1": 2, "k2": 1, "k3": 1}
+    recorded = store.recorded_units("ingest")["u"]
+    assert (recorded["accepted"], recorded["duplicates"]) == (4, 2)
+
+
 CONCURRENT_INGEST = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[4])
