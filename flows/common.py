@@ -24,6 +24,52 @@ from prefcurate.steps.base import StageContext, StageStats, Step, Unit, UnitResu
 from prefcurate.store import Store
 
 
+def share_prefect_tls_context() -> None:
+    """Give every Prefect API client of this process one TLS context.
+
+    Prefect 3.7 builds a new context for each client it makes, loading certifi's whole
+    bundle (14 ms here), and a task run makes a few: 9% of a Dask worker's time in a
+    100,000-prompt build (the upstream change that would allow sharing one is
+    PrefectHQ/prefect#19106, open). The shared context is built from the same two settings
+    Prefect reads, at the time each client is made, so verification is exactly as before.
+    Runs on import: Dask workers import this module to run a unit.
+    """
+    import functools
+    import ssl
+
+    from prefect.client import orchestration
+    from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY
+
+    @functools.lru_cache(maxsize=4)
+    def context(insecure: bool, cert_file: str | None) -> ssl.SSLContext:
+        if insecure:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+            return ctx
+        import certifi
+
+        return ssl.create_default_context(cafile=cert_file or certifi.where())
+
+    for client_class in (orchestration.PrefectClient, orchestration.SyncPrefectClient):
+        original = client_class.__init__
+        if getattr(original, "_shares_tls_context", False):
+            continue
+
+        @functools.wraps(original)
+        def __init__(self, *args, httpx_settings=None, _original=original, **kwargs):
+            settings = dict(httpx_settings or {})
+            if not isinstance(settings.get("verify"), ssl.SSLContext):
+                settings["verify"] = context(bool(PREFECT_API_TLS_INSECURE_SKIP_VERIFY.value()),
+                                             PREFECT_API_SSL_CERT_FILE.value() or None)
+            _original(self, *args, httpx_settings=settings, **kwargs)
+
+        __init__._shares_tls_context = True
+        client_class.__init__ = __init__
+
+
+share_prefect_tls_context()
+
+
 class RunParameters(BaseModel):
     """What the Prefect UI asks for when a stage or build is run by hand."""
 
