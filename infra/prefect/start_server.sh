@@ -10,7 +10,7 @@
 #   2. the process work pool `prefcurate-process`;
 #   3. one global concurrency limit per inference pool of the configs in $PREFCURATE_CONFIGS,
 #      named `pool-<name>`: 1 for an embedded pool (one engine), the number of replicas for a
-#      `servers` pool; flows hold a slot while a unit uses the pool;
+#      `servers` pool; a stage holds the slots of its pools while its units run;
 #   4. `prefect --no-prompt deploy --all` from the repository root (prefect.yaml);
 #   5. `prefect worker start --pool prefcurate-process`, in the background, with
 #      PREFCURATE_HOME (the pull step's working directory) and PYTHONPATH set.
@@ -50,6 +50,9 @@ PIDS="$PREFECT_HOME/pids"
 export PREFECT_API_URL="http://$HOST:$PORT/api"
 export PREFECT_SERVER_ANALYTICS_ENABLED="${PREFECT_SERVER_ANALYTICS_ENABLED:-false}"
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="${PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS:-180}"
+# a run waiting for a pool slot asks again within 1 s (Prefect's default cap is 30 s: a freed
+# slot stayed idle while its waiters slept; see SLOT_WAIT_S in flows/common.py)
+export PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS="${PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLOT_WAIT_SECONDS:-1}"
 export GX_ANALYTICS_ENABLED="${GX_ANALYTICS_ENABLED:-false}"
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-1}" TRANSFORMERS_OFFLINE="${TRANSFORMERS_OFFLINE:-1}"
 # the package need not be installed: flow runs and deploy import it from the repository
