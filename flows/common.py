@@ -206,7 +206,7 @@ def submit_bounded(submit, units: list[Unit], width: int | None):
         yield finished
 
 
-#: seconds a unit waits for its pools' slots before it says which slots and who holds them
+#: seconds a stage waits for its pools' slots before it says which slots and who holds them
 POOL_WAIT_REPORT_ENV = "PREFCURATE_POOL_WAIT_REPORT_S"
 
 
