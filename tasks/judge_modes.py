@@ -91,7 +91,9 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prefcurate.inference.base import ChoiceRequest, Engine, GenerateRequest, InferenceError, SamplingParams
+from prefcurate.inference.base import (
+    ChoiceRequest, ChoiceScore, Engine, GenerateRequest, InferenceError, SamplingParams,
+)
 from prefcurate.schemas.ids import content_id
 from prefcurate.templates import Template, load_template
 
@@ -113,12 +115,19 @@ AllFailed = Literal["raise", "keep"]
 # ------------------------------------------------------------------ engine calls
 
 
-def _valid_probs(probs: Sequence[float], n_options: int) -> np.ndarray | None:
-    arr = np.asarray(probs, dtype=np.float64)
-    if arr.shape != (n_options,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        return None
-    total = arr.sum()
-    return arr / total if total > 0 else None
+def _valid_probs(scores: Sequence[ChoiceScore], n_options: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of the scores whose probabilities are usable, those rows renormalised).
+
+    Usable: ``n_options`` finite, non-negative values with a positive sum. One array
+    operation for the batch (a check per score was a quarter of annotate's time).
+    """
+    shaped = np.asarray([i for i, score in enumerate(scores) if len(score.probs or ()) == n_options], dtype=np.int64)
+    if not len(shaped):
+        return shaped, np.zeros((0, n_options))
+    values = np.asarray([scores[i].probs for i in shaped], dtype=np.float64).reshape(len(shaped), n_options)
+    total = values.sum(axis=1)
+    usable = np.isfinite(values).all(axis=1) & (values >= 0).all(axis=1) & (total > 0)
+    return shaped[usable], values[usable] / total[usable, None]
 
 
 def score_options(
@@ -150,15 +159,17 @@ def score_options(
             raise RuntimeError(
                 f"engine {engine.model!r} answered {len(scores)} of {len(chunk)} requests"
             )
+        answered = [score for score in scores if not score.error]
+        at = [offset for offset, score in enumerate(scores) if not score.error]
+        usable, valid = _valid_probs(answered, len(options))
+        probs[start + np.asarray(at, dtype=np.int64)[usable]] = valid
+        kept = set(usable.tolist())
         for offset, score in enumerate(scores):
             if score.error:
                 errors[start + offset] = score.error
-                continue
-            valid = _valid_probs(score.probs, len(options))
-            if valid is None:
-                errors[start + offset] = f"no valid probability over {options}: {score.probs}"
-            else:
-                probs[start + offset] = valid
+        for index, offset in enumerate(at):
+            if index not in kept:
+                errors[start + offset] = f"no valid probability over {options}: {answered[index].probs}"
         if progress is not None:
             progress(min(start + step, len(prompts)), len(prompts))
     if all_failed == "raise" and prompts and all(e is not None for e in errors):
