@@ -172,9 +172,10 @@ def stage_width(pools: list[str], config: PipelineConfig, units: int) -> int | N
     """How many of a stage's units run at once: the fewest slots among the pools it uses
     (an embedded engine serves one unit at a time, a server pool one per replica), at most
     its units; None (no bound but the workers) for a stage without pools."""
-    from prefcurate.inference.pools import parse_pool
+    from prefcurate.inference.pools import concurrency_limits
 
-    slots = [parse_pool(config.pools[name]).concurrency_slots() for name in pools if name in config.pools]
+    limits = concurrency_limits(config.pools)
+    slots = [limits[f"pool-{name}"] for name in pools if f"pool-{name}" in limits]
     return max(1, min([*slots, units])) if slots else None
 
 
