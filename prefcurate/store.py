@@ -151,14 +151,19 @@ def write_shard(
     relpath = shard_relpath(table, key)
     final = root / relpath
     final.parent.mkdir(parents=True, exist_ok=True)
-    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     # what `prefcurate repair` needs to re-register the file without its catalog
     data = data.replace_schema_metadata({**(data.schema.metadata or {}), **shard_metadata(table, key, run_id, stage)})
+    _write_parquet_atomically(data, final)
+    return ShardInfo(table, key, relpath, data.num_rows, run_id, stage)
+
+
+def _write_parquet_atomically(data: pa.Table, final: Path) -> None:
+    """A complete file at ``final`` or none: temporary name, fsync, rename."""
+    temporary = final.with_name(f".{final.name}.{uuid.uuid4().hex}.tmp")
     pq.write_table(data, temporary, compression="zstd", use_dictionary=dictionary_columns(data))
     with open(temporary, "rb") as handle:
         os.fsync(handle.fileno())
     os.replace(temporary, final)
-    return ShardInfo(table, key, relpath, data.num_rows, run_id, stage)
 
 
 def dictionary_columns(data: pa.Table, sample: int = 1024) -> list[str]:
@@ -691,12 +696,7 @@ class Store:
         if self.objects is not None:
             self.objects.write(shard.path, kept)
             return data.num_rows - kept.num_rows
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-        pq.write_table(kept, temporary, compression="zstd", use_dictionary=dictionary_columns(kept))
-        with open(temporary, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
+        _write_parquet_atomically(kept, Path(path))
         return data.num_rows - kept.num_rows
 
     def commit(self, table: str, frame, *, key: str, run_id: str, stage: str) -> ShardInfo:
