@@ -139,3 +139,64 @@ def test_a_chat_template_counts_the_prompt_as_the_trainer_renders_it(tokenizer):
         assert check_integrity(frame, tokenizer, max_length=templated + 1)["integrity_issue"][0] == PROMPT_FILLS_BUDGET
     finally:
         tokenizer.chat_template = saved
+
+
+GEMMA_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}"
+    "{% endif %}<start_of_turn>{{ m.role }}\n{{ m.content | trim }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}"
+)
+
+
+def _tokenizer_folder(tmp_path, **config):
+    folder = tmp_path / "tok"
+    folder.mkdir(parents=True)
+    (folder / "tokenizer.json").symlink_to(default_model_dir() / "tokenizer.json")
+    base = json.loads((default_model_dir() / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").write_text(json.dumps({**base, **config}))
+    return folder
+
+
+@needs_tokenizer
+def test_the_token_counter_encodes_and_renders_as_transformers_does(tmp_path):
+    from transformers import AutoTokenizer
+
+    from prefcurate.tasks.export import TokenCounter
+
+    folder = _tokenizer_folder(tmp_path, chat_template=GEMMA_LIKE_TEMPLATE)
+    counter = load_tokenizer(str(folder))
+    assert isinstance(counter, TokenCounter)
+    reference = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    texts = ["Say hi.", "  two  spaces\tand a tab\n\nand lines  ", "ünïcödé 漢字 🙂 naïve café", "",
+             "<start_of_turn>user\nmarkers<end_of_turn>", "<bos>special<eos> tokens", "def f(x):\n    return x ** 2\n"]
+    for special in (False, True):
+        assert counter(texts, add_special_tokens=special)["input_ids"] == \
+            reference(texts, add_special_tokens=special)["input_ids"]
+    assert (counter.bos_token_id, counter.eos_token_id) == (reference.bos_token_id, reference.eos_token_id)
+    conversations = [[{"role": "user", "content": " hello "}], [{"role": "user", "content": "a\nb"}]]
+    assert counter.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True) == \
+        reference.apply_chat_template(conversations, tokenize=False, add_generation_prompt=True)
+    # a template that refuses the system role raises, so the check counts the plain text instead
+    with pytest.raises(Exception, match="no system role"):
+        counter.apply_chat_template([[{"role": "system", "content": "x"}]], add_generation_prompt=True)
+    frame = _pairs()
+    assert check_integrity(frame, counter, max_length=64).equals(check_integrity(frame, reference, max_length=64))
+
+
+@needs_tokenizer
+def test_folders_the_token_counter_cannot_read_whole_go_to_transformers(tmp_path):
+    from prefcurate.tasks.export import TokenCounter
+
+    assert TokenCounter.from_folder(_tokenizer_folder(tmp_path, auto_map={"AutoTokenizer": "x.Y"})) is None
+    named = _tokenizer_folder(tmp_path / "named", chat_template=[{"name": "default", "template": "{{ 1 }}"}])
+    assert TokenCounter.from_folder(named) is None
+    unsaid = tmp_path / "unsaid" / "tok"
+    unsaid.mkdir(parents=True)
+    (unsaid / "tokenizer.json").symlink_to(default_model_dir() / "tokenizer.json")
+    (unsaid / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GemmaTokenizer"}))
+    assert TokenCounter.from_folder(unsaid) is None
+    assert type(load_tokenizer(str(unsaid))).__name__ == "GemmaTokenizer"
+    # a template in its own file is read like the config's
+    separate = _tokenizer_folder(tmp_path / "separate")
+    (separate / "chat_template.jinja").write_text(GEMMA_LIKE_TEMPLATE)
+    assert TokenCounter.from_folder(separate).chat_template == GEMMA_LIKE_TEMPLATE
