@@ -545,20 +545,35 @@ def _json_type(value) -> str:
 
 
 def _normalise(series: pl.Series) -> pl.Series:
-    return pl.select(_normalised(pl.lit(series))).to_series().alias(series.name)
-
-
-def _normalised(text: pl.Expr) -> pl.Expr:
     """NFC, line breaks as "\\n", runs of other whitespace as one space, no space at either end
-    of a line, trimmed. Line breaks themselves are kept, blank lines included.
+    of a line, trimmed. Line breaks themselves are kept, blank lines included; null stays null.
 
-    NFC is the identity on ASCII (as many bytes as characters), so only other rows pay for it.
+    NFC, the CR rewrite and the per-line trim each run only on the rows that can change (a
+    byte count or a literal search finds them): a ``when/then`` would run them on every row.
     """
-    text = pl.when(text.str.len_bytes() != text.str.len_chars()).then(text.str.normalize("NFC")).otherwise(text)
-    text = pl.when(text.str.contains("\r", literal=True)).then(text.str.replace_all(r"\r\n?", "\n")).otherwise(text)
-    # a single space is left alone rather than rewritten: the common case matches nothing
-    text = text.str.replace_all(r"[^\S\n]{2,}|[^\S\n ]", " ")
-    return text.str.replace_all(r" ?\n ?", "\n").str.strip_chars()
+    text = series.cast(pl.String)
+    # NFC is the identity on ASCII (as many bytes as characters)
+    not_ascii = text.str.len_bytes() != text.str.len_chars()
+    text = _rewrite_where(text, not_ascii, lambda t: t.str.normalize("NFC"))
+    text = _rewrite_where(text, text.str.contains("\r", literal=True), lambda t: t.str.replace_all(r"\r\n?", "\n"))
+    # whitespace other than a space or a line break is a tab, a vertical tab, a form feed or
+    # non-ASCII: those rows take the whole rule (a single space is left alone rather than
+    # rewritten); in the others only runs of spaces can be, found by a literal search
+    odd = not_ascii | text.str.contains(r"[\t\x0b\x0c]")
+    text = _rewrite_where(text, odd, lambda t: t.str.replace_all(r"[^\S\n]{2,}|[^\S\n ]", " "))
+    text = _rewrite_where(text, text.str.contains("  ", literal=True), lambda t: t.str.replace_all(" {2,}", " "))
+    text = _rewrite_where(text, text.str.contains("\n", literal=True), lambda t: t.str.replace_all(r" ?\n ?", "\n"))
+    return text.str.strip_chars().alias(series.name)
+
+
+def _rewrite_where(text: pl.Series, rows: pl.Series, rewrite) -> pl.Series:
+    """``rewrite`` (the identity on the other rows) applied to the rows marked in ``rows``."""
+    picked = rows.fill_null(False).arg_true()
+    if picked.len() == 0:
+        return text
+    if 2 * picked.len() > text.len():
+        return rewrite(text)
+    return text.clone().scatter(picked, rewrite(text.gather(picked)))
 
 
 def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -605,8 +620,8 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         type_error(mapping.system_prompt).alias("_system_type"),
     )
     frame = frame.with_columns(
-        _normalised(pl.col("_prompt_raw").fill_null("")).alias("prompt"),
-        _normalised(pl.col("_system_raw").fill_null("")).alias("system_prompt"),
+        _normalise(frame["_prompt_raw"].fill_null("")).alias("prompt"),
+        _normalise(frame["_system_raw"]).alias("system_prompt"),
     ).with_columns(
         pl.when(pl.col("system_prompt") == "").then(None).otherwise(pl.col("system_prompt")).alias("system_prompt"),
         pl.col("prompt").str.len_chars().cast(pl.Int32).alias("char_len"),
@@ -653,7 +668,9 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
     metadata = (
         pl.struct([pl.col(c) for c in metadata_cols]).struct.json_encode() if metadata_cols else pl.lit(None, pl.String)
     )
-    accepted = frame.filter(pl.col("_reason").is_null()).with_columns(
+    kept = frame.select(list(dict.fromkeys(["source_record", "prompt", "system_prompt", "source_id", "category",
+                                            "char_len", *metadata_cols, "_reason"])))
+    accepted = (kept.filter(pl.col("_reason").is_null()) if rejected.height else kept).with_columns(
         pl.concat_str([pl.col("system_prompt").fill_null(""), pl.lit("\x1f"), pl.col("prompt")])
         .alias("_key"),
         metadata.alias("metadata"),

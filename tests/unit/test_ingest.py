@@ -153,3 +153,39 @@ def test_a_field_whose_type_widens_after_the_first_lines_keeps_every_value(tmp_p
     assert (result.accepted.height, result.quarantine.height) == (1000, 0)
     scores = result.accepted["metadata"].str.json_decode(pl.Struct({"score": pl.Float64})).struct.field("score")
     assert scores.to_list() == [i if i < 500 else i + 0.5 for i in range(1000)]
+
+
+#: Unicode White_Space (what the normalisation's regex ``\s`` means), the line break aside
+_WHITESPACE = "\t\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+
+
+def _reference_normalise(text: str) -> str:
+    """The documented rule, written plainly with the standard library."""
+    import re
+    import unicodedata
+
+    text = re.sub(r"\r\n?", "\n", unicodedata.normalize("NFC", text))
+    text = re.sub(f"[{re.escape(_WHITESPACE)}]+", " ", text)
+    return re.sub(r" ?\n ?", "\n", text).strip(_WHITESPACE + "\n")
+
+
+def test_normalisation_matches_the_rule_on_random_text():
+    import random
+
+    from prefcurate.tasks.ingest import _normalise
+
+    rng = random.Random(7)
+    # letters, spaces in runs, other whitespace, line breaks, combining marks and a sign NFC maps to ASCII
+    alphabet = ["a", "b", "Z", "1", "#", " ", "  ", "   ", "\n", "\r\n", "\r", "\t", "\x0b", "\x0c", "\x1f",
+                "e\u0301", "\u212a", "\u00e9", "\u00a0", "\u3000", "\u2028", "\u200a", "\x85", "漢", "🙂"]
+    ascii_only = [c for c in alphabet if c.isascii()]
+    texts = ["".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 30))) for _ in range(3000)]
+    texts += ["".join(rng.choice(ascii_only) for _ in range(rng.randrange(0, 30))) for _ in range(3000)]
+    # mostly plain rows, as real prompts are: each rewrite runs on its rows only
+    texts += ["plain  text with  double spaces", "plain text"] * 7000 + [None]
+    got = _normalise(pl.Series("t", texts)).to_list()
+    want = [None if t is None else _reference_normalise(t) for t in texts]
+    assert got == want
+    # a column where most rows need a rewrite takes the whole-column path, with the same result
+    odd = texts[:3000]
+    assert _normalise(pl.Series("t", odd)).to_list() == want[:3000]
