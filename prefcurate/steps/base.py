@@ -17,6 +17,7 @@ import functools
 import json
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -186,23 +187,32 @@ class Step:
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
         gate = ctx.config.get("contracts", True)
-        shards = []
-        rejected: list[pl.DataFrame] = []
+        parts = []
         for table in unit.outputs:
             produced = frames.get(table)  # a table the unit did not produce gets an empty shard
-            parts = produced if isinstance(produced, list) else [produced]
-            for index, part in enumerate(parts or [None]):
-                # the gate sees exactly what will be written: schema columns, provenance
-                conformed = conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name)
-                if gate and table != "quarantine" and conformed.num_rows:
-                    kept, bad = contract_gate(table, pl.from_arrow(conformed), self.name, unit.key)
-                    if bad is not None:
-                        conformed = kept
-                        rejected.append(bad)
-                        counts[f"contract_quarantined.{table}"] = counts.get(f"contract_quarantined.{table}", 0) + bad.height
-                shards.append(  # (an unchanged conformed table is written as it is, not conformed again)
-                    store.write(table, conformed, key=unit.shard_key(table, index), run_id=ctx.run_id, stage=self.name)
-                )
+            parts += [(table, index, part) for index, part in enumerate((produced if isinstance(produced, list)
+                                                                          else [produced]) or [None])]
+
+        def gate_and_write(job: tuple[str, int, Any]) -> tuple[ShardInfo, pl.DataFrame | None]:
+            table, index, part = job
+            # the gate sees exactly what will be written: schema columns, provenance
+            conformed = conform(table, _as_polars(table, part), run_id=ctx.run_id, stage=self.name)
+            bad = None
+            if gate and table != "quarantine" and conformed.num_rows:
+                kept, bad = contract_gate(table, pl.from_arrow(conformed), self.name, unit.key)
+                conformed = kept if bad is not None else conformed
+            # (an unchanged conformed table is written as it is, not conformed again)
+            return store.write(table, conformed, key=unit.shard_key(table, index), run_id=ctx.run_id,
+                               stage=self.name), bad
+
+        # a unit's shards are written side by side: Parquet encoding and compression release the GIL
+        written = list(_shard_writers().map(gate_and_write, parts)) if len(parts) > 1 else list(map(gate_and_write, parts))
+        shards = [shard for shard, _ in written]
+        rejected: list[pl.DataFrame] = []
+        for (table, _, _), (_, bad) in zip(parts, written):
+            if bad is not None:
+                rejected.append(bad)
+                counts[f"contract_quarantined.{table}"] = counts.get(f"contract_quarantined.{table}", 0) + bad.height
         if rejected:
             shards.append(store.write("quarantine", pl.concat(rejected, how="vertical_relaxed"),
                                       key=unit.shard_key("quarantine", 999), run_id=ctx.run_id, stage=self.name))
@@ -210,6 +220,12 @@ class Step:
         _write_atomic(manifest, json.dumps({"unit": unit.key, "shards": [s.to_dict() for s in shards],
                                             "counts": counts}, default=str))
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
+
+
+@functools.cache
+def _shard_writers() -> ThreadPoolExecutor:
+    """One pool per process for shard writes, as wide as its cores (at most 4)."""
+    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="prefcurate-shard-write")
 
 
 def release_freed_memory() -> None:
