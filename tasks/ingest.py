@@ -417,10 +417,19 @@ def _valid_objects(lines: pa.LargeBinaryArray) -> np.ndarray:
 
 
 def _all_keys(lines: pa.LargeBinaryArray) -> set[str] | None:
+    """The keys of lines polars has parsed, so they are valid UTF-8 (its reader refuses a stream
+    that is not): DuckDB reads them as text over the same buffers, without decoding them again."""
+    text = pa.LargeStringArray.from_buffers(len(lines), lines.buffers()[1], lines.buffers()[2], offset=lines.offset)
+    import duckdb
+
+    con = duckdb.connect()
     try:
-        return set(_duckdb_lines(lines, "SELECT DISTINCT unnest(json_keys(line)) AS k FROM lines")["k"].tolist())
+        con.register("lines", pa.table({"line": text}))
+        return set(con.sql("SELECT DISTINCT unnest(json_keys(line)) AS k FROM lines").fetchnumpy()["k"].tolist())
     except Exception:
         return None
+    finally:
+        con.close()
 
 
 # what polars writes for a number, boolean, list or object read into a text column
