@@ -674,15 +674,14 @@ class Store:
             present += f" UNION ALL SELECT {id_column} FROM read_parquet({_sql_list(pending)})"
         duplicated = con.execute(
             f"""
-            WITH new AS (
-                SELECT {id_column} AS id, list_position(?, filename) AS position
-                FROM read_parquet(?, filename = true)
+            WITH new AS (  -- (file_index: the file's place in the list, 0-based)
+                SELECT {id_column} AS id, file_index + 1 AS position FROM read_parquet(?)
             ), repeated AS (SELECT id, min(position) AS first FROM new GROUP BY id HAVING count(*) > 1)
             SELECT DISTINCT position, id FROM new WHERE id IN ({present})
             UNION
             SELECT new.position, new.id FROM new JOIN repeated USING (id) WHERE new.position > repeated.first
             """,
-            [urls, urls],
+            [urls],
         ).fetchall()
         by_shard: dict[int, list[str]] = {}
         for position, value in duplicated:
