@@ -7,20 +7,30 @@ latest run of those stages.
 
 from prefcurate.tasks.checks import KEPT, UNREGISTERED_RANK, reason_rank_sql
 
+#: table -> (its id, which row of an id wins) for the current_* views. A failed model call is
+#: stored (with its error) and asked again by the next run (prefcurate/steps/model_stages.py);
+#: the retry's row has the same content id, and a good row wins over a failed one, then the newest.
+CURRENT_ROWS = {
+    "responses": ("response_id", "finish_reason = 'error', created_at DESC"),
+    "judgments": ("judgment_id", "NOT valid, created_at DESC"),
+    "ratings": ("rating_id", "NOT valid, created_at DESC"),
+}
+
+
+def current_rows_sql(table: str, where: str | None = None) -> str:
+    """``current_<table>``'s rows, restricted by ``where`` before the one-row-per-id choice.
+
+    The rows of one id are retries of one call, so a condition on what the call was asked
+    (its prompt, its response) holds for all of them or none: filtering first gives the
+    view's rows that meet it, and reads only those instead of ordering the whole table.
+    """
+    key, preference = CURRENT_ROWS[table]
+    condition = f" WHERE {where}" if where else ""
+    return f"SELECT DISTINCT ON ({key}) * FROM {table}{condition} ORDER BY {key}, {preference}"
+
+
 REPORT_VIEWS: dict[str, str] = {
-    # One row per id. A failed model call is stored (with its error) and asked again by the
-    # next run (prefcurate/steps/model_stages.py); the retry's row has the same content id,
-    # and these views prefer a good row over a failed one, then the newest.
-    "current_responses": """
-        SELECT DISTINCT ON (response_id) * FROM responses
-        ORDER BY response_id, finish_reason = 'error', created_at DESC
-    """,
-    "current_judgments": """
-        SELECT DISTINCT ON (judgment_id) * FROM judgments ORDER BY judgment_id, NOT valid, created_at DESC
-    """,
-    "current_ratings": """
-        SELECT DISTINCT ON (rating_id) * FROM ratings ORDER BY rating_id, NOT valid, created_at DESC
-    """,
+    **{f"current_{table}": current_rows_sql(table) for table in CURRENT_ROWS},
     # the latest filter run's pairs (filter re-runs recompute pairs over the whole dataset)
     "current_pairs": """
         SELECT * FROM pairs

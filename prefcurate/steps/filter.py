@@ -14,6 +14,7 @@ import json
 import polars as pl
 
 from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.views import current_rows_sql
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.calibration import gate_summary, prepare_jury
 from prefcurate.tasks.filter import aggregate_jury, apply_filters_sharded
@@ -28,14 +29,12 @@ _RATING_COLUMNS = ["response_id", "aspect", "expected_score", "valid"]
 _RESPONSE_COLUMNS = ["response_id", "prompt_id", "generator", "model", "text", "truncated"]
 
 
-def _read_by_response(store, view: str, columns: list[str], order: str, response_ids) -> pl.DataFrame:
-    """``columns`` of ``view``'s rows of ``response_ids``, in ``order`` (a fixed row order keeps
-    the per-response means bit for bit reproducible)."""
-    return store.query(
-        f"SELECT {', '.join(columns)} FROM {view} WHERE response_id IN (SELECT unnest($1::VARCHAR[])) "
-        f"ORDER BY {order}",
-        [response_ids.to_list()],
-    )
+def _read_by_response(store, table: str, columns: list[str], order: str, response_ids) -> pl.DataFrame:
+    """``columns`` of ``current_<table>``'s rows of ``response_ids``, in ``order`` (a fixed row
+    order keeps the per-response means bit for bit reproducible). The ids are picked before the
+    one-row-per-id choice, so a shard reads its own rows, not the whole table's."""
+    current = current_rows_sql(table, where="response_id IN (SELECT unnest($1::VARCHAR[]))")
+    return store.query(f"SELECT {', '.join(columns)} FROM ({current}) ORDER BY {order}", [response_ids.to_list()])
 
 
 class FilterStep(Step):
@@ -60,8 +59,8 @@ class FilterStep(Step):
         judgments, params, accuracy = prepare_jury(judgments, store.read("judge_calibration"), labels, params)
 
         def read_shard(response_ids):
-            ratings = _read_by_response(store, "current_ratings", _RATING_COLUMNS, "rating_id", response_ids)
-            responses = _read_by_response(store, "current_responses", _RESPONSE_COLUMNS, "response_id",
+            ratings = _read_by_response(store, "ratings", _RATING_COLUMNS, "rating_id", response_ids)
+            responses = _read_by_response(store, "responses", _RESPONSE_COLUMNS, "response_id",
                                           response_ids)
             return ratings, responses
 

@@ -96,3 +96,18 @@ def test_a_failed_verdict_is_asked_again_and_the_valid_one_counts(dataset):
     assert invalid["judgment_id"][0] in current["judgment_id"].to_list()
     assert store.count("judgments") == current.height + 1
     assert _run_stage("annotate", ctx, store) == 0
+
+
+def test_the_filter_reads_a_shards_current_rows_only(dataset):
+    from prefcurate.steps.filter import _RESPONSE_COLUMNS, _read_by_response
+
+    store, ctx = dataset
+    _run_stage("generate", ctx, store)
+    _run_stage("generate", ctx, store)  # the failed response's retry: two rows, one id
+    flaky = store.query("SELECT DISTINCT response_id FROM responses WHERE finish_reason = 'error'")["response_id"]
+    some = pl.concat([flaky, store.query("SELECT response_id FROM current_responses LIMIT 1")["response_id"]])
+    read = _read_by_response(store, "responses", _RESPONSE_COLUMNS, "response_id", some)
+    view = store.query(f"SELECT {', '.join(_RESPONSE_COLUMNS)} FROM current_responses "
+                       "WHERE response_id IN (SELECT unnest($1::VARCHAR[])) ORDER BY response_id", [some.to_list()])
+    assert read.equals(view) and read.height == some.n_unique()
+    assert read.filter(pl.col("response_id") == flaky[0])["text"].item() != ""  # the retry's text, not the error
