@@ -397,13 +397,22 @@ def _numbered(
     return frame.with_columns(pl.Series("source_record", indices + 1, dtype=pl.Int64))
 
 
-def _duckdb_lines(lines: pa.LargeBinaryArray, sql: str):
+def _duckdb_lines(lines: pa.LargeBinaryArray, sql: str, parsed: bool = False):
+    """``sql`` over the table ``lines(line)``: the lines as text, null where one is not UTF-8.
+
+    ``parsed``: polars has read these lines, so they are valid UTF-8 (its reader refuses a
+    stream that is not) and DuckDB reads them as text over the same buffers, not decoded again.
+    """
     import duckdb
 
     con = duckdb.connect()
     try:
+        if parsed:
+            text = pa.LargeStringArray.from_buffers(len(lines), lines.buffers()[1], lines.buffers()[2],
+                                                    offset=lines.offset)
+            con.register("lines", pa.table({"line": text}))
+            return con.sql(sql).fetchnumpy()
         con.register("raw_lines", pa.table({"line": lines}))
-        # ``lines`` as text, null where a line is not UTF-8
         return con.sql(f"WITH lines AS (SELECT try(decode(line)) AS line FROM raw_lines) {sql}").fetchnumpy()
     finally:
         con.close()
@@ -417,19 +426,12 @@ def _valid_objects(lines: pa.LargeBinaryArray) -> np.ndarray:
 
 
 def _all_keys(lines: pa.LargeBinaryArray) -> set[str] | None:
-    """The keys of lines polars has parsed, so they are valid UTF-8 (its reader refuses a stream
-    that is not): DuckDB reads them as text over the same buffers, without decoding them again."""
-    text = pa.LargeStringArray.from_buffers(len(lines), lines.buffers()[1], lines.buffers()[2], offset=lines.offset)
-    import duckdb
-
-    con = duckdb.connect()
+    """The keys of lines polars has parsed."""
     try:
-        con.register("lines", pa.table({"line": text}))
-        return set(con.sql("SELECT DISTINCT unnest(json_keys(line)) AS k FROM lines").fetchnumpy()["k"].tolist())
+        return set(_duckdb_lines(lines, "SELECT DISTINCT unnest(json_keys(line)) AS k FROM lines", parsed=True)["k"]
+                   .tolist())
     except Exception:
         return None
-    finally:
-        con.close()
 
 
 # what polars writes for a number, boolean, list or object read into a text column
