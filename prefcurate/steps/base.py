@@ -190,8 +190,8 @@ class Step:
         parts = []
         for table in unit.outputs:
             produced = frames.get(table)  # a table the unit did not produce gets an empty shard
-            parts += [(table, index, part) for index, part in enumerate((produced if isinstance(produced, list)
-                                                                          else [produced]) or [None])]
+            pieces = produced if isinstance(produced, list) else [produced]
+            parts += [(table, index, part) for index, part in enumerate(pieces or [None])]
 
         def gate_and_write(job: tuple[str, int, Any]) -> tuple[ShardInfo, pl.DataFrame | None]:
             table, index, part = job
@@ -206,7 +206,8 @@ class Step:
                                stage=self.name), bad
 
         # a unit's shards are written side by side: Parquet encoding and compression release the GIL
-        written = list(_shard_writers().map(gate_and_write, parts)) if len(parts) > 1 else list(map(gate_and_write, parts))
+        writer = _shard_writers().map if len(parts) > 1 else map
+        written = list(writer(gate_and_write, parts))
         shards = [shard for shard, _ in written]
         rejected: list[pl.DataFrame] = []
         for (table, _, _), (_, bad) in zip(parts, written):
