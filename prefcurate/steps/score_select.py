@@ -15,6 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.views import current_rows_sql
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.steps.engines import engine_for, model_time, pool_config, request_metrics
 
@@ -141,14 +142,21 @@ class ScoreStep(Step):
 
 
 def _candidate_pairs(store) -> pl.DataFrame:
-    """The latest filter run's pairs with the texts selection and export need."""
+    """The latest filter run's pairs with the texts selection and export need.
+
+    Only the pairs' responses, and only their ids and texts, go through the one-row-per-id
+    choice (current_responses would order every response with all its columns, twice)."""
+    responses = current_rows_sql(
+        "responses", where="response_id IN (SELECT chosen_id FROM p UNION ALL SELECT rejected_id FROM p)")
     return store.query(
-        """
+        f"""
+        WITH p AS (SELECT pair_id, prompt_id, chosen_id, rejected_id FROM current_pairs),
+        response AS (SELECT response_id, text FROM ({responses}))
         SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
-        FROM current_pairs p
+        FROM p
         JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
-        JOIN current_responses c ON c.response_id = p.chosen_id
-        JOIN current_responses r ON r.response_id = p.rejected_id
+        JOIN response c ON c.response_id = p.chosen_id
+        JOIN response r ON r.response_id = p.rejected_id
         ORDER BY p.pair_id
         """
     )
@@ -175,7 +183,10 @@ class SelectStep(Step):
         pairs = _candidate_pairs(store)
         if pairs.height == 0:
             return {"selections": None, "embeddings": None}, {"pairs": 0, "selected": 0}
-        quality = pair_quality(pairs, store.query("SELECT * FROM quality"))
+        # (the chosen responses' scores only, and the columns the choice of score reads)
+        quality = pair_quality(pairs, store.query(
+            "SELECT item_id, criterion, method, z_score FROM quality "
+            "WHERE item_id IN (SELECT chosen_id FROM current_pairs)"))
         pairs = pairs.join(quality, on="pair_id", how="left").with_columns(pl.col("quality").fill_null(0.0))
         items = pl.DataFrame({"item_id": pairs["pair_id"], "text": pair_embedding_text(pairs["prompt"], pairs["chosen"])})
         vectors, new_embeddings, embed_seconds = embed_with_cache(store, items, "pair", EMBEDDING_MODEL_NAME, embed_texts)
@@ -249,9 +260,11 @@ class ExportStep(Step):
             "SELECT * FROM judge_accuracy WHERE run_id = "
             "(SELECT run_id FROM judge_accuracy ORDER BY created_at DESC LIMIT 1)")))
         # the card's per-judge agreement and single-order share read the pairs' judgments
+        # (the prompts picked before the one-row-per-id choice: the curated ones, not all judgments)
+        current = current_rows_sql("judgments", where="prompt_id IN (SELECT unnest($1::VARCHAR[]))")
         judgments = store.query(
-            "SELECT prompt_id, response_a, response_b, judge, p_a, p_first_ab, p_first_ba FROM current_judgments "
-            "WHERE valid AND prompt_id IN (SELECT prompt_id FROM curated_pairs)")
+            f"SELECT prompt_id, response_a, response_b, judge, p_a, p_first_ab, p_first_ba FROM ({current}) "
+            "WHERE valid", [curated["prompt_id"].unique().to_list()])
         written, counts = export_curated(
             curated, out_dir, formats=params.formats, card_stats=stats, plots=params.plots,
             trainer_formats=params.trainer_formats, integrity=params.integrity, judgments=judgments,

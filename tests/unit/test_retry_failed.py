@@ -111,3 +111,74 @@ def test_the_filter_reads_a_shards_current_rows_only(dataset):
                        "WHERE response_id IN (SELECT unnest($1::VARCHAR[])) ORDER BY response_id", [some.to_list()])
     assert read.equals(view) and read.height == some.n_unique()
     assert read.filter(pl.col("response_id") == flaky[0])["text"].item() != ""  # the retry's text, not the error
+
+
+# curated_pairs and the select stage's candidates as first written: every table through its
+# one-row-per-id view, then joined (what the narrowed queries must equal)
+_CURATED_REFERENCE = """
+    WITH latest AS (
+        SELECT * FROM selections
+        WHERE run_id = (SELECT run_id FROM selections ORDER BY created_at DESC LIMIT 1) AND selected
+    ),
+    pair AS (SELECT DISTINCT ON (pair_id) * FROM pairs ORDER BY pair_id, created_at DESC)
+    SELECT pair.pair_id, pair.prompt_id, p.prompt, p.system_prompt, p.category,
+           c.text AS chosen, r.text AS rejected,
+           pair.chosen_id, pair.rejected_id, pair.p_chosen, pair.margin, pair.agreement,
+           pair.chosen_score, pair.rejected_score,
+           c.generator AS chosen_generator, c.model AS chosen_model,
+           r.generator AS rejected_generator, r.model AS rejected_model,
+           latest.rank, latest.cluster, latest.quality, latest.method AS selection_method,
+           pair.strategy, pair.run_id AS filter_run_id, latest.run_id AS select_run_id
+    FROM latest JOIN pair USING (pair_id)
+    JOIN (SELECT DISTINCT ON (prompt_id) * FROM prompts) p ON p.prompt_id = pair.prompt_id
+    JOIN current_responses c ON c.response_id = pair.chosen_id
+    JOIN current_responses r ON r.response_id = pair.rejected_id
+    ORDER BY latest.rank
+"""
+_CANDIDATES_REFERENCE = """
+    SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
+    FROM current_pairs p
+    JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
+    JOIN current_responses c ON c.response_id = p.chosen_id
+    JOIN current_responses r ON r.response_id = p.rejected_id
+    ORDER BY p.pair_id
+"""
+
+
+def test_curated_pairs_and_select_candidates_read_the_current_rows_of_their_pairs(dataset):
+    """They narrow each table to their pairs' ids before the one-row-per-id choice (so they do
+    not order every response): the result must be the plain definition's, retried
+    responses included, across several filter and select runs."""
+    from prefcurate.steps.score_select import _candidate_pairs
+
+    store, ctx = dataset
+    _run_stage("generate", ctx, store)
+    _run_stage("generate", ctx, store)  # the flaky response: a failed row and its retry
+    responses = store.query("SELECT response_id, prompt_id FROM current_responses ORDER BY prompt_id, response_id")
+    by_prompt = responses.group_by("prompt_id", maintain_order=True).agg("response_id").rows()
+    flaky = store.query("SELECT DISTINCT response_id FROM responses WHERE finish_reason = 'error'")["response_id"][0]
+
+    def pairs(run: str, picks: list[tuple[str, int, int]]) -> pl.DataFrame:
+        rows = [(f"{prompt}-{a}-{b}", prompt, ids[a], ids[b]) for prompt, ids in by_prompt
+                for p, a, b in picks if p == prompt]
+        frame = pl.DataFrame(rows, schema=["pair_id", "prompt_id", "chosen_id", "rejected_id"], orient="row")
+        return frame.with_columns(strategy=pl.lit("best_worst"), p_chosen=pl.lit(0.8), margin=pl.lit(0.3))
+
+    flaky_prompt = responses.filter(pl.col("response_id") == flaky)["prompt_id"][0]
+    flaky_index = dict(by_prompt)[flaky_prompt].index(flaky)
+    other = 1 - flaky_index
+    # an older filter run, then the latest one (whose pairs the candidates are)
+    for run, picks in (("f1", [("p1", 0, 1)]), ("f2", [("p1", 1, 0), (flaky_prompt, flaky_index, other)])):
+        store.register([store.write("pairs", pairs(run, picks), key=f"pairs-{run}", run_id=run, stage="filter")])
+    latest_pairs = store.query("SELECT pair_id FROM current_pairs ORDER BY pair_id")["pair_id"].to_list()
+    for run, selected in (("s1", latest_pairs[:1]), ("s2", latest_pairs)):
+        selections = pl.DataFrame({"pair_id": latest_pairs, "selected": [p in selected for p in latest_pairs],
+                                   "method": "qd", "rank": list(range(len(latest_pairs)))})
+        store.register([store.write("selections", selections, key=f"sel-{run}", run_id=run, stage="select")])
+
+    curated = store.query("SELECT * FROM curated_pairs")
+    assert curated.equals(store.query(_CURATED_REFERENCE))
+    assert curated.height == 2 and set(curated["select_run_id"]) == {"s2"}
+    assert curated.filter(pl.col("chosen_id") == flaky)["chosen"].item() != ""  # the retry's text
+    candidates = _candidate_pairs(store)
+    assert candidates.equals(store.query(_CANDIDATES_REFERENCE)) and candidates.height == 2
