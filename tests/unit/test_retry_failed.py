@@ -113,38 +113,6 @@ def test_the_filter_reads_a_shards_current_rows_only(dataset):
     assert read.filter(pl.col("response_id") == flaky[0])["text"].item() != ""  # the retry's text, not the error
 
 
-# curated_pairs and the select stage's candidates as first written: every table through its
-# one-row-per-id view, then joined (what the narrowed queries must equal)
-_CURATED_REFERENCE = """
-    WITH latest AS (
-        SELECT * FROM selections
-        WHERE run_id = (SELECT run_id FROM selections ORDER BY created_at DESC LIMIT 1) AND selected
-    ),
-    pair AS (SELECT DISTINCT ON (pair_id) * FROM pairs ORDER BY pair_id, created_at DESC)
-    SELECT pair.pair_id, pair.prompt_id, p.prompt, p.system_prompt, p.category,
-           c.text AS chosen, r.text AS rejected,
-           pair.chosen_id, pair.rejected_id, pair.p_chosen, pair.margin, pair.agreement,
-           pair.chosen_score, pair.rejected_score,
-           c.generator AS chosen_generator, c.model AS chosen_model,
-           r.generator AS rejected_generator, r.model AS rejected_model,
-           latest.rank, latest.cluster, latest.quality, latest.method AS selection_method,
-           pair.strategy, pair.run_id AS filter_run_id, latest.run_id AS select_run_id
-    FROM latest JOIN pair USING (pair_id)
-    JOIN (SELECT DISTINCT ON (prompt_id) * FROM prompts) p ON p.prompt_id = pair.prompt_id
-    JOIN current_responses c ON c.response_id = pair.chosen_id
-    JOIN current_responses r ON r.response_id = pair.rejected_id
-    ORDER BY latest.rank
-"""
-_CANDIDATES_REFERENCE = """
-    SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
-    FROM current_pairs p
-    JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
-    JOIN current_responses c ON c.response_id = p.chosen_id
-    JOIN current_responses r ON r.response_id = p.rejected_id
-    ORDER BY p.pair_id
-"""
-
-
 def test_curated_pairs_and_select_candidates_read_the_current_rows_of_their_pairs(dataset):
     """They narrow each table to their pairs' ids before the one-row-per-id choice (so they do
     not order every response): the result must be the plain definition's, retried
@@ -176,9 +144,26 @@ def test_curated_pairs_and_select_candidates_read_the_current_rows_of_their_pair
                                    "method": "qd", "rank": list(range(len(latest_pairs)))})
         store.register([store.write("selections", selections, key=f"sel-{run}", run_id=run, stage="select")])
 
+    # the plain definition, in polars over the whole tables: the latest select run's selected
+    # pairs, each pair's newest row, its prompt and its two current responses
+    latest_select = store.query("SELECT * FROM selections").filter(
+        pl.col("run_id") == pl.col("run_id").sort_by("created_at").last(), pl.col("selected"))
+    newest_pairs = store.query("SELECT * FROM pairs").sort("created_at").unique("pair_id", keep="last")
+    texts = store.query("SELECT response_id, text, generator FROM current_responses")
+    expected = (latest_select.select("pair_id", "rank", pl.col("run_id").alias("select_run_id"))
+                .join(newest_pairs.select("pair_id", "prompt_id", "chosen_id", "rejected_id",
+                                          pl.col("run_id").alias("filter_run_id")), on="pair_id")
+                .join(store.query("SELECT prompt_id, prompt FROM prompts"), on="prompt_id")
+                .join(texts.rename({"response_id": "chosen_id", "text": "chosen", "generator": "chosen_generator"}),
+                      on="chosen_id")
+                .join(texts.drop("generator").rename({"response_id": "rejected_id", "text": "rejected"}),
+                      on="rejected_id")
+                .sort("rank"))
     curated = store.query("SELECT * FROM curated_pairs")
-    assert curated.equals(store.query(_CURATED_REFERENCE))
+    assert curated.select(expected.columns).equals(expected)
     assert curated.height == 2 and set(curated["select_run_id"]) == {"s2"}
     assert curated.filter(pl.col("chosen_id") == flaky)["chosen"].item() != ""  # the retry's text
     candidates = _candidate_pairs(store)
-    assert candidates.equals(store.query(_CANDIDATES_REFERENCE)) and candidates.height == 2
+    assert candidates.equals(
+        expected.filter(pl.col("pair_id").is_in(latest_pairs)).sort("pair_id")
+        .select("pair_id", "prompt_id", "prompt", "chosen", "rejected", "chosen_id"))
