@@ -45,7 +45,7 @@ REPORT_VIEWS: dict[str, str] = {
     """,
     # the curated set: pairs selected by the latest select run, with their texts. Each table is
     # narrowed to the selected pairs' ids before its one-row-per-id choice: DuckDB cannot push
-    # the joins below DISTINCT ON, and ordering every response with its text took ~1 GB and 1 s
+    # the joins below that choice, and ordering every response with its text took ~1 GB and 1 s
     # at 100,000 prompts for a few hundred curated pairs
     "curated_pairs": f"""
         WITH latest AS (
