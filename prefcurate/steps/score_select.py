@@ -183,10 +183,10 @@ class SelectStep(Step):
         pairs = _candidate_pairs(store)
         if pairs.height == 0:
             return {"selections": None, "embeddings": None}, {"pairs": 0, "selected": 0}
-        # (the chosen responses' scores only, and the columns the choice of score reads)
+        # (the scores of these pairs' chosen responses only, and the columns the choice of score reads)
         quality = pair_quality(pairs, store.query(
-            "SELECT item_id, criterion, method, z_score FROM quality "
-            "WHERE item_id IN (SELECT chosen_id FROM current_pairs)"))
+            "SELECT item_id, criterion, method, z_score FROM quality WHERE item_id IN (SELECT unnest($1::VARCHAR[]))",
+            [pairs["chosen_id"].unique().to_list()]))
         pairs = pairs.join(quality, on="pair_id", how="left").with_columns(pl.col("quality").fill_null(0.0))
         items = pl.DataFrame({"item_id": pairs["pair_id"], "text": pair_embedding_text(pairs["prompt"], pairs["chosen"])})
         vectors, new_embeddings, embed_seconds = embed_with_cache(store, items, "pair", EMBEDDING_MODEL_NAME, embed_texts)
