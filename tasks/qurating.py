@@ -463,6 +463,23 @@ def item_texts(
 
 
 @dataclass
+class QuRatingModels:
+    """What the judged sample taught: its Bradley-Terry ratings and a scorer per criterion.
+
+    ``judgments``: every judged pair (indices into the sample); ``ratings``: QUALITY rows
+    (``qurating_bt``) of the sample's items; ``scorers``: by criterion, each scores any item
+    by its embedding (``scorer.score(vectors)``), so the items can be scored in chunks;
+    ``scorer_reports``: the scorer's report per criterion (held-out pairwise accuracy
+    against the judge, ...) or why none was trained.
+    """
+
+    judgments: pl.DataFrame
+    ratings: pl.DataFrame
+    scorers: dict[str, Any] = field(default_factory=dict)
+    scorer_reports: dict[str, dict] = field(default_factory=dict)
+
+
+@dataclass
 class QuRatingResult:
     """What :func:`score_items` produced.
 
@@ -477,13 +494,70 @@ class QuRatingResult:
     scorer_reports: dict[str, dict] = field(default_factory=dict)
 
     def summary(self) -> dict:
-        valid = self.judgments["valid"]
-        return {
-            "sampled_items": int(len(self.sample)),
-            "judgments": int(self.judgments.height),
-            "valid_share": float(valid.mean()) if self.judgments.height else 0.0,
-            "scorer": self.scorer_reports,
-        }
+        return qurating_summary(len(self.sample), self.judgments, self.scorer_reports)
+
+
+def qurating_summary(sampled_items: int, judgments: pl.DataFrame, scorer_reports: dict) -> dict:
+    """The stage report's QuRating part: how much was judged, how much of it was valid, the scorers."""
+    return {
+        "sampled_items": int(sampled_items),
+        "judgments": int(judgments.height),
+        "valid_share": float(judgments["valid"].mean()) if judgments.height else 0.0,
+        "scorer": scorer_reports,
+    }
+
+
+def train_quality_models(
+    engine: Engine,
+    sample_ids: Sequence[str],
+    sample_texts: Sequence[str],
+    params: QuRatingParams,
+    sample_embeddings: np.ndarray | None = None,
+) -> QuRatingModels:
+    """Judge the sample (the items :func:`sample_items` picked) pairwise on every criterion,
+    fit its Bradley-Terry ratings and, given the sample's embeddings, a scorer per criterion.
+
+    A scorer sees every valid judgment of its criterion: it trains on the confident ones
+    (``params.confidence``) and reports held-out pairwise accuracy against the judge on a
+    held-out share of pairs.
+    """
+    if len(sample_ids) != len(sample_texts):
+        raise ValueError("sample_ids and sample_texts differ in length")
+    scorer_params = None
+    if params.train_scorer and sample_embeddings is not None:
+        from prefcurate.tasks.scorer import ScorerParams
+
+        # validated before any judging, so a bad override fails fast
+        scorer_params = ScorerParams(**{**params.scorer, "confidence": params.confidence})
+        sample_embeddings = np.asarray(sample_embeddings, dtype=np.float32)
+        if sample_embeddings.ndim != 2 or sample_embeddings.shape[0] != len(sample_ids):
+            raise ValueError("embeddings must be [n_items, dim], one row per item")
+    criteria = params.all_criteria
+    excerpts = make_excerpts(list(sample_texts), params.excerpt_chars, params.seed)
+    item_i, item_j = sample_comparisons(len(sample_ids), params.pairs_per_item, params.seed)
+    judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria, params.template)
+    ratings = fit_ratings(judgments, list(sample_ids), params.item_kind, params.confidence, params.bt_l2)
+    models = QuRatingModels(judgments, ratings)
+    if scorer_params is None:
+        return models
+    from prefcurate.tasks.scorer import train_pairwise_scorer
+
+    for criterion in criteria:
+        rows = judgments.filter(pl.col("valid") & (pl.col("criterion") == criterion.name))
+        p = rows["p_j_beats_i"].to_numpy().astype(np.float64)
+        if not np.asarray(confident_mask(p, params.confidence)).any():
+            models.scorer_reports[criterion.name] = {"skipped": "no confident judgment to train on"}
+            continue
+        try:
+            scorer, report = train_pairwise_scorer(
+                sample_embeddings, rows["i"].to_numpy(), rows["j"].to_numpy(), p, scorer_params, seed=params.seed
+            )
+        except ValueError as error:  # e.g. every confident pair fell in the held-out share
+            models.scorer_reports[criterion.name] = {"skipped": str(error)}
+            continue
+        models.scorer_reports[criterion.name] = report.model_dump()
+        models.scorers[criterion.name] = scorer
+    return models
 
 
 def score_items(
@@ -493,61 +567,24 @@ def score_items(
     params: QuRatingParams,
     embeddings: np.ndarray | None = None,
 ) -> QuRatingResult:
-    """The whole QuRating step over one set of items of kind ``params.item_kind``.
+    """The whole QuRating step over one set of items of kind ``params.item_kind``, held at once.
 
     ``embeddings`` ([n_items, d], aligned with ``item_ids``) enable the scorer; without
-    them only the judged sample gets (BT) scores. The scorer sees every valid judgment of
-    a criterion: it trains on the confident ones (``params.confidence``) and reports
-    held-out pairwise accuracy against the judge on a held-out share of pairs.
+    them only the judged sample gets (BT) scores. The score stage does the same in chunks
+    (:func:`train_quality_models` on the sample, then each scorer over each chunk).
     """
     if len(item_ids) != len(texts):
         raise ValueError("item_ids and texts differ in length")
-    scorer_params = None
-    if params.train_scorer and embeddings is not None:
-        from prefcurate.tasks.scorer import ScorerParams
-
-        # validated before any judging, so a bad override fails fast
-        scorer_params = ScorerParams(**{**params.scorer, "confidence": params.confidence})
+    if embeddings is not None:
         embeddings = np.asarray(embeddings, dtype=np.float32)
         if embeddings.ndim != 2 or embeddings.shape[0] != len(item_ids):
             raise ValueError("embeddings must be [n_items, dim], one row per item")
-    criteria = params.all_criteria
     sample = sample_items(len(texts), params.sample_size, params.seed)
-    excerpts = make_excerpts(_gathered(texts, sample), params.excerpt_chars, params.seed)
-    item_i, item_j = sample_comparisons(len(sample), params.pairs_per_item, params.seed)
-    judgments = judge_all_criteria(engine, excerpts, item_i, item_j, criteria, params.template)
-    sample_ids = _gathered(item_ids, sample)
-    frames = [
-        fit_ratings(judgments, sample_ids, params.item_kind, params.confidence, params.bt_l2)
+    models = train_quality_models(engine, _gathered(item_ids, sample), _gathered(texts, sample), params,
+                                  None if embeddings is None else embeddings[sample])
+    frames = [models.ratings] + [
+        _quality_frame(item_ids, params.item_kind, criterion, "scorer", scorer.score(embeddings))
+        for criterion, scorer in models.scorers.items()
     ]
-    reports: dict[str, dict] = {}
-    if scorer_params is not None:
-        from prefcurate.tasks.scorer import train_pairwise_scorer
-
-        sample_embeddings = embeddings[sample]
-        for criterion in criteria:
-            rows = judgments.filter(pl.col("valid") & (pl.col("criterion") == criterion.name))
-            p = rows["p_j_beats_i"].to_numpy().astype(np.float64)
-            if not np.asarray(confident_mask(p, params.confidence)).any():
-                reports[criterion.name] = {"skipped": "no confident judgment to train on"}
-                continue
-            try:
-                scorer, report = train_pairwise_scorer(
-                    sample_embeddings,
-                    rows["i"].to_numpy(),
-                    rows["j"].to_numpy(),
-                    p,
-                    scorer_params,
-                    seed=params.seed,
-                )
-            except ValueError as error:  # e.g. every confident pair fell in the held-out share
-                reports[criterion.name] = {"skipped": str(error)}
-                continue
-            reports[criterion.name] = report.model_dump()
-            frames.append(
-                _quality_frame(
-                    item_ids, params.item_kind, criterion.name, "scorer", scorer.score(embeddings)
-                )
-            )
-    quality = pl.concat(frames) if frames else empty_quality_frame()
-    return QuRatingResult(sample=sample, judgments=judgments, quality=quality, scorer_reports=reports)
+    return QuRatingResult(sample=sample, judgments=models.judgments, quality=pl.concat(frames),
+                          scorer_reports=models.scorer_reports)

@@ -11,13 +11,20 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.tasks.critiq import CritiQParams
-from prefcurate.tasks.qurating import QuRatingParams, _quality_frame, score_items
+from prefcurate.tasks.qurating import (
+    QuRatingModels,
+    QuRatingParams,
+    _quality_frame,
+    qurating_summary,
+    train_quality_models,
+)
 
 
 class CritiQStageParams(BaseModel):
@@ -41,11 +48,43 @@ class ScoreParams(BaseModel):
 
 
 @dataclass
-class ScoreOutcome:
-    quality: pl.DataFrame
+class QualityModels:
+    """What the score stage learnt from its judged sample; every item is then scored by
+    embedding, chunk by chunk (:meth:`score`), and z-scored over all items at the end
+    (:meth:`quality_frames`), so no step holds every response's text or vector at once.
+
+    ``methods``: the (criterion, method) of each column :meth:`score` returns: a QuRating
+    scorer per criterion (``scorer``), then CritiQ's (``critiq``) when it was trained.
+    """
+
+    qurating: QuRatingModels
+    item_kind: str
+    critiq_scorer: Any = None
     report: dict = field(default_factory=dict)
     critiq_markdown: str | None = None
     embed_seconds: float = 0.0
+
+    @property
+    def methods(self) -> list[tuple[str, str]]:
+        methods = [(criterion, "scorer") for criterion in self.qurating.scorers]
+        return methods + ([("critiq", "critiq")] if self.critiq_scorer is not None else [])
+
+    def score(self, vectors: np.ndarray) -> np.ndarray:
+        """Raw scores of the items with these embeddings: [n_items, len(methods)]."""
+        scorers = [*self.qurating.scorers.values()] + ([self.critiq_scorer] if self.critiq_scorer is not None else [])
+        out = np.empty((len(vectors), len(scorers)), dtype=np.float64)
+        for column, scorer in enumerate(scorers):
+            out[:, column] = np.asarray(scorer.score(vectors), dtype=np.float64).ravel()
+        return out
+
+    def quality_frames(self, item_ids: pl.Series, scores: np.ndarray) -> list[pl.DataFrame]:
+        """QUALITY rows: the sample's Bradley-Terry ratings, then one frame per method over
+        every item (``scores`` from :meth:`score`, aligned with ``item_ids``; z-scored here,
+        over all of them), each built by the one builder (``qurating._quality_frame``)."""
+        return [self.qurating.ratings] + [
+            _quality_frame(item_ids, self.item_kind, criterion, method, scores[:, column])
+            for column, (criterion, method) in enumerate(self.methods)
+        ]
 
 
 def item_texts(responses: pl.DataFrame, prompts: pl.DataFrame, max_chars: int) -> pl.DataFrame:
@@ -63,60 +102,54 @@ def item_texts(responses: pl.DataFrame, prompts: pl.DataFrame, max_chars: int) -
     )
 
 
-def score_responses(items: pl.DataFrame, embeddings: np.ndarray, params: ScoreParams, judge_engine,
-                    critiq_engine=None, embed_fn=None) -> ScoreOutcome:
-    """QuRating (+ optional CritiQ) over the items; returns QUALITY rows and a report."""
-    # Series, not lists: 300,000 Python strings would be held through the whole stage
-    result = score_items(judge_engine, items["item_id"], items["text"], params.qurating, embeddings=embeddings)
-    frames = [result.quality]
-    report = {"qurating": result.summary()}
-    markdown = None
-    embed_seconds = 0.0
-    if params.critiq.enabled and critiq_engine is not None:
-        from prefcurate.tasks.critiq import (
-            load_human_pairs,
-            load_seed_criteria,
-            mine_criteria,
-            render_report,
-            train_critiq_scorer,
-        )
-
-        mined = mine_criteria(critiq_engine, load_human_pairs(params.critiq.human_pairs),
-                              load_seed_criteria(params.critiq.seed_criteria), params.critiq.params)
-        markdown = render_report(mined, params.critiq.params)
-        report["critiq"] = {
-            "criteria": [c.name for c in mined.criteria],
-            "heldout_accuracy": mined.heldout_accuracy,
-        }
-        pairs = _unlabelled_pairs(items, params.critiq.scorer_pairs, params.qurating.seed)
-        if pairs.height >= 2 and mined.criteria:
-            try:
-                started = time.perf_counter()
-                scorer, _, scorer_report = train_critiq_scorer(
-                    critiq_engine, mined.criteria, pairs, params.critiq.params, embed_fn=embed_fn,
-                    seed=params.qurating.seed,
-                )
-                embed_seconds += time.perf_counter() - started
-                scores = np.asarray(scorer.score(embeddings), dtype=np.float64).ravel()
-                # QUALITY rows through the one builder (qurating._quality_frame), as critiq_quality
-                frames.append(_quality_frame(items["item_id"], params.qurating.item_kind, "critiq", "critiq",
-                                             scores))
-                report["critiq"]["scorer"] = getattr(scorer_report, "__dict__", str(scorer_report))
-            except ValueError as error:  # too few decided pairs with a weak model: say so
-                report["critiq"]["scorer"] = f"not trained: {error}"
-    quality = pl.concat(frames, how="vertical_relaxed")
-    return ScoreOutcome(quality, report, markdown, embed_seconds)
-
-
-def _unlabelled_pairs(items: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
-    rng = np.random.default_rng(seed)
-    count = items.height
+def unlabelled_pair_positions(count: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions (first, second) of ``n`` random pairs of distinct items among ``count``:
+    the unlabelled pairs CritiQ's judge labels to train its scorer."""
     if count < 2:
-        return pl.DataFrame({"text_a": [], "text_b": []}, schema={"text_a": pl.String, "text_b": pl.String})
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    rng = np.random.default_rng(seed)
     first = rng.integers(0, count, n)
     second = (first + rng.integers(1, count, n)) % count
-    texts = items["text"]
-    return pl.DataFrame({"text_a": texts.gather(first), "text_b": texts.gather(second)})
+    return first, second
+
+
+def fit_quality_models(sample_ids: Sequence[str], sample_texts: Sequence[str], sample_vectors: np.ndarray,
+                       critiq_pairs: pl.DataFrame | None, params: ScoreParams, judge_engine,
+                       critiq_engine=None, embed_fn=None) -> QualityModels:
+    """QuRating on the judged sample (``qurating.sample_items`` picks it) and, when CritiQ
+    is on, its criteria mined from the human pairs and a scorer trained on ``critiq_pairs``
+    (text_a, text_b: the pairs at :func:`unlabelled_pair_positions`)."""
+    qurating = train_quality_models(judge_engine, sample_ids, sample_texts, params.qurating,
+                                    sample_embeddings=sample_vectors)
+    models = QualityModels(qurating, params.qurating.item_kind,
+                           report={"qurating": qurating_summary(len(sample_ids), qurating.judgments,
+                                                                qurating.scorer_reports)})
+    if not (params.critiq.enabled and critiq_engine is not None):
+        return models
+    from prefcurate.tasks.critiq import (
+        load_human_pairs,
+        load_seed_criteria,
+        mine_criteria,
+        render_report,
+        train_critiq_scorer,
+    )
+
+    mined = mine_criteria(critiq_engine, load_human_pairs(params.critiq.human_pairs),
+                          load_seed_criteria(params.critiq.seed_criteria), params.critiq.params)
+    models.critiq_markdown = render_report(mined, params.critiq.params)
+    models.report["critiq"] = {"criteria": [c.name for c in mined.criteria],
+                               "heldout_accuracy": mined.heldout_accuracy}
+    if critiq_pairs is not None and critiq_pairs.height >= 2 and mined.criteria:
+        try:
+            started = time.perf_counter()
+            scorer, _, scorer_report = train_critiq_scorer(
+                critiq_engine, mined.criteria, critiq_pairs, params.critiq.params, embed_fn=embed_fn)
+            models.embed_seconds += time.perf_counter() - started
+            models.critiq_scorer = scorer
+            models.report["critiq"]["scorer"] = getattr(scorer_report, "__dict__", str(scorer_report))
+        except ValueError as error:  # too few decided pairs with a weak model: say so
+            models.report["critiq"]["scorer"] = f"not trained: {error}"
+    return models
 
 
 def pair_quality(pairs: pl.DataFrame, quality: pl.DataFrame) -> pl.DataFrame:

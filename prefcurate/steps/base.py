@@ -17,7 +17,9 @@ import functools
 import json
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -128,7 +130,10 @@ class Step:
         """Do the unit's work: ({table: frame or list of frames}, counts).
 
         Frames may be empty; an empty frame still writes a (schema-only) shard so the unit
-        is recorded as done.
+        is recorded as done. A step whose output would not fit in memory at once returns,
+        instead of the dict, an iterator of (table, frame) that makes one part at a time:
+        each part is written as it comes, and ``counts`` is read once the iterator is spent
+        (so the iterator may still fill it in).
         """
         raise NotImplementedError
 
@@ -187,11 +192,6 @@ class Step:
         started = time.perf_counter()
         frames, counts = self.compute(unit, ctx)
         gate = ctx.config.get("contracts", True)
-        parts = []
-        for table in unit.outputs:
-            produced = frames.get(table)  # a table the unit did not produce gets an empty shard
-            pieces = produced if isinstance(produced, list) else [produced]
-            parts += [(table, index, part) for index, part in enumerate(pieces or [None])]
 
         def gate_and_write(job: tuple[str, int, Any]) -> tuple[ShardInfo, pl.DataFrame | None]:
             table, index, part = job
@@ -205,12 +205,24 @@ class Step:
             return store.write(table, conformed, key=unit.shard_key(table, index), run_id=ctx.run_id,
                                stage=self.name), bad
 
-        # a unit's shards are written side by side: Parquet encoding and compression release the GIL
-        writer = _shard_writers().map if len(parts) > 1 else map
-        written = list(writer(gate_and_write, parts))
-        shards = [shard for shard, _ in written]
+        # a unit's shards are written side by side (Parquet encoding and compression release
+        # the GIL) while the step makes its next part; a few writes in flight bound the parts held
+        pool = _shard_writers()
+        in_flight: deque[tuple[str, Future]] = deque()
+        written: list[tuple[str, tuple[ShardInfo, pl.DataFrame | None]]] = []
+        try:
+            for job in _output_parts(unit, frames):
+                in_flight.append((job[0], pool.submit(gate_and_write, job)))
+                if len(in_flight) > _SHARD_WRITE_WIDTH:
+                    table, future = in_flight.popleft()
+                    written.append((table, future.result()))
+        finally:  # (a step that fails mid-stream leaves no write running behind it)
+            while in_flight:
+                table, future = in_flight.popleft()
+                written.append((table, future.result()))
+        shards = [shard for _, (shard, _) in written]
         rejected: list[pl.DataFrame] = []
-        for (table, _, _), (_, bad) in zip(parts, written):
+        for table, (_, bad) in written:
             if bad is not None:
                 rejected.append(bad)
                 counts[f"contract_quarantined.{table}"] = counts.get(f"contract_quarantined.{table}", 0) + bad.height
@@ -223,10 +235,38 @@ class Step:
         return UnitResult(unit.key, shards, counts, time.perf_counter() - started, model_seconds)
 
 
+def _output_parts(unit: Unit, frames: dict[str, Any] | Iterable[tuple[str, Any]]) -> Iterator[tuple[str, int, Any]]:
+    """(table, index, part) of each shard a unit writes, in order.
+
+    ``frames`` is what :meth:`Step.compute` returned: {table: frame or list of frames}, or an
+    iterator of (table, frame) that makes each part when asked (a stream). A table of the
+    unit's outputs that got no part gets one empty shard, so the unit is recorded as done.
+    """
+    if isinstance(frames, dict):
+        by_table = frames
+        stream = ((table, piece) for table in unit.outputs
+                  for piece in (by_table.get(table) if isinstance(by_table.get(table), list) else [by_table.get(table)]))
+    else:
+        stream = frames
+    made: dict[str, int] = {}
+    for table, part in stream:
+        if table not in unit.outputs:
+            raise ValueError(f"unit {unit.key[:12]} of {unit.stage} made a part of {table!r}, not one of its outputs {unit.outputs}")
+        made[table] = made.get(table, 0) + 1
+        yield table, made[table] - 1, part
+    for table in unit.outputs:
+        if table not in made:
+            yield table, 0, None
+
+
+#: shard writes at once in one process: as many as its cores, at most 4
+_SHARD_WRITE_WIDTH = min(4, os.cpu_count() or 1)
+
+
 @functools.cache
 def _shard_writers() -> ThreadPoolExecutor:
-    """One pool per process for shard writes, as wide as its cores (at most 4)."""
-    return ThreadPoolExecutor(min(4, os.cpu_count() or 1), thread_name_prefix="prefcurate-shard-write")
+    """One pool per process for shard writes."""
+    return ThreadPoolExecutor(_SHARD_WRITE_WIDTH, thread_name_prefix="prefcurate-shard-write")
 
 
 def release_freed_memory() -> None:

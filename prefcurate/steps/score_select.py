@@ -19,14 +19,6 @@ from prefcurate.schemas.views import current_rows_sql
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.steps.engines import engine_for, model_time, pool_config, request_metrics
 
-_PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
-
-
-def _latest(store, table: str, key: str) -> pl.DataFrame:
-    frame = store.read(table)
-    return frame.sort("created_at").unique(key, keep="last").drop(_PROVENANCE) if frame.height else frame.drop(_PROVENANCE)
-
-
 #: texts given to the embedder per call: bounds its working memory, each chunk's vectors go
 #: straight into the result matrix
 EMBED_CHUNK = 16384
@@ -42,27 +34,37 @@ def _in_parts(frame: pl.DataFrame, rows: int = EMBEDDING_SHARD_ROWS) -> list[pl.
     return [frame.slice(offset, rows) for offset in range(0, frame.height, rows)] or [frame]
 
 
-def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn) -> tuple[np.ndarray, pl.DataFrame, float]:
+def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn,
+                     known: pl.DataFrame | None = None) -> tuple[np.ndarray, pl.DataFrame, float]:
     """Vectors for ``items`` (item_id, text) in order, and the new EMBEDDINGS rows to store.
 
     One float32 matrix is the only whole copy of the vectors held: cached vectors stream
-    into it from the embeddings table batch by batch, the missing items are embedded into it
-    chunk by chunk, and the new rows' vector column shares its memory when every item is new."""
+    into it from the embeddings table batch by batch (only these items' rows are read), the
+    missing items are embedded into it chunk by chunk, and the new rows' vector column
+    shares its memory when every item is new. ``known``: EMBEDDINGS rows this unit made
+    earlier and has not registered yet (taken as cached: not embedded or returned again)."""
     from prefcurate.schemas.tables import EMBEDDING_DIM
 
     index = items.select("item_id").with_row_index("_row")
     matrix = np.zeros((items.height, EMBEDDING_DIM), dtype=np.float32)
     cached = np.zeros(items.height, dtype=bool)
+
+    def take(rows_with_vectors: pl.DataFrame) -> None:
+        hits = rows_with_vectors.join(index, on="item_id", how="inner")
+        if hits.height:
+            rows = hits["_row"].to_numpy()
+            matrix[rows] = hits["vector"].to_numpy()
+            cached[rows] = True
+
     with store.connect(read_only=True) as con:
         # an item embedded twice has the same vector either time: whichever row comes last stays
-        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?",
-                         params=[kind, model_name]).to_arrow_reader(_CACHE_BATCH)
+        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ? "
+                         "AND item_id IN (SELECT unnest(?::VARCHAR[]))",
+                         params=[kind, model_name, items["item_id"].to_list()]).to_arrow_reader(_CACHE_BATCH)
         for batch in reader:
-            hits = pl.from_arrow(batch).join(index, on="item_id", how="inner")
-            if hits.height:
-                rows = hits["_row"].to_numpy()
-                matrix[rows] = hits["vector"].to_numpy()
-                cached[rows] = True
+            take(pl.from_arrow(batch))
+    if known is not None and known.height:
+        take(known.select("item_id", "vector"))
     missing = np.flatnonzero(~cached)
     seconds = 0.0
     if missing.size == 0:
@@ -109,36 +111,102 @@ class ScoreStep(Step):
         return [Unit(self.name, key, ("quality", "embeddings", "request_metrics"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
+        """The judged sample's texts and vectors first (to train on), then every response in
+        chunks of :data:`SCORE_CHUNK`: its texts, its vectors (cached or embedded), its raw
+        scores; each chunk's new embeddings are written as they are made. Only the ids and
+        one float per response and method are held for the whole stage (the z-scores need
+        every score)."""
         from prefcurate.inference.models import EMBEDDING_MODEL_NAME
         from prefcurate.tasks.embed import embed_texts
-        from prefcurate.tasks.score import item_texts, score_responses
+        from prefcurate.tasks.qurating import sample_items
+        from prefcurate.tasks.score import fit_quality_models, unlabelled_pair_positions
 
         store = ctx.store()
         config = ctx.pipeline_config()
         params = config.score
-        # the columns item_texts reads (not the sampling, errors and timings of every response)
-        responses = store.read("current_responses", ["response_id", "prompt_id", "text"])
-        prompts = _latest(store, "prompts", "prompt_id")
-        items = item_texts(responses, prompts, params.max_text_chars)
-        del responses, prompts  # items holds what is needed of them, for the rest of the stage
-        if items.height < 2:
-            return {"quality": None, "embeddings": None}, {"items": items.height, "skipped": "fewer than 2 items"}
-        vectors, new_embeddings, embed_seconds = embed_with_cache(
-            store, items, "response", EMBEDDING_MODEL_NAME, embed_texts
-        )
+        item_ids = _score_item_ids(store)
+        if len(item_ids) < 2:
+            return {"quality": None, "embeddings": None}, {"items": len(item_ids), "skipped": "fewer than 2 items"}
+        sample = _texts_at(store, item_ids, sample_items(len(item_ids), params.qurating.sample_size,
+                                                         params.qurating.seed), params.max_text_chars)
+        sample_vectors, sample_embeddings, embed_seconds = embed_with_cache(
+            store, sample, "response", EMBEDDING_MODEL_NAME, embed_texts)
+        critiq_pairs = None
+        if params.critiq.enabled:
+            first, second = unlabelled_pair_positions(len(item_ids), params.critiq.scorer_pairs, params.qurating.seed)
+            texts = _texts_at(store, item_ids, np.concatenate([first, second]), params.max_text_chars)["text"]
+            critiq_pairs = pl.DataFrame({"text_a": texts.head(len(first)), "text_b": texts.tail(len(second))})
         judge = engine_for(config.pools, params.pool)
         critiq = engine_for(config.pools, params.critiq.pool) if params.critiq.enabled else None
-        outcome = score_responses(items, vectors, params, judge, critiq, embed_fn=embed_texts)
-        if outcome.critiq_markdown:
+        models = fit_quality_models(sample["item_id"].to_list(), sample["text"], sample_vectors, critiq_pairs,
+                                    params, judge, critiq, embed_fn=embed_texts)
+        del sample, sample_vectors
+        if models.critiq_markdown:
             reports = Path(store.root) / "reports"
             reports.mkdir(exist_ok=True)
-            (reports / f"critiq-{ctx.run_id}.md").write_text(outcome.critiq_markdown)
-        model = model_time(judge, critiq)
-        model["model_seconds"] += embed_seconds + outcome.embed_seconds
-        counts = {"items": items.height, "quality_rows": outcome.quality.height,
-                  "embedded": new_embeddings.height, **model, "report": outcome.report}
-        return {"quality": outcome.quality, "embeddings": _in_parts(new_embeddings),
-                "request_metrics": request_metrics(judge, critiq)}, counts
+            (reports / f"critiq-{ctx.run_id}.md").write_text(models.critiq_markdown)
+        counts: dict = {"items": len(item_ids)}
+
+        def parts():
+            nonlocal embed_seconds
+            yield from (("embeddings", part) for part in _in_parts(sample_embeddings) if part.height)
+            embedded = sample_embeddings.height
+            scores = np.empty((len(item_ids), len(models.methods)), dtype=np.float64)
+            # (no scorer trained: the sample's ratings are all there is, and no vector is needed)
+            for offset in range(0, len(item_ids) if models.methods else 0, SCORE_CHUNK):
+                positions = np.arange(offset, min(offset + SCORE_CHUNK, len(item_ids)))
+                chunk = _texts_at(store, item_ids, positions, params.max_text_chars)
+                vectors, new_embeddings, seconds = embed_with_cache(
+                    store, chunk, "response", EMBEDDING_MODEL_NAME, embed_texts, known=sample_embeddings)
+                embed_seconds += seconds
+                embedded += new_embeddings.height
+                scores[positions] = models.score(vectors)
+                yield from (("embeddings", part) for part in _in_parts(new_embeddings) if part.height)
+            quality = models.quality_frames(item_ids, scores)
+            yield from (("quality", frame) for frame in quality)
+            yield "request_metrics", request_metrics(judge, critiq)
+            model = model_time(judge, critiq)
+            model["model_seconds"] += embed_seconds + models.embed_seconds
+            counts.update({"quality_rows": sum(frame.height for frame in quality), "embedded": embedded,
+                           **model, "report": models.report})
+
+        return parts(), counts
+
+
+#: responses scored per chunk: their texts and vectors are what the score stage holds of them
+SCORE_CHUNK = 32768
+
+
+def _score_item_ids(store) -> pl.Series:
+    """The responses the score stage scores, by id (sorted): those with a text and a known
+    prompt (the rule of ``tasks.score.item_texts``)."""
+    return store.query(
+        "SELECT response_id AS item_id FROM current_responses "
+        "WHERE text <> '' AND prompt_id IN (SELECT prompt_id FROM prompts) ORDER BY item_id"
+    )["item_id"]
+
+
+def _texts_at(store, item_ids: pl.Series, positions: np.ndarray, max_chars: int) -> pl.DataFrame:
+    """(item_id, text) of the items at ``positions`` of ``item_ids``, in that order: each
+    response with its prompt, as ``tasks.score.item_texts`` makes them."""
+    from prefcurate.tasks.score import item_texts
+
+    wanted = item_ids.gather(np.asarray(positions, dtype=np.int64))
+    unique = wanted.unique().to_list()
+    responses = store.query(
+        "SELECT response_id, prompt_id, text FROM ({}) ".format(
+            current_rows_sql("responses", where="response_id IN (SELECT unnest($1::VARCHAR[]))")), [unique])
+    prompts = store.query(
+        "SELECT prompt_id, prompt FROM prompts WHERE prompt_id IN (SELECT unnest($1::VARCHAR[])) "
+        "QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY created_at DESC) = 1",
+        [responses["prompt_id"].unique().to_list()])
+    items = item_texts(responses, prompts, max_chars)
+    found = wanted.to_frame("item_id").join(items, on="item_id", how="left", maintain_order="left")
+    if found["text"].null_count():
+        missing = found.filter(pl.col("text").is_null())["item_id"][0]
+        raise RuntimeError(f"response {missing} lost its text or prompt while the score stage ran "
+                           "(another run changed the dataset): run the stage again")
+    return found
 
 
 def _candidate_pairs(store) -> pl.DataFrame:

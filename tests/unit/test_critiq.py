@@ -6,6 +6,7 @@ import re
 import zlib
 
 import numpy as np
+import polars as pl
 import pytest
 
 from tests.support.engines import ScriptedEngine
@@ -425,3 +426,42 @@ def test_a_proposal_copying_an_existing_description_is_not_taken():
     result = mine_criteria(engine, world_pairs(12), kb, CritiQParams(iterations=1, n_criteria=2))
     proposed = [r["criterion"] for r in result.iterations if r["action"] == "propose" and r["iteration"] == 0]
     assert proposed == ["other_name"]
+
+
+def test_the_score_stage_trains_a_critiq_scorer_next_to_qurating(tmp_path):
+    """tasks.score.fit_quality_models with CritiQ on: criteria mined from the human pairs, a
+    scorer trained on the unlabelled pairs, scored as its own (critiq, critiq) column."""
+    pytest.importorskip("prefcurate.tasks.scorer")
+    import json
+
+    from prefcurate.tasks.score import ScoreParams, fit_quality_models
+
+    rng = np.random.default_rng(0)
+    care = rng.normal(size=8)
+
+    def embed(texts):
+        goodness = np.array([1.0 if t.startswith("good") else -1.0 for t in texts])
+        return (rng.normal(scale=0.3, size=(len(texts), 8)) + goodness[:, None] * care).astype(np.float32)
+
+    human = tmp_path / "human.jsonl"
+    human.write_text("".join(json.dumps(pair) + "\n" for pair in world_pairs(12)))
+    seeds = tmp_path / "seeds.yaml"
+    seeds.write_text("- {name: planted, description: care}\n")
+    params = ScoreParams.model_validate({
+        "qurating": {"sample_size": 6, "pairs_per_item": 2, "train_scorer": False},
+        "critiq": {"enabled": True, "human_pairs": str(human), "seed_criteria": str(seeds),
+                   "params": {"iterations": 1, "n_criteria": 1, "scorer": {"epochs": 60}}},
+    })
+    texts = [f"good text {k} with care" for k in range(3)] + [f"poor text {k} carelessly" for k in range(3)]
+    unlabelled = pl.DataFrame({"text_a": [p["text_a"] for p in world_pairs(30)[12:]],
+                               "text_b": [p["text_b"] for p in world_pairs(30)[12:]]})
+    qurating_judge = ScriptedEngine(choice_fn=lambda prompt, options: [0.5] * len(options))
+    models = fit_quality_models([f"i{k}" for k in range(6)], texts, embed(texts), unlabelled, params,
+                                qurating_judge, CountingEngine(), embed_fn=embed)
+    assert models.methods == [("critiq", "critiq")]
+    assert models.report["critiq"]["criteria"] == ["planted"]
+    assert models.report["critiq"]["scorer"]["training_pairs"] == 18
+    scores = models.score(embed(texts))[:, 0]
+    assert scores[:3].min() > scores[3:].max()
+    frames = models.quality_frames(pl.Series([f"i{k}" for k in range(6)]), models.score(embed(texts)))
+    assert [frame["method"].unique().to_list() for frame in frames[1:]] == [["critiq"]]
