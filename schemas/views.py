@@ -17,18 +17,20 @@ CURRENT_ROWS = {
 }
 
 
-def current_rows_sql(table: str, where: str | None = None) -> str:
+def current_rows_sql(table: str, where: str | None = None, columns: str = "*") -> str:
     """``current_<table>``'s rows, restricted by ``where`` before the one-row-per-id choice.
 
     The rows of one id are retries of one call, so a condition on what the call was asked
     (its prompt, its response) holds for all of them or none: filtering first gives the
     view's rows that meet it, and reads only those instead of ordering the whole table.
+    ``columns`` (which must include the id and the columns of its preference) narrows what
+    the choice carries, e.g. whether a text is there instead of the text.
     """
     key, preference = CURRENT_ROWS[table]
     condition = f" WHERE {where}" if where else ""
     # a window, not DISTINCT ON: DuckDB's DISTINCT ON took twice the time and memory (600,000
     # judgments: 0.9 s and 1 GB against 0.5 s and 0.5 GB)
-    return (f"SELECT * FROM {table}{condition} "
+    return (f"SELECT {columns} FROM {table}{condition} "
             f"QUALIFY row_number() OVER (PARTITION BY {key} ORDER BY {preference}) = 1 ORDER BY {key}")
 
 

@@ -34,55 +34,61 @@ def _in_parts(frame: pl.DataFrame, rows: int = EMBEDDING_SHARD_ROWS) -> list[pl.
     return [frame.slice(offset, rows) for offset in range(0, frame.height, rows)] or [frame]
 
 
-def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn,
-                     known: pl.DataFrame | None = None) -> tuple[np.ndarray, pl.DataFrame, float]:
+def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, embed_fn) -> tuple[np.ndarray, pl.DataFrame, float]:
     """Vectors for ``items`` (item_id, text) in order, and the new EMBEDDINGS rows to store.
 
     One float32 matrix is the only whole copy of the vectors held: cached vectors stream
-    into it from the embeddings table batch by batch (only these items' rows are read), the
-    missing items are embedded into it chunk by chunk, and the new rows' vector column
-    shares its memory when every item is new. ``known``: EMBEDDINGS rows this unit made
-    earlier and has not registered yet (taken as cached: not embedded or returned again)."""
+    into it from the embeddings table batch by batch, the missing items are embedded into it
+    chunk by chunk, and the new rows' vector column shares its memory when every item is new."""
     from prefcurate.schemas.tables import EMBEDDING_DIM
 
     index = items.select("item_id").with_row_index("_row")
     matrix = np.zeros((items.height, EMBEDDING_DIM), dtype=np.float32)
     cached = np.zeros(items.height, dtype=bool)
-
-    def take(rows_with_vectors: pl.DataFrame) -> None:
-        hits = rows_with_vectors.join(index, on="item_id", how="inner")
-        if hits.height:
-            rows = hits["_row"].to_numpy()
-            matrix[rows] = hits["vector"].to_numpy()
-            cached[rows] = True
-
     with store.connect(read_only=True) as con:
         # an item embedded twice has the same vector either time: whichever row comes last stays
-        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ? "
-                         "AND item_id IN (SELECT unnest(?::VARCHAR[]))",
-                         params=[kind, model_name, items["item_id"].to_list()]).to_arrow_reader(_CACHE_BATCH)
+        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?",
+                         params=[kind, model_name]).to_arrow_reader(_CACHE_BATCH)
         for batch in reader:
-            take(pl.from_arrow(batch))
-    if known is not None and known.height:
-        take(known.select("item_id", "vector"))
+            hits = pl.from_arrow(batch).join(index, on="item_id", how="inner")
+            if hits.height:
+                rows = hits["_row"].to_numpy()
+                matrix[rows] = hits["vector"].to_numpy()
+                cached[rows] = True
     missing = np.flatnonzero(~cached)
-    seconds = 0.0
     if missing.size == 0:
-        new_rows = pl.DataFrame(schema={"item_id": pl.String, "item_kind": pl.String, "model": pl.String,
-                                        "vector": pl.Array(pl.Float32, EMBEDDING_DIM)})
-        return matrix, new_rows, seconds
-    texts = items["text"] if missing.size == items.height else items["text"].gather(missing)
-    for offset in range(0, missing.size, EMBED_CHUNK):
-        started = time.perf_counter()
-        chunk = np.asarray(embed_fn(texts.slice(offset, EMBED_CHUNK).to_list()), dtype=np.float32)
-        seconds += time.perf_counter() - started
-        matrix[missing[offset:offset + EMBED_CHUNK]] = chunk
-    new_vectors = matrix if missing.size == items.height else matrix[missing]
-    vector = pa.FixedSizeListArray.from_arrays(pa.array(new_vectors.reshape(-1)), EMBEDDING_DIM)
-    new_rows = pl.DataFrame({
-        "item_id": items["item_id"].gather(missing), "item_kind": kind, "model": model_name,
-    }).with_columns(pl.Series("vector", vector))
+        return matrix, _no_embeddings(), 0.0
+    subset = items if missing.size == items.height else items[missing]
+    vectors, new_rows, seconds = embed_new(subset, kind, model_name, embed_fn)
+    if missing.size == items.height:
+        return vectors, new_rows, seconds  # (the new rows' vector column shares this matrix)
+    matrix[missing] = vectors
     return matrix, new_rows, seconds
+
+
+def embed_new(items: pl.DataFrame, kind: str, model_name: str, embed_fn) -> tuple[np.ndarray, pl.DataFrame, float]:
+    """Vectors of ``items`` (item_id, text), embedded :data:`EMBED_CHUNK` texts at a time into
+    one matrix, and their EMBEDDINGS rows (whose vector column shares that matrix's memory)."""
+    from prefcurate.schemas.tables import EMBEDDING_DIM
+
+    matrix = np.empty((items.height, EMBEDDING_DIM), dtype=np.float32)
+    seconds = 0.0
+    for offset in range(0, items.height, EMBED_CHUNK):
+        started = time.perf_counter()
+        chunk = np.asarray(embed_fn(items["text"].slice(offset, EMBED_CHUNK).to_list()), dtype=np.float32)
+        seconds += time.perf_counter() - started
+        matrix[offset:offset + len(chunk)] = chunk
+    vector = pa.FixedSizeListArray.from_arrays(pa.array(matrix.reshape(-1)), EMBEDDING_DIM)
+    new_rows = pl.DataFrame({"item_id": items["item_id"], "item_kind": kind, "model": model_name}
+                            ).with_columns(pl.Series("vector", vector))
+    return matrix, new_rows, seconds
+
+
+def _no_embeddings() -> pl.DataFrame:
+    from prefcurate.schemas.tables import EMBEDDING_DIM
+
+    return pl.DataFrame(schema={"item_id": pl.String, "item_kind": pl.String, "model": pl.String,
+                                "vector": pl.Array(pl.Float32, EMBEDDING_DIM)})
 
 
 class ScoreStep(Step):
@@ -111,11 +117,11 @@ class ScoreStep(Step):
         return [Unit(self.name, key, ("quality", "embeddings", "request_metrics"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
-        """The judged sample's texts and vectors first (to train on), then every response in
-        chunks of :data:`SCORE_CHUNK`: its texts, its vectors (cached or embedded), its raw
-        scores; each chunk's new embeddings are written as they are made. Only the ids and
-        one float per response and method are held for the whole stage (the z-scores need
-        every score)."""
+        """Train on the judged sample, then score every response by its vector, reading the
+        dataset one shard at a time: the cached vectors from the embeddings shards, then the
+        texts of the responses without one from the responses shards, embedded in chunks of
+        :data:`SCORE_CHUNK` and written as they are made. Held for the whole stage: the ids,
+        one float per response and method (the z-scores need them all) and the prompts."""
         from prefcurate.inference.models import EMBEDDING_MODEL_NAME
         from prefcurate.tasks.embed import embed_texts
         from prefcurate.tasks.qurating import sample_items
@@ -124,23 +130,25 @@ class ScoreStep(Step):
         store = ctx.store()
         config = ctx.pipeline_config()
         params = config.score
-        item_ids = _score_item_ids(store)
+        items = _scored_responses(store)
+        item_ids = items["item_id"]
         if len(item_ids) < 2:
             return {"quality": None, "embeddings": None}, {"items": len(item_ids), "skipped": "fewer than 2 items"}
-        sample = _texts_at(store, item_ids, sample_items(len(item_ids), params.qurating.sample_size,
-                                                         params.qurating.seed), params.max_text_chars)
+        prompts = store.query("SELECT prompt_id, prompt FROM prompts QUALIFY row_number() OVER "
+                              "(PARTITION BY prompt_id ORDER BY created_at DESC) = 1")
+        sample_at = sample_items(len(item_ids), params.qurating.sample_size, params.qurating.seed)
+        sample = _texts_at(store, item_ids, sample_at, prompts, params.max_text_chars)
         sample_vectors, sample_embeddings, embed_seconds = embed_with_cache(
             store, sample, "response", EMBEDDING_MODEL_NAME, embed_texts)
         critiq_pairs = None
         if params.critiq.enabled:
             first, second = unlabelled_pair_positions(len(item_ids), params.critiq.scorer_pairs, params.qurating.seed)
-            texts = _texts_at(store, item_ids, np.concatenate([first, second]), params.max_text_chars)["text"]
+            texts = _texts_at(store, item_ids, np.concatenate([first, second]), prompts, params.max_text_chars)["text"]
             critiq_pairs = pl.DataFrame({"text_a": texts.head(len(first)), "text_b": texts.tail(len(second))})
         judge = engine_for(config.pools, params.pool)
         critiq = engine_for(config.pools, params.critiq.pool) if params.critiq.enabled else None
         models = fit_quality_models(sample["item_id"].to_list(), sample["text"], sample_vectors, critiq_pairs,
                                     params, judge, critiq, embed_fn=embed_texts)
-        del sample, sample_vectors
         if models.critiq_markdown:
             reports = Path(store.root) / "reports"
             reports.mkdir(exist_ok=True)
@@ -149,19 +157,26 @@ class ScoreStep(Step):
 
         def parts():
             nonlocal embed_seconds
-            yield from (("embeddings", part) for part in _in_parts(sample_embeddings) if part.height)
-            embedded = sample_embeddings.height
             scores = np.empty((len(item_ids), len(models.methods)), dtype=np.float64)
+            done = np.zeros(len(item_ids), dtype=bool)
+            scores[sample_at] = models.score(sample_vectors)
+            done[sample_at] = True
+            embedded = sample_embeddings.height
+            yield from (("embeddings", part) for part in _in_parts(sample_embeddings) if part.height)
             # (no scorer trained: the sample's ratings are all there is, and no vector is needed)
-            for offset in range(0, len(item_ids) if models.methods else 0, SCORE_CHUNK):
-                positions = np.arange(offset, min(offset + SCORE_CHUNK, len(item_ids)))
-                chunk = _texts_at(store, item_ids, positions, params.max_text_chars)
-                vectors, new_embeddings, seconds = embed_with_cache(
-                    store, chunk, "response", EMBEDDING_MODEL_NAME, embed_texts, known=sample_embeddings)
-                embed_seconds += seconds
-                embedded += new_embeddings.height
-                scores[positions] = models.score(vectors)
-                yield from (("embeddings", part) for part in _in_parts(new_embeddings) if part.height)
+            if models.methods:
+                for positions, vectors in _cached_vectors(store, items, done, "response", EMBEDDING_MODEL_NAME):
+                    scores[positions] = models.score(vectors)
+                for positions, chunk in _texts_of_the_rest(store, items, done, prompts, params.max_text_chars):
+                    vectors, new_embeddings, seconds = embed_new(chunk, "response", EMBEDDING_MODEL_NAME, embed_texts)
+                    scores[positions] = models.score(vectors)
+                    embed_seconds += seconds
+                    embedded += new_embeddings.height
+                    yield from (("embeddings", part) for part in _in_parts(new_embeddings) if part.height)
+                if not done.all():
+                    missing = item_ids[int(np.flatnonzero(~done)[0])]
+                    raise RuntimeError(f"response {missing} was not found in the responses shards while the score "
+                                       "stage ran (another run changed the dataset): run the stage again")
             quality = models.quality_frames(item_ids, scores)
             yield from (("quality", frame) for frame in quality)
             yield "request_metrics", request_metrics(judge, critiq)
@@ -173,40 +188,96 @@ class ScoreStep(Step):
         return parts(), counts
 
 
-#: responses scored per chunk: their texts and vectors are what the score stage holds of them
+#: responses embedded and scored per chunk: with one shard of the dataset, what the score
+#: stage holds of the responses at a time
 SCORE_CHUNK = 32768
 
 
-def _score_item_ids(store) -> pl.Series:
-    """The responses the score stage scores, by id (sorted): those with a text and a known
-    prompt (the rule of ``tasks.score.item_texts``)."""
+def _scored_responses(store) -> pl.DataFrame:
+    """The responses the score stage scores, sorted by id: the current row of each id with a
+    text and a known prompt (the rule of ``tasks.score.item_texts``). ``made_us`` (when that
+    row was made) tells it from the id's other rows when the shards are read one by one."""
+    # (whether a text is there, not the text, goes through the one-row-per-id choice)
+    current = current_rows_sql(
+        "responses", columns="response_id, prompt_id, finish_reason, created_at, text <> '' AS has_text")
     return store.query(
-        "SELECT response_id AS item_id FROM current_responses "
-        "WHERE text <> '' AND prompt_id IN (SELECT prompt_id FROM prompts) ORDER BY item_id"
-    )["item_id"]
+        f"SELECT response_id AS item_id, epoch_us(created_at) AS made_us FROM ({current}) "
+        "WHERE has_text AND prompt_id IN (SELECT prompt_id FROM prompts) ORDER BY item_id")
 
 
-def _texts_at(store, item_ids: pl.Series, positions: np.ndarray, max_chars: int) -> pl.DataFrame:
-    """(item_id, text) of the items at ``positions`` of ``item_ids``, in that order: each
-    response with its prompt, as ``tasks.score.item_texts`` makes them."""
+def _texts_at(store, item_ids: pl.Series, positions: np.ndarray, prompts: pl.DataFrame,
+              max_chars: int) -> pl.DataFrame:
+    """(item_id, text) of the items at ``positions`` of ``item_ids``, in that order (a few:
+    the judged sample, CritiQ's pairs), as ``tasks.score.item_texts`` makes them."""
     from prefcurate.tasks.score import item_texts
 
     wanted = item_ids.gather(np.asarray(positions, dtype=np.int64))
-    unique = wanted.unique().to_list()
     responses = store.query(
-        "SELECT response_id, prompt_id, text FROM ({}) ".format(
-            current_rows_sql("responses", where="response_id IN (SELECT unnest($1::VARCHAR[]))")), [unique])
-    prompts = store.query(
-        "SELECT prompt_id, prompt FROM prompts WHERE prompt_id IN (SELECT unnest($1::VARCHAR[])) "
-        "QUALIFY row_number() OVER (PARTITION BY prompt_id ORDER BY created_at DESC) = 1",
-        [responses["prompt_id"].unique().to_list()])
-    items = item_texts(responses, prompts, max_chars)
-    found = wanted.to_frame("item_id").join(items, on="item_id", how="left", maintain_order="left")
+        "SELECT response_id, prompt_id, text FROM ({})".format(
+            current_rows_sql("responses", where="response_id IN (SELECT unnest($1::VARCHAR[]))")),
+        [wanted.unique().to_list()])
+    found = wanted.to_frame("item_id").join(item_texts(responses, prompts, max_chars), on="item_id",
+                                            how="left", maintain_order="left")
     if found["text"].null_count():
         missing = found.filter(pl.col("text").is_null())["item_id"][0]
         raise RuntimeError(f"response {missing} lost its text or prompt while the score stage ran "
                            "(another run changed the dataset): run the stage again")
     return found
+
+
+def _cached_vectors(store, items: pl.DataFrame, done: np.ndarray, kind: str, model: str):
+    """(positions in ``items``, their vectors) of the items not ``done`` that have a stored
+    vector of this kind and model, one embeddings shard at a time; marks them done."""
+    index = items.select("item_id").with_row_index("position")
+    for shard in store.shards("embeddings"):
+        hits = (store.read_shard(shard["path"])
+                .filter((pl.col("item_kind") == kind) & (pl.col("model") == model))
+                .select("item_id", "vector").join(index, on="item_id", how="inner")
+                .unique("position", keep="first", maintain_order=True))
+        hits = hits.filter(~pl.Series(done[hits["position"].to_numpy()]))
+        if hits.height:
+            positions = hits["position"].to_numpy().astype(np.int64)
+            done[positions] = True
+            yield positions, hits["vector"].to_numpy(writable=True)  # (torch takes no read-only array)
+
+
+def _texts_of_the_rest(store, items: pl.DataFrame, done: np.ndarray, prompts: pl.DataFrame, max_chars: int):
+    """(positions in ``items``, (item_id, text)) of the items not ``done``, in chunks of about
+    :data:`SCORE_CHUNK`, reading one responses shard at a time; marks them done."""
+    from prefcurate.tasks.score import item_texts
+
+    index = items.with_row_index("position")
+    held: list[pl.DataFrame] = []
+
+    def chunks_of(frames: list[pl.DataFrame]):
+        rows = pl.concat(frames)
+        for offset in range(0, rows.height, SCORE_CHUNK):  # (a shard larger than a chunk is cut)
+            part = rows.slice(offset, SCORE_CHUNK)
+            texts = item_texts(part.drop("position"), prompts, max_chars).join(
+                part.select(pl.col("response_id").alias("item_id"), "position"), on="item_id")
+            positions = texts["position"].to_numpy().astype(np.int64)
+            # a row that lost its text or prompt since the ids were read is not done
+            done[np.setdiff1d(part["position"].to_numpy(), positions)] = False
+            yield positions, texts.select("item_id", "text")
+
+    for shard in store.shards("responses"):
+        if done.all():  # (every vector was cached: no text is read)
+            break
+        rows = (store.read_shard(shard["path"])
+                .select("response_id", "prompt_id", "text", pl.col("created_at").dt.epoch("us").alias("made_us"))
+                .join(index, left_on=["response_id", "made_us"], right_on=["item_id", "made_us"], how="inner")
+                .unique("position", keep="first", maintain_order=True)
+                .select("response_id", "prompt_id", "text", "position"))
+        rows = rows.filter(~pl.Series(done[rows["position"].to_numpy()]))
+        if rows.height == 0:
+            continue
+        done[rows["position"].to_numpy()] = True
+        held.append(rows)
+        if sum(frame.height for frame in held) >= SCORE_CHUNK:
+            yield from chunks_of(held)
+            held = []
+    if held:
+        yield from chunks_of(held)
 
 
 def _candidate_pairs(store) -> pl.DataFrame:

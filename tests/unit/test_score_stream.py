@@ -15,6 +15,7 @@ import polars as pl
 import pytest
 
 from prefcurate.config import load_config
+from prefcurate.inference.base import Generation
 from prefcurate.schemas.tables import EMBEDDING_DIM
 from prefcurate.steps import get_step, model_stages, score_select
 from prefcurate.steps.base import context_for
@@ -42,10 +43,31 @@ def judge_by_length(prompt: str, options) -> list[float]:
     return [1 - p_b, p_b] + [0.0] * (len(options) - 2)
 
 
+class FailsOnceEngine(ScriptedEngine):
+    """Scripted test double: its first generate call for "Question number 7?" fails, as a
+    dropped connection would (the next generate run asks again: a second row of those ids)."""
+
+    def __init__(self):
+        super().__init__(choice_fn=judge_by_length,
+                         generate_fn=lambda request, i: "word " * (1 + (zlib.crc32(request.prompt.encode()) + i) % 9))
+        self.failed = False
+
+    def generate(self, requests):
+        out = super().generate(requests)
+        for index, request in enumerate(requests):
+            if "Question number 7?" in request.prompt and not self.failed:
+                self.failed = True
+                out[index] = Generation([], 0, 0.0, "connection reset by peer")
+        return out
+
+
+def retried_ids(store) -> set[str]:
+    return set(store.query("SELECT response_id FROM responses GROUP BY ALL HAVING count(*) > 1")["response_id"])
+
+
 @pytest.fixture
 def scored_dataset(tmp_path, monkeypatch):
-    generator = ScriptedEngine(choice_fn=judge_by_length,
-                               generate_fn=lambda request, i: "word " * (1 + (zlib.crc32(request.prompt.encode()) + i) % 9))
+    generator = FailsOnceEngine()
     judge = ScriptedEngine(choice_fn=judge_by_length)
     monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(generator))
     monkeypatch.setattr(score_select, "engine_for", lambda pools, name: TimedEngine(judge))
@@ -66,6 +88,9 @@ def scored_dataset(tmp_path, monkeypatch):
     })
     ctx = context_for(store.root, config, "r1")
     assert run_pending_units("generate", ctx, store) >= 1
+    assert run_pending_units("generate", ctx, store) == 1  # the retry, in a shard of its own
+    retried = store.query("SELECT response_id FROM responses GROUP BY ALL HAVING count(*) > 1")
+    assert retried.height >= 1
     return store, ctx, config
 
 
@@ -94,11 +119,14 @@ def test_chunked_scores_equal_the_whole_set_and_each_vector_is_written_once(scor
 
     embeddings = store.query("SELECT item_id, vector FROM embeddings WHERE item_kind = 'response'")
     assert sorted(embeddings["item_id"].to_list()) == sorted(items["item_id"].to_list())  # each once: sample too
+    # a retried response is scored by its good row's text, not its failed one's
+    assert retried_ids(store) <= set(stored["item_id"])
     np.testing.assert_array_equal(
         embeddings.sort("item_id")["vector"].to_numpy(), hashed_vectors(items.sort("item_id")["text"].to_list()))
-    # written as they were made: the sample's part, then one part per chunk
-    parts = [shard for shard in result.shards if shard.table == "embeddings"]
-    assert len(parts) == 1 + -(-items.height // 16)
+    # written as they were made: the sample's part, then a part per chunk of the rest
+    parts = [shard.rows for shard in result.shards if shard.table == "embeddings"]
+    assert parts[0] == 20 and len(parts) >= 1 + -(-(items.height - 20) // 16) and max(parts[1:]) <= 16
+    assert sum(parts) == items.height
     assert result.counts["embedded"] == items.height
 
 
