@@ -4,12 +4,15 @@ One unit over the whole dataset, streamed by prompt shard (tasks.filter.apply_fi
 the jury's columns of every judgment are read at once (ids and numbers: the calibration gate,
 a latent jury and the Bradley-Terry fit are dataset-wide), the responses' texts and the
 ratings shard by shard, so memory stays at one shard's texts and shingles however many
-prompts the dataset holds.
+prompts the dataset holds. The shards read them from a local copy of the two tables,
+partitioned by prompt range in one pass each, so the reading stays linear in the dataset.
 """
 
 from __future__ import annotations
 
 import json
+import tempfile
+from pathlib import Path
 
 import polars as pl
 
@@ -33,8 +36,72 @@ def _read_by_response(store, table: str, columns: list[str], order: str, respons
     """``columns`` of ``current_<table>``'s rows of ``response_ids``, in ``order`` (a fixed row
     order keeps the per-response means bit for bit reproducible). The ids are picked before the
     one-row-per-id choice, so a shard reads its own rows, not the whole table's."""
+    return store.query(_by_response_sql(table, columns, order), [response_ids.to_list()])
+
+
+def _by_response_sql(table: str, columns: list[str], order: str) -> str:
     current = current_rows_sql(table, where="response_id IN (SELECT unnest($1::VARCHAR[]))")
-    return store.query(f"SELECT {', '.join(columns)} FROM ({current}) ORDER BY {order}", [response_ids.to_list()])
+    return f"SELECT {', '.join(columns)} FROM ({current}) ORDER BY {order}"
+
+
+#: what each shard reads: table -> (its columns, their row order); the partitioned copy also
+#: keeps the columns the one-row-per-id choice orders by
+_SHARD_TABLES = {"ratings": (_RATING_COLUMNS, "rating_id"), "responses": (_RESPONSE_COLUMNS, "response_id")}
+_CHOICE_COLUMNS = {"ratings": ["rating_id", "valid", "created_at"],
+                   "responses": ["response_id", "finish_reason", "created_at"]}
+
+
+class _PartitionedShards:
+    """Each prompt shard's ratings and responses, read from a copy of the two tables made in
+    one pass each and partitioned by prompt range, not by a scan of the whole tables per shard
+    (which grows with the square of the dataset: 200 scans of 3M responses at 1M prompts).
+
+    The ranges are the judged prompts, sorted, ``shard_prompts`` at a time: the filter's
+    shards are the candidates' prompts cut the same way, so a shard reads one or two ranges.
+    The rows of one id share a prompt, so a range holds every row the current-row choice
+    compares, and a shard's read is ``_read_by_response``'s query over its ranges' files."""
+
+    def __init__(self, store, judgments: pl.DataFrame, shard_prompts: int, folder: Path):
+        prompts = judgments["prompt_id"].unique().sort()
+        ranges = pl.DataFrame({"prompt_id": prompts}).with_row_index("part").with_columns(pl.col("part") // shard_prompts)
+        self.part_of = (
+            pl.concat([judgments.select("prompt_id", pl.col(side).alias("response_id"))
+                       for side in ("response_a", "response_b")])
+            .unique("response_id").join(ranges, on="prompt_id").select("response_id", "part")
+        )
+        self.store, self.folder, self.empty = store, folder, {}
+        folder.mkdir(parents=True, exist_ok=True)
+        with store.connect(read_only=True) as con:
+            con.register("part_of", self.part_of.to_arrow())
+            for table, (columns, order) in _SHARD_TABLES.items():
+                kept = ", ".join(f"t.{c}" for c in dict.fromkeys([*columns, *_CHOICE_COLUMNS[table]]))
+                target = str(folder / table).replace("'", "''")
+                con.execute(f"COPY (SELECT {kept}, p.part FROM {table} t JOIN part_of p USING (response_id)) "
+                            f"TO '{target}' (FORMAT parquet, PARTITION_BY (part))")
+                self.empty[table] = con.sql(f"SELECT {', '.join(columns)} FROM {table} LIMIT 0").pl()
+
+    def read(self, response_ids: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
+        import duckdb
+
+        known = self.part_of.filter(pl.col("response_id").is_in(response_ids.implode()))
+        if known.height < response_ids.n_unique():  # (a response no judgment names: read from the tables)
+            return tuple(_read_by_response(self.store, table, columns, order, response_ids)
+                         for table, (columns, order) in _SHARD_TABLES.items())
+        parts = known["part"].unique().sort()
+        frames = []
+        con = duckdb.connect()
+        try:
+            for table, (columns, order) in _SHARD_TABLES.items():
+                files = [str(f) for part in parts for f in sorted((self.folder / table / f"part={part}").glob("*.parquet"))]
+                if not files:
+                    frames.append(self.empty[table])
+                    continue
+                listed = ", ".join("'" + name.replace("'", "''") + "'" for name in files)
+                con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{listed}])")
+                frames.append(con.sql(_by_response_sql(table, columns, order), params=[response_ids.to_list()]).pl())
+        finally:
+            con.close()
+        return frames[0], frames[1]
 
 
 class FilterStep(Step):
@@ -58,14 +125,10 @@ class FilterStep(Step):
         # the calibration gate and the jury's weights (tasks/calibration.py); raises GateError
         judgments, params, accuracy = prepare_jury(judgments, store.read("judge_calibration"), labels, params)
 
-        def read_shard(response_ids):
-            ratings = _read_by_response(store, "ratings", _RATING_COLUMNS, "rating_id", response_ids)
-            responses = _read_by_response(store, "responses", _RESPONSE_COLUMNS, "response_id",
-                                          response_ids)
-            return ratings, responses
-
-        pairs, drops, report = apply_filters_sharded(judgments, read_shard, params, human_labels=labels,
-                                                     shard_prompts=SHARD_PROMPTS)
+        with tempfile.TemporaryDirectory(prefix="prefcurate-filter-") as folder:
+            shards = _PartitionedShards(store, judgments, SHARD_PROMPTS, Path(folder))
+            pairs, drops, report = apply_filters_sharded(judgments, shards.read, params, human_labels=labels,
+                                                         shard_prompts=SHARD_PROMPTS)
         report["judge_accuracy"] = gate_summary(accuracy)
         report["human_labels"] = labels.height
         jury = aggregate_jury(judgments.filter(judgments["valid"]), method=params.jury_method,

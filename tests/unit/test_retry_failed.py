@@ -167,3 +167,41 @@ def test_curated_pairs_and_select_candidates_read_the_current_rows_of_their_pair
     assert candidates.equals(
         expected.filter(pl.col("pair_id").is_in(latest_pairs)).sort("pair_id")
         .select("pair_id", "prompt_id", "prompt", "chosen", "rejected", "chosen_id"))
+
+
+def test_the_filter_shards_read_from_the_partitioned_copy_what_the_tables_hold(tmp_path, monkeypatch):
+    """The filter step copies responses and ratings once, partitioned by prompt range, and each
+    shard reads its rows there: the same rows, row for row, as its query over the whole tables
+    (retried responses and judgments included), however the shards cut the prompts."""
+    from prefcurate.steps.filter import _PartitionedShards, _read_by_response, _SHARD_TABLES
+
+    engine = FlakyScriptedEngine()
+    monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
+    store = Store.init(tmp_path / "ds")
+    texts = ["What is steady?", FLAKY_PROMPT, "Why is the sky blue?", "Name a prime.", "Say hello."]
+    prompts = pl.DataFrame({"prompt_id": [f"p{k}" for k in range(5)], "prompt": texts, "source_file": "f",
+                            "source_record": list(range(1, 6)), "char_len": [len(t) for t in texts]})
+    store.register([store.write("prompts", prompts, key="shard-0", run_id="r0", stage="ingest")])
+    config = load_config("examples/quickstart.yaml", {
+        "annotate.judges": [{"name": "judge", "pool": "judges", "template": "pairwise_v1"}],
+        "annotate.calibration_pairs": 1, "contracts": False,
+    })
+    ctx = context_for(store.root, config, "r1")
+    for stage in ("generate", "generate", "annotate", "annotate"):  # each failed call asked again
+        _run_stage(stage, ctx, store)
+    assert store.count("ratings") > 0
+    judgments = store.query("SELECT prompt_id, response_a, response_b FROM current_judgments")
+    retried = store.query("SELECT DISTINCT response_id FROM responses WHERE finish_reason = 'error'")["response_id"]
+    assert retried.len() == 1
+    for size in (1, 2, 5):
+        shards = _PartitionedShards(store, judgments, size, tmp_path / f"copy-{size}")
+        for prompt_ids in ([f"p{k}" for k in range(5)], ["p1"], ["p0", "p3"]):
+            ids = (judgments.filter(pl.col("prompt_id").is_in(prompt_ids))
+                   .select(pl.concat_list("response_a", "response_b").explode())["response_a"].unique())
+            ratings, responses = shards.read(ids)
+            for table, got in (("ratings", ratings), ("responses", responses)):
+                columns, order = _SHARD_TABLES[table]
+                assert got.equals(_read_by_response(store, table, columns, order, ids)), (size, prompt_ids, table)
+            assert responses.height == ids.len() and ratings.height > 0
+            if "p1" in prompt_ids:
+                assert retried[0] in responses["response_id"].to_list()
