@@ -15,6 +15,14 @@ CURRENT_ROWS = {
     "judgments": ("judgment_id", "NOT valid, created_at DESC"),
     "ratings": ("rating_id", "NOT valid, created_at DESC"),
 }
+#: the columns each choice orders by (with its id, what a narrowed read of it must carry)
+_PREFERENCE_COLUMNS = {"responses": ["finish_reason", "created_at"], "judgments": ["valid", "created_at"],
+                       "ratings": ["valid", "created_at"]}
+
+
+def choice_columns(table: str) -> list[str]:
+    """The columns the one-row-per-id choice of ``table`` reads: its id and its preference's."""
+    return [CURRENT_ROWS[table][0], *_PREFERENCE_COLUMNS[table]]
 
 
 def current_rows_sql(table: str, where: str | None = None, columns: str = "*") -> str:
@@ -23,8 +31,8 @@ def current_rows_sql(table: str, where: str | None = None, columns: str = "*") -
     The rows of one id are retries of one call, so a condition on what the call was asked
     (its prompt, its response) holds for all of them or none: filtering first gives the
     view's rows that meet it, and reads only those instead of ordering the whole table.
-    ``columns`` (which must include the id and the columns of its preference) narrows what
-    the choice carries, e.g. whether a text is there instead of the text.
+    ``columns`` (which must include :func:`choice_columns`) narrows what the choice carries,
+    e.g. whether a text is there instead of the text.
     """
     key, preference = CURRENT_ROWS[table]
     condition = f" WHERE {where}" if where else ""

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from prefcurate.schemas.ids import content_id
-from prefcurate.schemas.views import current_rows_sql
+from prefcurate.schemas.views import choice_columns, current_rows_sql
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.calibration import gate_summary, prepare_jury
 from prefcurate.tasks.filter import aggregate_jury, apply_filters_sharded
@@ -45,10 +45,8 @@ def _by_response_sql(table: str, columns: list[str], order: str) -> str:
 
 
 #: what each shard reads: table -> (its columns, their row order); the partitioned copy also
-#: keeps the columns the one-row-per-id choice orders by
+#: keeps the columns the one-row-per-id choice reads (schemas/views.py:choice_columns)
 _SHARD_TABLES = {"ratings": (_RATING_COLUMNS, "rating_id"), "responses": (_RESPONSE_COLUMNS, "response_id")}
-_CHOICE_COLUMNS = {"ratings": ["rating_id", "valid", "created_at"],
-                   "responses": ["response_id", "finish_reason", "created_at"]}
 
 
 class _PartitionedShards:
@@ -74,7 +72,7 @@ class _PartitionedShards:
         with store.connect(read_only=True) as con:
             con.register("part_of", self.part_of.to_arrow())
             for table, (columns, order) in _SHARD_TABLES.items():
-                kept = ", ".join(f"t.{c}" for c in dict.fromkeys([*columns, *_CHOICE_COLUMNS[table]]))
+                kept = ", ".join(f"t.{c}" for c in dict.fromkeys([*columns, *choice_columns(table)]))
                 target = str(folder / table).replace("'", "''")
                 con.execute(f"COPY (SELECT {kept}, p.part FROM {table} t JOIN part_of p USING (response_id)) "
                             f"TO '{target}' (FORMAT parquet, PARTITION_BY (part))")

@@ -15,7 +15,7 @@ import polars as pl
 import pyarrow as pa
 
 from prefcurate.schemas.ids import content_id
-from prefcurate.schemas.views import current_rows_sql
+from prefcurate.schemas.views import choice_columns, current_rows_sql
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.steps.engines import engine_for, model_time, pool_config, request_metrics
 
@@ -199,7 +199,7 @@ def _scored_responses(store) -> pl.DataFrame:
     row was made) tells it from the id's other rows when the shards are read one by one."""
     # (whether a text is there, not the text, goes through the one-row-per-id choice)
     current = current_rows_sql(
-        "responses", columns="response_id, prompt_id, finish_reason, created_at, text <> '' AS has_text")
+        "responses", columns=", ".join([*choice_columns("responses"), "prompt_id", "text <> '' AS has_text"]))
     return store.query(
         f"SELECT response_id AS item_id, epoch_us(created_at) AS made_us FROM ({current}) "
         "WHERE has_text AND prompt_id IN (SELECT prompt_id FROM prompts) ORDER BY item_id")

@@ -7,6 +7,7 @@ scripted test double for the engine whose first call for one prompt fails.
 from __future__ import annotations
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from prefcurate.config import load_config
@@ -205,3 +206,19 @@ def test_the_filter_shards_read_from_the_partitioned_copy_what_the_tables_hold(t
             assert responses.height == ids.len() and ratings.height > 0
             if "p1" in prompt_ids:
                 assert retried[0] in responses["response_id"].to_list()
+
+
+
+def test_each_current_rows_choice_reads_only_its_choice_columns():
+    """A read narrowed to ``choice_columns`` (the score stage's ids, the filter's partitioned
+    copy) can still make the choice: a preference that orders by another column fails here."""
+    import duckdb
+
+    from prefcurate.schemas.tables import TABLES
+    from prefcurate.schemas.views import CURRENT_ROWS, choice_columns, current_rows_sql
+
+    con = duckdb.connect()
+    for table in CURRENT_ROWS:
+        narrowed = pa.schema([TABLES[table].field(name) for name in choice_columns(table)]).empty_table()
+        con.register(table, narrowed)
+        assert con.sql(current_rows_sql(table)).fetchall() == []
