@@ -64,14 +64,18 @@ class QualityModels:
     critiq_markdown: str | None = None
     embed_seconds: float = 0.0
 
+    def _scorers(self) -> list[tuple[tuple[str, str], Any]]:
+        """((criterion, method), scorer), one per column of :meth:`score`."""
+        scorers = [((criterion, "scorer"), scorer) for criterion, scorer in self.qurating.scorers.items()]
+        return scorers + ([(("critiq", "critiq"), self.critiq_scorer)] if self.critiq_scorer is not None else [])
+
     @property
     def methods(self) -> list[tuple[str, str]]:
-        methods = [(criterion, "scorer") for criterion in self.qurating.scorers]
-        return methods + ([("critiq", "critiq")] if self.critiq_scorer is not None else [])
+        return [method for method, _ in self._scorers()]
 
     def score(self, vectors: np.ndarray) -> np.ndarray:
         """Raw scores of the items with these embeddings: [n_items, len(methods)]."""
-        scorers = [*self.qurating.scorers.values()] + ([self.critiq_scorer] if self.critiq_scorer is not None else [])
+        scorers = [scorer for _, scorer in self._scorers()]
         out = np.empty((len(vectors), len(scorers)), dtype=np.float64)
         for column, scorer in enumerate(scorers):
             out[:, column] = np.asarray(scorer.score(vectors), dtype=np.float64).ravel()

@@ -243,9 +243,9 @@ def _output_parts(unit: Unit, frames: dict[str, Any] | Iterable[tuple[str, Any]]
     unit's outputs that got no part gets one empty shard, so the unit is recorded as done.
     """
     if isinstance(frames, dict):
-        by_table = frames
-        stream = ((table, piece) for table in unit.outputs
-                  for piece in (by_table.get(table) if isinstance(by_table.get(table), list) else [by_table.get(table)]))
+        produced = {table: frames.get(table) for table in unit.outputs}
+        stream = ((table, piece) for table, value in produced.items()
+                  for piece in (value if isinstance(value, list) else [value]))
     else:
         stream = frames
     made: dict[str, int] = {}
