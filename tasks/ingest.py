@@ -19,9 +19,12 @@ through the per-record path, so a bad line costs its own parse, not the file's.
 from __future__ import annotations
 
 import csv
+import functools
 import gzip
 import io
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -29,6 +32,7 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+import polars_hash as plh
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -329,13 +333,12 @@ class _JsonLines:
 
 
 def _newlines(buffer: np.ndarray, step: int = 1 << 22) -> np.ndarray:
-    """Offsets of the "\\n" bytes, found a few MB at a time (one reused mask, not one the file's size)."""
-    mask = np.empty(min(step, len(buffer)), bool)
-    found = [np.zeros(0, np.int64)]
-    for start in range(0, len(buffer), step):
-        piece = buffer[start:start + step]
-        found.append(np.equal(piece, ord("\n"), out=mask[:len(piece)]).nonzero()[0].astype(np.int64) + start)
-    return np.concatenate(found)
+    """Offsets of the "\\n" bytes, found a few MB at a time on every core (numpy lets go of
+    the GIL), each piece's mask the piece's size, not the file's."""
+    def found(start: int) -> np.ndarray:
+        return np.flatnonzero(buffer[start:start + step] == ord("\n")).astype(np.int64) + start
+
+    return np.concatenate([np.zeros(0, np.int64), *_ingest_threads().map(found, range(0, len(buffer), step))])
 
 
 def _parse_object_lines(lines: _JsonLines, indices: np.ndarray) -> tuple[pl.DataFrame, np.ndarray]:
@@ -572,9 +575,23 @@ def _normalise(series: pl.Series) -> pl.Series:
     # rewritten); in the others only runs of spaces can be, found by a literal search
     odd = not_ascii | text.str.contains(r"[\t\x0b\x0c]")
     text = _rewrite_where(text, odd, lambda t: t.str.replace_all(r"[^\S\n]{2,}|[^\S\n ]", " "))
-    text = _rewrite_where(text, text.str.contains("  ", literal=True), lambda t: t.str.replace_all(" {2,}", " "))
+    text = _single_spaces(text)
     text = _rewrite_where(text, text.str.contains("\n", literal=True), lambda t: t.str.replace_all(r" ?\n ?", "\n"))
     return text.str.strip_chars().alias(series.name)
+
+
+def _single_spaces(text: pl.Series) -> pl.Series:
+    """Runs of spaces as one space. A literal "  " -> " " pass halves every run and costs
+    less than half of the regex ``" {2,}"``; the rows still holding a double space take the
+    next pass (a run of n spaces needs log2(n) of them), so clean rows are searched once."""
+    rows = text.str.contains("  ", literal=True).fill_null(False).arg_true()
+    while rows.len():
+        if 2 * rows.len() > text.len():
+            text = text.str.replace_all("  ", " ", literal=True)
+        else:
+            text = text.clone().scatter(rows, text.gather(rows).str.replace_all("  ", " ", literal=True))
+        rows = rows.filter(text.gather(rows).str.contains("  ", literal=True).fill_null(False))
+    return text
 
 
 def _rewrite_where(text: pl.Series, rows: pl.Series, rewrite) -> pl.Series:
@@ -597,6 +614,36 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
         )
     if not records.height:
         return _empty_prompts(), _quarantine_frame([])
+    # polars runs a string function on one series in one thread: row ranges side by side
+    # use every core (a row's verdict depends on that row alone)
+    ranges = _row_ranges(records.height)
+    if len(ranges) == 1:
+        return _validate_rows(records, params, source, columns)
+    done = list(_ingest_threads().map(
+        lambda rows: _validate_rows(records.slice(*rows), params, source, columns), ranges))
+    return pl.concat([accepted for accepted, _ in done]), pl.concat([rejected for _, rejected in done])
+
+
+_PARALLEL_ROWS = 50_000  # fewer rows per thread cost more in start-up than they save
+
+
+def _row_ranges(rows: int) -> list[tuple[int, int]]:
+    """(offset, length) of about equal row ranges, one per core, at least _PARALLEL_ROWS each."""
+    count = max(1, min(os.cpu_count() or 1, rows // _PARALLEL_ROWS))
+    bounds = np.linspace(0, rows, count + 1).astype(int)
+    return [(int(start), int(stop - start)) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+@functools.cache
+def _ingest_threads() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prefcurate-ingest")
+
+
+def _validate_rows(
+    records: pl.DataFrame, params: IngestParams, source: str, columns: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Accepted rows (with ids) and quarantine rows of ``records``, whose fields are ``columns``."""
+    mapping = params.fields
 
     def text_column(name: str | None) -> pl.Expr:
         if name is None or name not in columns:
@@ -704,15 +751,12 @@ def _is_text(dtype: pl.DataType) -> bool:
 
 
 def _hash_ids(keys: pl.Series) -> pl.Series:
-    """sha256 of each key, vectorised through DuckDB (stable across versions, unlike polars' hash)."""
-    import duckdb
-
-    table = pa.table({"k": keys.to_arrow()})
-    con = duckdb.connect()
-    con.register("keys", table)
-    hashed = con.sql(f"SELECT left(sha256(k), {ID_HEX_CHARS}) AS h FROM keys").to_arrow_table()["h"]
-    con.close()
-    return pl.Series("prompt_id", hashed)
+    """The first ID_HEX_CHARS hex digits of each key's sha256 (what ``hashlib`` gives), vectorised:
+    stable across versions, unlike polars' own hash; polars-hash's is ~2.5x DuckDB's ``sha256``
+    on 2 cores here (it uses the CPU's SHA instructions)."""
+    return keys.alias("k").to_frame().select(
+        plh.col("k").chash.sha2_256().str.slice(0, ID_HEX_CHARS).alias("prompt_id")
+    ).to_series()
 
 
 def _deduplicate(
@@ -730,7 +774,7 @@ def _deduplicate(
     else:
         conflicts = _quarantine_frame([])
     before = accepted.height
-    kept = accepted.unique("prompt_id", keep="first", maintain_order=True)
+    kept = accepted.filter(pl.col("prompt_id").is_first_distinct())  # (a mask: ~20% less than unique())
     if has_existing:
         kept = kept.join(existing.select("prompt_id").unique(), on="prompt_id", how="anti")
     return kept, before - kept.height, conflicts

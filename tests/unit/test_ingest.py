@@ -183,9 +183,51 @@ def test_normalisation_matches_the_rule_on_random_text():
     texts += ["".join(rng.choice(ascii_only) for _ in range(rng.randrange(0, 30))) for _ in range(3000)]
     # mostly plain rows, as real prompts are: each rewrite runs on its rows only
     texts += ["plain  text with  double spaces", "plain text"] * 7000 + [None]
+    texts += ["x" + " " * n + "y" for n in (2, 3, 4, 5, 17, 1000)]  # runs that take several literal passes
     got = _normalise(pl.Series("t", texts)).to_list()
     want = [None if t is None else _reference_normalise(t) for t in texts]
     assert got == want
     # a column where most rows need a rewrite takes the whole-column path, with the same result
     odd = texts[:3000]
     assert _normalise(pl.Series("t", odd)).to_list() == want[:3000]
+
+
+def test_prompt_ids_are_the_sha256_of_system_prompt_and_prompt(tmp_path):
+    """The id is what hashlib gives for the normalised (system prompt, prompt): it must not move
+    when the vectorised hash behind it changes, or every dataset's ids would."""
+    import hashlib
+
+    rows = [{"prompt": "Hello  world"}, {"prompt": "Caf\u00e9?", "system_prompt": "Be brief."}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    accepted = ingest_file(IngestParams(path=str(tmp_path / "p.jsonl"))).accepted.sort("source_record")
+    want = [hashlib.sha256(key.encode()).hexdigest()[:24] for key in ("\x1fHello world", "Be brief.\x1fCaf\u00e9?")]
+    assert accepted["prompt_id"].to_list() == want
+
+
+def test_validation_on_row_ranges_side_by_side_gives_the_rows_of_one_pass(tmp_path, monkeypatch):
+    import random
+
+    from prefcurate.tasks import ingest
+
+    rng = random.Random(3)
+    pieces = ["a", " ", "   ", "\t", "\n", "\u00a0", "e\u0301", "x" * 40]
+    rows = []
+    for i in range(3000):
+        row = {"id": f"r{rng.randrange(2500)}", "prompt": "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 8)))}
+        if i % 97 == 0:
+            row["prompt"] = rng.choice([5, True, ["a"], None])
+        if i % 31 == 0:
+            row["system_prompt"] = "Be brief."
+        rows.append(row)
+    path = tmp_path / "p.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    params = IngestParams(path=str(path), max_chars=60)
+    monkeypatch.setattr(ingest, "_PARALLEL_ROWS", 10**9)
+    one = ingest_file(params)
+    monkeypatch.setattr(ingest, "_PARALLEL_ROWS", 500)
+    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 4)
+    assert len(ingest._row_ranges(len(rows))) == 4
+    split = ingest_file(params)
+    assert one.quarantine.height and one.duplicates  # the file exercises every path
+    assert split.accepted.equals(one.accepted) and split.quarantine.equals(one.quarantine)
+    assert split.counts == one.counts
