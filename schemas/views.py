@@ -85,10 +85,12 @@ REPORT_VIEWS: dict[str, str] = {
         JOIN response r ON r.response_id = pair.rejected_id
         ORDER BY latest.rank
     """,
-    # per-judge position bias over pairwise judgments (both orders valid)
+    # per-judge position bias over pairwise judgments (both orders valid); a judge that asked
+    # no orders (reward_model, density_ratio) or one order (an import) has no flip rate: NULL
     "judge_position_bias": """
         SELECT judge, judge_model, criterion, count(*) AS judgments,
-               avg(CASE WHEN (p_first_ab > 0.5) = (p_first_ba > 0.5) THEN 1.0 ELSE 0.0 END)
+               avg(CASE WHEN p_first_ab IS NULL OR p_first_ba IS NULL THEN NULL
+                        WHEN (p_first_ab > 0.5) = (p_first_ba > 0.5) THEN 1.0 ELSE 0.0 END)
                    AS position_flip_rate,
                avg((p_first_ab + p_first_ba) / 2) AS first_position_pref,
                avg(abs(p_a - 0.5) * 2) AS mean_confidence

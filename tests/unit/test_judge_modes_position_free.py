@@ -183,6 +183,20 @@ def test_annotate_stores_position_free_judgments_and_calibrates_them():
     calibration = calibrate_judge(load_gold_pairs(), judge, engine, params)
     assert calibration["gold_pairs"][0] == 42 and calibration["position_flip_rate"].is_null().all()
 
+    # the dataset's bias view: no flip rate for a judge that asked no orders (not a perfect 0.0),
+    # beside a both-orders judge with one consistent verdict and one flip
+    import duckdb
+
+    from prefcurate.schemas.views import REPORT_VIEWS
+
+    both_orders = rows.head(2).with_columns(pl.lit("j2").alias("judge"), pl.lit("pairwise").alias("mode"),
+                                           pl.Series("p_first_ab", [0.8, 0.8]), pl.Series("p_first_ba", [0.3, 0.7]))
+    current_judgments = pl.concat([rows, both_orders], how="vertical_relaxed")  # noqa: F841 (DuckDB reads it by name)
+    bias = {row["judge"]: row for row in duckdb.sql(REPORT_VIEWS["judge_position_bias"]).pl()
+            .group_by("judge").agg(pl.col("judgments").sum(), pl.col("position_flip_rate").mean()).to_dicts()}
+    assert bias["rm"]["judgments"] == 6 and bias["rm"]["position_flip_rate"] is None
+    assert bias["j2"]["position_flip_rate"] == 0.5
+
 
 # ------------------------------------------------------------- server pool, fake replica
 class _CharTokenizer:
