@@ -12,7 +12,9 @@ sections, the way the stages plan them:
 - annotate: per judge, each scheduled pair in both orders per criterion (one verdict
   request each; ``rationale_k`` adds that many rationale generations per order), the gold
   pairs of calibration in both orders, and per response and rubric aspect one rating request; the responses are assumed as long as
-  their ``max_tokens`` allows (cut at ``max_response_chars``).
+  their ``max_tokens`` allows (cut at ``max_response_chars``). A position-free judge
+  (``reward_model``, ``density_ratio``) scores each judged response instead, once (a
+  density ratio once per criterion plus one plain prefill), and its gold pairs the same way.
 - score: QuRating's pairwise judgments, ``sample_size`` items x ``pairs_per_item`` / 2
   comparisons per criterion, both orders (CritiQ, when enabled, is not estimated).
 
@@ -126,6 +128,10 @@ def estimate_build(config) -> list[EstimateRow]:
             verdicts = n_prompts * pairs * criteria * 2
             verdict_chars = TEMPLATE_CHARS + shown_prompt + 2 * shown_response
             mode = judge_mode(judge, annotate)  # per judge (the older rationale_k included)
+            if not mode.needs_both_orders:  # reward_model, density_ratio: each response on its own
+                _add_position_free(add, judge, mode, n_prompts * min(r, 2 * pairs), criteria,
+                                   shown_prompt + shown_response, gold_pairs)
+                continue
             if mode.name == "rationale":
                 k, max_tokens = mode.options.k, mode.options.max_tokens
                 add("annotate", judge.pool, f"judge {judge.name}: rationales ({k}/order)", verdicts * k,
@@ -154,6 +160,28 @@ def estimate_build(config) -> list[EstimateRow]:
         add("score", score.pool, f"QuRating: {items} items x {q.pairs_per_item} comparisons", comparisons,
             comparisons * (TEMPLATE_CHARS + 2 * excerpt), comparisons)
     return rows
+
+
+def _add_position_free(add, judge, mode, responses: int, criteria: int, text_chars: float, gold_pairs: int) -> None:
+    """A position-free judge's requests: one score per judged response (once per unit, however
+    many pairs share it), a density-ratio judge one strong prefill per criterion and one weak;
+    no verdict tokens come back. Calibration and, with no ``temperature``, its fit score both
+    responses of each gold pair. Such a judge rates nothing."""
+    per_response = criteria + 1 if mode.uses_criterion else 1
+    chars = text_chars + (TEMPLATE_CHARS if mode.uses_criterion else 0)
+    what = f"{criteria} {'criterion' if criteria == 1 else 'criteria'} + 1 plain" if mode.uses_criterion else "1"
+    add("annotate", judge.pool, f"judge {judge.name}: {mode.name} scores ({what}/response)",
+        responses * per_response, responses * per_response * chars, 0)
+    per_gold = 2 * (2 if mode.uses_criterion else 1)  # both responses; density ratio: strong + weak
+    if gold_pairs:
+        add("annotate", judge.pool, f"judge {judge.name}: calibration ({gold_pairs} gold pairs)",
+            gold_pairs * per_gold, gold_pairs * per_gold * chars, 0)
+    if mode.options.temperature is None:
+        from prefcurate.tasks.judge_modes_position_free import _gold, _gold_digest
+
+        fit = _gold(mode.options.gold_path, _gold_digest(mode.options.gold_path)).height
+        add("annotate", judge.pool, f"judge {judge.name}: temperature fit ({fit} gold pairs, once per model)",
+            fit * per_gold, fit * per_gold * chars, 0)
 
 
 def _gold_pair_count(annotate) -> int:

@@ -58,6 +58,31 @@ def test_estimate_counts_the_requests_and_prices_them(stub):
     assert "total" in text and "generator gemma-warm" in text
 
 
+def test_a_position_free_judge_is_estimated_by_the_responses_it_scores(stub):
+    # vLLM servers whose models live on the servers' hosts (so nothing is checked or started here)
+    servers = {"kind": "servers", "urls": ["http://127.0.0.1:9"]}
+    judges = [{"name": "rm", "pool": "rewards", "mode": "reward_model", "mode_options": {"temperature": 1.0}},
+              {"name": "cdr", "pool": "logprobs", "mode": "density_ratio"}]
+    hosted = hosted_config(stub).pools["generators"]
+    config = load_config("examples/quickstart.yaml", {
+        "pools": {"generators": hosted, "judges": hosted, "rewards": {**servers, "model": "/srv/models/rm"},
+                  "logprobs": {**servers, "model": "/srv/models/lm"}},
+        "ingest.limit": 10, "stages": ["ingest", "generate", "annotate"], "annotate.judges": judges,
+        "annotate.criteria": ["overall", "helpfulness"], "annotate.rubric_aspects": ["helpfulness"],
+        "annotate.calibration_pairs": 1, "contracts": False,
+    })
+    rows = {r.what: r for r in estimate_build(config) if r.stage == "annotate"}
+    # 10 prompts x 3 responses, each scored once however many of its 3 pairs share it; no
+    # verdict tokens, no both orders, no ratings (a position-free judge rates nothing)
+    assert rows["judge rm: reward_model scores (1/response)"].requests == 10 * 3
+    assert rows["judge cdr: density_ratio scores (2 criteria + 1 plain/response)"].requests == 10 * 3 * 3
+    assert rows["judge rm: calibration (1 gold pairs)"].requests == 2
+    assert rows["judge cdr: calibration (1 gold pairs)"].requests == 4
+    fit = [r for what, r in rows.items() if what.startswith("judge cdr: temperature fit")]
+    assert len(fit) == 1 and fit[0].requests > 0 and not any("temperature fit" in w for w in rows if "rm" in w)
+    assert all(r.tokens_out == 0 for r in rows.values()) and not any("ratings" in w or "verdicts" in w for w in rows)
+
+
 def test_the_estimate_command_prints_without_starting_anything(tmp_path, stub):
     from typer.testing import CliRunner
 
