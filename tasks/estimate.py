@@ -16,7 +16,9 @@ sections, the way the stages plan them:
   (``reward_model``, ``density_ratio``) scores each judged response instead, once (a
   density ratio once per criterion plus one plain prefill), and its gold pairs the same way.
 - score: QuRating's pairwise judgments, ``sample_size`` items x ``pairs_per_item`` / 2
-  comparisons per criterion, both orders (CritiQ, when enabled, is not estimated).
+  comparisons per criterion, both orders; with CritiQ on, an upper bound of its workers'
+  verdicts (mining on the human pairs, then the scorer's pairs) and its manager's
+  generations (:func:`_add_critiq` says how it is bounded).
 
 Tokens are counted as characters / 4 (the pools' tokenizers live on the provider's side),
 so the figures are estimates; a verdict that needs ``logit_bias`` or a re-ask (see
@@ -159,7 +161,39 @@ def estimate_build(config) -> list[EstimateRow]:
         excerpt = min(q.excerpt_chars, score.max_text_chars, mean_prompt_chars + mean_response_chars)
         add("score", score.pool, f"QuRating: {items} items x {q.pairs_per_item} comparisons", comparisons,
             comparisons * (TEMPLATE_CHARS + 2 * excerpt), comparisons)
+        if score.critiq.enabled:
+            _add_critiq(add, score.critiq, mean_prompt_chars + mean_response_chars)
     return rows
+
+
+def _add_critiq(add, critiq, item_chars: float) -> None:
+    """CritiQ's requests, an upper bound: every evaluation judges the whole working set
+    (unchanged criteria are memoised, so fewer are asked), every criterion of every iteration
+    is revised or replaced, and the final set is taken as ``n_criteria`` criteria (it holds
+    every criterion seen that reached ``keep_threshold``: usually fewer)."""
+    from prefcurate.tasks.critiq import load_human_pairs, load_seed_criteria, split_pairs
+
+    c = critiq.params
+    human = load_human_pairs(critiq.human_pairs)
+    train, held = (len(side) for side in split_pairs(human.height, c.heldout_fraction, c.seed))
+    seeds = len(load_seed_criteria(critiq.seed_criteria))
+    orders = 2 if c.balance_positions else 1
+    pair_chars = float((human["text_a"].str.len_chars() + human["text_b"].str.len_chars()).mean() or 0.0)
+    criterion_chars = c.description_max_chars
+    # workers: one next-token verdict each (A / B / None)
+    mining = (seeds + c.n_criteria * (c.iterations + 1)) * train * orders + c.n_criteria * held * orders
+    add("score", critiq.pool, f"CritiQ workers: criteria on {human.height} human pairs (upper bound)", mining,
+        mining * (TEMPLATE_CHARS + criterion_chars + min(pair_chars, 2 * c.excerpt_chars)), mining)
+    labels = critiq.scorer_pairs * c.n_criteria * orders
+    add("score", critiq.pool, f"CritiQ workers: {critiq.scorer_pairs} scorer pairs x final criteria", labels,
+        labels * (TEMPLATE_CHARS + criterion_chars + 2 * min(item_chars, c.excerpt_chars)), labels)
+    # manager: fill the working set at the start, then per iteration each criterion revised
+    # (critiques of wrong cases + rewrites) or banned and replaced (proposals)
+    per_criterion = max(c.max_reflection_cases + c.rewrite_samples, c.proposal_samples)
+    manager = c.n_criteria * c.proposal_samples + c.iterations * c.n_criteria * per_criterion
+    shown = TEMPLATE_CHARS + (2 * c.manager_examples + 1) * c.manager_excerpt_chars + c.n_criteria * criterion_chars
+    add("score", critiq.pool, "CritiQ manager: proposals, critiques, rewrites (upper bound)", manager,
+        manager * shown, manager * c.manager_max_tokens)
 
 
 def _add_position_free(add, judge, mode, responses: int, criteria: int, text_chars: float, gold_pairs: int) -> None:

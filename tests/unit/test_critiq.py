@@ -465,3 +465,33 @@ def test_the_score_stage_trains_a_critiq_scorer_next_to_qurating(tmp_path):
     assert scores[:3].min() > scores[3:].max()
     frames = models.quality_frames(pl.Series([f"i{k}" for k in range(6)]), models.score(embed(texts)))
     assert [frame["method"].unique().to_list() for frame in frames[1:]] == [["critiq"]]
+
+
+@pytest.mark.parametrize("kb_names", [["planted", "partial", "contrarian", "abstainer"], []])
+def test_the_estimate_bounds_the_requests_mining_makes(tmp_path, kb_names):
+    """`prefcurate estimate`'s CritiQ rows are an upper bound of what mining asks for."""
+    import json
+
+    import yaml
+
+    from prefcurate.tasks.estimate import _add_critiq
+    from prefcurate.tasks.score import CritiQStageParams
+
+    descriptions = {"planted": "prefers the text written with care.", "partial": "prefers the text that seems fine.",
+                    "contrarian": "prefers the careless text.", "abstainer": "never sure."}
+    kb = [crit(name, descriptions[name]) for name in kb_names]
+    pairs = world_pairs(30)
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (tmp_path / "kb.yaml").write_text(yaml.safe_dump([{"name": c.name, "description": c.description} for c in kb]))
+    params = CritiQParams(iterations=2, n_criteria=3, proposal_samples=2, seed=0)
+    engine = CountingEngine()
+    mine_criteria(engine, load_human_pairs(tmp_path / "pairs.jsonl"), kb, params)
+    asked = {kind: sum(n for k, n in engine.batches if k == kind) for kind in ("score_choices", "generate")}
+    rows = {}
+    stage = CritiQStageParams(enabled=True, human_pairs=str(tmp_path / "pairs.jsonl"),
+                              seed_criteria=str(tmp_path / "kb.yaml"), params=params)
+    _add_critiq(lambda stage, pool, what, requests, chars, tokens: rows.update({what: requests}), stage, 200.0)
+    mining = next(v for k, v in rows.items() if k.startswith("CritiQ workers: criteria"))
+    manager = next(v for k, v in rows.items() if k.startswith("CritiQ manager"))
+    assert asked["score_choices"] > 0 and asked["generate"] > 0
+    assert asked["score_choices"] <= mining and asked["generate"] <= manager
