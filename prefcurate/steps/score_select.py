@@ -46,8 +46,16 @@ def embed_with_cache(store, items: pl.DataFrame, kind: str, model_name: str, emb
     matrix = np.zeros((items.height, EMBEDDING_DIM), dtype=np.float32)
     cached = np.zeros(items.height, dtype=bool)
     with store.connect(read_only=True) as con:
+        # a few items (the score stage's sample) of a large table: only theirs are decoded
+        # (0.7 -> 0.5 s for 1,000 of 300,000); for most of it, the semi-join costs more than it saves
+        stored = con.execute(
+            "SELECT coalesce(sum(rows), 0) FROM _shards WHERE table_name = 'embeddings'").fetchall()[0][0]
+        wanted = ""
+        if 4 * items.height < stored:
+            con.register("wanted_items", index.select("item_id").to_arrow())
+            wanted = " AND item_id IN (SELECT item_id FROM wanted_items)"
         # an item embedded twice has the same vector either time: whichever row comes last stays
-        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?",
+        reader = con.sql("SELECT item_id, vector FROM embeddings WHERE item_kind = ? AND model = ?" + wanted,
                          params=[kind, model_name]).to_arrow_reader(_CACHE_BATCH)
         for batch in reader:
             hits = pl.from_arrow(batch).join(index, on="item_id", how="inner")
