@@ -65,6 +65,13 @@ def test_cached_vectors_are_read_and_only_missing_items_embedded_in_chunks(tmp_p
     assert calls == [] and none_new.height == 0
     np.testing.assert_array_equal(again, matrix)
 
+    # a few items of a larger table (the score stage's sample) are read through a semi-join on
+    # their ids (4 items of 76 rows): the same vectors, and only the new one embedded
+    few = items.head(3).vstack(pl.DataFrame({"item_id": ["new"], "text": ["a new text"]}))
+    some, one_new, _ = score_select.embed_with_cache(store, few, "response", "m", embed)
+    np.testing.assert_array_equal(some, vectors_of(few["text"].to_list()))
+    assert one_new["item_id"].to_list() == ["new"] and calls == [["a new text"]]
+
 
 def test_with_nothing_cached_the_new_rows_share_the_matrix(tmp_path):
     store = Store.init(tmp_path / "ds")
