@@ -23,7 +23,6 @@ import functools
 import gzip
 import io
 import json
-import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -629,14 +628,20 @@ _PARALLEL_ROWS = 50_000  # fewer rows per thread cost more in start-up than they
 
 def _row_ranges(rows: int) -> list[tuple[int, int]]:
     """(offset, length) of about equal row ranges, one per core, at least _PARALLEL_ROWS each."""
-    count = max(1, min(os.cpu_count() or 1, rows // _PARALLEL_ROWS))
+    count = max(1, min(_cores(), rows // _PARALLEL_ROWS))
     bounds = np.linspace(0, rows, count + 1).astype(int)
     return [(int(start), int(stop - start)) for start, stop in zip(bounds[:-1], bounds[1:])]
 
 
+def _cores() -> int:
+    """The cores polars works on (its pool follows the CPU quota and POLARS_MAX_THREADS, where
+    ``os.cpu_count()`` counts every core of the host)."""
+    return max(1, pl.thread_pool_size())
+
+
 @functools.cache
 def _ingest_threads() -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(os.cpu_count() or 1, thread_name_prefix="prefcurate-ingest")
+    return ThreadPoolExecutor(_cores(), thread_name_prefix="prefcurate-ingest")
 
 
 def _validate_rows(

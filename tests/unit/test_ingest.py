@@ -225,7 +225,7 @@ def test_validation_on_row_ranges_side_by_side_gives_the_rows_of_one_pass(tmp_pa
     monkeypatch.setattr(ingest, "_PARALLEL_ROWS", 10**9)
     one = ingest_file(params)
     monkeypatch.setattr(ingest, "_PARALLEL_ROWS", 500)
-    monkeypatch.setattr(ingest.os, "cpu_count", lambda: 4)
+    monkeypatch.setattr(ingest, "_cores", lambda: 4)
     assert len(ingest._row_ranges(len(rows))) == 4
     split = ingest_file(params)
     assert one.quarantine.height and one.duplicates  # the file exercises every path
