@@ -9,9 +9,11 @@ accuracy, the gate and the calibrated jury's weights (tasks/calibration.py).
 
 Uncertainty (the export's order): FairEval's Balanced Position Diversity Entropy, the mean
 of the judgments' ``bpde`` over the pair's judges and criteria (entropy of the win/tie/lose
-outcomes over both orders), highest first; ties, common since two verdict samples give few
-distinct values, are broken by the entropy of the jury's ``p_a`` (the newest jury table),
-then by the pair key. Pairs a person already labelled are not exported again. FairEval
+outcomes over both orders), highest first; a pair that no judge asked in both orders
+(position-free judges, single-order imports) has none, and the mean binary entropy of its
+judges' ``p_a`` stands in (the same 0..ln 2 scale). Ties, common since two verdict samples
+give few distinct values, are broken by the entropy of the jury's ``p_a`` (the newest jury
+table), then by the pair key. Pairs a person already labelled are not exported again. FairEval
 sends the top 20% to a human and reports ChatGPT's agreement rising from 58.8% to 71.3%.
 
 Files are JSONL (default) or CSV by suffix; the columns are the gold file's (``prompt``,
@@ -59,7 +61,11 @@ def review_candidates(
     if not 0.0 < top <= 1.0:
         raise ValueError(f"review export: --top must be in (0, 1], got {top}")
     valid = judgments.filter(pl.col("valid"))
-    per_pair = valid.group_by(PAIR_KEY).agg(pl.col("bpde").cast(pl.Float64).mean().alias("uncertainty"))
+    # a pair no judge asked in both orders (position-free judges, single-order imports) has no
+    # BPDE: its judges' verdict entropy stands in, on the same scale (0 sure .. ln 2)
+    per_pair = valid.group_by(PAIR_KEY).agg(
+        pl.coalesce(pl.col("bpde").cast(pl.Float64).mean(), binary_entropy(pl.col("p_a").cast(pl.Float64)).mean())
+        .alias("uncertainty"))
     if jury.height:
         newest = jury.sort("created_at") if "created_at" in jury.columns else jury
         jury_p = (

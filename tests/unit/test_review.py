@@ -111,3 +111,20 @@ def test_review_file_checks(tmp_path):
         from prefcurate.tasks.review import review_candidates
 
         review_candidates(pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), pl.DataFrame(), top=0)
+
+
+def test_pairs_without_both_orders_are_ranked_by_their_verdicts_entropy():
+    """A position-free or single-order judgment has no BPDE: its p_a's entropy stands in."""
+    from prefcurate.tasks.review import review_candidates
+
+    judgments = pl.DataFrame({
+        "prompt_id": ["p", "p", "q", "q"], "response_a": ["a", "a", "c", "c"], "response_b": ["b", "b", "d", "d"],
+        "judge": ["pairwise", "rm", "rm", "rm2"], "valid": [True] * 4,
+        "bpde": [0.0, None, None, None], "p_a": [0.9, 0.5, 0.55, 0.45],
+    })
+    prompts = pl.DataFrame({"prompt_id": ["p", "q"], "prompt": ["P?", "Q?"]})
+    responses = pl.DataFrame({"response_id": list("abcd"), "text": ["A.", "B.", "C.", "D."]})
+    exported = review_candidates(judgments, pl.DataFrame(), prompts, responses, top=1.0)
+    # q: no BPDE, two near-coin-flip verdicts: more uncertain than p, whose both-orders judge agreed
+    assert exported["prompt_id"].to_list() == ["q", "p"]
+    assert exported["uncertainty"].to_list()[0] > 0.68 and exported["uncertainty"].to_list()[1] == 0.0
