@@ -585,17 +585,19 @@ def _single_spaces(text: pl.Series) -> pl.Series:
     next pass (a run of n spaces needs log2(n) of them), so clean rows are searched once."""
     rows = text.str.contains("  ", literal=True).fill_null(False).arg_true()
     while rows.len():
-        if 2 * rows.len() > text.len():
-            text = text.str.replace_all("  ", " ", literal=True)
-        else:
-            text = text.clone().scatter(rows, text.gather(rows).str.replace_all("  ", " ", literal=True))
+        text = _rewrite_at(text, rows, lambda t: t.str.replace_all("  ", " ", literal=True))
         rows = rows.filter(text.gather(rows).str.contains("  ", literal=True).fill_null(False))
     return text
 
 
 def _rewrite_where(text: pl.Series, rows: pl.Series, rewrite) -> pl.Series:
     """``rewrite`` (the identity on the other rows) applied to the rows marked in ``rows``."""
-    picked = rows.fill_null(False).arg_true()
+    return _rewrite_at(text, rows.fill_null(False).arg_true(), rewrite)
+
+
+def _rewrite_at(text: pl.Series, picked: pl.Series, rewrite) -> pl.Series:
+    """``rewrite`` applied to the rows at the positions ``picked``: to the whole column when
+    they are most of it, else to those rows alone."""
     if picked.len() == 0:
         return text
     if 2 * picked.len() > text.len():
