@@ -727,6 +727,22 @@ def load_gold_pairs(path: str | Path | None = None) -> pl.DataFrame:
     return gold.select(needed + (["why"] if "why" in gold.columns else []))
 
 
+def calibration_gold_pairs(params: AnnotateParams, with_quarantine: bool = False):
+    """The gold pairs the judges are calibrated on: the user's ``gold_path`` (its A/B pairs;
+    with ``with_quarantine``, also its bad rows, for the quarantine) or the packaged set,
+    cut to ``calibration_pairs``."""
+    from prefcurate.tasks.calibration import decisive, load_gold_file
+
+    quarantine = None
+    if params.gold_path:
+        gold, quarantine = load_gold_file(params.gold_path)
+        gold = decisive(gold)
+    else:
+        gold = load_gold_pairs()
+    gold = gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
+    return (gold, quarantine) if with_quarantine else gold
+
+
 def calibration_metrics(
     p_first_ab: np.ndarray, p_first_ba: np.ndarray, gold_a_wins: np.ndarray, p_a: np.ndarray | None = None
 ) -> dict[str, float | int]:

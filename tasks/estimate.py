@@ -211,17 +211,15 @@ def _add_position_free(add, judge, mode, responses: int, criteria: int, text_cha
         add("annotate", judge.pool, f"judge {judge.name}: calibration ({gold_pairs} gold pairs)",
             gold_pairs * per_gold, gold_pairs * per_gold * chars, 0)
     if mode.options.temperature is None:
-        from prefcurate.tasks.judge_modes_position_free import _gold, _gold_digest
-
-        fit = _gold(mode.options.gold_path, _gold_digest(mode.options.gold_path)).height
+        fit = mode.temperature_fit_pairs().height
         add("annotate", judge.pool, f"judge {judge.name}: temperature fit ({fit} gold pairs, once per model)",
             fit * per_gold, fit * per_gold * chars, 0)
 
 
 def _gold_pair_count(annotate) -> int:
-    from prefcurate.steps.model_stages import _gold_pairs
+    from prefcurate.tasks.annotate import calibration_gold_pairs
 
-    return _gold_pairs(annotate).height
+    return calibration_gold_pairs(annotate).height
 
 
 def format_estimate(rows: list[EstimateRow], config=None) -> str:

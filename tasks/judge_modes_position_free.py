@@ -124,7 +124,10 @@ def _gold(path: str | None, digest: str) -> pl.DataFrame:
     from prefcurate.tasks.annotate import load_gold_pairs
 
     gold = load_gold_pairs(path)
-    return gold.filter(pl.col("winner").is_in(["A", "B"])).select("prompt", "response_a", "response_b", "winner")
+    return gold.filter(pl.col("winner").is_in(["A", "B"])).select(_GOLD_COLUMNS)
+
+
+_GOLD_COLUMNS = ["prompt", "response_a", "response_b", "winner"]
 
 
 def _gold_digest(path: str | None) -> str:
@@ -177,6 +180,20 @@ class PositionFreeMode(JudgeMode):
         if self.options.temperature is None:
             identity["gold"] = _gold_digest(self.options.gold_path)
         return identity
+
+    def template_hashes(self) -> dict[str, str]:
+        """The templates' hashes and, when ``t`` is fitted, the gold pairs' (read like a
+        template: a gold file edited in place judges again)."""
+        hashes = super().template_hashes()
+        if self.options.temperature is None:
+            hashes["temperature_fit"] = _gold_digest(self.options.gold_path)
+        return hashes
+
+    def temperature_fit_pairs(self) -> pl.DataFrame:
+        """The labelled pairs (winner A or B) ``t`` is fitted on; none when it is given."""
+        if self.options.temperature is not None:
+            return pl.DataFrame(schema=dict.fromkeys(_GOLD_COLUMNS, pl.String))
+        return _gold(self.options.gold_path, _gold_digest(self.options.gold_path))
 
     # -- checks
     def check_pool(self, pool_name: str, pool_config, judge_name: str) -> None:
@@ -254,8 +271,9 @@ class PositionFreeMode(JudgeMode):
         (computed once per process and model)."""
         if self.options.temperature is not None:
             return float(self.options.temperature)
+        # (the template hashes include the gold pairs')
         key = (self.name, repr(self.options), tuple(sorted(self.template_hashes().items())),
-               getattr(engine, "model", "?"), _gold_digest(self.options.gold_path))
+               getattr(engine, "model", "?"))
         if key not in _FITTED:
             _FITTED[key] = self.fit_on_gold(engine, batch_size)
         return _FITTED[key]
@@ -263,7 +281,7 @@ class PositionFreeMode(JudgeMode):
     def fit_on_gold(self, engine, batch_size: int = 64) -> float:
         from prefcurate.tasks.annotate import resolve_criteria
 
-        gold = _gold(self.options.gold_path, _gold_digest(self.options.gold_path))
+        gold = self.temperature_fit_pairs()
         description = resolve_criteria(["overall"])["overall"]
         texts = pl.concat([
             gold.select("prompt", pl.col("response_a").alias("text")),

@@ -31,11 +31,10 @@ from prefcurate.tasks.annotate import (
     AnnotateParams,
     annotate,
     calibrate_judge,
+    calibration_gold_pairs,
     check_judge_pools,
     judge_template_hashes,
-    load_gold_pairs,
 )
-from prefcurate.tasks.calibration import decisive, load_gold_file
 from prefcurate.tasks.generate import GenerateParams, check_pools, run_generators
 
 _PROVENANCE = ["run_id", "stage", "code_version", "created_at"]
@@ -171,19 +170,6 @@ def _bound_generate_params(config: PipelineConfig) -> GenerateParams:
     return params.model_copy(update={"generators": bind_to_pools(params.generators, config.pools, "generator")})
 
 
-def _gold_pairs(params: AnnotateParams, with_quarantine: bool = False):
-    """The gold pairs judged for calibration: the user's ``gold_path`` (its A/B pairs; its bad
-    rows returned for quarantine) or the packaged set."""
-    quarantine = None
-    if params.gold_path:
-        gold, quarantine = load_gold_file(params.gold_path)
-        gold = decisive(gold)
-    else:
-        gold = load_gold_pairs()
-    gold = gold if params.calibration_pairs is None else gold.head(params.calibration_pairs)
-    return (gold, quarantine) if with_quarantine else gold
-
-
 class _PromptShardStep(Step):
     """A step with a unit per prompt shard, whose plan looks up ids in the tables it writes,
     and an engine per model spec (a generator or judge: ``name`` and ``pool``)."""
@@ -291,7 +277,7 @@ class AnnotateStep(_PromptShardStep):
             unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
                         {"prompts_path": path, "inputs": {t: by_shard.get(path, []) for t, by_shard in files.items()}})
             units += _with_retry(unit, found["failed"][path])
-        gold = _gold_pairs(params)
+        gold = calibration_gold_pairs(params)
         gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
         outputs = ("judge_calibration", "request_metrics") + (("quarantine",) if params.gold_path else ())
         units.append(Unit(self.name, gold_key, outputs, {"calibration": True}))
@@ -303,7 +289,7 @@ class AnnotateStep(_PromptShardStep):
         params: AnnotateParams = config.annotate
         engines = self.engines(config)
         if unit.payload.get("calibration"):
-            gold, bad_gold = _gold_pairs(params, with_quarantine=True)
+            gold, bad_gold = calibration_gold_pairs(params, with_quarantine=True)
             rows = [calibrate_judge(gold, judge, engines[judge.name], params) for judge in params.judges]
             outputs = {"judge_calibration": pl.concat(rows), "request_metrics": request_metrics(*engines.values())}
             if params.gold_path:  # the user's gold file's bad rows, with record and field

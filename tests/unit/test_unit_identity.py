@@ -180,6 +180,25 @@ def test_every_template_a_judge_uses_enters_the_annotate_keys(world):
     assert _keys(_context(world, world["first"], **{"annotate.judges": judges}), "annotate").isdisjoint(keys["plain"])
 
 
+def test_a_position_free_judges_gold_file_enters_the_annotate_keys_when_it_fits_t(world):
+    from prefcurate.tasks.annotate import load_gold_pairs
+
+    gold = world["tmp"] / "rm_gold.jsonl"
+    gold.write_text(load_gold_pairs().write_ndjson())
+
+    def keys(**options) -> set[str]:
+        judges = [{"name": "cdr", "pool": "judges", "mode": "density_ratio", "mode_options": {"gold_path": str(gold),
+                                                                                          **options}}]
+        return _keys(_context(world, world["first"], **{"annotate.judges": judges, "annotate.rubric_aspects": []}),
+                     "annotate")
+
+    fitted, given = keys(), keys(temperature=1.0)
+    assert keys() == fitted and fitted.isdisjoint(given)
+    gold.write_text(gold.read_text().replace('"winner":"A"', '"winner":"B"', 1))  # a label edited in place
+    assert keys().isdisjoint(fitted)  # t is fitted again, so the shard is judged again
+    assert keys(temperature=1.0) == given  # a given t never reads the file
+
+
 def test_the_score_key_follows_its_pools_prompts_and_data_files(world):
     from prefcurate.tasks import critiq
 
