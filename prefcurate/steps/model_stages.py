@@ -23,6 +23,7 @@ import json
 import polars as pl
 
 from prefcurate.config import PipelineConfig
+from prefcurate.errors import InputError
 from prefcurate.inference.pools import bind_to_pools
 from prefcurate.schemas.ids import content_id
 from prefcurate.steps.base import StageContext, Step, Unit, _write_atomic
@@ -50,6 +51,13 @@ def _shard_prompts(store, path: str) -> pl.DataFrame:
 
 def _ids_digest(ids: list[str]) -> str:
     return hashlib.sha256("\n".join(sorted(ids)).encode()).hexdigest()
+
+
+def _gold_content_digest(gold: pl.DataFrame) -> str:
+    """What a calibration depends on in its gold pairs, in order: ids, texts and labels, so a
+    label corrected or a response edited in place calibrates again (the ids alone stay)."""
+    rows = gold.select(pl.concat_str(["id", "prompt", "response_a", "response_b", "winner"], separator="\x1f"))
+    return hashlib.sha256("\n".join(rows.to_series().to_list()).encode()).hexdigest()
 
 
 def _unit_rows(store, table: str, files: list[str] | None) -> str:
@@ -277,10 +285,10 @@ class AnnotateStep(_PromptShardStep):
             unit = Unit(self.name, key, ("judgments", "ratings", "quarantine", "request_metrics"),
                         {"prompts_path": path, "inputs": {t: by_shard.get(path, []) for t, by_shard in files.items()}})
             units += _with_retry(unit, found["failed"][path])
-        gold = calibration_gold_pairs(params)
-        gold_key = content_id("calibration", verdicts, settings, _ids_digest(gold["id"].to_list()))
+        gold_digest = _gold_content_digest(calibration_gold_pairs(params))
+        gold_key = content_id("calibration", verdicts, settings, gold_digest)
         outputs = ("judge_calibration", "request_metrics") + (("quarantine",) if params.gold_path else ())
-        units.append(Unit(self.name, gold_key, outputs, {"calibration": True}))
+        units.append(Unit(self.name, gold_key, outputs, {"calibration": True, "gold": gold_digest}))
         return units
 
     def compute(self, unit: Unit, ctx: StageContext):
@@ -290,6 +298,12 @@ class AnnotateStep(_PromptShardStep):
         engines = self.engines(config)
         if unit.payload.get("calibration"):
             gold, bad_gold = calibration_gold_pairs(params, with_quarantine=True)
+            planned = unit.payload.get("gold")
+            if planned is not None and planned != _gold_content_digest(gold):
+                raise InputError(
+                    f"the gold pairs ({params.gold_path or 'the packaged set'}) changed after this build "
+                    "planned their calibration; run the build again to calibrate on the new labels"
+                )
             rows = [calibrate_judge(gold, judge, engines[judge.name], params) for judge in params.judges]
             outputs = {"judge_calibration": pl.concat(rows), "request_metrics": request_metrics(*engines.values())}
             if params.gold_path:  # the user's gold file's bad rows, with record and field

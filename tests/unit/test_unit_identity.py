@@ -199,6 +199,29 @@ def test_a_position_free_judges_gold_file_enters_the_annotate_keys_when_it_fits_
     assert keys(temperature=1.0) == given  # a given t never reads the file
 
 
+def test_a_gold_label_edited_in_place_calibrates_again_and_an_edit_mid_build_is_refused(world):
+    from prefcurate.errors import InputError
+    from prefcurate.tasks.annotate import load_gold_pairs
+
+    gold = world["tmp"] / "gold.jsonl"
+    gold.write_text(load_gold_pairs().write_ndjson())  # ids given in the file: a label edit keeps them
+    ctx = _context(world, world["first"], **{"annotate.gold_path": str(gold)})
+    _run_stage("generate", ctx)
+    assert _run_stage("annotate", ctx) == 2  # the shard and the calibration
+    first = gold.read_text().splitlines()[0]
+    flipped = first.replace('"winner":"A"', '"winner":"B"') if '"winner":"A"' in first else \
+        first.replace('"winner":"B"', '"winner":"A"')
+    gold.write_text(gold.read_text().replace(first, flipped, 1))
+
+    edited = _context(world, world["first"], run_id="r2", **{"annotate.gold_path": str(gold)})
+    step = get_step("annotate")
+    todo, _ = step.pending(edited, step.plan(edited))
+    assert [unit.payload.get("calibration") for unit in todo] == [True]  # the shard is judged already
+    gold.write_text(gold.read_text().replace(flipped, first, 1))  # edited again after the plan
+    with pytest.raises(InputError, match="changed after this build planned"):
+        step.run_unit(todo[0], edited)
+
+
 def test_the_score_key_follows_its_pools_prompts_and_data_files(world):
     from prefcurate.tasks import critiq
 
