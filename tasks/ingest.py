@@ -23,6 +23,7 @@ import functools
 import gzip
 import io
 import json
+import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -644,6 +645,10 @@ def _cores() -> int:
 @functools.cache
 def _ingest_threads() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_cores(), thread_name_prefix="prefcurate-ingest")
+
+
+# a forked child has the pool's object but not its threads: work sent to it would wait forever
+os.register_at_fork(after_in_child=_ingest_threads.cache_clear)
 
 
 def _validate_rows(

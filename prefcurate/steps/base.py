@@ -269,6 +269,10 @@ def _shard_writers() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(_SHARD_WRITE_WIDTH, thread_name_prefix="prefcurate-shard-write")
 
 
+# a forked child has the pool's object but not its threads: work sent to it would wait forever
+os.register_at_fork(after_in_child=_shard_writers.cache_clear)
+
+
 def release_freed_memory() -> None:
     """Give the C heap's freed pages back to the OS after a whole-dataset unit.
 
