@@ -70,6 +70,30 @@ def share_prefect_tls_context() -> None:
 share_prefect_tls_context()
 
 
+class _InputErrorsWithoutTraceback(logging.Filter):
+    """An :class:`~prefcurate.errors.InputError` (a bad file or config: the user's to fix) is
+    logged by Prefect's engines as its message alone, not with the engine's 60-line traceback,
+    so the one line that names the record and field is the one a user sees."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from prefcurate.errors import InputError
+
+        if record.exc_info and isinstance(record.exc_info[1], InputError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def quiet_input_error_tracebacks() -> None:
+    """Runs on import (the CLI, a deployment's worker and Dask workers all import this module)."""
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _InputErrorsWithoutTraceback) for f in logger.filters):
+            logger.addFilter(_InputErrorsWithoutTraceback())
+
+
+quiet_input_error_tracebacks()
+
+
 class RunParameters(BaseModel):
     """What the Prefect UI asks for when a stage or build is run by hand."""
 
