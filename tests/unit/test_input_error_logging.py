@@ -15,6 +15,7 @@ from prefcurate.tasks.ingest import IngestError
 from prefect.logging.loggers import get_logger
 
 
+@pytest.mark.filterwarnings("ignore:Logger 'prefect:UserWarning")  # (no flow run here to send logs to)
 @pytest.mark.parametrize("name", ["prefect.flow_runs", "prefect.task_runs"])
 def test_an_input_error_is_logged_without_its_traceback_and_a_bug_with_it(name):
     logger = get_logger(name)  # the logger Prefect's engine logs a run's exception to
