@@ -66,7 +66,8 @@ class PipelineConfig(Strict):
     dataset: str = Field("datasets/quickstart", description="dataset directory (created if missing)")
     seed: int = 0
     pools: dict[str, PoolConfig] = Field(
-        default_factory=lambda: {"default": EmbeddedPoolConfig()},
+        # the pools the stages' defaults name (equal settings: one engine serves both)
+        default_factory=lambda: {"generators": EmbeddedPoolConfig(), "judges": EmbeddedPoolConfig()},
         description="named inference pools, each one kind (`kind:`): an embedded engine, a list of vLLM servers, ...",
     )
     stages: list[str] = Field(
@@ -328,7 +329,7 @@ def _undefined_pool_references(config: PipelineConfig, pools_given: bool) -> lis
     """Every `pool:` a stage section names must be one of `pools`, checked before any work.
 
     Pools named in the file are checked; defaulted ones too when the file defines `pools`
-    and the stage is one that runs (the built-in defaults name pools a default config lacks).
+    and the stage is one that runs (a file's own `pools` may lack those the defaults name).
     """
     errors: list[dict] = []
     defined = set(config.pools)

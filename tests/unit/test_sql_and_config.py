@@ -60,6 +60,19 @@ def test_shipped_configs_are_valid(path):
     assert {"generators", "judges"} <= set(config.pools)
 
 
+def test_the_built_in_defaults_name_only_pools_they_define():
+    """`prefcurate build` without a config file runs on the embedded default: the stages'
+    defaults name the pools `generators` and `judges`, and the default `pools` define both."""
+    from prefcurate.config import _undefined_pool_references
+    from prefcurate.tasks.annotate import check_judge_pools
+    from prefcurate.tasks.generate import check_pools
+
+    config = load_config(None)
+    assert _undefined_pool_references(config, pools_given=True) == []
+    check_pools(config.generate.generators, config.pools)  # what generate's plan checks first
+    check_judge_pools(config.annotate.judges, config.pools, config.annotate)
+
+
 def test_dotted_overrides_reach_list_items():
     config = load_config("examples/quickstart.yaml", {"generate.generators.1.n": 3, "ingest.limit": 5})
     assert config.generate.generators[1].n == 3 and config.ingest.limit == 5
