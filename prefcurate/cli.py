@@ -285,8 +285,26 @@ def run(
     if stage not in available_stages():
         fail(f"unknown stage {stage!r}; available: {', '.join(available_stages())}")
     overrides = _overrides(set_)
+    _require_inputs(stage, _dataset_for(config, dataset, overrides))
     summary = _run_flow(stage, config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _require_inputs(stage: str, dataset: Path, command: str | None = None) -> None:
+    """`error:` when a table the stage reads is empty (before Prefect starts): run alone, it
+    would only write empty outputs."""
+    from prefcurate.stages import STAGE_NAMES, stage_spec
+
+    reads = stage_spec(stage).reads
+    if not reads or not Path(dataset).exists():
+        return
+    store = _open_store(dataset)
+    empty = [table for table in reads if store.count(table) == 0]
+    if empty:
+        before = " -> ".join(STAGE_NAMES[: STAGE_NAMES.index(stage)])
+        fail(f"`{command or 'prefcurate run ' + stage}` reads {' and '.join(empty)}, and the dataset {dataset} has no rows there: "
+             f"run the stages before it first ({before}; `prefcurate build` runs them all), or see "
+             f"`prefcurate status` for why they wrote none")
 
 
 @app.command()
@@ -379,6 +397,7 @@ def export(
 ) -> None:
     """Write the curated pairs as DPO JSONL + Parquet with a dataset card."""
     overrides = _overrides(set_)
+    _require_inputs("export", _dataset_for(config, dataset, overrides), command="prefcurate export")
     summary = _run_flow("export", config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
 

@@ -27,6 +27,9 @@ class StageSpec:
     params: str
     #: one line for the CLI, the flow's description and the docs
     summary: str
+    #: the tables it reads that must hold rows for it to do anything (``prefcurate run``
+    #: refuses to run it over empty ones, naming them, instead of writing empty outputs)
+    reads: tuple[str, ...] = ()
 
     @property
     def flow(self) -> str:
@@ -38,17 +41,21 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("ingest", "prefcurate.steps.ingest:IngestStep",
               "prefcurate.tasks.ingest:IngestParams", "read prompts: validate, normalise, de-duplicate, shard"),
     StageSpec("generate", "prefcurate.steps.model_stages:GenerateStep",
-              "prefcurate.tasks.generate:GenerateParams", "sample candidate responses per prompt"),
+              "prefcurate.tasks.generate:GenerateParams", "sample candidate responses per prompt", ("prompts",)),
     StageSpec("annotate", "prefcurate.steps.model_stages:AnnotateStep",
-              "prefcurate.tasks.annotate:AnnotateParams", "judge response pairs (both orders) into verdicts"),
+              "prefcurate.tasks.annotate:AnnotateParams", "judge response pairs (both orders) into verdicts",
+              ("responses",)),
     StageSpec("filter", "prefcurate.steps.filter:FilterStep",
-              "prefcurate.tasks.filter:FilterParams", "drop pairs by the enabled checks, each with a reason"),
+              "prefcurate.tasks.filter:FilterParams", "drop pairs by the enabled checks, each with a reason",
+              ("judgments",)),
     StageSpec("score", "prefcurate.steps.score_select:ScoreStep",
-              "prefcurate.tasks.score:ScoreParams", "score quality (QuRating, CritiQ)"),
+              "prefcurate.tasks.score:ScoreParams", "score quality (QuRating, CritiQ)", ("responses",)),
     StageSpec("select", "prefcurate.steps.score_select:SelectStep",
-              "prefcurate.tasks.selection:SelectParams", "choose a diverse, high-quality subset within a budget"),
+              "prefcurate.tasks.selection:SelectParams", "choose a diverse, high-quality subset within a budget",
+              ("pairs", "quality")),
     StageSpec("export", "prefcurate.steps.score_select:ExportStep",
-              "prefcurate.tasks.export_config:ExportParams", "write DPO JSONL, Parquet and a dataset card"),
+              "prefcurate.tasks.export_config:ExportParams", "write DPO JSONL, Parquet and a dataset card",
+              ("selections",)),
 )
 
 STAGE_NAMES: tuple[str, ...] = tuple(spec.name for spec in STAGES)

@@ -333,3 +333,22 @@ def test_two_inits_of_one_new_directory_at_once_both_succeed(tmp_path):
              for _ in range(3)]
     assert [p.wait(timeout=120) for p in inits] == [0, 0, 0], [p.stderr.read() for p in inits]
     assert Store.open(target).count("prompts") == 0
+
+
+def test_a_stage_run_alone_over_empty_inputs_is_refused_before_prefect_starts(tmp_path, monkeypatch):
+    from prefcurate.flows import common
+
+    def started(*args, **kwargs):
+        raise AssertionError("Prefect was started")
+
+    monkeypatch.setattr(common, "ensure_prefect_api", started)
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, write_bad_file(tmp_path), max_chars=200)  # prompts, and nothing judged yet
+    for command, reads, before in ((["run", "filter"], "judgments", "ingest -> generate -> annotate"),
+                                   (["run", "select"], "pairs and quality", "-> filter -> score"),
+                                   (["export"], "selections", "-> score -> select;")):
+        result = CliRunner().invoke(app, [*command, "-d", str(store.root)])
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        assert f"reads {reads}, and the dataset {store.root} has no rows there" in result.output
+        assert before in result.output and "Traceback" not in result.output
+    assert [run["kind"] for run in store.runs().to_dicts()] == ["ingest"]  # no run was started
