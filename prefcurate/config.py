@@ -12,6 +12,7 @@ documents each parameter; pools are one of the kinds in ``inference/pool_kinds.p
 from __future__ import annotations
 
 from pathlib import Path
+from collections.abc import Iterable
 from typing import Any, Literal
 
 import yaml
@@ -221,19 +222,25 @@ def _line_of(lines: dict[tuple, int], loc: tuple) -> int | None:
     return None
 
 
-def format_errors(items: list[dict], source: str, lines: dict[tuple, int]) -> str:
+def format_errors(items: list[dict], source: str, lines: dict[tuple, int], overrides: Iterable[str] = ()) -> str:
+    """One line per error: where (``file:line``, or the ``--set`` override that put the value
+    there), the field and what is wrong."""
+    set_by = {tuple(dotted.split(".")): dotted for dotted in overrides}
     messages = []
     for item in items:
         loc = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
         if len(loc) > 2 and loc[0] == "pools" and loc[2] in pool_kind_names():
             loc = loc[:2] + loc[3:]  # the union's tag: the pool's `kind`, not a key of the file
+        # an override at the field, inside it, or one that made the structure around it
+        given = [dotted for path, dotted in set_by.items()
+                 if tuple(map(str, loc[:len(path)])) == path or tuple(map(str, loc)) == path[:len(loc)]]
         line = _line_of(lines, loc)
-        where = f"{source}:{line}" if line else source
+        where = f"--set {given[0]}" if given else f"{source}:{line}" if line else source
         field = ".".join(str(p) for p in loc) or "(top level)"
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             message = "unknown key (check the spelling; see examples/quickstart.yaml)"
-        messages.append(f"{where}: {field}: {message}")
+        messages.append(f"{where}: {message}" if given and given[0] == field else f"{where}: {field}: {message}")
     return "invalid config:\n  " + "\n  ".join(messages)
 
 
@@ -262,12 +269,12 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     try:
         config = PipelineConfig.model_validate(data)
     except ValidationError as error:
-        raise ConfigError(format_errors(error.errors(), source, lines)) from None
+        raise ConfigError(format_errors(error.errors(), source, lines, overrides or {})) from None
     # what the config refers to exists here, checked once before any work
     errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
     errors = errors or _unservable_judge_modes(config)
     if errors:
-        raise ConfigError(format_errors(errors, source, lines))
+        raise ConfigError(format_errors(errors, source, lines, overrides or {}))
     return config
 
 
@@ -309,7 +316,18 @@ def _set_dotted(data: dict, dotted: str, value: Any) -> None:
         elif last:
             cursor[key] = value
         else:
+            if key not in cursor and keys[position + 1].isdigit():  # an item of a list left at its default
+                cursor[key] = _default_at(keys[: position + 1])
             cursor = cursor.setdefault(key, {})
+
+
+def _default_at(keys: list[str]) -> Any:
+    """The built-in default at ``keys`` (JSON-like, a fresh copy), or None past it."""
+    value: Any = PipelineConfig().model_dump(mode="json")
+    for key in keys:
+        value = value[int(key)] if isinstance(value, list) and key.isdigit() and int(key) < len(value) else \
+            value.get(key) if isinstance(value, dict) else None
+    return value if value is not None else {}
 
 
 def _missing_model_folders(config: PipelineConfig) -> list[dict]:

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from prefcurate.config import ConfigError, load_config
@@ -78,6 +80,24 @@ def test_dotted_overrides_reach_list_items():
     assert config.generate.generators[1].n == 3 and config.ingest.limit == 5
     with pytest.raises(ConfigError, match="not an index"):
         load_config("examples/quickstart.yaml", {"generate.generators.7.n": 3})
+    # a list the file leaves at its default: the override edits the default's item
+    defaults = load_config(None)
+    edited = load_config(None, {"generate.generators.0.n": defaults.generate.generators[0].n + 2})
+    assert edited.generate.generators[0].n == defaults.generate.generators[0].n + 2
+    assert edited.generate.generators[0].name == defaults.generate.generators[0].name
+
+
+def test_an_error_in_an_override_names_the_override_not_a_line_of_the_file(tmp_path):
+    for overrides, expected in (({"ingest.limt": 3}, "--set ingest.limt: unknown key"),
+                                ({"ingest.limit": "abc"}, "--set ingest.limit: Input should be a valid integer"),
+                                ({"generate.generators.0.n": -1}, "--set generate.generators.0.n: Input should be")):
+        with pytest.raises(ConfigError) as raised:
+            load_config("examples/quickstart.yaml", overrides)
+        assert expected in str(raised.value) and "quickstart.yaml:" not in str(raised.value)
+    typo = tmp_path / "typo.yaml"
+    typo.write_text(Path("examples/quickstart.yaml").read_text().replace("  limit: 24", "  limt: 24"))
+    with pytest.raises(ConfigError, match=r"typo.yaml:\d+: ingest.limt: unknown key"):  # the file's own keeps its line
+        load_config(typo, {"ingest.max_chars": 100})
 
 
 QUICKSTART = "examples/quickstart.yaml"
