@@ -142,8 +142,9 @@ def estimate_build(config) -> list[EstimateRow]:
                 add("annotate", judge.pool, f"judge {judge.name}: verdicts after rationales", verdicts * k,
                     verdicts * k * (verdict_chars + rationale_chars), verdicts * k)
             else:
-                add("annotate", judge.pool, f"judge {judge.name}: verdicts ({pairs} pairs/prompt x {criteria} "
-                    "criteria x 2 orders)", verdicts, verdicts * verdict_chars, verdicts)
+                add("annotate", judge.pool, f"judge {judge.name}: verdicts ({_count(pairs, 'pair')}/prompt x "
+                    f"{_count(criteria, 'criterion', 'criteria')} x 2 orders)", verdicts, verdicts * verdict_chars,
+                    verdicts)
             if gold_pairs:  # the calibration unit judges the gold pairs in both orders
                 add("annotate", judge.pool, f"judge {judge.name}: calibration ({gold_pairs} gold pairs x 2 orders)",
                     gold_pairs * 2, gold_pairs * 2 * verdict_chars, gold_pairs * 2)
@@ -203,7 +204,7 @@ def _add_position_free(add, judge, mode, responses: int, criteria: int, text_cha
     responses of each gold pair. Such a judge rates nothing."""
     per_response = criteria + 1 if mode.uses_criterion else 1
     chars = text_chars + (TEMPLATE_CHARS if mode.uses_criterion else 0)
-    what = f"{criteria} {'criterion' if criteria == 1 else 'criteria'} + 1 plain" if mode.uses_criterion else "1"
+    what = f"{_count(criteria, 'criterion', 'criteria')} + 1 plain" if mode.uses_criterion else "1"
     add("annotate", judge.pool, f"judge {judge.name}: {mode.name} scores ({what}/response)",
         responses * per_response, responses * per_response * chars, 0)
     per_gold = 2 * (2 if mode.uses_criterion else 1)  # both responses; density ratio: strong + weak
@@ -214,6 +215,11 @@ def _add_position_free(add, judge, mode, responses: int, criteria: int, text_cha
         fit = mode.temperature_fit_pairs().height
         add("annotate", judge.pool, f"judge {judge.name}: temperature fit ({fit} gold pairs, once per model)",
             fit * per_gold, fit * per_gold * chars, 0)
+
+
+def _count(n, one: str, many: str | None = None) -> str:
+    """``1 pair``, ``3 pairs``: the estimate's lines read as sentences."""
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def _gold_pair_count(annotate) -> int:
