@@ -382,6 +382,14 @@ def sql(
         text = render(frame, format)
     except (ReadOnlyViolation, SqlError) as error:
         refuse(str(error))
+    except duckdb.CatalogException as error:  # a misspelt table: say which ones there are
+        from prefcurate.schemas.tables import TABLES
+        from prefcurate.schemas.views import REPORT_VIEWS
+
+        names = ", ".join([*TABLES, "runs", *REPORT_VIEWS])
+        # (DuckDB's guess among its own system catalogs, "pg_enum" and the like, misleads here)
+        said = "\n".join(line for line in str(error).strip().splitlines() if not line.startswith('Did you mean "pg_'))
+        refuse(f"query failed: {said}\nthe dataset's tables and views: {names}")
     except duckdb.Error as error:
         refuse(f"query failed: {str(error).strip()}")
     # piped output stays byte-exact; on a terminal, data cannot send control sequences

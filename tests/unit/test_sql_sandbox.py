@@ -329,6 +329,15 @@ def test_reads_see_registered_shards_and_catalog_tables(attacked):
     assert runs.row(0) == ("done", "5")
 
 
+def test_a_misspelt_table_is_answered_with_the_datasets_tables(attacked):
+    store, _, _ = attacked
+    result = _sql("-d", str(store.root), "SELECT * FROM curated_pair")
+    assert result.exit_code == 2 and "curated_pair does not exist" in result.output
+    listed = result.output.split("the dataset's tables and views: ")[1]
+    assert {"prompts", "curated_pairs", "runs", "quarantine_summary"} <= set(listed.replace(",", " ").split())
+    assert "pg_" not in result.output and "Traceback" not in result.output
+
+
 def test_first_use_after_a_copy_reads_the_copy_and_writes_nothing(tmp_path):
     original, _ = _small_dataset(tmp_path / "ds")
     shutil.copytree(original.root, tmp_path / "copy")
