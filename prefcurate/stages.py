@@ -52,7 +52,7 @@ STAGES: tuple[StageSpec, ...] = (
               "prefcurate.tasks.score:ScoreParams", "score quality (QuRating, CritiQ)", ("responses",)),
     StageSpec("select", "prefcurate.steps.score_select:SelectStep",
               "prefcurate.tasks.selection:SelectParams", "choose a diverse, high-quality subset within a budget",
-              ("pairs", "quality")),
+              ("pairs",)),  # (without quality scores every pair counts as 0)
     StageSpec("export", "prefcurate.steps.score_select:ExportStep",
               "prefcurate.tasks.export_config:ExportParams", "write DPO JSONL, Parquet and a dataset card",
               ("selections",)),

@@ -345,7 +345,7 @@ def test_a_stage_run_alone_over_empty_inputs_is_refused_before_prefect_starts(tm
     store = Store.init(tmp_path / "ds")
     _ingest(store, write_bad_file(tmp_path), max_chars=200)  # prompts, and nothing judged yet
     for command, reads, before in ((["run", "filter"], "judgments", "ingest -> generate -> annotate"),
-                                   (["run", "select"], "pairs and quality", "-> filter -> score"),
+                                   (["run", "select"], "pairs", "-> filter -> score"),
                                    (["export"], "selections", "-> score -> select;")):
         result = CliRunner().invoke(app, [*command, "-d", str(store.root)])
         assert result.exit_code == 2, (command, result.output, result.exception)
