@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
+from prefcurate.errors import InputError
 from prefcurate.schemas.ids import content_id
 
 GOLD_FIELDS = ["prompt", "response_a", "response_b", "winner"]
@@ -38,8 +39,9 @@ WINNERS = {"a": "A", "b": "B", "tie": "tie", "1": "A", "2": "B", "0": "tie"}
 PASS, WARNED, EXCLUDED, UNCALIBRATED = "pass", "warned", "excluded", "uncalibrated"
 
 
-class GateError(ValueError):
-    """The calibration gate stopped the build (gate ``fail``, or no judge left)."""
+class GateError(InputError):
+    """The calibration gate stopped the build (gate ``fail``, or no judge left): deterministic
+    for these judges and labels, so it is not retried and the CLI says it as one error."""
 
 
 class CalibrationParams(BaseModel):
