@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol, Sequence, runtime_checkable
 
+from prefcurate.errors import InputError
 from prefcurate.inference.prompting import plain_prompt
 
 Runner = Literal["generate", "pooling"]
@@ -105,8 +106,9 @@ class LogprobEngine(Protocol):
     def continuation_logprobs(self, requests: Sequence[ContinuationRequest]) -> list[ContinuationLogprob]: ...
 
 
-class PoolCapabilityError(ValueError):
-    """A pool cannot serve what a judge mode needs (raised before any work starts)."""
+class PoolCapabilityError(InputError):
+    """A pool cannot serve what a judge mode needs (raised before any work starts): the
+    config's to change, so a unit that meets it is not retried."""
 
 
 def folder_runner(folder: str | Path) -> Runner | None:

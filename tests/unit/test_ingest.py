@@ -72,12 +72,14 @@ def test_input_errors_are_not_retried_but_other_failures_are():
 
     from prefcurate.config import ConfigError
     from prefcurate.flows.common import run_unit_task
+    from prefcurate.inference.scoring import PoolCapabilityError
     from prefcurate.tasks.calibration import GateError
 
     should_retry = run_unit_task.retry_condition_fn
     assert not should_retry(run_unit_task, None, Failed(data=IngestError("no prompt field")))
     assert not should_retry(run_unit_task, None, Failed(data=ConfigError("bad config")))
     assert not should_retry(run_unit_task, None, Failed(data=GateError("no judge left in the jury")))
+    assert not should_retry(run_unit_task, None, Failed(data=PoolCapabilityError("a generative model's pool")))
     assert should_retry(run_unit_task, None, Failed(data=ConnectionError("engine went away")))
 
 
