@@ -298,13 +298,13 @@ def _require_inputs(stage: str, dataset: Path, command: str | None = None) -> No
     reads = stage_spec(stage).reads
     if not reads or not Path(dataset).exists():
         return
-    store = _open_store(dataset)
+    store = _open_store(dataset, upgrade=False)  # (a read: the flow upgrades the catalog if need be)
     empty = [table for table in reads if store.count(table) == 0]
     if empty:
         before = " -> ".join(STAGE_NAMES[: STAGE_NAMES.index(stage)])
-        fail(f"`{command or 'prefcurate run ' + stage}` reads {' and '.join(empty)}, and the dataset {dataset} has no rows there: "
-             f"run the stages before it first ({before}; `prefcurate build` runs them all), or see "
-             f"`prefcurate status` for why they wrote none")
+        fail(f"`{command or 'prefcurate run ' + stage}` reads {' and '.join(empty)}, and the dataset "
+             f"{dataset} has no rows there: run the stages before it first ({before}; `prefcurate build` "
+             "runs them all), or see `prefcurate status` for why they wrote none")
 
 
 @app.command()
@@ -388,7 +388,8 @@ def sql(
 
         names = ", ".join([*TABLES, "runs", *REPORT_VIEWS])
         # (DuckDB's guess among its own system catalogs, "pg_enum" and the like, misleads here)
-        said = "\n".join(line for line in str(error).strip().splitlines() if not line.startswith('Did you mean "pg_'))
+        said = "\n".join(line for line in str(error).strip().splitlines()
+                         if not line.startswith('Did you mean "pg_'))
         refuse(f"query failed: {said}\nthe dataset's tables and views: {names}")
     except duckdb.Error as error:
         refuse(f"query failed: {str(error).strip()}")
