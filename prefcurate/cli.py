@@ -203,6 +203,9 @@ def ingest(
         if summary.get("units_skipped", 0) == 0
         else "this file was already ingested with these settings: nothing added"
     )
+    if summary.get("units_skipped", 0) == 0 and summary.get("quarantined", 0):
+        typer.echo(f"see them: prefcurate sql -d {dataset} \"SELECT source_record, field, reason, message "
+                   "FROM quarantine WHERE stage = 'ingest' ORDER BY source_record\"")
 
 
 def _finished_build(pipeline, store, config: Optional[Path], stage: Optional[str] = None) -> dict | None:

@@ -72,6 +72,9 @@ def test_kill_after_registration_then_rerun(prefect_server, tmp_path):
     reference = tmp_path / "reference"
     assert _run(_ingest_command(source, reference), env, tmp_path / "ref.log").returncode == 0
     expected = _state(reference)
+    said = (tmp_path / "ref.log").read_text()  # the accounting, and where the malformed line is
+    assert f"read {expected[1]['rows_read']} = accepted" in said and "quarantined 1 " in said
+    assert f"see them: prefcurate sql -d {reference} " in said
 
     dataset = tmp_path / "ds"
     killed = _start(_ingest_command(source, dataset), {**env, "PREFCURATE_TEST_KILL_AT": "after_register"},
