@@ -271,7 +271,8 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
     except ValidationError as error:
         raise ConfigError(format_errors(error.errors(), source, lines, overrides or {})) from None
     # what the config refers to exists here, checked once before any work
-    errors = _missing_model_folders(config) + _undefined_pool_references(config, "pools" in data)
+    errors = (_missing_model_folders(config) + _missing_data_files(config)
+              + _undefined_pool_references(config, "pools" in data))
     errors = errors or _unservable_judge_modes(config)
     if errors:
         raise ConfigError(format_errors(errors, source, lines, overrides or {}))
@@ -328,6 +329,23 @@ def _default_at(keys: list[str]) -> Any:
         value = value[int(key)] if isinstance(value, list) and key.isdigit() and int(key) < len(value) else \
             value.get(key) if isinstance(value, dict) else None
     return value if value is not None else {}
+
+
+def _missing_data_files(config: PipelineConfig) -> list[dict]:
+    """Labelled-data files the stages that run would read (gold pairs, CritiQ's human pairs
+    and seed criteria): a missing one is said now, not after the stages before it ran."""
+    wanted: list[tuple[tuple, str | None]] = []
+    if "annotate" in config.stages:
+        wanted.append((("annotate", "gold_path"), config.annotate.gold_path))
+        for index, judge in enumerate(config.annotate.judges):
+            wanted.append((("annotate", "judges", index, "mode_options", "gold_path"),
+                           judge.mode_options.get("gold_path")))
+    critiq = config.score.critiq
+    if "score" in config.stages and critiq.enabled:
+        wanted += [(("score", "critiq", "human_pairs"), critiq.human_pairs),
+                   (("score", "critiq", "seed_criteria"), critiq.seed_criteria)]
+    return [_error(loc, f"file {path} does not exist") for loc, path in wanted
+            if isinstance(path, str) and path and not Path(path).expanduser().is_file()]
 
 
 def _missing_model_folders(config: PipelineConfig) -> list[dict]:

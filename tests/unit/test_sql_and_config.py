@@ -127,6 +127,12 @@ BAD_CONFIGS = [
      r"c\.yaml:\d+: score\..*pool: pool 'scorers' is not defined"),
     ("missing_model_folder", _quickstart_with("model: default ", "model: /nonexistent/model "),
      r"c\.yaml:\d+: pools\.\w+\.model: model folder /nonexistent/model does not exist"),
+    ("missing_gold_file", _quickstart_with("annotate:\n", "annotate:\n  gold_path: /nonexistent/gold.jsonl\n"),
+     r"c\.yaml:\d+: annotate\.gold_path: file /nonexistent/gold\.jsonl does not exist"),
+    ("missing_judge_gold_file", _quickstart_with(
+        "{name: judge-reply, pool: judges, template: pairwise_v2}",
+        "{name: judge-reply, pool: judges, mode: density_ratio, mode_options: {gold_path: /nonexistent/g.jsonl}}"),
+     r"c\.yaml:\d+: annotate\.judges\.1\.mode_options\.gold_path: file /nonexistent/g\.jsonl does not exist"),
 ]
 
 

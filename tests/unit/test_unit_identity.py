@@ -299,8 +299,16 @@ def test_self_preference_families_see_through_the_identity_suffix():
     assert families == ["acme", "gemma"]
 
 
-def test_a_missing_critiq_file_is_named_at_plan_time(world):
-    ctx = _context(world, world["first"], **{"score.critiq.enabled": True,
-                                              "score.critiq.human_pairs": str(world["tmp"] / "nope.jsonl")})
-    with pytest.raises(FileNotFoundError, match=r"score\.critiq\.human_pairs: .*nope\.jsonl"):
+def test_a_missing_critiq_file_is_named_when_the_config_loads_and_at_plan_time(world):
+    from prefcurate.config import ConfigError
+    from prefcurate.tasks import critiq
+
+    pairs = world["tmp"] / "human_pairs.jsonl"
+    on = {"score.critiq.enabled": True, "score.critiq.human_pairs": str(pairs)}
+    with pytest.raises(ConfigError, match=r"score\.critiq\.human_pairs: file .*human_pairs\.jsonl does not exist"):
+        _context(world, world["first"], **on)
+    pairs.write_text(critiq.DEFAULT_HUMAN_PAIRS.read_text())
+    ctx = _context(world, world["first"], **on)
+    pairs.unlink()  # gone after the config was read
+    with pytest.raises(FileNotFoundError, match=r"score\.critiq\.human_pairs: .*human_pairs\.jsonl"):
         get_step("score").plan(ctx)
