@@ -211,12 +211,16 @@ def ingest(
 def _finished_build(pipeline, store, config: Optional[Path], stage: Optional[str] = None) -> dict | None:
     """The result of a build (or of ``stage`` alone) with nothing pending, recorded as a
     completed run that ran no unit; None when there is work (or a plan fails: the run then
-    says why)."""
+    says why). A plan refused for bad input (a missing input file, ...) is said now, before
+    Prefect starts: the build would fail on it the same way."""
+    from prefcurate.errors import InputError
     from prefcurate.stages import STAGE_NAMES
     from prefcurate.steps.build_plan import plan_build
 
     stages = [stage] if stage else [s for s in pipeline.stages if s in STAGE_NAMES]
     plan = plan_build(pipeline, store, stages, str(config) if config else None)
+    if isinstance(plan.exception, (InputError, FileNotFoundError)):
+        fail(str(plan.exception))
     if not plan.complete:
         return None
     message = f"nothing to do: {'every stage is' if stage is None else stage + ' is'} up to date"

@@ -30,6 +30,8 @@ class BuildPlan:
     complete: bool = False
     #: why planning stopped early without a verdict (a stage's plan raised): the build says it
     error: str | None = None
+    #: what that plan raised (an InputError fails the same way in the build: said at once)
+    exception: Exception | None = field(default=None, repr=False)
 
     def counts(self) -> dict:
         return {stage: {"units": units, "units_skipped": units - todo} for stage, units, todo in self.stages}
@@ -46,7 +48,7 @@ def plan_build(config: PipelineConfig, store: Store, stages: list[str], config_p
             units = step.plan(ctx)
             todo, _ = step.pending(ctx, units)
         except Exception as error:  # the build itself reports it, with its usual context
-            plan.error = f"{stage}: {type(error).__name__}: {error}"
+            plan.error, plan.exception = f"{stage}: {type(error).__name__}: {error}", error
             break
         plan.stages.append((stage, len(units), len(todo)))
         if todo:

@@ -352,3 +352,19 @@ def test_a_stage_run_alone_over_empty_inputs_is_refused_before_prefect_starts(tm
         assert f"reads {reads}, and the dataset {store.root} has no rows there" in result.output
         assert before in result.output and "Traceback" not in result.output
     assert [run["kind"] for run in store.runs().to_dicts()] == ["ingest"]  # no run was started
+
+
+def test_a_plan_refused_for_bad_input_is_said_before_prefect_starts(tmp_path, monkeypatch):
+    from prefcurate.flows import common
+
+    def started(*args, **kwargs):
+        raise AssertionError("Prefect was started")
+
+    monkeypatch.setattr(common, "ensure_prefect_api", started)
+    store = Store.init(tmp_path / "ds")
+    for command in (["ingest", str(tmp_path / "missing.jsonl")],
+                    ["build", "--set", f"ingest.path={tmp_path / 'missing.jsonl'}"]):
+        result = CliRunner().invoke(app, [*command, "-d", str(store.root)])
+        assert result.exit_code == 2, (command, result.output, result.exception)
+        assert f"input file {tmp_path / 'missing.jsonl'} does not exist" in result.output
+        assert "Traceback" not in result.output
