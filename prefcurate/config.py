@@ -11,8 +11,8 @@ documents each parameter; pools are one of the kinds in ``inference/pool_kinds.p
 
 from __future__ import annotations
 
-from pathlib import Path
 from collections.abc import Iterable
+from pathlib import Path
 from typing import Any, Literal
 
 import yaml
