@@ -56,7 +56,8 @@ def _ids_digest(ids: list[str]) -> str:
 def _gold_content_digest(gold: pl.DataFrame) -> str:
     """What a calibration depends on in its gold pairs, in order: ids, texts and labels, so a
     label corrected or a response edited in place calibrates again (the ids alone stay)."""
-    columns = [pl.col(c).cast(pl.String).fill_null("") for c in ("id", "prompt", "response_a", "response_b", "winner")]
+    columns = [pl.col(c).cast(pl.String).fill_null("")
+               for c in ("id", "prompt", "response_a", "response_b", "winner")]
     rows = gold.select(pl.concat_str(columns, separator="\x1f"))
     return hashlib.sha256("\n".join(rows.to_series().to_list()).encode()).hexdigest()
 
