@@ -6,6 +6,7 @@ Layout of a dataset directory::
     catalog.duckdb             shard registry, runs, unit counts, views over the registered shards
     <table>/shard-<key>.parquet
     _units/<stage>/<key>.json  a finished unit's manifest: its shards and counts
+    _tmp/                      a running stage's working copy (:meth:`Store.scratch_folder`)
     .writer.lock               one writer per dataset (flock; holds pid, command, since)
 
 Rules that make crashes harmless:
@@ -73,6 +74,7 @@ class DatasetBusyError(StoreError):
 #: two writers that bypass the writer lock still cannot duplicate a prompt
 UNIQUE_IDS = {"prompts": "prompt_id"}
 WRITER_LOCK = ".writer.lock"
+SCRATCH_DIR = "_tmp"  # stages' temporary working copies (Store.scratch_folder)
 
 
 @dataclass(frozen=True)
@@ -581,6 +583,30 @@ class Store:
     def storage_options(self) -> dict | None:
         """``storage_options`` for ``pl.scan_parquet`` over :meth:`shard_url` paths."""
         return self.objects.polars_options() if self.objects is not None else None
+
+    @contextlib.contextmanager
+    def scratch_folder(self, prefix: str) -> Iterator[Path]:
+        """A temporary folder for a stage's working copy, removed after it.
+
+        A local dataset's is under ``_tmp/`` in the dataset, on the disk that holds the
+        shards it copies (as DuckDB keeps its spill files beside its database), not in
+        ``$TMPDIR``, often a small disk or RAM (tmpfs); an ``s3://`` dataset's is in
+        ``$TMPDIR``. A folder a killed run left is removed when the next one with the same
+        ``prefix`` is made: a dataset's stages run one at a time (the writer lock).
+        """
+        import shutil
+        import tempfile
+
+        if self.objects is not None:
+            with tempfile.TemporaryDirectory(prefix=f"prefcurate-{prefix}") as folder:
+                yield Path(folder)
+            return
+        parent = self.root / SCRATCH_DIR
+        parent.mkdir(exist_ok=True)
+        for left in parent.glob(f"{prefix}*"):
+            shutil.rmtree(left, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as folder:
+            yield Path(folder)
 
     def shard_exists(self, relpath: str) -> bool:
         return self.objects.exists(relpath) if self.objects is not None else (self.root / relpath).exists()

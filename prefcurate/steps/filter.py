@@ -11,7 +11,6 @@ partitioned by prompt range in one pass each, so the reading stays linear in the
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 
 import polars as pl
@@ -123,8 +122,8 @@ class FilterStep(Step):
         # the calibration gate and the jury's weights (tasks/calibration.py); raises GateError
         judgments, params, accuracy = prepare_jury(judgments, store.read("judge_calibration"), labels, params)
 
-        with tempfile.TemporaryDirectory(prefix="prefcurate-filter-") as folder:
-            shards = _PartitionedShards(store, judgments, SHARD_PROMPTS, Path(folder))
+        with store.scratch_folder("filter-") as folder:
+            shards = _PartitionedShards(store, judgments, SHARD_PROMPTS, folder)
             pairs, drops, report = apply_filters_sharded(judgments, shards.read, params, human_labels=labels,
                                                          shard_prompts=SHARD_PROMPTS)
         report["judge_accuracy"] = gate_summary(accuracy)

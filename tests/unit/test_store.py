@@ -103,3 +103,25 @@ def test_views_read_by_name_only_where_shards_predate_the_schema(tmp_path):
     assert "union_by_name" not in _view_sql(store, "responses")
     rows = store.read("prompts", ["prompt_id", "category"]).sort("prompt_id")
     assert rows["prompt_id"].to_list() == ["a", "b"] and rows["category"].to_list() == [None, None]
+
+
+def test_a_stages_scratch_folder_lives_in_the_dataset_and_a_killed_runs_is_removed(tmp_path, monkeypatch):
+    from prefcurate.steps import filter as filter_step
+    from tests.unit.test_review import _dataset, _filter
+
+    store = _dataset(tmp_path / "ds")
+    left = store.root / "_tmp" / "filter-killed-run"  # what a SIGKILLed filter leaves
+    (left / "responses").mkdir(parents=True)
+    used = []
+    made = filter_step._PartitionedShards.__init__
+
+    def recording(self, store_, judgments, shard_prompts, folder):
+        used.append((folder, folder.is_dir(), left.exists()))
+        made(self, store_, judgments, shard_prompts, folder)
+
+    monkeypatch.setattr(filter_step._PartitionedShards, "__init__", recording)
+    assert _filter(store).height > 0
+    [(folder, existed, leftover_during)] = used
+    assert folder.parent == store.root / "_tmp" and folder.name.startswith("filter-") and existed
+    assert not leftover_during and not folder.exists()  # the leftover went first; ours after the stage
+    assert [p.name for p in (store.root / "_tmp").iterdir()] == []
