@@ -54,6 +54,7 @@ import polars as pl
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from prefcurate.errors import InputError
 from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, RATINGS
@@ -720,7 +721,7 @@ def load_gold_pairs(path: str | Path | None = None) -> pl.DataFrame:
         ~pl.col("winner").is_in(["A", "B"]) | pl.any_horizontal(pl.col(needed).is_null())
     )
     if bad.height:
-        raise ValueError(
+        raise InputError(
             f"gold pairs {source}: line(s) {bad['line'].to_list()[:10]} need every field and "
             'winner "A" or "B"'
         )

@@ -398,8 +398,10 @@ class JudgeMode:
     def check_engine(self, engine: Engine, judge_name: str) -> None:
         """Raise naming the judge when its engine lacks a call this mode makes."""
         missing = [call for call in self.engine_calls if not callable(getattr(engine, call, None))]
-        if missing:
-            raise ValueError(
+        if missing:  # (the pool's to change: not retried)
+            from prefcurate.inference.scoring import PoolCapabilityError
+
+            raise PoolCapabilityError(
                 f"judge {judge_name!r} (mode {self.name!r}) needs engine call(s) {', '.join(missing)}, "
                 f"which its engine {getattr(engine, 'model', '?')!r} does not offer"
             )

@@ -9,6 +9,7 @@ import polars as pl
 import pytest
 
 from prefcurate.inference.base import ChoiceScore, InferenceError
+from prefcurate.inference.scoring import PoolCapabilityError
 from prefcurate.tasks.annotate import (
     AnnotateParams,
     JudgeSpec,
@@ -260,7 +261,7 @@ def test_a_mode_whose_engine_lacks_a_call_fails_before_any_work(length_mode):
         prompts, responses = _frames()
         params = AnnotateParams(judges=[JudgeSpec(name="rm", mode="test_needs_rewards")], rubric_aspects=[])
         engine = Recorder(choice_fn=biased_pairwise)
-        with pytest.raises(ValueError, match="judge 'rm' .* needs engine call\\(s\\) score_rewards"):
+        with pytest.raises(PoolCapabilityError, match="judge 'rm' .* needs engine call\\(s\\) score_rewards"):
             annotate(responses, prompts, params, {"rm": engine})
         assert engine.calls == []
     finally:
