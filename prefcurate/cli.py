@@ -95,7 +95,9 @@ def _open_store(dataset: Path, create: bool = False, upgrade: bool = True):
 
 
 def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict,
-              no_wait: bool = False) -> dict:
+              no_wait: bool = False, command: str | None = None) -> dict:
+    """``command``: what the user typed, for the writer lock and the messages (default
+    ``prefcurate build`` or ``prefcurate run STAGE``)."""
     from prefcurate.config import ConfigError, load_config
 
     try:
@@ -105,8 +107,10 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
     from prefcurate.store import StoreError
 
     # a broken catalog or a busy dataset is said before Prefect starts
-    store = _open_store(Path(dataset or pipeline.dataset), create=True)
-    command = f"prefcurate {'build' if stage is None else 'run ' + stage}"
+    root = Path(dataset or pipeline.dataset)
+    existed = root.exists()  # (a dataset this command creates is not refused for being empty)
+    store = _open_store(root, create=True)
+    command = command or f"prefcurate {'build' if stage is None else 'run ' + stage}"
     lock = store.writer_lock(command, wait=not no_wait, notify=lambda text: typer.echo(text, err=True))
     try:
         lock.__enter__()
@@ -117,6 +121,8 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
 
         # ends an earlier killed build's leftovers; this build's children end with it
         start_watchdog(store.root)
+        if stage is not None and existed:
+            _require_inputs(stage, store, command)
         finished = _finished_build(pipeline, store, config, stage)
         if finished is not None:  # nothing pending: neither Prefect nor Dask is started
             return finished
@@ -292,26 +298,21 @@ def run(
     if stage not in available_stages():
         fail(f"unknown stage {stage!r}; available: {', '.join(available_stages())}")
     overrides = _overrides(set_)
-    _require_inputs(stage, _dataset_for(config, dataset, overrides))
     summary = _run_flow(stage, config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
-def _require_inputs(stage: str, dataset: Path, command: str | None = None) -> None:
+def _require_inputs(stage: str, store, command: str) -> None:
     """`error:` when a table the stage reads is empty (before Prefect starts): run alone, it
     would only write empty outputs."""
     from prefcurate.stages import STAGE_NAMES, stage_spec
 
-    reads = stage_spec(stage).reads
-    if not reads or not Path(dataset).exists():
-        return
-    store = _open_store(dataset, upgrade=False)  # (a read: the flow upgrades the catalog if need be)
-    empty = [table for table in reads if store.count(table) == 0]
+    empty = [table for table in stage_spec(stage).reads if store.count(table) == 0]
     if empty:
         before = " -> ".join(STAGE_NAMES[: STAGE_NAMES.index(stage)])
-        fail(f"`{command or 'prefcurate run ' + stage}` reads {' and '.join(empty)}, and the dataset "
-             f"{dataset} has no rows there: run the stages before it first ({before}; `prefcurate build` "
-             "runs them all), or see `prefcurate status` for why they wrote none")
+        fail(f"`{command}` reads {' and '.join(empty)}, and the dataset {store.root} has no rows there: "
+             f"run the stages before it first ({before}; `prefcurate build` runs them all), or see "
+             "`prefcurate status` for why they wrote none")
 
 
 @app.command()
@@ -413,8 +414,7 @@ def export(
 ) -> None:
     """Write the curated pairs as DPO JSONL + Parquet with a dataset card."""
     overrides = _overrides(set_)
-    _require_inputs("export", _dataset_for(config, dataset, overrides), command="prefcurate export")
-    summary = _run_flow("export", config, dataset, overrides, no_wait)
+    summary = _run_flow("export", config, dataset, overrides, no_wait, command="prefcurate export")
     typer.echo(json.dumps(summary, indent=2, default=str))
 
 
