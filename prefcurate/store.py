@@ -597,15 +597,12 @@ class Store:
         import shutil
         import tempfile
 
-        if self.objects is not None:
-            with tempfile.TemporaryDirectory(prefix=f"prefcurate-{prefix}") as folder:
-                yield Path(folder)
-            return
-        parent = self.root / SCRATCH_DIR
-        parent.mkdir(exist_ok=True)
-        for left in parent.glob(f"{prefix}*"):
-            shutil.rmtree(left, ignore_errors=True)
-        with tempfile.TemporaryDirectory(prefix=prefix, dir=parent) as folder:
+        parent = None if self.objects is not None else self.root / SCRATCH_DIR
+        if parent is not None:
+            parent.mkdir(exist_ok=True)
+            for left in parent.glob(f"{prefix}*"):
+                shutil.rmtree(left, ignore_errors=True)
+        with tempfile.TemporaryDirectory(prefix=prefix if parent else f"prefcurate-{prefix}", dir=parent) as folder:
             yield Path(folder)
 
     def shard_exists(self, relpath: str) -> bool:
