@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import sys
@@ -598,6 +599,18 @@ def models_path() -> None:
 
     folder = default_model_dir()
     typer.echo(f"{folder} ({'prepared' if is_prepared(folder) else 'not prepared: run `prefcurate models prepare`'})")
+
+
+def _reflowed(doc: str) -> str:
+    """A docstring with each paragraph on one line. Typer keeps a docstring's line breaks, so
+    text wrapped for the source came out ragged in a terminal of another width."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(doc).split("\n\n"))
+
+
+for _typer_app in (app, models_app, import_app, review_app):
+    for _command in _typer_app.registered_commands:
+        if _command.help is None and _command.callback is not None and _command.callback.__doc__:
+            _command.help = _reflowed(_command.callback.__doc__)
 
 
 def main() -> None:
