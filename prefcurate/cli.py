@@ -176,7 +176,7 @@ def init(
 
 @app.command()
 def ingest(
-    path: str = typer.Argument("bundled", help="JSONL, Parquet or CSV file, or 'bundled' for the demo prompts"),
+    path: str = typer.Argument("bundled", help="JSONL, JSON (one array of objects), Parquet or CSV file (.gz too), or 'bundled' for the demo prompts"),
     dataset: Optional[Path] = DATASET_OPTION,
     config: Optional[Path] = CONFIG_OPTION,
     prompt_field: Optional[str] = typer.Option(None, help="field holding the prompt (default 'prompt')"),

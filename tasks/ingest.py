@@ -1,4 +1,4 @@
-"""Ingest: prompts from JSONL, Parquet or CSV -> validated, normalised, de-duplicated rows.
+"""Ingest: prompts from JSONL (or one JSON array), Parquet or CSV -> validated, normalised, de-duplicated rows.
 
 Accounting holds for every file: ``rows_read = accepted + quarantined + duplicates``,
 where duplicates are exact duplicates of the normalised (system prompt, prompt), within
@@ -13,7 +13,8 @@ the normalised (system prompt, prompt), so equal prompts get equal ids in any fi
 
 Reading is vectorised: a JSONL file's lines are found with numpy and parsed together by
 polars' reader; only lines that are not one object each, or that the reader refuses, go
-through the per-record path, so a bad line costs its own parse, not the file's.
+through the per-record path, so a bad line costs its own parse, not the file's. A file holding
+one JSON array is rewritten as JSONL first (one element per line, by orjson).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import orjson
 import polars as pl
 import polars_hash as plh
 import pyarrow as pa
@@ -80,7 +82,8 @@ class IngestParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     path: str = Field(BUNDLED, description="file to read, or 'bundled' for the demo prompt set")
-    format: Literal["auto", "jsonl", "parquet", "csv"] = "auto"
+    #: jsonl (and json) read one object per line or a file holding one JSON array of objects
+    format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
     fields: FieldMapping = Field(default_factory=FieldMapping)
     min_chars: int = Field(1, ge=1, description="shorter prompts are quarantined")
     max_chars: int = Field(8000, ge=1, description="longer prompts are quarantined")
@@ -121,7 +124,7 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
     if not path.exists():
         raise IngestError(f"input file {path} does not exist")
     if path.is_dir():
-        raise IngestError(f"input {path} is a directory; give a .jsonl, .parquet or .csv file")
+        raise IngestError(f"input {path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     fmt = params.format
     if fmt == "auto":
         suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
@@ -134,7 +137,7 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
         else:
             raise IngestError(
                 f"cannot tell the format of {path.name} from its suffix; set ingest.format "
-                "to jsonl, parquet or csv"
+                "to jsonl (also a JSON array), parquet or csv"
             )
     return path, fmt
 
@@ -193,7 +196,7 @@ def _with_record_numbers(frame: pl.DataFrame) -> pl.DataFrame:
 
 def _read(path: Path, fmt: str, source: str, text_fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """All records with a 1-based ``source_record`` column, plus the unreadable ones."""
-    if fmt == "jsonl":
+    if fmt in ("jsonl", "json"):
         return _read_jsonl(path, source, text_fields)
     if fmt == "csv":
         return _read_csv(path, source)
@@ -265,7 +268,7 @@ def _read_jsonl(path: Path, source: str, text_fields: list[str]) -> tuple[pl.Dat
     """Lines that look like one JSON object each are parsed together by polars' reader; only
     the others (and any the reader refuses) go through the per-record path, which names
     the record and why it is unreadable. Record numbers are line numbers (blank lines count)."""
-    data = _read_bytes(path).removeprefix(_BOM)
+    data = _json_array_as_lines(_read_bytes(path).removeprefix(_BOM), source)
     lines = _JsonLines(data)
     frame, refused = _parse_object_lines(lines, lines.object_like())
     frame = _with_text_types(frame, lines, text_fields)
@@ -277,6 +280,43 @@ def _read_jsonl(path: Path, source: str, text_fields: list[str]) -> tuple[pl.Dat
     elif slow.height:
         frame = slow
     return frame, bad, rows_read
+
+
+def _json_array_as_lines(data: bytes, source: str) -> bytes:
+    """A file holding one JSON array (Alpaca-style ``[{...}, ...]``, pretty-printed or not) as
+    JSONL: one element per line, so a record number is the element's place in the array and
+    every element takes the JSONL path's checks. Other data comes back as it is."""
+    if data.lstrip()[:1] != b"[":
+        return data
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        if _parses(data.lstrip().split(b"\n", 1)[0]):
+            return data  # JSONL whose first record is an array: that record is quarantined
+        items = _json_array_strictly(data, source)  # what orjson refuses: NaN, integers past 64 bits
+        return "".join(json.dumps(item, ensure_ascii=False) + "\n" for item in items).encode()
+    return b"".join(orjson.dumps(item) + b"\n" for item in items)
+
+
+def _parses(data: bytes) -> bool:
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
+
+
+def _json_array_strictly(data: bytes, source: str) -> list:
+    hint = "give one JSON array of objects, or JSONL (one JSON object per line)"
+    try:
+        items = json.loads(data)
+    except UnicodeDecodeError as error:
+        raise IngestError(f"{source} is a JSON array with invalid UTF-8 at byte {error.start}; {hint}") from None
+    except json.JSONDecodeError as error:
+        raise IngestError(f"{source} starts like a JSON array but is not one ({error}); {hint}") from None
+    except RecursionError:
+        raise IngestError(f"{source} is a JSON array nested too deeply to parse; {hint}") from None
+    return items
 
 
 class _JsonLines:
@@ -525,9 +565,9 @@ def _read_jsonl_lines(
             reject(number, NESTED_TOO_DEEP, "JSON nested too deeply to parse", text)
             continue
         if not isinstance(value, dict):
-            kind = "a JSON array (the file must hold one object per line)" if isinstance(value, list) \
-                else type(value).__name__
-            reject(number, NOT_AN_OBJECT, f"expected a JSON object, got {kind}", text)
+            kind = "null" if value is None else "a JSON string" if isinstance(value, str) \
+                else f"a JSON {_json_type(value)}"
+            reject(number, NOT_AN_OBJECT, f"expected a JSON object, got {kind} (each record must be one object)", text)
             continue
         try:
             # every value becomes text so mixed-type fields never fail the frame; the JSON
