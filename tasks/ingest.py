@@ -85,6 +85,9 @@ class IngestParams(BaseModel):
     #: jsonl (and json) read one object per line or a file holding one JSON array of objects
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
     fields: FieldMapping = Field(default_factory=FieldMapping)
+    csv_separator: Literal[",", ";", "\t", "|"] | None = Field(
+        None, description="a CSV file's field separator; default: tab for .tsv, else whichever of "
+                          "these the header line holds most often (a comma when it holds none)")
     min_chars: int = Field(1, ge=1, description="shorter prompts are quarantined")
     max_chars: int = Field(8000, ge=1, description="longer prompts are quarantined")
     limit: int | None = Field(None, ge=1, description="ingest at most this many accepted prompts")
@@ -151,7 +154,7 @@ def ingest_file(params: IngestParams, existing: pl.DataFrame | None = None) -> I
     path, fmt = resolve_source(params)
     source = str(path)
     text_fields = [f for f in (params.fields.prompt, params.fields.system_prompt) if f is not None]
-    records, unreadable, rows_read = _read(path, fmt, source, text_fields)
+    records, unreadable, rows_read = _read(path, fmt, source, text_fields, params.csv_separator)
     accepted, rejected = _validate(records, params, source)
     accepted, duplicates, conflicts = _deduplicate(accepted, existing, records)
     quarantine = pl.concat([unreadable, rejected, conflicts], how="vertical_relaxed")
@@ -194,12 +197,13 @@ def _with_record_numbers(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_row_index("source_record", offset=1).with_columns(pl.col("source_record").cast(pl.Int64))
 
 
-def _read(path: Path, fmt: str, source: str, text_fields: list[str]) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+def _read(path: Path, fmt: str, source: str, text_fields: list[str],
+          separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     """All records with a 1-based ``source_record`` column, plus the unreadable ones."""
     if fmt in ("jsonl", "json"):
         return _read_jsonl(path, source, text_fields)
     if fmt == "csv":
-        return _read_csv(path, source)
+        return _read_csv(path, source, separator)
     try:
         frame = pl.read_parquet(path)
     except Exception as error:  # polars raises several types for unreadable files
@@ -207,11 +211,13 @@ def _read(path: Path, fmt: str, source: str, text_fields: list[str]) -> tuple[pl
     return _with_record_numbers(frame), _quarantine_frame([]), frame.height
 
 
-def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, pl.DataFrame, int]:
+def _read_csv(path: Path, source: str, separator: str | None = None) -> tuple[pl.DataFrame, pl.DataFrame, int]:
     data = _read_bytes(path)
     if not data.strip():
         return pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)}), _quarantine_frame([]), 0
-    separator = "\t" if path.name.lower().removesuffix(".gz").endswith(".tsv") else ","
+    if separator is None:
+        tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
+        separator = "\t" if tsv else _header_separator(data)
     try:
         frame = pl.read_csv(io.BytesIO(data), infer_schema=False, separator=separator, encoding="utf8-lossy")
         ragged = _quarantine_frame([])
@@ -221,6 +227,19 @@ def _read_csv(path: Path, source: str) -> tuple[pl.DataFrame, pl.DataFrame, int]
     # the CSV reader replaced invalid bytes; find those rows and quarantine them
     frame, invalid = _split_lossy_csv_rows(data, frame, source)
     return frame, pl.concat([ragged, invalid]), frame.height + invalid.height + ragged.height
+
+
+_SEPARATORS = ",;\t|"
+
+
+def _header_separator(data: bytes) -> str:
+    """The separator of :data:`_SEPARATORS` the header line holds most often outside quotes
+    (spreadsheets in many locales write ``;``), a comma when it holds none."""
+    header = data.removeprefix(_BOM).split(b"\n", 1)[0].decode("utf-8", errors="replace")
+    unquoted = "".join(header.split('"')[::2])  # the text outside "..." (a doubled "" quotes nothing)
+    counts = [(unquoted.count(candidate), -rank, candidate) for rank, candidate in enumerate(_SEPARATORS)]
+    count, _, separator = max(counts)
+    return separator if count else ","
 
 
 def _read_csv_rows(data: bytes, separator: str, source: str) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -651,9 +670,12 @@ def _validate(records: pl.DataFrame, params: IngestParams, source: str) -> tuple
     mapping = params.fields
     columns = [c for c in records.columns if c != "source_record" and not c.startswith(_TYPE_PREFIX)]
     if records.height and mapping.prompt not in columns:
+        separated = [c for c in columns if any(sep in c and mapping.prompt in c.split(sep) for sep in _SEPARATORS)]
+        hint = (f" (a field named {separated[0]!r} looks like a whole header line: set ingest.csv_separator)"
+                if separated else "")
         raise IngestError(
             f"no record in {source} has the prompt field {mapping.prompt!r}; fields found: "
-            f"{sorted(columns)[:20]}; set ingest.fields.prompt in the config"
+            f"{sorted(columns)[:20]}; set ingest.fields.prompt in the config{hint}"
         )
     if not records.height:
         return _empty_prompts(), _quarantine_frame([])

@@ -21,7 +21,10 @@ class IngestStep(Step):
     def plan(self, ctx: StageContext) -> list[Unit]:
         params = self._params(ctx)
         path, fmt = resolve_source(params)  # raises IngestError for unusable input
-        key = content_id("ingest", file_sha256(path), params.model_dump(mode="json"))
+        # csv_separator left to detection keys as before it existed: datasets ingested then
+        # are not ingested again (their files read the same; a ";" file could not be read)
+        settings = params.model_dump(mode="json", exclude={"csv_separator"} if params.csv_separator is None else None)
+        key = content_id("ingest", file_sha256(path), settings)
         return [Unit(self.name, key, ("prompts", "quarantine"), {"params": params.model_dump(mode="json")})]
 
     def compute(self, unit: Unit, ctx: StageContext):

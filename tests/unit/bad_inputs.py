@@ -53,6 +53,9 @@ BAD_INPUTS = [
     ("only_numbers", "f.jsonl", _bytes(b'{"prompt": 7}\n{"prompt": 8}\n'), ({1: "wrong_type", 2: "wrong_type"}, 0)),
     ("system_prompt_number", "f.jsonl", _bytes(OK + b'{"prompt": "p", "system_prompt": 5}\n'), ({2: "wrong_type"}, 1)),
     ("ragged_csv", "f.csv", _bytes(b"prompt,x\nhello,1\nhi,2,3\nthree\n"), ({2: "ragged_row", 3: "ragged_row"}, 1)),
+    # the separator is the one the header line holds most often: spreadsheets in many locales write ";"
+    ("csv_semicolons", "f.csv", _bytes(b'prompt;id\n"a; b, c";1\nsecond;2\n'), ({}, 2)),
+    ("csv_pipes_ragged", "f.csv", _bytes(b"prompt|id\nfirst|1\nsecond|2|3\n"), ({2: "ragged_row"}, 1)),
     ("csv_invalid_utf8", "f.csv", _bytes(b"prompt\nhello\nbad \xff\n"), ({2: "invalid_utf8"}, 1)),
     ("empty_jsonl", "f.jsonl", _bytes(b""), ({}, 0)),
     ("empty_csv", "f.csv", _bytes(b""), ({}, 0)),
