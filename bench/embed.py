@@ -130,10 +130,10 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
+    from prefcurate.tasks.embed import embed_texts, embedding_path, usable_cores
     from sentence_transformers import SentenceTransformer
 
     from prefcurate.inference.models import embedding_model_path
-    from prefcurate.tasks.embed import embed_texts, embedding_path, usable_cores
 
     texts, shape = response_like_texts(args.n, args.seed)
     model = SentenceTransformer(str(embedding_model_path()), device="cpu", local_files_only=True)
@@ -162,7 +162,7 @@ def main() -> None:
 
     sample = texts[: len(texts) // 3]
     for batch in (4, 16, 32):
-        _, seconds = _timed(lambda: embed_texts(sample, device="cpu", batch_size=batch))
+        _, seconds = _timed(lambda batch=batch: embed_texts(sample, device="cpu", batch_size=batch))
         extra[f"batch_{batch}_texts_per_s"] = len(sample) / seconds
     torch.set_num_threads(cores)
     figures = " ".join(f"{k}={v:.5f}" if "cosine" in k else f"{k}={v:.1f}" for k, v in extra.items())

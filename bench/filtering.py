@@ -49,8 +49,8 @@ one surviving pair per prompt.
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -65,13 +65,14 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from tests.support.rows import judgments_from_arrays  # noqa: E402
 from prefcurate.tasks.filter import (
     FilterParams,
     apply_filters,
     argmax_baseline_pairs,
     single_order_pairs,
 )
+
+from tests.support.rows import judgments_from_arrays
 
 JUDGES = [
     ("judge-1", "alpha-7b", 1.5, 0.6, 0.3),
@@ -214,9 +215,10 @@ def pandalm_lines() -> list[str]:
         return ["pandalm: ../shared/data/pandalm/ not found, skipped"]
     import tempfile
 
+    from prefcurate.tasks.import_judgments import load_mapping
+
     from prefcurate.steps.import_judgments import run_import
     from prefcurate.store import Store
-    from prefcurate.tasks.import_judgments import load_mapping
 
     key = ["prompt_id", "response_a", "response_b"]
     with tempfile.TemporaryDirectory() as folder:

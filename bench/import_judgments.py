@@ -25,7 +25,7 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from prefcurate.tasks.import_judgments import ImportMapping, import_file, load_mapping  # noqa: E402
+from prefcurate.tasks.import_judgments import ImportMapping, import_file, load_mapping
 
 PANDALM = ROOT.parent / "shared" / "data" / "pandalm"
 

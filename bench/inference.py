@@ -38,25 +38,25 @@ Last line: ``RESULT pool_ratio=.. engine_ratio=.. ratio=<min of the two> verdict
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import importlib.util  # noqa: E402
-import os  # noqa: E402
-import statistics  # noqa: E402
-import tempfile  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass  # noqa: E402
+import importlib.util
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
 
 REPO = Path(__file__).resolve().parents[1]
 
-import httpx  # noqa: E402
+import httpx
 
-from prefcurate.inference.base import ChoiceRequest, GenerateRequest, SamplingParams  # noqa: E402
-from prefcurate.inference.models import resolve_model_path  # noqa: E402
+from prefcurate.inference.base import ChoiceRequest, GenerateRequest, SamplingParams
+from prefcurate.inference.models import resolve_model_path
 
 N_PROMPTS = 32
 MAX_TOKENS = 32

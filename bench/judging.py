@@ -82,21 +82,19 @@ density_ratio_pairs_per_s=<..> reward_model_vs_probability=<..> density_ratio_vs
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import re  # noqa: E402
-import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+import re
+import time
+from dataclasses import dataclass, field
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-
-from prefcurate.inference.base import GenerateRequest, SamplingParams  # noqa: E402
-from prefcurate.tasks.annotate import (  # noqa: E402
+import numpy as np
+import polars as pl
+from prefcurate.tasks.annotate import (
     PAIRWISE_OPTIONS,
     JudgeSpec,
     load_gold_pairs,
@@ -104,6 +102,8 @@ from prefcurate.tasks.annotate import (  # noqa: E402
     resolve_criteria,
     score_options,
 )
+
+from prefcurate.inference.base import GenerateRequest, SamplingParams
 
 ROUNDS = 2
 BATCH = 64

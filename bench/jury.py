@@ -61,9 +61,10 @@ import polars as pl
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.support.rows import judgments_from_arrays  # noqa: E402
-from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts, judge_verdicts  # noqa: E402
-from prefcurate.tasks.jury import PAIR_KEY, accuracy_weight, latent_jury, vote_expr  # noqa: E402
+from prefcurate.tasks.jury import PAIR_KEY, accuracy_weight, judge_verdicts, latent_jury, vote_expr
+from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts
+
+from tests.support.rows import judgments_from_arrays
 
 PANDALM = ROOT.parent / "shared" / "data" / "pandalm"
 MARGIN = 0.1

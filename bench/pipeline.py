@@ -33,20 +33,20 @@ Last line: ``RESULT overhead_share=<(wall_s - model_s) / wall_s> wall_s=.. model
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import json  # noqa: E402
-import os  # noqa: E402
-import re  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import time  # noqa: E402
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import time
 
 REPO = Path(__file__).resolve().parents[1]
 ENGINE_LOG_ENV = "PREFCURATE_BENCH_ENGINE_LOG"

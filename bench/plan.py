@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pyarrow as pa
-
 from prefcurate.schemas.tables import TABLES
+
 from prefcurate.steps import model_stages
 from prefcurate.store import Store
 

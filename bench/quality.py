@@ -23,8 +23,8 @@ after centring> seconds=<ours, full 1M> peak_mb=<ours, full 1M, tracemalloc>``.
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
@@ -41,7 +41,7 @@ from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from prefcurate.tasks.bradley_terry import DEFAULT_L2, fit_bradley_terry, normalise  # noqa: E402
+from prefcurate.tasks.bradley_terry import DEFAULT_L2, fit_bradley_terry, normalise
 
 N_ITEMS = 100_000
 N_COMPARISONS = 1_000_000

@@ -30,24 +30,24 @@ are left out; with other sizes the largest one stands in for 100k, named by its 
 
 from __future__ import annotations
 
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
+import sys
+from pathlib import Path
 
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import json  # noqa: E402
-import os  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import tempfile  # noqa: E402
-import textwrap  # noqa: E402
-import threading  # noqa: E402
-import time  # noqa: E402
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+import textwrap
+import threading
+import time
 
-import psutil  # noqa: E402
+import psutil
 
-from prefcurate.stages import STAGE_NAMES  # noqa: E402
+from prefcurate.stages import STAGE_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = list(STAGE_NAMES)
@@ -65,8 +65,7 @@ INSTANT_MODELS_PRELOAD = textwrap.dedent(
     """
 )
 
-WORDS = ("explain why how write a short list of steps to compare summarise plan story about the "
-         "code math proof poem letter recipe history of science travel budget garden").split()
+WORDS = ["explain", "why", "how", "write", "a", "short", "list", "of", "steps", "to", "compare", "summarise", "plan", "story", "about", "the", "code", "math", "proof", "poem", "letter", "recipe", "history", "of", "science", "travel", "budget", "garden"]
 
 
 def make_prompts(path: Path, rows: int) -> None:

@@ -45,14 +45,13 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-import argparse  # noqa: E402
-import resource  # noqa: E402
-import time  # noqa: E402
+import argparse
+import resource
+import time
 
-import numpy as np  # noqa: E402
-
-from prefcurate.tasks.dedup import groups_from_pairs, representatives, semantic_duplicates_detail  # noqa: E402
-from prefcurate.tasks.selection import SelectParams, select_items, selection_report  # noqa: E402
+import numpy as np
+from prefcurate.tasks.dedup import groups_from_pairs, representatives, semantic_duplicates_detail
+from prefcurate.tasks.selection import SelectParams, select_items, selection_report
 
 DIM = 384
 THRESHOLD = 0.95

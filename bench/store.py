@@ -36,18 +36,18 @@ from pathlib import Path
 # the repository root first on sys.path, so this checkout's prefcurate is the one measured
 sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import numpy as np  # noqa: E402
-import polars as pl  # noqa: E402
-import polars_hash as plh  # noqa: E402
+import numpy as np
+import polars as pl
+import polars_hash as plh
+from prefcurate.tasks.ingest import IngestParams
 
-from prefcurate.steps.base import StageContext  # noqa: E402
-from prefcurate.steps.ingest import IngestStep  # noqa: E402
-from prefcurate.store import Store  # noqa: E402
-from prefcurate.tasks.ingest import IngestParams  # noqa: E402
+from prefcurate.steps.base import StageContext
+from prefcurate.steps.ingest import IngestStep
+from prefcurate.store import Store
 
 ZSTD_LEVEL = 1  # what the store's pyarrow shard writer uses (compression="zstd", default level)
 CATEGORIES = ["coding", "math", "advice", "creative", "factual", "safety"]
-WORDS = "the a of to explain why how write code list steps compare summarise plan story".split()
+WORDS = ["the", "a", "of", "to", "explain", "why", "how", "write", "code", "list", "steps", "compare", "summarise", "plan", "story"]
 
 
 def make_file(path: Path, rows: int, seed: int = 0) -> None:

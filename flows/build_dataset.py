@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger
-from prefect.artifacts import create_link_artifact
-
 from prefcurate.flows.common import (
     RunParameters,
     dask_cluster,
     publish_report,
     resolve,
 )
+from prefect import flow, get_run_logger
+from prefect.artifacts import create_link_artifact
+
 from prefcurate.report import build_report_markdown
 from prefcurate.stages import STAGE_NAMES, load, stage_spec
 

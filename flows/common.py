@@ -11,7 +11,8 @@ import contextlib
 import logging
 import os
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
@@ -523,7 +524,7 @@ def exit_at_once_when_closed() -> None:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
-            except Exception:  # noqa: BLE001 (a closed stream has nothing to flush)
+            except Exception:  # a closed stream has nothing to flush
                 pass
         os._exit(0)
 

@@ -8,12 +8,11 @@ unit task runs, named ``<stage>-<unit key prefix>``. The flow's form in the UI i
 the stage's params model (``stage_params``), so it shows every parameter of the stage.
 """
 
-from typing import Optional
 
+from prefcurate.flows.common import RunParameters, dask_cluster, resolve, run_stage, task_runner_for
 from prefect import Flow, flow
 from pydantic import BaseModel
 
-from prefcurate.flows.common import RunParameters, dask_cluster, resolve, run_stage, task_runner_for
 from prefcurate.stages import load, stage_spec
 
 
@@ -58,8 +57,8 @@ def stage_flow(stage: str) -> Flow:
     spec = stage_spec(stage)
     params_model = load(spec.params)
 
-    def run(parameters: RunParameters = RunParameters(), stage_params: Optional[params_model] = None,
-            cluster: Optional[str] = None, parent_run: Optional[str] = None) -> dict:
+    def run(parameters: RunParameters = RunParameters(), stage_params: params_model | None = None,
+            cluster: str | None = None, parent_run: str | None = None) -> dict:
         return run_stage_flow(stage, parameters, stage_params, cluster, parent_run)
 
     run.__name__ = run.__qualname__ = spec.flow.split(":")[1]

@@ -7,7 +7,6 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
 
 import typer
 
@@ -61,7 +60,7 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-def _overrides(pairs: Optional[List[str]]) -> dict:
+def _overrides(pairs: list[str] | None) -> dict:
     import yaml
 
     result = {}
@@ -73,7 +72,7 @@ def _overrides(pairs: Optional[List[str]]) -> dict:
     return result
 
 
-def _dataset_for(config_path: Optional[Path], dataset: Optional[Path], overrides: dict | None = None) -> Path:
+def _dataset_for(config_path: Path | None, dataset: Path | None, overrides: dict | None = None) -> Path:
     if dataset is not None:
         return dataset
     from prefcurate.config import ConfigError, load_config
@@ -95,7 +94,7 @@ def _open_store(dataset: Path, create: bool = False, upgrade: bool = True):
         fail(str(error))
 
 
-def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Path], overrides: dict,
+def _run_flow(stage: str | None, config: Path | None, dataset: Path | None, overrides: dict,
               no_wait: bool = False, command: str | None = None) -> dict:
     """``command``: what the user typed, for the writer lock and the messages (default
     ``prefcurate build`` or ``prefcurate run STAGE``)."""
@@ -157,10 +156,10 @@ def _run_flow(stage: Optional[str], config: Optional[Path], dataset: Optional[Pa
 @app.command()
 def init(
     dataset: Path = typer.Argument(..., help="new (or empty) directory for the dataset"),
-    shards_uri: Optional[str] = typer.Option(
+    shards_uri: str | None = typer.Option(
         None, help="keep the shards on an S3-compatible store (s3://BUCKET/PREFIX); the catalog stays in "
         "DATASET; credentials from AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY"),
-    endpoint_url: Optional[str] = typer.Option(None, help="the S3-compatible endpoint (MinIO, Ceph, ...) "
+    endpoint_url: str | None = typer.Option(None, help="the S3-compatible endpoint (MinIO, Ceph, ...) "
                                                "for --shards-uri; default AWS"),
 ) -> None:
     """Create a new, empty dataset directory (catalog, views, shard folders)."""
@@ -176,15 +175,16 @@ def init(
 
 @app.command()
 def ingest(
-    path: str = typer.Argument("bundled", help="JSONL, JSON (one array of objects), Parquet or CSV file (.gz too), or 'bundled' for the demo prompts"),
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
-    prompt_field: Optional[str] = typer.Option(None, help="field holding the prompt (default 'prompt')"),
-    system_field: Optional[str] = typer.Option(None, help="field holding an optional system prompt"),
-    id_field: Optional[str] = typer.Option(None, help="field holding the record's own id"),
-    max_chars: Optional[int] = typer.Option(None, help="longer prompts are quarantined"),
-    limit: Optional[int] = typer.Option(None, help="accept at most this many prompts"),
-    set_: Optional[List[str]] = SET_OPTION,
+    path: str = typer.Argument("bundled", help="JSONL, JSON (one array of objects), Parquet or CSV file "
+                                             "(.gz too), or 'bundled' for the demo prompts"),
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    prompt_field: str | None = typer.Option(None, help="field holding the prompt (default 'prompt')"),
+    system_field: str | None = typer.Option(None, help="field holding an optional system prompt"),
+    id_field: str | None = typer.Option(None, help="field holding the record's own id"),
+    max_chars: int | None = typer.Option(None, help="longer prompts are quarantined"),
+    limit: int | None = typer.Option(None, help="accept at most this many prompts"),
+    set_: list[str] | None = SET_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Read prompts: validate, normalise (NFC, whitespace), de-duplicate, shard.
@@ -215,7 +215,7 @@ def ingest(
                    "FROM quarantine WHERE stage = 'ingest' ORDER BY source_record\"")
 
 
-def _finished_build(pipeline, store, config: Optional[Path], stage: Optional[str] = None) -> dict | None:
+def _finished_build(pipeline, store, config: Path | None, stage: str | None = None) -> dict | None:
     """The result of a build (or of ``stage`` alone) with nothing pending, recorded as a
     completed run that ran no unit; None when there is work (or a plan fails: the run then
     says why). A plan refused for bad input (a missing input file, ...) is said now, before
@@ -244,10 +244,10 @@ def _finished_build(pipeline, store, config: Optional[Path], stage: Optional[str
 
 @app.command()
 def build(
-    config: Optional[Path] = CONFIG_OPTION,
-    dataset: Optional[Path] = DATASET_OPTION,
-    set_: Optional[List[str]] = SET_OPTION,
-    stages: Optional[str] = typer.Option(None, help="comma-separated subset of stages to run"),
+    config: Path | None = CONFIG_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    set_: list[str] | None = SET_OPTION,
+    stages: str | None = typer.Option(None, help="comma-separated subset of stages to run"),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Run the whole pipeline (resumes where a previous build stopped)."""
@@ -267,8 +267,8 @@ def build(
 
 @app.command()
 def estimate(
-    config: Optional[Path] = CONFIG_OPTION,
-    set_: Optional[List[str]] = SET_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    set_: list[str] | None = SET_OPTION,
 ) -> None:
     """Print the requests, tokens and cost (priced pools) a build would make, before it starts.
 
@@ -288,9 +288,9 @@ def estimate(
 @app.command()
 def run(
     stage: str = typer.Argument(..., help=stages_help()),
-    config: Optional[Path] = CONFIG_OPTION,
-    dataset: Optional[Path] = DATASET_OPTION,
-    set_: Optional[List[str]] = SET_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    set_: list[str] | None = SET_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Run one stage alone over the dataset (its inputs must exist)."""
@@ -317,10 +317,9 @@ def _require_inputs(stage: str, store, command: str) -> None:
 
 
 @app.command()
-def status(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CONFIG_OPTION) -> None:
+def status(dataset: Path | None = DATASET_OPTION, config: Path | None = CONFIG_OPTION) -> None:
     """Runs, row counts per table, quarantine reasons, ingest accounting, judges, filters."""
     from prefcurate.report import status_text
-
     from prefcurate.store import StoreError
 
     store = _open_store(_dataset_for(config, dataset))
@@ -335,14 +334,14 @@ def sql(
     query: str = typer.Argument(
         ..., help="one read-only query, e.g. \"SELECT * FROM curated_pairs LIMIT 5\""
     ),
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
     format: str = typer.Option("table", "--format", "-f", help="table | csv | json | parquet"),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help="write to this file, outside the dataset (needed for parquet)"
     ),
     max_rows: int = typer.Option(50, help="rows shown in table format"),
-    memory_limit: Optional[str] = typer.Option(
+    memory_limit: str | None = typer.Option(
         None, "--memory-limit", help="DuckDB memory limit for the query, e.g. 2GB (default: a quarter of RAM)"
     ),
     timeout: float = typer.Option(
@@ -360,8 +359,15 @@ def sql(
     """
     import duckdb
 
-    from prefcurate.sql import ReadOnlyViolation, SqlError, check_output_path, render, run_read_only
-    from prefcurate.sql import terminal_safe, write_result
+    from prefcurate.sql import (
+        ReadOnlyViolation,
+        SqlError,
+        check_output_path,
+        render,
+        run_read_only,
+        terminal_safe,
+        write_result,
+    )
 
     def refuse(message: str) -> None:
         fail(terminal_safe(message))
@@ -408,9 +414,9 @@ def sql(
 
 @app.command()
 def export(
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
-    set_: Optional[List[str]] = SET_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    set_: list[str] | None = SET_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Write the curated pairs as DPO JSONL + Parquet with a dataset card."""
@@ -420,7 +426,7 @@ def export(
 
 
 @app.command()
-def repair(dataset: Optional[Path] = DATASET_OPTION, config: Optional[Path] = CONFIG_OPTION) -> None:
+def repair(dataset: Path | None = DATASET_OPTION, config: Path | None = CONFIG_OPTION) -> None:
     """Re-create a lost, corrupt or foreign catalog from the dataset's shard files.
 
     Every shard of a complete unit (its manifest under _units/) is registered once, with the
@@ -450,7 +456,7 @@ import_app = typer.Typer(help="Bring data made elsewhere into a dataset.", no_ar
 app.add_typer(import_app, name="import")
 
 
-def _pairs_option(values: Optional[List[str]], flag: str, separator: str = "=") -> dict:
+def _pairs_option(values: list[str] | None, flag: str, separator: str = "=") -> dict:
     result = {}
     for item in values or []:
         if separator not in item:
@@ -460,7 +466,7 @@ def _pairs_option(values: Optional[List[str]], flag: str, separator: str = "=") 
     return result
 
 
-def _scale_option(value: Optional[str], flag: str):
+def _scale_option(value: str | None, flag: str):
     if value is None:
         return None
     try:
@@ -473,16 +479,16 @@ def _scale_option(value: Optional[str], flag: str):
 @import_app.command("judgments")
 def import_judgments(
     path: Path = typer.Argument(..., help="JSONL, JSON (array), Parquet or CSV file of judgments"),
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
-    mapping: Optional[Path] = typer.Option(None, "--mapping", "-m", help="YAML field mapping (see examples/import_pandalm.yaml)"),
-    map_: Optional[List[str]] = typer.Option(None, "--map", help="native=source field or template: --map prompt=instruction"),
-    const: Optional[List[str]] = typer.Option(None, "--const", help="native=fixed value: --const judge=gpt-4o"),
-    value: Optional[List[str]] = typer.Option(None, "--value", help="recode a value: --value verdict_12:1=A"),
-    join: Optional[List[str]] = typer.Option(None, "--join", help="FILE:KEY, a file joined on KEY (relative to PATH's folder)"),
-    score_scale: Optional[str] = typer.Option(None, help="scale of score_* fields: LO,HI"),
-    rating_scale: Optional[str] = typer.Option(None, help="scale of rating_* fields: LO,HI"),
-    format: Optional[str] = typer.Option(None, "--format", help="auto | jsonl | json | parquet | csv"),
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
+    mapping: Path | None = typer.Option(None, "--mapping", "-m", help="YAML field mapping (see examples/import_pandalm.yaml)"),
+    map_: list[str] | None = typer.Option(None, "--map", help="native=source field or template: --map prompt=instruction"),
+    const: list[str] | None = typer.Option(None, "--const", help="native=fixed value: --const judge=gpt-4o"),
+    value: list[str] | None = typer.Option(None, "--value", help="recode a value: --value verdict_12:1=A"),
+    join: list[str] | None = typer.Option(None, "--join", help="FILE:KEY, a file joined on KEY (relative to PATH's folder)"),
+    score_scale: str | None = typer.Option(None, help="scale of score_* fields: LO,HI"),
+    rating_scale: str | None = typer.Option(None, help="scale of rating_* fields: LO,HI"),
+    format: str | None = typer.Option(None, "--format", help="auto | jsonl | json | parquet | csv"),
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Import judgments made elsewhere: prompts, response pairs, verdicts (and ratings).
@@ -540,11 +546,11 @@ app.add_typer(review_app, name="review")
 @review_app.command("export")
 def review_export(
     top: float = typer.Option(0.2, help="share of the unlabelled judged pairs to export, most uncertain first"),
-    output: Optional[Path] = typer.Option(
+    output: Path | None = typer.Option(
         None, "--output", "-o", help=".jsonl or .csv (default DATASET/review/to_label.jsonl)"
     ),
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Write the most uncertain pairs (BPDE, then the jury's entropy) for people to label."""
     from prefcurate.tasks.review import export_for_review
@@ -561,8 +567,8 @@ def review_export(
 @review_app.command("import")
 def review_import(
     path: Path = typer.Argument(..., help="a labelled review file (.jsonl, .csv or .parquet)"),
-    dataset: Optional[Path] = DATASET_OPTION,
-    config: Optional[Path] = CONFIG_OPTION,
+    dataset: Path | None = DATASET_OPTION,
+    config: Path | None = CONFIG_OPTION,
 ) -> None:
     """Store people's labels (human_labels); they override the jury on the next filter run."""
     from prefcurate.store import StoreError

@@ -90,7 +90,7 @@ class PipelineConfig(Strict):
     export: ExportParams = Field(default_factory=ExportParams)
 
     @model_validator(mode="after")
-    def _known_stages(self) -> "PipelineConfig":
+    def _known_stages(self) -> PipelineConfig:
         unknown = [s for s in self.stages if s not in STAGE_ORDER]
         if unknown:
             raise ValueError(f"unknown stages {unknown}; known: {STAGE_ORDER}")

@@ -59,7 +59,7 @@ class ObjectShards:
     endpoint_url: str | None = None
 
     @classmethod
-    def parse(cls, uri: str, endpoint_url: str | None = None) -> "ObjectShards":
+    def parse(cls, uri: str, endpoint_url: str | None = None) -> ObjectShards:
         parsed = urlparse(uri)
         if parsed.scheme not in ("s3", "s3a") or not parsed.netloc:
             raise ObjectStoreError(
@@ -68,7 +68,7 @@ class ObjectShards:
         return cls(f"s3://{parsed.netloc}" + (f"/{prefix}" if prefix else ""), endpoint_url or None)
 
     @classmethod
-    def from_marker(cls, marker: Path) -> "ObjectShards | None":
+    def from_marker(cls, marker: Path) -> ObjectShards | None:
         """The dataset's object store, or None when its shards are on the local disk."""
         try:
             recorded = json.loads(marker.read_text()).get(MARKER_FIELD)
@@ -157,13 +157,13 @@ class ObjectShards:
     def sweep(self, tables, older_than_s: float = 3600.0) -> int:
         """Delete temporary uploads older than ``older_than_s`` (writes that crashed before their
         copy); younger ones may belong to a unit running right now."""
-        cutoff = dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=older_than_s)
+        cutoff = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=older_than_s)
         removed = 0
         for table in tables:
             for name, entry in self._names(table, detail=True):
                 modified = entry.get("LastModified")
                 if name.startswith(".shard-") and name.endswith(".tmp") and modified is not None \
-                        and modified.astimezone(dt.timezone.utc) < cutoff:
+                        and modified.astimezone(dt.UTC) < cutoff:
                     try:
                         self.filesystem.rm(entry["name"])
                         removed += 1

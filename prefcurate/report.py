@@ -106,7 +106,7 @@ def text_histogram(values, bins: int = 10, width: int = 30) -> str:
     counts, edges = np.histogram(values, bins=bins)
     top = counts.max() or 1
     lines = [
-        f"{edges[i]:>7.2f} .. {edges[i + 1]:<7.2f} {'█' * int(round(width * c / top)):<{width}} {c}"
+        f"{edges[i]:>7.2f} .. {edges[i + 1]:<7.2f} {'█' * round(width * c / top):<{width}} {c}"
         for i, c in enumerate(counts)
     ]
     return "```\n" + "\n".join(lines) + "\n```"

@@ -28,9 +28,9 @@ import os
 import re
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import duckdb
 import polars as pl
@@ -88,7 +88,7 @@ def check_read_only(query: str) -> None:
     )
 
 
-def _single_statement(query: str) -> "duckdb.Statement":
+def _single_statement(query: str) -> duckdb.Statement:
     try:
         statements = duckdb.extract_statements(query)
     except Exception as error:  # parser errors, and statement types the binding cannot name
@@ -96,13 +96,13 @@ def _single_statement(query: str) -> "duckdb.Statement":
     if len(statements) != 1:
         raise ReadOnlyViolation(f"give exactly one statement (got {len(statements)})")
     try:
-        statements[0].type
+        _ = statements[0].type
     except ValueError:  # a statement type newer than this duckdb binding can name
         raise ReadOnlyViolation("`prefcurate sql` is read-only: this kind of statement is refused") from None
     return statements[0]
 
 
-def _kind(statement: "duckdb.Statement") -> str:
+def _kind(statement: duckdb.Statement) -> str:
     name = statement.type.name
     readable = {"MULTI": "multi-statement (e.g. PIVOT without IN)", "VARIABLE_SET": "SET VARIABLE"}
     return readable.get(name, name)
@@ -342,7 +342,7 @@ def run_read_only(
 def _memory_limit_bytes(con: duckdb.DuckDBPyConnection) -> int | None:
     """The connection's memory limit in bytes, from DuckDB's own rendering (e.g. '61.0 MiB')."""
     shown = con.execute("SELECT value FROM duckdb_settings() WHERE name = 'memory_limit'").fetchall()[0][0]
-    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGTP]?)(i?)B\s*", shown or "", flags=re.I)
+    match = re.fullmatch(r"\s*([\d.]+)\s*([KMGTP]?)(i?)B\s*", shown or "", flags=re.IGNORECASE)
     if not match:
         return None
     number, prefix, binary = match.groups()
@@ -366,7 +366,7 @@ def _collect(relation: duckdb.DuckDBPyRelation, limit_bytes: int | None) -> pa.T
 
 
 # ---- results ---------------------------------------------------------------------------------
-_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x00, 0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x0A}
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(0x20), 0x7F, *range(0x80, 0xA0)] if c != 0x0A}
 # bidirectional overrides reorder what a terminal shows
 _CONTROL.update({c: f"\\u{c:04x}" for c in [*range(0x202A, 0x202F), *range(0x2066, 0x206A)]})
 

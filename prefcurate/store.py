@@ -35,9 +35,9 @@ import json
 import os
 import time
 import uuid
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import duckdb
 import numpy as np
@@ -97,7 +97,7 @@ def code_version() -> str:
 
 
 def now_utc() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 def shard_relpath(table: str, key: str) -> str:
@@ -258,7 +258,7 @@ class Store:
     # ---- lifecycle -------------------------------------------------------------------
     @classmethod
     def init(cls, root: str | Path, shards_uri: str | None = None,
-             endpoint_url: str | None = None) -> "Store":
+             endpoint_url: str | None = None) -> Store:
         """``shards_uri`` (``s3://bucket/prefix``): keep the shards on an S3-compatible store
         (see :mod:`prefcurate.object_store`); the catalog stays in ``root``."""
         root = Path(root)
@@ -298,7 +298,7 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, root: str | Path, upgrade: bool = True) -> "Store":
+    def open(cls, root: str | Path, upgrade: bool = True) -> Store:
         """``upgrade=False`` (readers such as `prefcurate sql`): an earlier version's catalog is
         checked but left as it is, so that reading never writes the dataset."""
         root = Path(root)
@@ -324,7 +324,7 @@ class Store:
         return store
 
     @classmethod
-    def open_or_init(cls, root: str | Path) -> "Store":
+    def open_or_init(cls, root: str | Path) -> Store:
         return cls.open(root) if (Path(root) / MARKER).exists() else cls.init(root)
 
     def instance_id(self) -> str:
@@ -444,7 +444,7 @@ class Store:
             return
         if timeout_s is None:
             timeout_s = float(os.environ.get("PREFCURATE_WRITER_TIMEOUT_S", "3600"))
-        handle = open(self.root / WRITER_LOCK, "a+")
+        handle = open(self.root / WRITER_LOCK, "a+")  # noqa: SIM115  (held open: the flock lives on it)
         deadline = time.monotonic() + timeout_s
         told = False
         try:

@@ -66,7 +66,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
-
 from prefcurate.schemas.tables import PRIMARY_KEYS, PROVENANCE, TABLES
 from prefcurate.tasks.checks import REASONS as FILTER_REASONS
 
@@ -255,7 +254,7 @@ def _from_rule(rule: Rule) -> Expectation:
     raise ValueError(f"unknown rule kind {rule.kind!r}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def contract(table: str, with_provenance: bool) -> tuple[Expectation, ...]:
     """``table``'s expectations: schema, non-null, primary key, then the table's rules."""
     schema = TABLES[table]
@@ -412,7 +411,7 @@ def _define_differ_expectation() -> type:
         condition_value_keys = ()
 
         @column_pair_condition_partial(engine=PandasExecutionEngine)
-        def _pandas(cls, column_A, column_B, **kwargs):  # noqa: N803 (GX's argument names)
+        def _pandas(cls, column_A, column_B, **kwargs):
             return column_A != column_B
 
     class ExpectColumnPairValuesToDiffer(ColumnPairMapExpectation):
@@ -495,11 +494,11 @@ def check_batch(table: str, frame: pl.DataFrame | pa.Table) -> ContractResult:
     try:  # one pass over the frame for every expectation
         evaluated = frame.select(_unexpected(e, frame.schema).alias(str(i)) for i, e in enumerate(checks))
         masks = {i: evaluated.to_series(i) for i in range(len(checks))}
-    except Exception:  # noqa: BLE001 (one raised: evaluate them one by one to say which)
+    except Exception:  # one raised: evaluate them one by one to say which
         for i, e in enumerate(checks):
             try:
                 masks[i] = frame.select(_unexpected(e, frame.schema)).to_series()
-            except Exception as error:  # noqa: BLE001 (GX's catch_exceptions: a batch failure)
+            except Exception as error:  # GX's catch_exceptions: a batch failure
                 failed.append(_failure(e, None, [str(error).strip().splitlines()[-1] if str(error) else
                                                  type(error).__name__]))
     bad = np.zeros(frame.height, dtype=bool)
@@ -572,7 +571,7 @@ def _parses_as_json(texts: pl.Series) -> pl.Series:
 def _is_json(text: Any) -> bool:
     try:
         json.loads(text)
-    except Exception:  # noqa: BLE001 (GX: anything json.loads raises means "not JSON")
+    except Exception:  # GX: anything json.loads raises means "not JSON"
         return False
     return True
 
@@ -770,7 +769,7 @@ def _plain(value: Any) -> Any:
     """numpy scalars and tuples to plain Python, NaN to None, so failures serialise as JSON."""
     if isinstance(value, np.generic):
         value = value.item()
-    if isinstance(value, float) and value != value:
+    if isinstance(value, float) and math.isnan(value):
         return None
     if isinstance(value, (tuple, list)):
         return [_plain(v) for v in value]

@@ -52,10 +52,6 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-
-from prefcurate.errors import InputError
-from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, RATINGS
 from prefcurate.tasks.generate import (
@@ -77,6 +73,10 @@ from prefcurate.tasks.judge_modes import (  # noqa: F401  (re-exported for calle
     mode_for,
     score_options,
 )
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from prefcurate.errors import InputError
+from prefcurate.inference.base import Engine
 from prefcurate.templates import (  # noqa: F401  (re-exported)
     PAIRWISE_FIELDS,
     RATIONALE_FIELDS,

@@ -29,10 +29,10 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
+from prefcurate.schemas.ids import content_id
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.errors import InputError
-from prefcurate.schemas.ids import content_id
 
 GOLD_FIELDS = ["prompt", "response_a", "response_b", "winner"]
 WINNERS = {"a": "A", "b": "B", "tie": "tie", "1": "A", "2": "B", "0": "tie"}

@@ -32,10 +32,9 @@ from typing import ClassVar
 
 import polars as pl
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field
-
 from prefcurate.schemas import tables
 from prefcurate.tasks.jury import flipped_expr
+from pydantic import BaseModel, ConfigDict, Field
 
 PAIR_KEY = ["prompt_id", "response_a", "response_b"]
 _PROVENANCE = {f.name for f in tables.PROVENANCE}

@@ -48,18 +48,19 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
+from prefcurate.tasks.judge_modes import ask_both_orders
+from prefcurate.tasks.qurating import NonBlank, make_excerpts
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.inference.base import Engine, GenerateRequest, InferenceError, SamplingParams
-from prefcurate.tasks.judge_modes import ask_both_orders
-from prefcurate.tasks.qurating import NonBlank, make_excerpts
 from prefcurate.templates import Template, load_template
 
 WORKER_OPTIONS = ("A", "B", "None")
@@ -123,7 +124,7 @@ class CritiQParams(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _ordered_thresholds(self) -> "CritiQParams":
+    def _ordered_thresholds(self) -> CritiQParams:
         if not self.ban_threshold < self.keep_threshold:
             raise ValueError("ban_threshold must be below keep_threshold")
         critiq_templates(self)  # a bad template fails when the config loads
@@ -504,7 +505,7 @@ def split_pairs(n_pairs: int, heldout_fraction: float, seed: int) -> tuple[np.nd
     heldout_fraction > 0."""
     rng = np.random.default_rng([seed, 11])
     order = rng.permutation(n_pairs)
-    n_held = int(round(n_pairs * heldout_fraction))
+    n_held = round(n_pairs * heldout_fraction)
     if heldout_fraction > 0 and n_pairs >= 2:
         n_held = min(max(n_held, 1), n_pairs - 1)
     return np.sort(order[n_held:]), np.sort(order[:n_held])
@@ -968,7 +969,7 @@ def train_critiq_scorer(
     return scorer, unique_texts, CritiQScorerReport(
         judged_pairs=int(frame.height),
         tie_pairs=int((~decided).sum()),
-        training_pairs=int(len(chosen)),
+        training_pairs=len(chosen),
         scorer=report.model_dump(),
     )
 

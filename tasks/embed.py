@@ -41,9 +41,8 @@ from typing import Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
-
 from prefcurate.schemas.tables import EMBEDDING_DIM
+from pydantic import BaseModel, ConfigDict, Field
 
 _MODELS: dict[tuple[str, str], Any] = {}
 _ENCODERS: dict[tuple[str, str, str, str], Any] = {}

@@ -75,14 +75,15 @@ class EstimateRow:
 
 
 def _tokens(chars: float) -> int:
-    return int(math.ceil(chars / CHARS_PER_TOKEN))
+    return math.ceil(chars / CHARS_PER_TOKEN)
 
 
 def estimate_build(config) -> list[EstimateRow]:
     """The rows :func:`format_estimate` prints, for a loaded PipelineConfig."""
+    from prefcurate.tasks.ingest import ingest_file
+
     from prefcurate.config import section
     from prefcurate.inference.pools import parse_pool
-    from prefcurate.tasks.ingest import ingest_file
 
     prompts = ingest_file(config.ingest).accepted
     n_prompts = prompts.height
@@ -93,7 +94,7 @@ def estimate_build(config) -> list[EstimateRow]:
     rows: list[EstimateRow] = []
 
     def add(stage: str, pool: str, what: str, requests: float, chars_in: float, tokens_out: float) -> None:
-        requests, tokens_in, tokens_out = int(round(requests)), _tokens(chars_in), int(round(tokens_out))
+        requests, tokens_in, tokens_out = round(requests), _tokens(chars_in), round(tokens_out)
         priced = getattr(pools.get(pool), "price", None)
         cost = priced.cost(tokens_in, tokens_out) if priced is not None else None
         rows.append(EstimateRow(stage, pool, what, requests, tokens_in, tokens_out, cost))

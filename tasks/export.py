@@ -284,7 +284,7 @@ class TokenCounter:
         self.eos_token_id = self._id(special_tokens["eos_token"])
 
     @classmethod
-    def from_folder(cls, folder: Path) -> "TokenCounter | None":
+    def from_folder(cls, folder: Path) -> TokenCounter | None:
         config_file, tokenizer_file = folder / "tokenizer_config.json", folder / "tokenizer.json"
         if not (config_file.is_file() and tokenizer_file.is_file()):
             return None

@@ -30,7 +30,7 @@ class IntegrityParams(BaseModel):
     max_prompt_length: int | None = Field(512, ge=1, description="prompt tokens kept (TRL max_prompt_length)")
 
     @model_validator(mode="after")
-    def _prompt_fits(self) -> "IntegrityParams":
+    def _prompt_fits(self) -> IntegrityParams:
         if self.max_prompt_length is not None and self.max_prompt_length > self.max_length:
             raise ValueError(f"max_prompt_length ({self.max_prompt_length}) exceeds max_length ({self.max_length})")
         return self

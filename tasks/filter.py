@@ -46,21 +46,10 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, create_model
-from scipy.sparse import coo_matrix
-from scipy.sparse.csgraph import connected_components
-
 from prefcurate.schemas import tables
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.bradley_terry import fit_bradley_terry
 from prefcurate.tasks.calibration import CalibrationParams
-from prefcurate.tasks.jury import (  # noqa: F401  (the jury lives in tasks/jury.py; re-exported)
-    JuryMethod,
-    aggregate_jury,
-    judge_verdicts,
-    override_with_labels,
-)
-from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts
 from prefcurate.tasks.checks import (  # noqa: F401  (re-exported: the filter's public names)
     _EPS,
     _PROVENANCE,
@@ -96,6 +85,16 @@ from prefcurate.tasks.checks import (  # noqa: F401  (re-exported: the filter's 
     pair_reasons,
     require_registered_reasons,
 )
+from prefcurate.tasks.jury import (  # noqa: F401  (the jury lives in tasks/jury.py; re-exported)
+    JuryMethod,
+    aggregate_jury,
+    judge_verdicts,
+    override_with_labels,
+)
+from prefcurate.tasks.jury import jury_from_verdicts as _jury_from_verdicts
+from pydantic import BaseModel, ConfigDict, Field, create_model
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 # --- reason codes (FILTER_DROPS.reason): the check registry in tasks/checks.py -----------
 NO_VALID_JUDGMENT = NoValidJudgmentCheck.reason
@@ -417,7 +416,7 @@ class JudgedSignals:
         """Every response a candidate names (its texts and ratings are the shard's inputs)."""
         return pl.concat([self.candidates["response_a"], self.candidates["response_b"]]).unique().sort()
 
-    def shard(self, prompt_ids: pl.Series) -> "JudgedSignals":
+    def shard(self, prompt_ids: pl.Series) -> JudgedSignals:
         """The signals of the candidates of ``prompt_ids`` (a pair belongs to one prompt)."""
         wanted = pl.DataFrame({"prompt_id": prompt_ids.cast(pl.String)})
         candidates = self.candidates.join(wanted, on="prompt_id", how="semi", maintain_order="left")

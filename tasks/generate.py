@@ -32,11 +32,11 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
+from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from prefcurate.inference.base import Engine, GenerateRequest, SamplingParams
-from prefcurate.schemas.ids import content_id
-from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)``, called after each engine batch (counts of samples)."""

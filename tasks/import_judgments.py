@@ -72,10 +72,10 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
+from prefcurate.tasks.ingest import _hash_ids, _normalise, _quarantine_frame, _read, _read_bytes
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefcurate.errors import InputError
-from prefcurate.tasks.ingest import _hash_ids, _normalise, _quarantine_frame, _read, _read_bytes
 
 # ---- the native schema ---------------------------------------------------------------------
 ORDERS = ("12", "21")

@@ -23,6 +23,7 @@ import csv
 import functools
 import gzip
 import io
+import itertools
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -36,11 +37,10 @@ import orjson
 import polars as pl
 import polars_hash as plh
 import pyarrow as pa
-import pyarrow.compute as pc
+from prefcurate.schemas.ids import ID_HEX_CHARS
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.errors import InputError
-from prefcurate.schemas.ids import ID_HEX_CHARS
 
 BUNDLED = "bundled"
 _TYPE_PREFIX = "_type:"  # internal column per text field: the JSON type of a non-text value, else null
@@ -94,7 +94,7 @@ class IngestParams(BaseModel):
     shard_rows: int = Field(50_000, ge=1, description="prompts per shard (the unit of work downstream)")
 
     @model_validator(mode="after")
-    def _sizes_in_order(self) -> "IngestParams":
+    def _sizes_in_order(self) -> IngestParams:
         if self.min_chars > self.max_chars:
             raise ValueError(f"min_chars ({self.min_chars}) is greater than max_chars ({self.max_chars})")
         return self
@@ -696,7 +696,7 @@ def _row_ranges(rows: int) -> list[tuple[int, int]]:
     """(offset, length) of about equal row ranges, one per core, at least _PARALLEL_ROWS each."""
     count = max(1, min(_cores(), rows // _PARALLEL_ROWS))
     bounds = np.linspace(0, rows, count + 1).astype(int)
-    return [(int(start), int(stop - start)) for start, stop in zip(bounds[:-1], bounds[1:])]
+    return [(int(start), int(stop - start)) for start, stop in itertools.pairwise(bounds)]
 
 
 def _cores() -> int:

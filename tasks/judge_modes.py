@@ -89,12 +89,17 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 import polars as pl
+from prefcurate.schemas.ids import content_id
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from prefcurate.inference.base import (
-    ChoiceRequest, ChoiceScore, Engine, GenerateRequest, InferenceError, SamplingParams,
+    ChoiceRequest,
+    ChoiceScore,
+    Engine,
+    GenerateRequest,
+    InferenceError,
+    SamplingParams,
 )
-from prefcurate.schemas.ids import content_id
 from prefcurate.templates import Template, load_template
 
 if TYPE_CHECKING:

@@ -60,6 +60,8 @@ from typing import ClassVar
 
 import numpy as np
 import polars as pl
+from prefcurate.schemas.ids import content_id, file_sha256
+from prefcurate.tasks.judge_modes import JudgeMode, PairVerdicts, Progress, register_mode
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.inference.scoring import (
@@ -68,8 +70,6 @@ from prefcurate.inference.scoring import (
     RewardRequest,
     folder_runner,
 )
-from prefcurate.schemas.ids import content_id, file_sha256
-from prefcurate.tasks.judge_modes import JudgeMode, PairVerdicts, Progress, register_mode
 from prefcurate.templates import Template, register_kind
 
 register_kind("density_ratio_expert", {"prompt", "criterion_description"})

@@ -42,7 +42,6 @@ from typing import Literal
 import numpy as np
 import polars as pl
 import pyarrow as pa
-
 from prefcurate.schemas import tables
 
 PAIR_KEY = ["prompt_id", "response_a", "response_b"]

@@ -32,18 +32,19 @@ strengths, ``method="scorer"`` for every item; ``z_score`` is over the rows of o
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Sequence
+from typing import Annotated, Any, Literal
 
 import numpy as np
 import polars as pl
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
-
-from prefcurate.inference.base import Engine
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.bradley_terry import confident_mask, fit_bradley_terry
 from prefcurate.tasks.judge_modes import ask_both_orders
 from prefcurate.tasks.sampling import zscore
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from prefcurate.inference.base import Engine
 from prefcurate.templates import Template, load_template
 
 ItemKind = Literal["prompt", "response", "pair"]
@@ -140,7 +141,7 @@ class QuRatingParams(BaseModel):
     seed: int = 0
 
     @model_validator(mode="after")
-    def _unique_names(self) -> "QuRatingParams":
+    def _unique_names(self) -> QuRatingParams:
         names = [c.name for c in self.all_criteria]
         if not names:
             raise ValueError("at least one criterion is needed")

@@ -29,7 +29,6 @@ import math
 from pathlib import Path
 
 import polars as pl
-
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.calibration import WINNERS, read_labelled_file
 from prefcurate.tasks.jury import PAIR_KEY, binary_entropy

@@ -10,13 +10,12 @@ and, when CritiQ is on, from the scorer trained on CritiQ-judged pairs (``critiq
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field
-
 from prefcurate.tasks.critiq import CritiQParams
 from prefcurate.tasks.qurating import (
     QuRatingModels,
@@ -25,6 +24,7 @@ from prefcurate.tasks.qurating import (
     qurating_summary,
     train_quality_models,
 )
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class CritiQStageParams(BaseModel):

@@ -38,16 +38,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from numpy.typing import ArrayLike
-from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
-from torch.nn import functional as F
-
 from prefcurate.tasks.bradley_terry import (
     QURATING_CONFIDENCE,
     QURATING_HIGH_CONFIDENCE,
     confident_mask,
     pairwise_accuracy,
 )
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn import functional as F
 
 _FORMAT_VERSION = 1
 
@@ -159,7 +158,7 @@ class PairwiseScorer:
 
 
 def _split_pairs(n_pairs: int, holdout_fraction: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    n_heldout = int(round(n_pairs * holdout_fraction))
+    n_heldout = round(n_pairs * holdout_fraction)
     if holdout_fraction > 0.0 and n_pairs >= 2:
         n_heldout = min(max(n_heldout, 1), n_pairs - 1)
     else:

@@ -80,8 +80,6 @@ from typing import Literal
 
 import numpy as np
 import polars as pl
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-
 from prefcurate.tasks.dedup import (
     DedupParams,
     Partition,
@@ -94,6 +92,7 @@ from prefcurate.tasks.dedup import (
     normalize_texts,
     representatives,
 )
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 SELECTED = "selected"
 NEAR_DUPLICATE = "near_duplicate"
@@ -242,7 +241,7 @@ def select_items(
     if params.budget is not None:
         k = min(params.budget, n_cand)
     elif params.budget_share is not None:
-        k = min(n_cand, int(round(params.budget_share * n_cand)))
+        k = min(n_cand, round(params.budget_share * n_cand))
     else:
         k = n_cand
 
@@ -270,7 +269,7 @@ def select_items(
         "n_candidates": int(n_cand),
         "budget": int(k),
         "n_selected": int(picked.size),
-        "n_blocks": int(len(blocks)),
+        "n_blocks": len(blocks),
         "n_clusters": int(coarse.max() + 1) if n_cand else 0,
         "seconds": clock.wall,
         "cpu_seconds": clock.cpu,
@@ -535,7 +534,7 @@ def blockwise_greedy(
         while True:
             for b, result in pmap(run, pending):
                 sequences[b] = result
-            order, from_block, step = _merge(sequences, quality_rank, blocks, k)
+            order, from_block, _ = _merge(sequences, quality_rank, blocks, k)
             taken = np.bincount(from_block, minlength=len(blocks))
             pending = [b for b in range(len(blocks)) if taken[b] == caps[b] and caps[b] < blocks[b].size]
             if not pending:

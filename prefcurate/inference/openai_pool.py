@@ -71,14 +71,16 @@ import math
 import os
 import random
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Literal, Sequence, TypeVar
+from typing import Any, Literal, Self, TypeVar
 
 import httpx
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from prefcurate.errors import InputError
 from prefcurate.inference.base import (
     ChoiceRequest,
     ChoiceScore,
@@ -94,7 +96,6 @@ from prefcurate.inference.http_common import (
     error_message,
     json_object,
 )
-from prefcurate.errors import InputError
 from prefcurate.inference.pools import PoolConfigBase
 from prefcurate.inference.prompting import chat_messages, plain_prompt
 
@@ -185,7 +186,7 @@ class OpenAIPoolConfig(PoolConfigBase):
     def concurrency_slots(self) -> int:
         return self.parallel_units
 
-    def open(self, name: str) -> "OpenAIPool":
+    def open(self, name: str) -> OpenAIPool:
         return OpenAIPool(name, self)
 
     def cost(self, tokens_in: int | None, tokens_out: int | None) -> float | None:
@@ -365,7 +366,7 @@ class OpenAIPool:
         if self._client is not None:
             await self._client.aclose()
 
-    def __enter__(self) -> "OpenAIPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -674,7 +675,7 @@ class OpenAIPool:
 
 # --------------------------------------------------------------------- helpers
 def _estimate_tokens(prompt: str, system_prompt: str | None) -> int:
-    return int(math.ceil((len(prompt) + len(system_prompt or "")) / CHARS_PER_TOKEN)) + 8
+    return math.ceil((len(prompt) + len(system_prompt or "")) / CHARS_PER_TOKEN) + 8
 
 
 def _usage(body: dict) -> tuple[int, int]:

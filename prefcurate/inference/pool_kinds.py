@@ -35,7 +35,8 @@ def _kind_name(kind: type[PoolConfigBase]) -> str:
 
 
 PoolConfig = Annotated[
-    Union[tuple(Annotated[kind, Tag(_kind_name(kind))] for kind in POOL_KINDS)],
+    # A Union built from a runtime tuple has no `X | Y` spelling.
+    Union[tuple(Annotated[kind, Tag(_kind_name(kind))] for kind in POOL_KINDS)],  # noqa: UP007
     Discriminator(_kind_of),
 ]
 

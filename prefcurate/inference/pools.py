@@ -12,8 +12,9 @@ examples, and their ``launch:`` sections drive ``infra/vllm/launch.py``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -164,7 +165,7 @@ class ServersPoolConfig(PoolConfigBase):
     launch: LaunchConfig | None = None
 
     @model_validator(mode="after")
-    def _servers_need_urls(self) -> "ServersPoolConfig":
+    def _servers_need_urls(self) -> ServersPoolConfig:
         if not self.urls:
             raise ValueError("a 'servers' pool needs at least one url")
         return self
@@ -192,7 +193,7 @@ class ServersPoolConfig(PoolConfigBase):
         )
 
 
-def parse_pool(raw: "PoolConfigBase | dict | None") -> "PoolConfigBase":
+def parse_pool(raw: PoolConfigBase | dict | None) -> PoolConfigBase:
     """A pool's config of the kind its ``kind`` names (default: the embedded engine)."""
     from prefcurate.inference.pool_kinds import parse_pool as parse
 

@@ -34,9 +34,10 @@ softmax over the options only (the shared prefix's probability cancels).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Protocol, Sequence
+from typing import Literal, Protocol
 
 import numpy as np
 
@@ -126,7 +127,7 @@ class LocalPromptTokenizer:
     _option_cache: dict[str, tuple[int, ...]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_folder(cls, folder: str | Path, add_bos: bool | str = "auto") -> "LocalPromptTokenizer":
+    def from_folder(cls, folder: str | Path, add_bos: bool | str = "auto") -> LocalPromptTokenizer:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(str(folder))
@@ -135,7 +136,7 @@ class LocalPromptTokenizer:
     @classmethod
     def from_tokenizer(
         cls, tokenizer, add_bos: bool | str = "auto", folder: str | Path | None = None
-    ) -> "LocalPromptTokenizer":
+    ) -> LocalPromptTokenizer:
         if add_bos == "auto":
             add_bos = _family_wants_bos(folder)
         return cls(tokenizer, bool(add_bos))

@@ -26,9 +26,10 @@ at plan time, without starting an engine.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol, Sequence, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 from prefcurate.errors import InputError
 from prefcurate.inference.prompting import plain_prompt

@@ -46,11 +46,13 @@ from __future__ import annotations
 import asyncio
 import random
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Sequence, TypeVar
+from typing import Any, Self, TypeVar
 
 import httpx
 
+from prefcurate.inference import http_common
 from prefcurate.inference.base import (
     ChoiceRequest,
     ChoiceScore,
@@ -59,7 +61,6 @@ from prefcurate.inference.base import (
     Generation,
     InferenceError,
 )
-from prefcurate.inference import http_common
 from prefcurate.inference.prompting import (
     LocalPromptTokenizer,
     chat_messages,
@@ -185,7 +186,7 @@ class ServerPool:
     def close(self) -> None:
         self._loop.close(self._shutdown)
 
-    def __enter__(self) -> "ServerPool":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -297,7 +298,7 @@ class ServerPool:
                     return replica
                 try:
                     await asyncio.wait_for(self._cond.wait(), timeout=self.health_interval_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     pass
         # every replica is marked down: probe once more before giving up on the pool
         if any((await self._probe_all()).values()):

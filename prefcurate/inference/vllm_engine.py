@@ -44,8 +44,9 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Self
 
 from prefcurate.inference.base import (
     ChoiceRequest,
@@ -364,7 +365,7 @@ class VLLMEngine:
             except Exception:
                 pass
 
-    def __enter__(self) -> "VLLMEngine":
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

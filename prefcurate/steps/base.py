@@ -104,7 +104,7 @@ class StageStats:
             else:
                 self.reports.setdefault(name, {})[source] = value
 
-    def add_unit(self, result: "UnitResult") -> None:
+    def add_unit(self, result: UnitResult) -> None:
         self.add(result.counts, result.unit_key)
         self.timings["model_seconds"] = self.timings.get("model_seconds", 0.0) + result.model_seconds
 

@@ -14,7 +14,7 @@ import json
 import logging
 import threading
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import polars as pl
 import pyarrow as pa
@@ -193,5 +193,5 @@ def _close_quietly(engine: Engine, grace_s: float | None = None) -> None:
             engine.close(grace_s=grace_s)  # an engine with processes of its own (VLLMEngine)
         else:
             engine.close()
-    except Exception:  # noqa: BLE001 (an engine that died while closing is closed)
+    except Exception:  # an engine that died while closing is closed
         pass

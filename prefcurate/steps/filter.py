@@ -22,7 +22,6 @@ from prefcurate.tasks.calibration import gate_summary, prepare_jury
 from prefcurate.tasks.filter import aggregate_jury, apply_filters_sharded
 from prefcurate.tasks.review import current_labels
 
-
 #: prompts whose responses, ratings and shingles are held at once (~40 KB a prompt at its peak)
 SHARD_PROMPTS = 5000
 _JUDGMENT_COLUMNS = ["prompt_id", "response_a", "response_b", "judge", "judge_model", "criterion", "valid",

@@ -20,7 +20,7 @@ class IngestStep(Step):
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         params = self._params(ctx)
-        path, fmt = resolve_source(params)  # raises IngestError for unusable input
+        path, _ = resolve_source(params)  # raises IngestError for unusable input
         # csv_separator left to detection keys as before it existed: datasets ingested then
         # are not ingested again (their files read the same; a ";" file could not be read)
         settings = params.model_dump(mode="json", exclude={"csv_separator"} if params.csv_separator is None else None)

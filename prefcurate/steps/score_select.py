@@ -377,8 +377,8 @@ class ExportStep(Step):
         return todo, done
 
     def compute(self, unit: Unit, ctx: StageContext):
-        from prefcurate.tasks.export import export_curated
         from prefcurate.tasks.calibration import card_judges
+        from prefcurate.tasks.export import export_curated
 
         store = ctx.store()
         config = ctx.pipeline_config()

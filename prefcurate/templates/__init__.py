@@ -111,7 +111,7 @@ def template_names() -> list[str]:
 
 def read_template_text(name: str) -> str:
     """The raw text of a packaged template; ``name`` with or without ``.txt``."""
-    stem = name[: -len(TEMPLATE_SUFFIX)] if name.endswith(TEMPLATE_SUFFIX) else name
+    stem = name.removesuffix(TEMPLATE_SUFFIX)
     entry = resources.files(__name__).joinpath(stem + TEMPLATE_SUFFIX)
     if not entry.is_file():
         raise FileNotFoundError(
@@ -207,7 +207,7 @@ def load_template(name: str, kind: str | None = None) -> Template:
     if path.suffix == TEMPLATE_SUFFIX and path.is_file():
         stem, raw = path.stem, path.read_text(encoding="utf-8")
     else:
-        stem = name[: -len(TEMPLATE_SUFFIX)] if name.endswith(TEMPLATE_SUFFIX) else name
+        stem = name.removesuffix(TEMPLATE_SUFFIX)
         raw = read_template_text(name)
     kind = _template_kind(stem, kind)
     spec = TEMPLATE_KINDS[kind]
@@ -244,10 +244,9 @@ def load_template(name: str, kind: str | None = None) -> Template:
             f"template {stem!r} ends with a placeholder; it must end with the cue after "
             "which the answer is due (e.g. 'Verdict: [[')"
         )
-    if spec.generated is not None:
-        if fields.count(spec.generated) != 1 or fields[-1] != spec.generated:
-            raise ValueError(
-                f"{kind} template {stem!r} must hold {{{spec.generated}}} once, after every "
-                f"other placeholder (the {spec.generated} is generated there, the answer follows)"
-            )
+    if spec.generated is not None and (fields.count(spec.generated) != 1 or fields[-1] != spec.generated):
+        raise ValueError(
+            f"{kind} template {stem!r} must hold {{{spec.generated}}} once, after every "
+            f"other placeholder (the {spec.generated} is generated there, the answer follows)"
+        )
     return Template(stem, kind, text, template_hash(text))

@@ -10,8 +10,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
-from prefcurate.inference.models import is_prepared
 from prefcurate.tasks.annotate import (
     AnnotateParams,
     JudgeSpec,
@@ -23,6 +21,8 @@ from prefcurate.tasks.annotate import (
     schedule_pairs,
 )
 from prefcurate.tasks.generate import GeneratorSpec, SamplingConfig, run_generation
+
+from prefcurate.inference.models import is_prepared
 
 pytestmark = [
     pytest.mark.integration,

@@ -10,11 +10,11 @@ import json
 
 import polars as pl
 import pytest
-
-from prefcurate.config import PipelineConfig
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import TABLES
-from prefcurate.steps.base import Step, Unit, contract_gate, context_for
+
+from prefcurate.config import PipelineConfig
+from prefcurate.steps.base import Step, Unit, context_for, contract_gate
 from prefcurate.store import Store
 
 pytestmark = pytest.mark.integration

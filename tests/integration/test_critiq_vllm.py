@@ -12,10 +12,10 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
-from prefcurate.inference.models import is_prepared
 from prefcurate.tasks.critiq import CritiQParams, load_human_pairs, load_seed_criteria, mine_criteria
 from prefcurate.tasks.qurating import QURATING_CRITERIA, judge_all_criteria, make_excerpts
+
+from prefcurate.inference.models import is_prepared
 
 pytestmark = [
     pytest.mark.integration,

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from prefcurate.tasks.import_judgments import load_mapping
 
 from prefcurate.config import load_config
 from prefcurate.inference.models import default_model_dir, is_prepared
@@ -20,7 +21,6 @@ from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
 from prefcurate.steps.import_judgments import run_import
 from prefcurate.store import Store
-from prefcurate.tasks.import_judgments import load_mapping
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -27,14 +27,10 @@ import pytest
 
 from prefcurate.steps.ingest import ingest_accounting
 from prefcurate.store import Store
-from tests.integration.test_crash_resume import (  # noqa: F401  (prefect_server is a fixture)
-    REPO,
-    _assert_clean,
-    _env,
-    _kill_group,
-    _start,
-    prefect_server,
-)
+from tests.integration import test_crash_resume
+from tests.integration.test_crash_resume import REPO, _assert_clean, _env, _kill_group, _start
+
+prefect_server = test_crash_resume.prefect_server  # the fixture, shared with the crash-resume tests
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(3000)]
 

@@ -26,7 +26,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(1500)]
 REPO = Path(__file__).resolve().parents[2]
 START = REPO / "infra" / "prefect" / "start_server.sh"
 STOP = REPO / "infra" / "prefect" / "stop_server.sh"
-from prefcurate.stages import STAGE_NAMES, STAGES, load  # noqa: E402
+from prefcurate.stages import STAGE_NAMES, STAGES, load
 
 STAGE_FLOWS = list(STAGE_NAMES)
 
@@ -184,11 +184,10 @@ def test_a_unit_waits_for_its_pools_slot(api):
     import threading
     import time
 
+    from prefcurate.flows.common import pool_slots
     from prefect import get_client
     from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
     from prefect.concurrency.sync import concurrency
-
-    from prefcurate.flows.common import pool_slots
 
     entered = threading.Event()
 

@@ -30,8 +30,9 @@ class _Context:
 def placement_probe(config_path: str, stage: str, model_resources: dict, n: int = 6) -> tuple[list, list]:
     """Where units of ``stage`` run with ``executor.model_resources`` set, and where plain
     tasks run: worker names, ``n`` of each."""
-    from prefcurate.config import load_config
     from prefcurate.flows.common import _placement
+
+    from prefcurate.config import load_config
     from prefcurate.steps import get_step
 
     config = load_config(config_path, overrides={"executor.model_resources": model_resources})

@@ -5,11 +5,10 @@ simulation feed the stage functions the same columns. Outside the package on pur
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import polars as pl
-
 from prefcurate.schemas.ids import content_id
 
 #: the four demo responses of prompt p1: two right, one unsure, one wrong

@@ -9,10 +9,6 @@ import re
 import numpy as np
 import polars as pl
 import pytest
-
-from prefcurate.errors import InputError
-from prefcurate.inference.base import ChoiceScore
-from tests.support.engines import ScriptedEngine
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, PROVENANCE, RATINGS
 from prefcurate.tasks.annotate import (
     AnnotateParams,
@@ -33,6 +29,10 @@ from prefcurate.tasks.annotate import (
     schedule_pairs,
 )
 
+from prefcurate.errors import InputError
+from prefcurate.inference.base import ChoiceScore
+from tests.support.engines import ScriptedEngine
+
 PROVENANCE_NAMES = {f.name for f in PROVENANCE}
 QUALITY = {"great answer": 2.0, "good answer": 1.0, "meh answer": 0.0, "bad answer": -1.0}
 BIAS = 0.8  # the scripted judge's pull toward whatever is shown first (logit units)
@@ -47,7 +47,7 @@ def _last_case(prompt: str) -> dict[str, str]:
     case = prompt[prompt.rindex("### Request\n") :]
     return {
         m.group(1): m.group(2).strip()
-        for m in re.finditer(r"### ([^\n]+)\n(.*?)(?=\n### |\Z)", case, flags=re.S)
+        for m in re.finditer(r"### ([^\n]+)\n(.*?)(?=\n### |\Z)", case, flags=re.DOTALL)
     }
 
 

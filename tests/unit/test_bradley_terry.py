@@ -3,9 +3,6 @@ import warnings
 
 import numpy as np
 import pytest
-from scipy.special import expit
-from scipy.stats import spearmanr
-
 from prefcurate.tasks import bradley_terry as bt
 from prefcurate.tasks.bradley_terry import (
     confident_mask,
@@ -13,6 +10,8 @@ from prefcurate.tasks.bradley_terry import (
     normalise,
     pairwise_accuracy,
 )
+from scipy.special import expit
+from scipy.stats import spearmanr
 
 
 def _synthetic(n_items, n_comparisons, seed, soft=False, spread=1.0):

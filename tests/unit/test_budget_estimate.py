@@ -9,16 +9,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from prefcurate.tasks.estimate import BudgetExhausted, estimate_build, format_estimate, spent_usd
 
 from prefcurate.config import load_config
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import close_all
 from prefcurate.store import Store
-from prefcurate.tasks.estimate import BudgetExhausted, estimate_build, format_estimate, spent_usd
 from tests.support.openai_api import KEY, KEY_ENV, StubAPI
-from tests.unit.stage_runs import run_pending_units
 from tests.support.rows import prompts
+from tests.unit.stage_runs import run_pending_units
 
 PRICE = {"input_usd_per_mtok": 2.0, "output_usd_per_mtok": 10.0}
 

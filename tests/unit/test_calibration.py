@@ -7,7 +7,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from prefcurate.tasks.calibration import (
     CalibrationParams,
     GateError,

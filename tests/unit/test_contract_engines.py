@@ -12,10 +12,10 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-
 from prefcurate.schemas import expectations as contracts
 from prefcurate.schemas.expectations import check_batch, contract, validate_batch
 from prefcurate.schemas.tables import TABLES
+
 from tests.unit.test_expectations import _set, valid_frame
 
 

@@ -8,8 +8,6 @@ import zlib
 import numpy as np
 import polars as pl
 import pytest
-
-from tests.support.engines import ScriptedEngine
 from prefcurate.tasks.critiq import (
     ANSWER_A,
     ANSWER_B,
@@ -34,10 +32,12 @@ from prefcurate.tasks.critiq import (
     vote_accuracy,
 )
 
+from tests.support.engines import ScriptedEngine
+
 _WORKER = re.compile(
     r"aspect of (?P<name>[^?]+)\?\n(?P=name): (?P<description>.*?)\n\n\[Text A\]\n(?P<a>.*?)\n\n"
     r"\[Text B\]\n(?P<b>.*?)\n\nAnswer",
-    re.S,
+    re.DOTALL,
 )
 
 A, B, NONE = (0.9, 0.05, 0.05), (0.05, 0.9, 0.05), (0.05, 0.05, 0.9)
@@ -473,7 +473,6 @@ def test_the_estimate_bounds_the_requests_mining_makes(tmp_path, kb_names):
     import json
 
     import yaml
-
     from prefcurate.tasks.estimate import _add_critiq
     from prefcurate.tasks.score import CritiQStageParams
 

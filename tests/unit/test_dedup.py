@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from prefcurate.tasks.dedup import (
     DedupParams,
     exact_duplicates,

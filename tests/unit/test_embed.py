@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-
 from prefcurate.schemas.tables import EMBEDDING_DIM, EMBEDDINGS
 from prefcurate.tasks.embed import (
     EmbedParams,
@@ -87,7 +86,6 @@ def test_fast_path_matches_plain_encode_and_embeds_each_distinct_text_once(monke
 
 def test_chosen_path_is_deterministic_close_to_float32_and_matches_the_cpu(monkeypatch):
     import openvino
-
     from prefcurate.tasks import embed
 
     texts = ["Request: Summarise the causes of the First World War.\nResponse: Alliances, militarism, "

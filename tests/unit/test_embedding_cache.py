@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import polars as pl
-
 from prefcurate.schemas.tables import EMBEDDING_DIM
+
 from prefcurate.steps import score_select
 from prefcurate.store import Store
 

@@ -9,7 +9,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-
 from prefcurate.schemas.expectations import (
     PROVENANCE_COLUMNS,
     TABLE_RULES,

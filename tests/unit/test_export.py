@@ -8,7 +8,6 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-
 from prefcurate.tasks.export import export_pairs
 
 

@@ -6,8 +6,6 @@ import json
 
 import polars as pl
 import pytest
-
-from prefcurate.inference.models import default_model_dir, is_prepared
 from prefcurate.tasks.export import (
     EMPTY_AFTER_TRUNCATION,
     IDENTICAL_AFTER_TRUNCATION,
@@ -20,6 +18,8 @@ from prefcurate.tasks.export import (
     load_tokenizer,
 )
 from prefcurate.tasks.export_config import IntegrityParams
+
+from prefcurate.inference.models import default_model_dir, is_prepared
 
 needs_tokenizer = pytest.mark.skipif(not is_prepared(default_model_dir()),
                                      reason="the embedded model is not prepared (prefcurate models prepare)")
@@ -159,9 +159,8 @@ def _tokenizer_folder(tmp_path, **config):
 
 @needs_tokenizer
 def test_the_token_counter_encodes_and_renders_as_transformers_does(tmp_path):
-    from transformers import AutoTokenizer
-
     from prefcurate.tasks.export import TokenCounter
+    from transformers import AutoTokenizer
 
     folder = _tokenizer_folder(tmp_path, chat_template=GEMMA_LIKE_TEMPLATE)
     counter = load_tokenizer(str(folder))

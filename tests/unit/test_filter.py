@@ -7,13 +7,12 @@ import math
 import numpy as np
 import polars as pl
 import pytest
-
 from prefcurate.schemas import tables
 from prefcurate.schemas.ids import content_id
 from prefcurate.tasks import filter as F
 
 # the row builders are shared with the benches (tests/support/rows.py)
-from tests.support.rows import TEXTS, judgment, judgments, ratings, responses  # noqa: E402,F401
+from tests.support.rows import TEXTS, judgment, judgments, ratings, responses  # noqa: F401
 
 NO_RATINGS = ratings({})
 

@@ -13,12 +13,12 @@ import polars as pl
 import pyarrow as pa
 import pytest
 import yaml
-
 from prefcurate.schemas import tables
 from prefcurate.schemas.expectations import TABLE_RULES
 from prefcurate.schemas.views import REPORT_VIEWS
 from prefcurate.tasks import checks as C
 from prefcurate.tasks import filter as F
+
 from tests.support.rows import judgment, judgments, ratings, responses
 from tests.unit.test_filter import NO_RATINGS, run
 
@@ -193,7 +193,7 @@ def test_judged_strategy_keeps_each_judged_pair():
 # --- one filter report: the view and the function agree -----------------------------------
 def _table(frame: pl.DataFrame, schema: pa.Schema, run_id: str) -> pa.Table:
     provenance = {"run_id": run_id, "stage": "filter", "code_version": "t",
-                  "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc)}
+                  "created_at": dt.datetime(2026, 1, 1, tzinfo=dt.UTC)}
     columns = {}
     for field in schema:
         if field.name in frame.columns:
@@ -247,7 +247,7 @@ def test_filter_report_view_agrees_with_the_function():
         if name == "filter_drops":
             old = _table(drops.head(3).with_columns(reason=pl.lit(F.TRUNCATED)), schema, "r1")
             old = old.set_column(old.schema.get_field_index("created_at"), "created_at",
-                                 pa.array([dt.datetime(2025, 1, 1, tzinfo=dt.timezone.utc)] * 3,
+                                 pa.array([dt.datetime(2025, 1, 1, tzinfo=dt.UTC)] * 3,
                                           type=schema.field("created_at").type))
             table = pa.concat_tables([table, old])
         con.register(name, table)

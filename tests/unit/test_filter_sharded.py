@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 from polars.testing import assert_frame_equal
-
 from prefcurate.tasks import filter as F
+
 from tests.support.rows import judgment, judgments, ratings, responses
 
 #: the judgment columns the jury reads: what the filter step reads of the judgments table

@@ -6,9 +6,6 @@ import json
 
 import polars as pl
 import pytest
-
-from prefcurate.inference.base import Completion, Generation
-from tests.support.engines import ScriptedEngine
 from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 from prefcurate.tasks.generate import (
     GenerateParams,
@@ -20,6 +17,9 @@ from prefcurate.tasks.generate import (
     run_generation,
     run_generators,
 )
+
+from prefcurate.inference.base import Completion, Generation
+from tests.support.engines import ScriptedEngine
 
 
 def _prompts() -> pl.DataFrame:

@@ -7,9 +7,6 @@ from pathlib import Path
 
 import polars as pl
 import pytest
-
-from prefcurate.steps.import_judgments import run_import
-from prefcurate.store import Store
 from prefcurate.tasks.import_judgments import (
     AMBIGUOUS_VERDICT,
     IDENTICAL_RESPONSES,
@@ -24,6 +21,9 @@ from prefcurate.tasks.import_judgments import (
     load_mapping,
 )
 from prefcurate.tasks.ingest import IngestParams, ingest_file
+
+from prefcurate.steps.import_judgments import run_import
+from prefcurate.store import Store
 
 PANDALM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pandalm"
 

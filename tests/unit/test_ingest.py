@@ -2,8 +2,8 @@ import json
 
 import polars as pl
 import pytest
-
 from prefcurate.tasks.ingest import IngestError, IngestParams, ingest_file
+
 from tests.unit.bad_inputs import BAD_INPUTS
 from tests.unit.bad_rows import EXPECTED_REASONS, write_bad_file
 
@@ -68,12 +68,12 @@ def test_unusable_input_is_a_clear_error(tmp_path):
 
 
 def test_input_errors_are_not_retried_but_other_failures_are():
+    from prefcurate.flows.common import run_unit_task
+    from prefcurate.tasks.calibration import GateError
     from prefect.states import Failed
 
     from prefcurate.config import ConfigError
-    from prefcurate.flows.common import run_unit_task
     from prefcurate.inference.scoring import PoolCapabilityError
-    from prefcurate.tasks.calibration import GateError
 
     should_retry = run_unit_task.retry_condition_fn
     assert not should_retry(run_unit_task, None, Failed(data=IngestError("no prompt field")))
@@ -238,10 +238,11 @@ def test_validation_on_row_ranges_side_by_side_gives_the_rows_of_one_pass(tmp_pa
 
 
 def test_a_csv_read_with_the_wrong_separator_says_so_and_the_option_keys_only_when_set(tmp_path):
+    from prefcurate.schemas.ids import content_id, file_sha256
+
     from prefcurate.steps.base import StageContext
     from prefcurate.steps.ingest import IngestStep
     from prefcurate.store import Store
-    from prefcurate.schemas.ids import content_id, file_sha256
 
     path = tmp_path / "semi.csv"
     path.write_text("prompt;id\nfirst prompt;1\n")

@@ -7,9 +7,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
-from prefcurate.inference.base import ChoiceScore, InferenceError
-from prefcurate.inference.scoring import PoolCapabilityError
 from prefcurate.tasks.annotate import (
     AnnotateParams,
     JudgeSpec,
@@ -31,6 +28,9 @@ from prefcurate.tasks.judge_modes import (
     register_mode,
     score_options,
 )
+
+from prefcurate.inference.base import ChoiceScore, InferenceError
+from prefcurate.inference.scoring import PoolCapabilityError
 from prefcurate.templates import read_template_text
 from tests.support.engines import ScriptedEngine
 from tests.unit.test_annotate import QUALITY, _frames, _last_case, biased_pairwise

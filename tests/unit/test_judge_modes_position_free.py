@@ -10,9 +10,6 @@ from types import SimpleNamespace
 import numpy as np
 import polars as pl
 import pytest
-
-from prefcurate.inference.models import is_prepared
-from prefcurate.inference.scoring import PoolCapabilityError, folder_runner
 from prefcurate.tasks.annotate import JudgeSpec, load_gold_pairs
 from prefcurate.tasks.judge_modes import mode_class
 from prefcurate.tasks.judge_modes_position_free import (
@@ -23,6 +20,9 @@ from prefcurate.tasks.judge_modes_position_free import (
     fit_temperature,
     verdicts_from_scores,
 )
+
+from prefcurate.inference.models import is_prepared
+from prefcurate.inference.scoring import PoolCapabilityError, folder_runner
 from tests.support.scoring_engines import ScriptedScoringEngine
 
 
@@ -125,7 +125,7 @@ def test_density_ratio_reads_the_expert_over_the_plain_context_per_criterion():
     # distinct (prompt, text, criterion) = 6, two configurations each
     assert engine.requests["continuation_logprobs"] == 12
     strong = [c for c, _ in seen if c.startswith("The answers below")]
-    assert any("crit two" in c for c in strong) and all(c.endswith("Question: p1\nAnswer:") or c.endswith("Question: p2\nAnswer:") for c, _ in seen)
+    assert any("crit two" in c for c in strong) and all(c.endswith(("Question: p1\nAnswer:", "Question: p2\nAnswer:")) for c, _ in seen)
     assert all(y.startswith(" ") for _, y in seen)
     normalised = density_mode(temperature=1.0, length_normalise=True).judge(JOBS, engine)
     np.testing.assert_allclose(normalised.p_a, 0.5)  # the same 2 nats per token everywhere
@@ -186,7 +186,6 @@ def test_annotate_stores_position_free_judgments_and_calibrates_them():
     # the dataset's bias view: no flip rate for a judge that asked no orders (not a perfect 0.0),
     # beside a both-orders judge with one consistent verdict and one flip
     import duckdb
-
     from prefcurate.schemas.views import REPORT_VIEWS
 
     both_orders = rows.head(2).with_columns(pl.lit("j2").alias("judge"), pl.lit("pairwise").alias("mode"),

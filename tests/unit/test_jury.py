@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 import pytest
-
 from prefcurate.tasks.jury import (
     PAIR_KEY,
     accuracy_weight,

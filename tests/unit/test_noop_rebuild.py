@@ -32,8 +32,9 @@ class PrefectStarted(Exception):
 
 @pytest.fixture
 def instant_models(monkeypatch):
-    import prefcurate.inference.pools as pools
-    import prefcurate.tasks.embed as embed
+    from prefcurate.tasks import embed
+
+    from prefcurate.inference import pools
     from tests.support.instant_engine import InstantEngine, instant_embed_texts
 
     monkeypatch.setattr(pools, "open_engine", lambda name, config=None: InstantEngine(f"instant-{name}"))
@@ -43,8 +44,9 @@ def instant_models(monkeypatch):
 @pytest.fixture
 def no_prefect(monkeypatch):
     """Prefect's API and the cluster raise if reached; no watchdog is started for pytest."""
-    import prefcurate.flows.common as common
-    import prefcurate.procwatch as procwatch
+    from prefcurate.flows import common
+
+    from prefcurate import procwatch
 
     def started(*args, **kwargs):
         raise PrefectStarted()

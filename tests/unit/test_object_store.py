@@ -9,12 +9,12 @@ import os
 from pathlib import Path
 
 import pytest
+from prefcurate.tasks.ingest import IngestParams
 
 from prefcurate.object_store import ObjectShards, ObjectStoreError
 from prefcurate.steps.base import StageContext, Unit
 from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import Store
-from prefcurate.tasks.ingest import IngestParams
 from tests.support.rows import prompts
 from tests.support.steps import CountingIngestStep
 
@@ -183,10 +183,10 @@ def test_a_whole_build_over_the_object_store_matches_one_on_local_disk(tmp_path,
     """Every stage, unit by unit as a build runs them (no Prefect), with the instant engine
     double (tests/support: no model; what is under test is where the shards go)."""
     import yaml
+    from prefcurate.tasks import embed
 
-    import prefcurate.inference.pools as pools
-    import prefcurate.tasks.embed as embed
     from prefcurate.config import load_config
+    from prefcurate.inference import pools
     from tests.support.instant_engine import InstantEngine, instant_embed_texts
     from tests.unit.stage_runs import run_every_stage
 

@@ -26,6 +26,7 @@ from prefcurate.inference.openai_pool import (
 from prefcurate.inference.pools import parse_pool
 from tests.support.openai_api import KEY, KEY_ENV, StubAPI
 
+
 @pytest.fixture
 def stub(monkeypatch):
     monkeypatch.setenv(KEY_ENV, KEY)

@@ -15,11 +15,11 @@ import pytest
 
 from prefcurate.config import load_config
 from prefcurate.inference.base import ChoiceScore, Generation
-from tests.support.engines import ScriptedEngine
 from prefcurate.steps import get_step, model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
+from tests.support.engines import ScriptedEngine
 from tests.unit.stage_runs import run_pending_units as _run_pending
 
 FLAKY = ("flaky one", "flaky two")

@@ -2,9 +2,14 @@
 
 import ssl
 
-import flows.common  # noqa: F401  (shares the context on import, as in a Dask worker)
 from prefect.client.orchestration import PrefectClient, SyncPrefectClient
-from prefect.settings import PREFECT_API_SSL_CERT_FILE, PREFECT_API_TLS_INSECURE_SKIP_VERIFY, temporary_settings
+from prefect.settings import (
+    PREFECT_API_SSL_CERT_FILE,
+    PREFECT_API_TLS_INSECURE_SKIP_VERIFY,
+    temporary_settings,
+)
+
+import flows.common  # noqa: F401  (shares the context on import, as in a Dask worker)
 
 API = "http://127.0.0.1:9/api"  # never contacted: clients connect lazily
 

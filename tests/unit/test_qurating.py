@@ -7,10 +7,7 @@ import re
 import numpy as np
 import polars as pl
 import pytest
-from pydantic import ValidationError
-
-from prefcurate.inference.base import ChoiceScore
-from tests.support.engines import ScriptedEngine
+from prefcurate.schemas.tables import QUALITY
 from prefcurate.tasks.qurating import (
     QURATING_CRITERIA,
     QuRatingCriterion,
@@ -24,12 +21,15 @@ from prefcurate.tasks.qurating import (
     sample_items,
     score_items,
 )
-from prefcurate.schemas.tables import QUALITY
+from pydantic import ValidationError
+
+from prefcurate.inference.base import ChoiceScore
+from tests.support.engines import ScriptedEngine
 
 EDU = next(c for c in QURATING_CRITERIA if c.name == "educational_value")
 
-_OPTION_A = re.compile(r"\[Option A\]\n\.\.\. (.*?) \.\.\.\n", re.S)
-_OPTION_B = re.compile(r"\[Option B\]\n\.\.\. (.*?) \.\.\.\n", re.S)
+_OPTION_A = re.compile(r"\[Option A\]\n\.\.\. (.*?) \.\.\.\n", re.DOTALL)
+_OPTION_B = re.compile(r"\[Option B\]\n\.\.\. (.*?) \.\.\.\n", re.DOTALL)
 
 
 def shown_texts(prompt: str) -> tuple[str, str]:

@@ -12,11 +12,11 @@ import pytest
 
 from prefcurate.config import load_config
 from prefcurate.inference.base import ChoiceScore, Generation
-from tests.support.engines import ScriptedEngine
 from prefcurate.steps import model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
+from tests.support.engines import ScriptedEngine
 from tests.unit.stage_runs import run_pending_units as _run_stage
 
 FLAKY_PROMPT = "What is flaky?"
@@ -174,7 +174,7 @@ def test_the_filter_shards_read_from_the_partitioned_copy_what_the_tables_hold(t
     """The filter step copies responses and ratings once, partitioned by prompt range, and each
     shard reads its rows there: the same rows, row for row, as its query over the whole tables
     (retried responses and judgments included), however the shards cut the prompts."""
-    from prefcurate.steps.filter import _PartitionedShards, _read_by_response, _SHARD_TABLES
+    from prefcurate.steps.filter import _SHARD_TABLES, _PartitionedShards, _read_by_response
 
     engine = FlakyScriptedEngine()
     monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
@@ -213,7 +213,6 @@ def test_each_current_rows_choice_reads_only_its_choice_columns():
     """A read narrowed to ``choice_columns`` (the score stage's ids, the filter's partitioned
     copy) can still make the choice: a preference that orders by another column fails here."""
     import duckdb
-
     from prefcurate.schemas.tables import TABLES
     from prefcurate.schemas.views import CURRENT_ROWS, choice_columns, current_rows_sql
 

@@ -7,11 +7,11 @@ import json
 
 import polars as pl
 import pytest
+from prefcurate.tasks.review import export_for_review, import_review_labels, read_review_labels
 
 from prefcurate.config import PipelineConfig
 from prefcurate.steps.base import context_for
 from prefcurate.store import Store
-from prefcurate.tasks.review import export_for_review, import_review_labels, read_review_labels
 from tests.unit.stage_runs import run_pending_units
 
 N_PROMPTS = 6

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-
 from prefcurate.tasks.sampling import gumbel_keys, gumbel_topk, take_within_budget, zscore
 
 

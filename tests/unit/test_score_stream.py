@@ -13,16 +13,16 @@ import zlib
 import numpy as np
 import polars as pl
 import pytest
+from prefcurate.schemas.tables import EMBEDDING_DIM
+from prefcurate.tasks.qurating import score_items
+from prefcurate.tasks.score import item_texts
 
 from prefcurate.config import load_config
 from prefcurate.inference.base import Generation
-from prefcurate.schemas.tables import EMBEDDING_DIM
 from prefcurate.steps import get_step, model_stages, score_select
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
-from prefcurate.tasks.qurating import score_items
-from prefcurate.tasks.score import item_texts
 from tests.support.engines import ScriptedEngine
 from tests.unit.stage_runs import run_pending_units
 

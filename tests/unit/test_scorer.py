@@ -3,7 +3,6 @@ import time
 import numpy as np
 import pytest
 import torch
-
 from prefcurate.tasks.bradley_terry import pairwise_accuracy
 from prefcurate.tasks.scorer import (
     PairwiseScorer,

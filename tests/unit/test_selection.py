@@ -6,7 +6,6 @@ import numpy as np
 import polars as pl
 import pyarrow as pa
 import pytest
-
 from prefcurate.schemas import tables
 from prefcurate.tasks.selection import (
     BUDGET,

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from prefcurate.schemas.tables import REQUEST_METRICS
 
 from prefcurate.inference.base import (
     ChoiceRequest,
@@ -27,7 +28,6 @@ from prefcurate.inference.base import (
 from prefcurate.inference.pools import ServersPoolConfig, load_pools, open_engine
 from prefcurate.inference.prompting import ChoicePlan, choice_plan, normalise_logprobs, plain_prompt
 from prefcurate.inference.server_pool import ServerPool
-from prefcurate.schemas.tables import REQUEST_METRICS
 from tests.support.loopback import QuietHandler, serve
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,9 +328,8 @@ def test_all_replicas_down_raises_naming_the_pool(replicas):
 
 def test_all_replicas_dying_mid_batch_raises(replicas):
     a = replicas(delay_s=0.3, die_at_in_flight=2)
-    with make_pool([a], name="gen-pool") as pool:
-        with pytest.raises(InferenceError, match="gen-pool"):
-            pool.generate([gen(f"p{i}") for i in range(8)])
+    with make_pool([a], name="gen-pool") as pool, pytest.raises(InferenceError, match="gen-pool"):
+        pool.generate([gen(f"p{i}") for i in range(8)])
 
 
 def test_score_choices_first_token_plan(replicas):
@@ -362,7 +361,7 @@ def test_score_choices_multi_token_options_use_sequence_logprobs(replicas):
     a = replicas()
     with make_pool([a]) as pool:
         (score,) = pool.score_choices([ChoiceRequest("Q: ", ("yes", "no"))])
-    seq = lambda s: sum(fake_logprob(ord(c)) for c in s)  # noqa: E731
+    seq = lambda s: sum(fake_logprob(ord(c)) for c in s)
     assert score.probs == pytest.approx(normalise_logprobs([seq("yes"), seq("no")]))
     assert sorted(len(r["prompt"]) for r in a.requests) == [5, 6]  # prompt + each option
 

@@ -65,9 +65,10 @@ def test_shipped_configs_are_valid(path):
 def test_the_built_in_defaults_name_only_pools_they_define():
     """`prefcurate build` without a config file runs on the embedded default: the stages'
     defaults name the pools `generators` and `judges`, and the default `pools` define both."""
-    from prefcurate.config import _undefined_pool_references
     from prefcurate.tasks.annotate import check_judge_pools
     from prefcurate.tasks.generate import check_pools
+
+    from prefcurate.config import _undefined_pool_references
 
     config = load_config(None)
     assert _undefined_pool_references(config, pools_given=True) == []

@@ -308,7 +308,7 @@ def test_reads_pass_the_classifier_and_run(attacked, query):
 def test_readme_sql_examples_run(attacked):
     store, scratch, _ = attacked
     section = README.read_text().split("## SQL over curated shards", 1)[1].split("\n## ", 1)[0]
-    commands = re.findall(r'^prefcurate sql -d \S+ "(.+?)"(.*)$', section, flags=re.M)
+    commands = re.findall(r'^prefcurate sql -d \S+ "(.+?)"(.*)$', section, flags=re.MULTILINE)
     assert len(commands) >= 8
     before = _fingerprint(store.root)
     for query, flags in commands:

@@ -1,8 +1,8 @@
 """What units hold and record about the inference pools they use: concurrency slots, request metrics."""
 
 from prefcurate.config import load_config
-from prefcurate.stages import STAGE_NAMES
 from prefcurate.inference.pools import concurrency_limits
+from prefcurate.stages import STAGE_NAMES
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
 
@@ -46,6 +46,7 @@ class _MeteredScriptedEngine:
 
 def test_a_units_request_metrics_drain_each_engine_once():
     from prefcurate.schemas.tables import PROVENANCE, REQUEST_METRICS
+
     from prefcurate.steps.engines import TimedEngine, request_metrics
 
     engine = _MeteredScriptedEngine()
@@ -63,7 +64,6 @@ def test_build_workers_leave_thread_counts_to_vllm():
     import os
 
     from distributed import Client
-
     from prefcurate.flows.common import dask_cluster
 
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")

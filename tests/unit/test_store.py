@@ -44,7 +44,7 @@ def test_crash_between_shard_write_and_registration_resumes_without_recompute(tm
     ctx = StageContext(str(store.root), {}, "run-1")
     step = CountingIngestStep()
     unit = Unit("ingest", "unit-1", ("prompts",))
-    result = step.run_unit(unit, ctx)  # files and manifest complete...
+    step.run_unit(unit, ctx)  # files and manifest complete...
     # ...and the coordinator crashed here, before store.register(result.shards)
     assert store.count("prompts") == 0
     todo, done = step.pending(ctx, [unit])

@@ -4,27 +4,24 @@ writers at once, and a coordinator killed between registration and the end of it
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import textwrap
-import time
 
 import duckdb
 import polars as pl
 import pytest
+from prefcurate.schemas.tables import TABLES
+from prefcurate.schemas.views import REPORT_VIEWS
+from prefcurate.tasks.ingest import IngestParams
 from typer.testing import CliRunner
 
 from prefcurate import store as store_module
 from prefcurate.cli import app
-from prefcurate.schemas.tables import TABLES
-from prefcurate.schemas.views import REPORT_VIEWS
 from prefcurate.steps.base import StageContext
 from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
-from prefcurate.tasks.ingest import IngestParams
-
 from tests.unit.bad_rows import write_bad_file
 
 
@@ -135,7 +132,7 @@ def test_a_catalog_of_an_earlier_version_opens_and_status_works(tmp_path):
 def test_repair_after_the_catalog_is_deleted_restores_every_row(tmp_path):
     store = Store.init(tmp_path / "ds")
     _ingest(store, write_bad_file(tmp_path), run_id="run-bad", max_chars=200)
-    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(0, 300)), run_id="run-a", shard_rows=70)
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(300)), run_id="run-a", shard_rows=70)
     _ingest(store, _jsonl(tmp_path / "b.jsonl", range(200, 400)), run_id="run-b", shard_rows=70)
     (store.root / "prompts" / ".shard-x.parquet.123.tmp").write_bytes(b"PAR1 half")  # a crashed write
     before, accounting = _snapshot(store), _accounting(store)
@@ -206,7 +203,7 @@ def test_a_second_writer_is_told_who_holds_the_dataset(tmp_path):
 def test_registration_never_duplicates_an_id_even_without_the_lock(tmp_path):
     """Two ingests that both planned against the same (empty) dataset, as without the lock."""
     store = Store.init(tmp_path / "ds")
-    params_a = IngestParams(path=str(_jsonl(tmp_path / "a.jsonl", range(0, 300))), shard_rows=100)
+    params_a = IngestParams(path=str(_jsonl(tmp_path / "a.jsonl", range(300))), shard_rows=100)
     params_b = IngestParams(path=str(_jsonl(tmp_path / "b.jsonl", range(150, 400))), shard_rows=100)
     ctx = StageContext(str(store.root), {"contracts": False}, "r")
     results = []
@@ -265,7 +262,7 @@ CONCURRENT_INGEST = textwrap.dedent("""
 @pytest.mark.parametrize("overlap", ["overlapping_files", "same_file"])
 def test_two_ingests_at_once(tmp_path, overlap):
     store = Store.init(tmp_path / "ds")
-    first = _jsonl(tmp_path / "a.jsonl", range(0, 3000))
+    first = _jsonl(tmp_path / "a.jsonl", range(3000))
     second = first if overlap == "same_file" else _jsonl(tmp_path / "b.jsonl", range(2000, 5000))
     repo = str(store_module.Path(__file__).resolve().parents[2])
     writers = [subprocess.Popen([sys.executable, "-c", CONCURRENT_INGEST, str(store.root), str(path), run, repo])

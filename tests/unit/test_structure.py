@@ -124,6 +124,7 @@ def test_stage_reports_have_a_table_of_their_own(tmp_path):
 
 def test_unit_task_runs_are_named_by_stage_and_key():
     from prefcurate.flows.common import UNIT_NAME_KEY_CHARS, run_unit_task, unit_run_name
+
     from prefcurate.steps.base import Unit
 
     unit = Unit("generate", "3f9a0c1b2d4e5f60718293a4b5c6d7e8", ("responses",))

@@ -17,13 +17,13 @@ import pytest
 
 from prefcurate.config import load_config
 from prefcurate.inference import pools as pools_module
-from tests.support.engines import ScriptedEngine
 from prefcurate.inference.pools import EmbeddedPoolConfig, parse_pool
 from prefcurate.steps import get_step
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import close_all
 from prefcurate.store import Store
 from prefcurate.templates import read_template_text
+from tests.support.engines import ScriptedEngine
 from tests.support.rows import prompts
 
 
@@ -200,8 +200,9 @@ def test_a_position_free_judges_gold_file_enters_the_annotate_keys_when_it_fits_
 
 
 def test_a_gold_label_edited_in_place_calibrates_again_and_an_edit_mid_build_is_refused(world):
-    from prefcurate.errors import InputError
     from prefcurate.tasks.annotate import load_gold_pairs
+
+    from prefcurate.errors import InputError
 
     gold = world["tmp"] / "gold.jsonl"
     gold.write_text(load_gold_pairs().write_ndjson())  # ids given in the file: a label edit keeps them
@@ -300,8 +301,9 @@ def test_self_preference_families_see_through_the_identity_suffix():
 
 
 def test_a_missing_critiq_file_is_named_when_the_config_loads_and_at_plan_time(world):
-    from prefcurate.config import ConfigError
     from prefcurate.tasks import critiq
+
+    from prefcurate.config import ConfigError
 
     pairs = world["tmp"] / "human_pairs.jsonl"
     on = {"score.critiq.enabled": True, "score.critiq.human_pairs": str(pairs)}
