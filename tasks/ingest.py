@@ -26,6 +26,7 @@ import io
 import itertools
 import json
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -145,17 +146,26 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
     return path, fmt
 
 
-def ingest_file(params: IngestParams, existing: pl.DataFrame | None = None) -> IngestResult:
+#: given the file's candidate rows (``prompt_id``, ``source_id``), the dataset's prompts that
+#: share either id with one of them
+ExistingLookup = Callable[[pl.DataFrame], pl.DataFrame]
+
+
+def ingest_file(params: IngestParams, existing: pl.DataFrame | ExistingLookup | None = None) -> IngestResult:
     """Read, validate, normalise and de-duplicate one input file.
 
-    ``existing`` holds ``prompt_id`` and ``source_id`` of prompts already in the dataset, so a
-    re-ingest adds nothing and an id reused for a different text is caught across files.
+    ``existing`` gives ``prompt_id`` and ``source_id`` of prompts already in the dataset, so a
+    re-ingest adds nothing and an id reused for a different text is caught across files:
+    either those rows, or a lookup asked for just the rows sharing an id with this file's
+    (what a dataset passes, so a file's cost does not grow with the dataset).
     """
     path, fmt = resolve_source(params)
     source = str(path)
     text_fields = [f for f in (params.fields.prompt, params.fields.system_prompt) if f is not None]
     records, unreadable, rows_read = _read(path, fmt, source, text_fields, params.csv_separator)
     accepted, rejected = _validate(records, params, source)
+    if callable(existing):
+        existing = existing(accepted.select("prompt_id", "source_id"))
     accepted, duplicates, conflicts = _deduplicate(accepted, existing, records)
     quarantine = pl.concat([unreadable, rejected, conflicts], how="vertical_relaxed")
     if params.limit is not None and accepted.height > params.limit:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from prefcurate import store as store_module
 from prefcurate.cli import app
 from prefcurate.steps.base import StageContext
-from prefcurate.steps.ingest import IngestStep, ingest_accounting
+from prefcurate.steps.ingest import IngestStep, _sharing_an_id, ingest_accounting
 from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
 from tests.unit.bad_rows import write_bad_file
 
@@ -221,6 +221,30 @@ def test_registration_never_duplicates_an_id_even_without_the_lock(tmp_path):
     unit, result = results[0]
     assert store.register(result.shards, unit=("ingest", unit.key), counts=result.counts) == 0
     assert _accounting(store) == accounting
+
+
+def test_a_file_is_checked_against_the_dataset_through_the_rows_sharing_its_ids(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
+    later = tmp_path / "b.jsonl"
+    later.write_text("".join(json.dumps(record) + "\n" for record in [
+        {"id": "s2", "prompt": "prompt number 2"},  # already in the dataset
+        {"prompt": "prompt number 4"},  # the same text under no id: a duplicate too
+        {"id": "s3", "prompt": "another text"},  # s3 is taken by another prompt
+        {"id": "s9", "prompt": "prompt number 9"},
+    ]))
+    _ingest(store, later, run_id="b")
+    assert sorted(store.read("prompts")["source_id"].to_list()) == ["s0", "s1", "s2", "s3", "s4", "s9"]
+    conflict = store.read("quarantine").row(0, named=True)
+    assert (conflict["source_record"], conflict["reason"]) == (3, "duplicate_id_conflict")
+    assert store.recorded_units("ingest")[IngestStep(IngestParams(path=str(later))).plan(
+        StageContext(str(store.root), {}, "c"))[0].key]["duplicates"] == 2
+    # the unit is handed only the dataset's rows that share a prompt id or a source id with it
+    prompts = store.read("prompts").sort("source_id")
+    candidates = pl.DataFrame({"prompt_id": [prompts["prompt_id"][0], "0" * 16, "1" * 16],
+                               "source_id": [None, "s1", "s7"]})
+    matches = _sharing_an_id(store)(candidates)
+    assert sorted(matches["source_id"].to_list()) == ["s0", "s1"]
 
 
 
