@@ -865,13 +865,6 @@ class Store:
         with self.connect(read_only=True) as con:
             return con.sql(sql, params=list(params) if params else None).pl()
 
-    def query_with(self, sql: str, **frames: pl.DataFrame) -> pl.DataFrame:
-        """:meth:`query` with ``frames`` visible to ``sql`` as tables of their keyword names."""
-        with self.connect(read_only=True) as con:
-            for name, frame in frames.items():
-                con.register(name, frame.to_arrow())
-            return con.sql(sql).pl()
-
     def read(self, table: str, columns: Sequence[str] | None = None, where: str | None = None) -> pl.DataFrame:
         cols = ", ".join(columns) if columns else "*"
         sql = f"SELECT {cols} FROM {table}" + (f" WHERE {where}" if where else "")

@@ -47,14 +47,19 @@ def _sharing_an_id(store):
     """
 
     def lookup(candidates: pl.DataFrame) -> pl.DataFrame:
-        return store.query_with(
-            """
-            SELECT prompt_id, source_id FROM prompts
-            WHERE prompt_id IN (SELECT prompt_id FROM candidates)
-               OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
-            """,
-            candidates=candidates,
-        )
+        with store.connect(read_only=True) as con:
+            # (DuckDB hashes the IN lists, the file's ids, even when the table is empty:
+            # 0.1 s for a first file of 1M prompts)
+            if not con.sql("SELECT EXISTS (SELECT 1 FROM prompts)").fetchall()[0][0]:
+                return candidates.clear()
+            con.register("candidates", candidates.to_arrow())
+            return con.sql(
+                """
+                SELECT prompt_id, source_id FROM prompts
+                WHERE prompt_id IN (SELECT prompt_id FROM candidates)
+                   OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
+                """
+            ).pl()
 
     return lookup
 
