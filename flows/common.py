@@ -220,8 +220,14 @@ def stage_pool_slots(pools: list[str], width: int | None) -> Iterator[None]:
         yield
 
 
-def submit_bounded(submit, units: list[Unit], width: int | None):
-    """Futures of ``units`` as they finish, with at most ``width`` submitted and unfinished."""
+def submit_bounded(submit, units: list[Unit], width: int | None, in_order: bool = False):
+    """Futures of ``units`` as they finish, with at most ``width`` submitted and unfinished;
+    ``in_order``: one at a time, the next submitted only once the caller asks for it (after
+    it has registered the one before)."""
+    if in_order:
+        for unit in units:
+            yield submit(unit)
+        return
     pending = list(units)
     running = [submit(pending.pop(0)) for _ in range(min(width or len(pending), len(pending)))]
     while running:
@@ -299,7 +305,7 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
         pools = step.pools(ctx) if todo else []
         width = stage_width(pools, config, len(todo))
         with stage_pool_slots(pools, width):
-            for finished, future in enumerate(submit_bounded(submit, todo, width), start=1):
+            for finished, future in enumerate(submit_bounded(submit, todo, width, step.units_in_order), start=1):
                 result: UnitResult = future.result()
                 # visible as soon as it is complete; its counts are recorded in the same transaction
                 store.register(result.shards, unit=(stage, result.unit_key), counts=result.counts)

@@ -176,21 +176,23 @@ def init(
 @app.command()
 def ingest(
     path: str = typer.Argument("bundled", help="JSONL, JSON (one array of objects), Parquet or CSV file "
-                                             "(.gz too), or 'bundled' for the demo prompts"),
+                                             "(.gz too); a folder of them (any depth) or a quoted glob "
+                                             "pattern ('dumps/*.parquet'); or 'bundled' for the demo prompts"),
     dataset: Path | None = DATASET_OPTION,
     config: Path | None = CONFIG_OPTION,
     prompt_field: str | None = typer.Option(None, help="field holding the prompt (default 'prompt')"),
     system_field: str | None = typer.Option(None, help="field holding an optional system prompt"),
     id_field: str | None = typer.Option(None, help="field holding the record's own id"),
     max_chars: int | None = typer.Option(None, help="longer prompts are quarantined"),
-    limit: int | None = typer.Option(None, help="accept at most this many prompts"),
+    limit: int | None = typer.Option(None, help="accept at most this many prompts (of one file)"),
     set_: list[str] | None = SET_OPTION,
     no_wait: bool = NO_WAIT_OPTION,
 ) -> None:
     """Read prompts: validate, normalise (NFC, whitespace), de-duplicate, shard.
 
-    Bad rows go to the `quarantine` table with a reason; the file's accounting (read =
-    accepted + quarantined + duplicates) is printed and kept in `runs`.
+    Bad rows go to the `quarantine` table with a reason; the accounting (read = accepted +
+    quarantined + duplicates) is printed and kept per file. Each file is ingested once: run
+    again over a folder, only the files added or changed since are read.
     """
     overrides = _overrides(set_)
     overrides["ingest.path"] = path if path == "bundled" else str(Path(path).resolve())
@@ -203,16 +205,24 @@ def ingest(
         overrides["ingest.limit"] = limit
     dataset = _dataset_for(config, dataset, overrides)
     summary = _run_flow("ingest", config, dataset, overrides, no_wait)
+    files, skipped = summary.get("units", 1), summary.get("units_skipped", 0)
+    if skipped == files:
+        typer.echo(f"{'this file was' if files == 1 else f'these {files} files were'} already ingested "
+                   "with these settings: nothing added")
+        return
     typer.echo(
         "read {rows_read:.0f} = accepted {accepted:.0f} + quarantined {quarantined:.0f} + duplicates {duplicates:.0f}".format(
             **{k: summary.get(k, 0) for k in ("rows_read", "accepted", "quarantined", "duplicates")}
-        )
-        if summary.get("units_skipped", 0) == 0
-        else "this file was already ingested with these settings: nothing added"
+        ) + (f" ({_files(files - skipped)}; {skipped} already ingested)" if skipped else
+             f" ({_files(files)})" if files > 1 else "")
     )
-    if summary.get("units_skipped", 0) == 0 and summary.get("quarantined", 0):
+    if summary.get("quarantined", 0):
         typer.echo(f"see them: prefcurate sql -d {dataset} \"SELECT source_record, field, reason, message "
                    "FROM quarantine WHERE stage = 'ingest' ORDER BY source_record\"")
+
+
+def _files(n: int) -> str:
+    return f"{n} file" if n == 1 else f"{n} files"
 
 
 def _finished_build(pipeline, store, config: Path | None, stage: str | None = None) -> dict | None:

@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+import polars as pl
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.errors import InputError
@@ -80,12 +81,13 @@ def _tokens(chars: float) -> int:
 
 def estimate_build(config) -> list[EstimateRow]:
     """The rows :func:`format_estimate` prints, for a loaded PipelineConfig."""
-    from prefcurate.tasks.ingest import ingest_file
+    from prefcurate.tasks.ingest import ingest_file, input_files
 
     from prefcurate.config import section
     from prefcurate.inference.pools import parse_pool
 
-    prompts = ingest_file(config.ingest).accepted
+    prompts = pl.concat([ingest_file(config.ingest.model_copy(update={"path": str(file)})).accepted
+                         for file in input_files(config.ingest)]).unique("prompt_id", maintain_order=True)
     n_prompts = prompts.height
     prompt_chars = prompts["prompt"].str.len_chars().cast(float).fill_null(0)
     total_prompt_chars = float(prompt_chars.sum() or 0)

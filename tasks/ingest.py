@@ -82,7 +82,8 @@ class IngestParams(BaseModel):
     """Where prompts come from and which ones are accepted."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(BUNDLED, description="file to read, or 'bundled' for the demo prompt set")
+    path: str = Field(BUNDLED, description="file to read, a folder of them or a glob pattern "
+                      "(each file once), or 'bundled' for the demo prompt set")
     #: jsonl (and json) read one object per line or a file holding one JSON array of objects
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
     fields: FieldMapping = Field(default_factory=FieldMapping)
@@ -91,7 +92,7 @@ class IngestParams(BaseModel):
                           "these the header line holds most often (a comma when it holds none)")
     min_chars: int = Field(1, ge=1, description="shorter prompts are quarantined")
     max_chars: int = Field(8000, ge=1, description="longer prompts are quarantined")
-    limit: int | None = Field(None, ge=1, description="ingest at most this many accepted prompts")
+    limit: int | None = Field(None, ge=1, description="ingest at most this many accepted prompts (of one file)")
     shard_rows: int = Field(50_000, ge=1, description="prompts per shard (the unit of work downstream)")
 
     @model_validator(mode="after")
@@ -123,6 +124,45 @@ def bundled_prompts_path() -> Path:
     return Path(str(resources.files("prefcurate.data") / "prompts.jsonl"))
 
 
+_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+_GLOB_CHARACTERS = "*?["
+
+
+def _data_suffix(path: Path) -> str:
+    """The suffix that says a file's format (``.gz`` looked through), lower case."""
+    return "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+
+
+def _hidden(path: Path, under: Path) -> bool:
+    """A dot file or one in a dot folder below ``under`` (left out, as a shell's ``*`` does)."""
+    return any(part.startswith(".") for part in path.relative_to(under).parts)
+
+
+def input_files(params: IngestParams) -> list[Path]:
+    """The files ``ingest.path`` names, in order: the file itself, the data files of a folder
+    (at any depth; hidden ones and others, a README, left out), or a glob pattern's matches."""
+    if params.path == BUNDLED:
+        return [bundled_prompts_path()]
+    given = Path(params.path).expanduser()
+    if not given.exists() and any(c in params.path for c in _GLOB_CHARACTERS):
+        parts = given.parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARACTERS))
+        anchor = Path(*parts[:fixed] or ".")
+        files = sorted(p for p in anchor.glob("/".join(parts[fixed:])) if p.is_file() and not _hidden(p, anchor))
+        if not files:
+            raise IngestError(f"no file matches {params.path}")
+        return files
+    if given.is_dir():
+        files = sorted(
+            p for p in given.rglob("*")
+            if p.is_file() and _data_suffix(p).endswith(_DATA_SUFFIXES) and not _hidden(p, given)
+        )
+        if not files:
+            raise IngestError(f"the folder {given} holds no .jsonl, .json, .parquet or .csv file")
+        return files
+    return [given]
+
+
 def resolve_source(params: IngestParams) -> tuple[Path, str]:
     path = bundled_prompts_path() if params.path == BUNDLED else Path(params.path).expanduser()
     if not path.exists():
@@ -131,7 +171,7 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
         raise IngestError(f"input {path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     fmt = params.format
     if fmt == "auto":
-        suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+        suffix = _data_suffix(path)
         if suffix.endswith((".jsonl", ".ndjson", ".json")):
             fmt = "jsonl"
         elif suffix.endswith(".parquet"):

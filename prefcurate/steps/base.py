@@ -122,6 +122,9 @@ class Step:
     name: ClassVar[str]
     #: steps that recompute their whole output per run (filter, select) instead of per unit
     whole_dataset: ClassVar[bool] = False
+    #: steps whose units must each see the ones before it registered (ingest: a file's ids
+    #: are checked against the dataset, so two files at once could both take one id)
+    units_in_order: ClassVar[bool] = False
 
     def plan(self, ctx: StageContext) -> list[Unit]:
         raise NotImplementedError

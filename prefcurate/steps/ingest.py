@@ -1,16 +1,28 @@
-"""Ingest step: one unit per input file; re-ingesting the same file is a no-op."""
+"""Ingest step: one unit per input file (a folder or glob pattern names several); re-ingesting
+the same file is a no-op."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import polars as pl
 
 from prefcurate.schemas.ids import content_id, file_sha256
 from prefcurate.steps.base import StageContext, Step, Unit
-from prefcurate.tasks.ingest import IngestParams, ingest_file, resolve_source, shard_frames
+from prefcurate.tasks.ingest import (
+    BUNDLED,
+    IngestError,
+    IngestParams,
+    ingest_file,
+    input_files,
+    resolve_source,
+    shard_frames,
+)
 
 
 class IngestStep(Step):
     name = "ingest"
+    units_in_order = True
 
     def __init__(self, params: IngestParams | None = None):
         self.params = params
@@ -19,13 +31,25 @@ class IngestStep(Step):
         return self.params or ctx.pipeline_config().ingest
 
     def plan(self, ctx: StageContext) -> list[Unit]:
+        """One unit per file: a folder or glob pattern gets one for each of its files, so a
+        file added later is ingested alone and the others are not read again."""
         params = self._params(ctx)
-        path, _ = resolve_source(params)  # raises IngestError for unusable input
-        # csv_separator left to detection keys as before it existed: datasets ingested then
-        # are not ingested again (their files read the same; a ";" file could not be read)
-        settings = params.model_dump(mode="json", exclude={"csv_separator"} if params.csv_separator is None else None)
-        key = content_id("ingest", file_sha256(path), settings)
-        return [Unit(self.name, key, ("prompts", "quarantine"), {"params": params.model_dump(mode="json")})]
+        files = input_files(params)
+        if len(files) > 1 and params.limit is not None:
+            raise IngestError(f"ingest.limit counts the prompts of one file, and {params.path} names "
+                              f"{len(files)} files: leave the limit out, or ingest one file with it")
+        units = []
+        for file in files:
+            # a file named as itself keeps its params (and unit key) as they were
+            named = params.path == BUNDLED or Path(params.path).expanduser() == file
+            own = params if named else params.model_copy(update={"path": str(file)})
+            path, _ = resolve_source(own)  # raises IngestError for unusable input
+            # csv_separator left to detection keys as before it existed: datasets ingested then
+            # are not ingested again (their files read the same; a ";" file could not be read)
+            settings = own.model_dump(mode="json", exclude={"csv_separator"} if own.csv_separator is None else None)
+            key = content_id("ingest", file_sha256(path), settings)
+            units.append(Unit(self.name, key, ("prompts", "quarantine"), {"params": own.model_dump(mode="json")}))
+        return units
 
     def compute(self, unit: Unit, ctx: StageContext):
         params = IngestParams.model_validate(unit.payload["params"])

@@ -240,6 +240,31 @@ def test_kill_during_ingest_then_resume(tmp_path, many_prompts, prefect_server):
     assert resumed.count("quarantine") == expected.count("quarantine") == 0
 
 
+def test_a_folder_ingested_then_grown_reads_only_the_new_file(tmp_path, prefect_server):
+    """`prefcurate ingest FOLDER` as a user runs it: every data file of the folder, each once."""
+    env = _env(prefect_server, tmp_path / "prefect-home")
+    folder, dataset = tmp_path / "dumps", tmp_path / "ds"
+    folder.mkdir()
+    for name, first in (("part-0.jsonl", 0), ("part-1.jsonl", 30)):  # part-1 repeats ten of part-0
+        (folder / name).write_text("".join(json.dumps({"prompt": f"Prompt {i}: explain topic {i}."}) + "\n"
+                                           for i in range(first, first + 40)))
+    command = [sys.executable, "-m", "prefcurate.cli", "ingest", str(folder), "-d", str(dataset)]
+
+    def ingest() -> str:
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout
+
+    assert "read 80 = accepted 70 + quarantined 0 + duplicates 10 (2 files)" in ingest()
+    assert "these 2 files were already ingested with these settings: nothing added" in ingest()
+    (folder / "part-2.jsonl").write_text(json.dumps({"prompt": "Prompt 0: explain topic 0."}) + "\n"
+                                         + json.dumps({"prompt": "A new one."}) + "\n")
+    assert "read 2 = accepted 1 + quarantined 0 + duplicates 1 (1 file; 2 already ingested)" in ingest()
+    store = Store.open(dataset)
+    _assert_clean(store, "prompts", "prompt_id")
+    assert store.count("prompts") == 71
+
+
 # -------------------------------------------------------------------------------- generate
 
 

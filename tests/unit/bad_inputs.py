@@ -60,7 +60,7 @@ BAD_INPUTS = [
     ("empty_jsonl", "f.jsonl", _bytes(b""), ({}, 0)),
     ("empty_csv", "f.csv", _bytes(b""), ({}, 0)),
     ("blank_lines_only", "f.jsonl", _bytes(b"\n\n  \n"), ({}, 0)),
-    ("directory", "d.jsonl", _directory, ("error", "is a directory")),
+    ("empty_directory", "d.jsonl", _directory, ("error", "the folder .* holds no .jsonl, .json, .parquet or .csv file")),
     ("missing_file", "gone.jsonl", _missing, ("error", "does not exist")),
     ("gzip_jsonl", "f.jsonl.gz", lambda path: path.write_bytes(gzip.compress(OK + b'{"prompt": 3}\n')),
      ({2: "wrong_type"}, 1)),

@@ -44,3 +44,18 @@ def test_bounded_submission_never_has_more_than_width_units_unfinished_and_yield
     assert len(list(submit_bounded(submit, units, width=None))) == len(units) and most[0] > 2
     assert list(submit_bounded(submit, [], width=1)) == []
     executor.shutdown()
+
+
+def test_in_order_submission_waits_for_the_caller_before_the_next_unit():
+    """Ingest's units: each is submitted only after the caller registered the one before."""
+    events = []
+    executor = ThreadPoolExecutor(4)
+
+    def submit(unit: str):
+        events.append(f"submit {unit}")
+        return PrefectConcurrentFuture(uuid.uuid4(), executor.submit(lambda: unit))
+
+    for future in submit_bounded(submit, ["a", "b", "c"], width=None, in_order=True):
+        events.append(f"register {future.wrapped_future.result()}")
+    assert events == ["submit a", "register a", "submit b", "register b", "submit c", "register c"]
+    executor.shutdown()

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 from prefcurate.schemas.tables import TABLES
 from prefcurate.schemas.views import REPORT_VIEWS
-from prefcurate.tasks.ingest import IngestParams
+from prefcurate.tasks.ingest import IngestError, IngestParams
 from typer.testing import CliRunner
 
 from prefcurate import store as store_module
@@ -245,6 +245,57 @@ def test_a_file_is_checked_against_the_dataset_through_the_rows_sharing_its_ids(
                                "source_id": [None, "s1", "s7"]})
     matches = _sharing_an_id(store)(candidates)
     assert sorted(matches["source_id"].to_list()) == ["s0", "s1"]
+
+
+def _folder_of_prompts(folder):
+    (folder / "sub").mkdir(parents=True)
+    _jsonl(folder / "a.jsonl", range(4))
+    pl.DataFrame({"id": ["s2", "s3", "s5"],  # s2 as in a.jsonl (a duplicate); s3 for another text
+                  "prompt": ["prompt number 2", "not prompt number 3", "prompt number 5"]}).write_parquet(
+        folder / "sub" / "b.parquet")
+    (folder / "c.csv").write_text("id,prompt\ns6,prompt number 6\n")
+    (folder / "README.md").write_text("not prompts\n")
+    _jsonl(folder / ".hidden.jsonl", range(100, 103))
+    return folder
+
+
+def test_a_folder_is_ingested_file_by_file_and_a_file_added_later_alone(tmp_path):
+    folder = _folder_of_prompts(tmp_path / "dumps")
+    store = Store.init(tmp_path / "ds")
+    ctx = StageContext(str(store.root), {}, "plan")
+    units = IngestStep(IngestParams(path=str(folder))).plan(ctx)
+    assert [unit.payload["params"]["path"] for unit in units] == [
+        str(folder / "a.jsonl"), str(folder / "c.csv"), str(folder / "sub" / "b.parquet")]
+    assert _ingest(store, folder, run_id="first") == 6
+    assert sorted(store.read("prompts")["source_id"].to_list()) == ["s0", "s1", "s2", "s3", "s5", "s6"]
+    (conflict,) = store.read("quarantine").to_dicts()  # s3 across files, found in file order
+    assert (conflict["source_file"], conflict["reason"]) == (str(folder / "sub" / "b.parquet"),
+                                                            "duplicate_id_conflict")
+    assert _accounting(store) == {"rows_read": 8, "accepted": 6, "quarantined": 1, "duplicates": 1}
+    _jsonl(folder / "d.jsonl", range(5, 9))  # s5 again (a duplicate), s7, s8 new; s6 clashes with c.csv
+    step = IngestStep(IngestParams(path=str(folder)))
+    todo, done = step.pending(ctx, step.plan(ctx))
+    assert ([u.payload["params"]["path"] for u in todo], len(done)) == ([str(folder / "d.jsonl")], 3)
+    assert _ingest(store, folder, run_id="second") == 2
+    assert _accounting(store) == {"rows_read": 12, "accepted": 8, "quarantined": 1, "duplicates": 3}
+    # a glob pattern names its matches; the files it shares with the folder are already done
+    pattern = IngestStep(IngestParams(path=str(folder / "*.jsonl")))
+    assert [u.key for u in pattern.plan(ctx)] == [u.key for u in step.plan(ctx) if u.payload["params"]["path"]
+                                                   .endswith(".jsonl")]
+
+
+def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refused(tmp_path):
+    ctx = StageContext(str(tmp_path), {}, "plan")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("x")
+    with pytest.raises(IngestError, match="holds no .jsonl"):
+        IngestStep(IngestParams(path=str(tmp_path / "empty"))).plan(ctx)
+    with pytest.raises(IngestError, match="no file matches"):
+        IngestStep(IngestParams(path=str(tmp_path / "nowhere" / "*.jsonl"))).plan(ctx)
+    folder = _folder_of_prompts(tmp_path / "dumps")
+    with pytest.raises(IngestError, match="ingest.limit counts the prompts of one file"):
+        IngestStep(IngestParams(path=str(folder), limit=3)).plan(ctx)
+    assert len(IngestStep(IngestParams(path=str(folder / "a.jsonl"), limit=3)).plan(ctx)) == 1
 
 
 
