@@ -175,9 +175,10 @@ def init(
 
 @app.command()
 def ingest(
-    path: str = typer.Argument("bundled", help="JSONL, JSON (one array of objects), Parquet or CSV file "
-                                             "(.gz too); a folder of them (any depth) or a quoted glob "
-                                             "pattern ('dumps/*.parquet'); or 'bundled' for the demo prompts"),
+    paths: list[str] | None = typer.Argument(
+        None, metavar="PATH", show_default=False,
+        help="JSONL, JSON (one array of objects), Parquet or CSV files (.gz too), folders of them (any "
+             "depth) or glob patterns ('dumps/*.parquet'); default: 'bundled', the demo prompts"),
     dataset: Path | None = DATASET_OPTION,
     config: Path | None = CONFIG_OPTION,
     prompt_field: str | None = typer.Option(None, help="field holding the prompt (default 'prompt')"),
@@ -195,7 +196,8 @@ def ingest(
     again over a folder, only the files added or changed since are read.
     """
     overrides = _overrides(set_)
-    overrides["ingest.path"] = path if path == "bundled" else str(Path(path).resolve())
+    given = [path if path == "bundled" else str(Path(path).resolve()) for path in paths or ["bundled"]]
+    overrides["ingest.path"] = given[0] if len(given) == 1 else given
     for key, value in (("prompt", prompt_field), ("system_prompt", system_field), ("id", id_field)):
         if value is not None:
             overrides[f"ingest.fields.{key}"] = value

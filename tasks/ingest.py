@@ -82,8 +82,9 @@ class IngestParams(BaseModel):
     """Where prompts come from and which ones are accepted."""
 
     model_config = ConfigDict(extra="forbid")
-    path: str = Field(BUNDLED, description="file to read, a folder of them or a glob pattern "
-                      "(each file once), or 'bundled' for the demo prompt set")
+    path: str | list[str] = Field(BUNDLED, min_length=1, description="file to read, a folder of them or "
+                                  "a glob pattern (each file once), a list of those, or 'bundled' for the "
+                                  "demo prompt set")
     #: jsonl (and json) read one object per line or a file holding one JSON array of objects
     format: Literal["auto", "jsonl", "json", "parquet", "csv"] = "auto"
     fields: FieldMapping = Field(default_factory=FieldMapping)
@@ -140,7 +141,11 @@ def _hidden(path: Path, under: Path) -> bool:
 
 def input_files(params: IngestParams) -> list[Path]:
     """The files ``ingest.path`` names, in order: the file itself, the data files of a folder
-    (at any depth; hidden ones and others, a README, left out), or a glob pattern's matches."""
+    (at any depth; hidden ones and others, a README, left out), a glob pattern's matches, or
+    those of each path of a list."""
+    if isinstance(params.path, list):
+        named = (input_files(params.model_copy(update={"path": path})) for path in params.path)
+        return list(dict.fromkeys(file for files in named for file in files))  # each once, in order
     if params.path == BUNDLED:
         return [bundled_prompts_path()]
     given = Path(params.path).expanduser()

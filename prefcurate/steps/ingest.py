@@ -36,12 +36,13 @@ class IngestStep(Step):
         params = self._params(ctx)
         files = input_files(params)
         if len(files) > 1 and params.limit is not None:
-            raise IngestError(f"ingest.limit counts the prompts of one file, and {params.path} names "
+            raise IngestError(f"ingest.limit counts the prompts of one file, and ingest.path names "
                               f"{len(files)} files: leave the limit out, or ingest one file with it")
         units = []
         for file in files:
             # a file named as itself keeps its params (and unit key) as they were
-            named = params.path == BUNDLED or Path(params.path).expanduser() == file
+            named = params.path == BUNDLED or (isinstance(params.path, str)
+                                               and Path(params.path).expanduser() == file)
             own = params if named else params.model_copy(update={"path": str(file)})
             path, _ = resolve_source(own)  # raises IngestError for unusable input
             # csv_separator left to detection keys as before it existed: datasets ingested then

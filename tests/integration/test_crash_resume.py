@@ -256,9 +256,11 @@ def test_a_folder_ingested_then_grown_reads_only_the_new_file(tmp_path, prefect_
         return done.stdout
 
     assert "read 80 = accepted 70 + quarantined 0 + duplicates 10 (2 files)" in ingest()
+    command[4:5] = sorted(str(path) for path in folder.glob("*.jsonl"))  # as a shell expands dumps/*.jsonl
     assert "these 2 files were already ingested with these settings: nothing added" in ingest()
     (folder / "part-2.jsonl").write_text(json.dumps({"prompt": "Prompt 0: explain topic 0."}) + "\n"
                                          + json.dumps({"prompt": "A new one."}) + "\n")
+    command[4:6] = [str(folder)]
     assert "read 2 = accepted 1 + quarantined 0 + duplicates 1 (1 file; 2 already ingested)" in ingest()
     store = Store.open(dataset)
     _assert_clean(store, "prompts", "prompt_id")

@@ -28,7 +28,7 @@ from tests.unit.bad_rows import write_bad_file
 def _ingest(store: Store, path, run_id: str = "run-1", **params) -> int:
     """The ingest stage's coordinator work without Prefect: plan, run each unit, register."""
     ctx = StageContext(str(store.root), {"contracts": False}, run_id)
-    step = IngestStep(IngestParams(path=str(path), **params))
+    step = IngestStep(IngestParams(path=path if isinstance(path, list) else str(path), **params))
     store.start_run("ingest", {}, run_id=run_id)
     new = 0
     todo, _ = step.pending(ctx, step.plan(ctx))  # as run_stage: registered units are skipped
@@ -282,6 +282,11 @@ def test_a_folder_is_ingested_file_by_file_and_a_file_added_later_alone(tmp_path
     pattern = IngestStep(IngestParams(path=str(folder / "*.jsonl")))
     assert [u.key for u in pattern.plan(ctx)] == [u.key for u in step.plan(ctx) if u.payload["params"]["path"]
                                                    .endswith(".jsonl")]
+    # several paths (a shell-expanded pattern): their files in the order given, each once
+    several = IngestStep(IngestParams(path=[str(folder / "d.jsonl"), str(folder / "sub"), str(folder / "d.jsonl")]))
+    assert [u.payload["params"]["path"] for u in several.plan(ctx)] == [str(folder / "d.jsonl"),
+                                                                        str(folder / "sub" / "b.parquet")]
+    assert _ingest(store, [str(folder / "d.jsonl"), str(folder / "sub")], run_id="third") == 0
 
 
 def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refused(tmp_path):
