@@ -139,12 +139,17 @@ def _hidden(path: Path, under: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(under).parts)
 
 
-def input_files(params: IngestParams) -> list[Path]:
+def _under(path: Path, folder: Path | None) -> bool:
+    return folder is not None and path.resolve().is_relative_to(folder)
+
+
+def input_files(params: IngestParams, leave_out: Path | None = None) -> list[Path]:
     """The files ``ingest.path`` names, in order: the file itself, the data files of a folder
     (at any depth; hidden ones and others, a README, left out), a glob pattern's matches, or
-    those of each path of a list."""
+    those of each path of a list. A folder's or pattern's files under ``leave_out`` (the
+    dataset's own directory, when it lies inside the folder) are left out."""
     if isinstance(params.path, list):
-        named = (input_files(params.model_copy(update={"path": path})) for path in params.path)
+        named = (input_files(params.model_copy(update={"path": path}), leave_out) for path in params.path)
         return list(dict.fromkeys(file for files in named for file in files))  # each once, in order
     if params.path == BUNDLED:
         return [bundled_prompts_path()]
@@ -153,7 +158,8 @@ def input_files(params: IngestParams) -> list[Path]:
         parts = given.parts
         fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _GLOB_CHARACTERS))
         anchor = Path(*parts[:fixed] or ".")
-        files = sorted(p for p in anchor.glob("/".join(parts[fixed:])) if p.is_file() and not _hidden(p, anchor))
+        files = sorted(p for p in anchor.glob("/".join(parts[fixed:]))
+                       if p.is_file() and not _hidden(p, anchor) and not _under(p, leave_out))
         if not files:
             raise IngestError(f"no file matches {params.path}")
         return files
@@ -161,9 +167,11 @@ def input_files(params: IngestParams) -> list[Path]:
         files = sorted(
             p for p in given.rglob("*")
             if p.is_file() and _data_suffix(p).endswith(_DATA_SUFFIXES) and not _hidden(p, given)
+            and not _under(p, leave_out)
         )
         if not files:
-            raise IngestError(f"the folder {given} holds no .jsonl, .json, .parquet or .csv file")
+            inside = f" outside the dataset {leave_out}" if leave_out and _under(leave_out, given.resolve()) else ""
+            raise IngestError(f"the folder {given} holds no .jsonl, .json, .parquet or .csv file{inside}")
         return files
     return [given]
 

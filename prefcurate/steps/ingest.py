@@ -34,7 +34,9 @@ class IngestStep(Step):
         """One unit per file: a folder or glob pattern gets one for each of its files, so a
         file added later is ingested alone and the others are not read again."""
         params = self._params(ctx)
-        files = input_files(params)
+        # (`ingest data/ -d data/ds` must not read the dataset's own shards as prompts)
+        local = None if "://" in ctx.dataset else Path(ctx.dataset).resolve()
+        files = input_files(params, leave_out=local)
         if len(files) > 1 and params.limit is not None:
             raise IngestError(f"ingest.limit counts the prompts of one file, and ingest.path names "
                               f"{len(files)} files: leave the limit out, or ingest one file with it")

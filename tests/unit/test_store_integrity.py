@@ -287,10 +287,17 @@ def test_a_folder_is_ingested_file_by_file_and_a_file_added_later_alone(tmp_path
     assert [u.payload["params"]["path"] for u in several.plan(ctx)] == [str(folder / "d.jsonl"),
                                                                         str(folder / "sub" / "b.parquet")]
     assert _ingest(store, [str(folder / "d.jsonl"), str(folder / "sub")], run_id="third") == 0
+    # a dataset inside the folder: its own shards are not prompts
+    inner = Store.init(folder / "ds")
+    _ingest(inner, folder / "a.jsonl", run_id="inner")
+    inner_ctx = StageContext(str(inner.root), {}, "plan")
+    assert list((folder / "ds").rglob("*.parquet"))
+    assert [u.payload["params"]["path"] for u in step.plan(inner_ctx)] == [
+        str(folder / name) for name in ("a.jsonl", "c.csv", "d.jsonl", "sub/b.parquet")]
 
 
 def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refused(tmp_path):
-    ctx = StageContext(str(tmp_path), {}, "plan")
+    ctx = StageContext(str(tmp_path / "ds"), {}, "plan")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
     with pytest.raises(IngestError, match="holds no .jsonl"):
@@ -301,6 +308,8 @@ def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refus
     with pytest.raises(IngestError, match="ingest.limit counts the prompts of one file"):
         IngestStep(IngestParams(path=str(folder), limit=3)).plan(ctx)
     assert len(IngestStep(IngestParams(path=str(folder / "a.jsonl"), limit=3)).plan(ctx)) == 1
+    with pytest.raises(IngestError, match="holds no .* file outside the dataset"):
+        IngestStep(IngestParams(path=str(folder / "sub"))).plan(StageContext(str(folder / "sub"), {}, "plan"))
 
 
 
