@@ -22,6 +22,10 @@ with a non-cryptographic 128-bit hash (xxh3) in place of sha256: what the bound 
 if content ids changed hash, which would re-id every existing dataset. CPU seconds (user + system, all threads)
 are printed beside the wall seconds: on 2 cores they show how much work each side does.
 
+``small_file_growth``: the seconds of one more 1,000-prompt file into the 1M-prompt dataset
+over the same into an empty one (best of three each): a file's cost should not grow with the
+dataset it joins.
+
 Usage: python bench/store.py [rows]   (default 1,000,000)
 """
 
@@ -86,6 +90,22 @@ def ours(path: Path, root: Path) -> tuple[float, int]:
     return seconds, result.counts["accepted"]
 
 
+def small_file_seconds(root: Path, folder: Path, files: int = 3) -> float:
+    """Best wall seconds of one 1,000-prompt file (plan, run, register) into the dataset at
+    ``root``: per-file cost must not grow with what the dataset already holds."""
+    store, best = Store.open(root), float("inf")
+    for i in range(files):
+        path = folder / f"small-{root.name}-{i}.jsonl"
+        path.write_text("".join(json.dumps({"id": f"{root.name}-{i}-{k}", "prompt": f"small file {i}, prompt {k}"})
+                                + "\n" for k in range(1000)))
+        step, ctx = IngestStep(IngestParams(path=str(path))), StageContext(str(store.root), {}, "bench")
+        started = time.perf_counter()
+        (unit,) = step.plan(ctx)
+        store.register(step.run_unit(unit, ctx).shards)
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def baseline(path: Path, out: Path) -> float:
     started = time.perf_counter()
     pl.read_ndjson(path).write_parquet(out, compression="zstd", compression_level=ZSTD_LEVEL)
@@ -135,10 +155,14 @@ def main() -> None:
               f"nothing else: at best ratio {base_s / floor_s:.3f})")
         print(f"          {fast_s:7.2f} s, {fast_cpu:5.2f} CPU s  (the same with xxh3-128 in place of sha256: "
               f"at best ratio {base_s / fast_s:.3f})")
+        Store.init(tmp / "empty")
+        small_full, small_empty = small_file_seconds(tmp / "dataset", tmp), small_file_seconds(tmp / "empty", tmp)
+        print(f"a 1,000-prompt file: {small_full:.3f} s into this dataset of {accepted:,} prompts, "
+              f"{small_empty:.3f} s into an empty one (x{small_full / small_empty:.2f})")
         print(
             f"RESULT rows_per_s={rows / ours_s:.0f} baseline_rows_per_s={rows / base_s:.0f} "
             f"ratio={base_s / ours_s:.3f} floor_ratio={base_s / floor_s:.3f} "
-            f"floor_ratio_fast_hash={base_s / fast_s:.3f}"
+            f"floor_ratio_fast_hash={base_s / fast_s:.3f} small_file_growth={small_full / small_empty:.2f}"
         )
 
 
