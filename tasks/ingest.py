@@ -125,13 +125,16 @@ def bundled_prompts_path() -> Path:
     return Path(str(resources.files("prefcurate.data") / "prompts.jsonl"))
 
 
-_DATA_SUFFIXES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
+#: the format a file's suffix (after ``.gz``) says it holds
+_FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
+                     ".csv": "csv", ".tsv": "csv"}
 _GLOB_CHARACTERS = "*?["
 
 
-def _data_suffix(path: Path) -> str:
-    """The suffix that says a file's format (``.gz`` looked through), lower case."""
-    return "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+def _suffix_format(path: Path) -> str | None:
+    """The format ``path``'s suffix says (``.gz`` looked through), or None."""
+    suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+    return next((fmt for ending, fmt in _FORMAT_OF_SUFFIX.items() if suffix.endswith(ending)), None)
 
 
 def _hidden(path: Path, under: Path) -> bool:
@@ -166,7 +169,7 @@ def input_files(params: IngestParams, leave_out: Path | None = None) -> list[Pat
     if given.is_dir():
         files = sorted(
             p for p in given.rglob("*")
-            if p.is_file() and _data_suffix(p).endswith(_DATA_SUFFIXES) and not _hidden(p, given)
+            if p.is_file() and _suffix_format(p) is not None and not _hidden(p, given)
             and not _under(p, leave_out)
         )
         if not files:
@@ -184,14 +187,8 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
         raise IngestError(f"input {path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     fmt = params.format
     if fmt == "auto":
-        suffix = _data_suffix(path)
-        if suffix.endswith((".jsonl", ".ndjson", ".json")):
-            fmt = "jsonl"
-        elif suffix.endswith(".parquet"):
-            fmt = "parquet"
-        elif suffix.endswith((".csv", ".tsv")):
-            fmt = "csv"
-        else:
+        fmt = _suffix_format(path)
+        if fmt is None:
             raise IngestError(
                 f"cannot tell the format of {path.name} from its suffix; set ingest.format "
                 "to jsonl (also a JSON array), parquet or csv"
