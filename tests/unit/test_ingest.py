@@ -208,6 +208,28 @@ def test_prompt_ids_are_the_sha256_of_system_prompt_and_prompt(tmp_path):
     assert accepted["prompt_id"].to_list() == want
 
 
+def test_hashed_duplicate_checks_are_exact_even_when_hashes_collide(monkeypatch):
+    """De-duplication compares hashes first and texts only where hashes repeat: the answer must
+    be the texts' own, including when different texts share a hash."""
+    import random
+
+    from prefcurate.tasks.ingest import _all_distinct, _first_of_each
+
+    rng = random.Random(5)
+    texts = pl.Series("t", [None if rng.random() < 0.02 else f"p{rng.randrange(400)}" for _ in range(1000)])
+    distinct = pl.Series("t", [f"p{i}" for i in range(1000)])
+
+    def check():
+        assert _first_of_each(texts).to_list() == texts.is_first_distinct().to_list()
+        assert _first_of_each(distinct).all() and _first_of_each(distinct.head(0)).len() == 0
+        assert _all_distinct(distinct) and not _all_distinct(texts.drop_nulls())
+
+    check()
+    # a hash with few values: most different texts collide, and only the texts can tell them apart
+    monkeypatch.setattr(pl.Series, "hash", lambda self, *args, **kwargs: self.str.len_bytes().cast(pl.UInt64))
+    check()
+
+
 def test_validation_on_row_ranges_side_by_side_gives_the_rows_of_one_pass(tmp_path, monkeypatch):
     import random
 
