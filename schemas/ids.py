@@ -39,7 +39,8 @@ def file_sha256(path: str | Path) -> str:
     """
     path = Path(path)
     before = os.stat(path)
-    known = _digest_cache().get(path, before)
+    key = str(path.resolve())
+    known = _digest_cache().get(key, before)
     if known is not None:
         return known
     digest = hashlib.sha256()
@@ -48,7 +49,7 @@ def file_sha256(path: str | Path) -> str:
             digest.update(block)
     after = os.stat(path)
     if _signature(before) == _signature(after) and time.time_ns() - _changed_ns(after) > _SETTLED_NS:
-        _digest_cache().put(path, after, digest.hexdigest())
+        _digest_cache().put(key, after, digest.hexdigest())
     return digest.hexdigest()
 
 
@@ -90,28 +91,25 @@ class _DigestCache:
                 self._file = None  # not asked again in this process
         return self._connection
 
-    def get(self, path: Path, stat: os.stat_result) -> str | None:
-        with self._lock:
-            connection = self._open()
-            if connection is None:
-                return None
-            try:
-                row = connection.execute("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256 FROM file_sha256 "
-                                         "WHERE path = ?", [str(path.resolve())]).fetchone()
-            except sqlite3.Error:
-                return None
+    def get(self, path: str, stat: os.stat_result) -> str | None:
+        row = self._execute("SELECT dev, ino, size, mtime_ns, ctime_ns, sha256 FROM file_sha256 WHERE path = ?", [path])
         return row[5] if row is not None and tuple(row[:5]) == _signature(stat) else None
 
-    def put(self, path: Path, stat: os.stat_result, sha256: str) -> None:
+    def put(self, path: str, stat: os.stat_result, sha256: str) -> None:
+        self._execute("INSERT OR REPLACE INTO file_sha256 VALUES (?, ?, ?, ?, ?, ?, ?)",
+                      [path, *_signature(stat), sha256])
+
+    def _execute(self, sql: str, parameters: list) -> tuple | None:
+        """The statement's first row; None when there is none or the cache is closed or busy
+        (the digest is then simply computed)."""
         with self._lock:
             connection = self._open()
             if connection is None:
-                return
+                return None
             try:
-                connection.execute("INSERT OR REPLACE INTO file_sha256 VALUES (?, ?, ?, ?, ?, ?, ?)",
-                                   [str(path.resolve()), *_signature(stat), sha256])
+                return connection.execute(sql, parameters).fetchone()
             except sqlite3.Error:
-                pass  # (a busy cache: the digest is simply computed again next time)
+                return None
 
 
 _digest_caches: dict[Path | None, _DigestCache] = {}
