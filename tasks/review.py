@@ -24,12 +24,11 @@ exported-and-labelled file also works as ``annotate.gold_path``.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from pathlib import Path
 
 import polars as pl
-from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.ids import content_id, file_sha256
 from prefcurate.tasks.calibration import WINNERS, read_labelled_file
 from prefcurate.tasks.jury import PAIR_KEY, binary_entropy
 
@@ -216,7 +215,7 @@ def import_review_labels(store, path: str | Path) -> dict:
     """Store a labelled review file in ``human_labels`` (bad rows in ``quarantine``)."""
     known = store.query("SELECT DISTINCT prompt_id, response_a, response_b FROM judgments")
     labels, quarantined, unlabelled = read_review_labels(path, known)
-    digest = content_id("review_import", hashlib.sha256(Path(path).read_bytes()).hexdigest(), str(Path(path).resolve()))
+    digest = content_id("review_import", file_sha256(path), str(Path(path).resolve()))
     run_id = store.start_run("review", {"import": str(path)})
     try:
         if labels.height:
