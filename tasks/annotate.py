@@ -253,9 +253,9 @@ class AnnotateParams(BaseModel):
     )
     gold_path: str | None = Field(
         None,
-        description="your labelled pairs (prompt, response_a, response_b, winner A/B/tie; JSONL, CSV or "
-        "Parquet) to calibrate the judges on instead of the packaged 42; bad rows are quarantined "
-        "(tasks/calibration.py)",
+        description="your labelled pairs (prompt, response_a, response_b, winner A/B/tie; JSONL, JSON, "
+        "CSV with its separator found, TSV or Parquet, .gz too) to calibrate the judges on instead of "
+        "the packaged 42; bad rows are quarantined (tasks/calibration.py)",
     )
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from prefcurate.schemas.ids import content_id
+from prefcurate.tasks.ingest import RECORD_SUFFIXES, as_text_columns, read_records, record_format
 from pydantic import BaseModel, ConfigDict, Field
 
 from prefcurate.errors import InputError
@@ -75,23 +76,17 @@ def wilson_interval(correct: np.ndarray, n: np.ndarray, confidence: float = 0.95
 
 
 # --- the gold file -------------------------------------------------------------------------
-def read_labelled_file(path: Path, what: str = "gold file") -> pl.DataFrame:
-    """A file of labelled pairs as text columns, one row per record (JSONL/CSV/Parquet).
-
-    A blank JSONL line stays a record with every field missing, so row numbers are the
-    file's record numbers and bad rows can be quarantined by them."""
-    suffix = path.suffix.lower()
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        text = path.read_text(encoding="utf-8")
-        rows = [json.loads(line) if line.strip() else None for line in text.splitlines()]
-        return pl.DataFrame([r if isinstance(r, dict) else {} for r in rows], infer_schema_length=None).with_columns(
-            pl.all().cast(pl.String)
-        ) if rows else pl.DataFrame()
-    if suffix == ".csv":
-        return pl.read_csv(path, infer_schema=False)
-    if suffix in (".parquet", ".pq"):
-        return pl.read_parquet(path).with_columns(pl.all().cast(pl.String))
-    raise ValueError(f"{what} {path}: unknown format {suffix!r}; expected .jsonl, .csv or .parquet")
+def read_labelled_file(path: Path, what: str = "gold file") -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(records as text columns with their 1-based record number ``_record``, unreadable
+    records as QUARANTINE rows) of a file of labelled pairs, read as ingest reads files:
+    JSONL, a JSON array, CSV (its separator found from the header: ``;`` from spreadsheets of
+    many locales), TSV or Parquet, gzipped or not. A malformed line or ragged row is
+    quarantined with its record number; the other records are kept."""
+    fmt = record_format(path)
+    if fmt is None:
+        raise InputError(f"{what} {path}: unknown format {path.suffix!r}; expected {RECORD_SUFFIXES}")
+    records, unreadable = read_records(path, fmt)
+    return as_text_columns(records).rename({"source_record": "_record"}), unreadable
 
 
 def _quarantine_rows(frame: pl.DataFrame, source: str, reason: str, field: str, message: pl.Expr) -> pl.DataFrame:
@@ -111,20 +106,21 @@ def load_gold_file(path: str | Path) -> tuple[pl.DataFrame, pl.DataFrame]:
     Gold columns: id, prompt, response_a, response_b, winner (A | B | tie), why,
     source_record. Quarantine columns: the QUARANTINE table's (source_file, source_record,
     field, reason, message, raw); reasons ``missing_field``, ``unknown_winner``,
-    ``duplicate_pair``."""
+    ``duplicate_pair``, and the reader's for a record it cannot read (``malformed_json``,
+    ``ragged_row``...)."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"annotate.gold_path: {path} does not exist")
     source = str(path)
-    raw = read_labelled_file(path)
+    raw, unreadable = read_labelled_file(path)
     for column in GOLD_FIELDS + ["id", "why"]:
         if column not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(column))
-    frame = raw.with_row_index("_record", offset=1).with_columns(
+    frame = raw.with_columns(
         _raw=pl.struct(pl.exclude("_record")).struct.json_encode(),
         _winner=pl.col("winner").str.strip_chars().str.to_lowercase().replace_strict(WINNERS, default=None),
     )
-    bad = []
+    bad = [unreadable]
     # a missing field (null or blank) names the first such field
     blank = [pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "") for c in GOLD_FIELDS]
     first_missing = pl.coalesce([pl.when(b).then(pl.lit(c)) for b, c in zip(blank, GOLD_FIELDS)])

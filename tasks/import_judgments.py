@@ -64,7 +64,6 @@ What lands in the store
 
 from __future__ import annotations
 
-import json
 import math
 import string
 from dataclasses import dataclass
@@ -72,7 +71,8 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
-from prefcurate.tasks.ingest import _hash_ids, _normalise, _quarantine_frame, _read, _read_bytes
+from prefcurate.tasks.ingest import _hash_ids, _normalise, _quarantine_frame, record_format
+from prefcurate.tasks.ingest import read_records as read_record_file
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from prefcurate.errors import InputError
@@ -202,40 +202,17 @@ def detect_format(path: Path, declared: str = "auto") -> str:
         raise JudgmentImportError(f"input {path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     if declared != "auto":
         return declared
-    suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
-    if suffix.endswith(".json"):
-        return "json"
-    for fmt, endings in (("jsonl", (".jsonl", ".ndjson")), ("parquet", (".parquet",)), ("csv", (".csv", ".tsv"))):
-        if suffix.endswith(endings):
-            return fmt
+    fmt = record_format(path)
+    if fmt is not None:
+        return fmt
     raise JudgmentImportError(f"cannot tell the format of {path.name} from its suffix; "
                               "pass --format jsonl|json|parquet|csv")
 
 
 def read_records(path: Path, fmt: str) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """(records with a 1-based ``source_record``, unreadable records as quarantine rows)."""
-    source = str(path)
-    if fmt == "json":
-        data = _read_bytes(path).removeprefix(b"\xef\xbb\xbf")
-        if not data.lstrip().startswith(b"["):
-            fmt = "jsonl"  # a .json file holding one object per line
-        else:
-            try:
-                items = json.loads(data)
-            except (ValueError, RecursionError) as error:
-                raise JudgmentImportError(f"cannot read {path} as a JSON array: {error}") from error
-            bad = [{"source_file": source, "source_record": n, "field": None, "reason": UNREADABLE,
-                    "message": f"record {n}: expected a JSON object, got {type(item).__name__}",
-                    "raw": json.dumps(item, ensure_ascii=False)[:10_000]}
-                   for n, item in enumerate(items, start=1) if not isinstance(item, dict)]
-            # every value as text (numbers keep their JSON spelling) so mixed types never fail
-            rows = [{**{k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
-                        for k, v in item.items()}, "source_record": n}
-                    for n, item in enumerate(items, start=1) if isinstance(item, dict)]
-            frame = (pl.DataFrame(rows, infer_schema_length=None) if rows
-                     else pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)}))
-            return frame.with_columns(pl.col("source_record").cast(pl.Int64)), _quarantine_frame(bad)
-    records, unreadable, _ = _read(path, fmt, source, [])
+    """(records with a 1-based ``source_record``, unreadable records as quarantine rows with
+    reason ``unreadable``, the reader's cause in the message)."""
+    records, unreadable = read_record_file(path, fmt)
     return records, unreadable.with_columns(pl.lit(UNREADABLE).alias("reason"))
 
 

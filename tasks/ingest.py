@@ -26,7 +26,7 @@ import io
 import itertools
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib import resources
@@ -128,13 +128,24 @@ def bundled_prompts_path() -> Path:
 #: the format a file's suffix (after ``.gz``) says it holds
 _FORMAT_OF_SUFFIX = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".parquet": "parquet",
                      ".csv": "csv", ".tsv": "csv"}
+#: the suffixes :func:`suffix_format` knows, for messages
+RECORD_SUFFIXES = ", ".join(_FORMAT_OF_SUFFIX) + " (.gz too)"
 _GLOB_CHARACTERS = "*?["
 
 
-def _suffix_format(path: Path) -> str | None:
-    """The format ``path``'s suffix says (``.gz`` looked through), or None."""
+def suffix_format(path: Path) -> str | None:
+    """The format ``path``'s suffix says (``.gz`` looked through), or None. Every reader of
+    user files (ingest, import, gold pairs, review labels) asks this one table."""
     suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
     return next((fmt for ending, fmt in _FORMAT_OF_SUFFIX.items() if suffix.endswith(ending)), None)
+
+
+def record_format(path: Path) -> str | None:
+    """The ``fmt`` :func:`read_records` reads ``path`` with, by its suffix: as
+    :func:`suffix_format`, but "json" for ``.json`` (an array's values read as text)."""
+    if "".join(path.suffixes[-2:]).lower().removesuffix(".gz").endswith(".json"):
+        return "json"
+    return suffix_format(path)
 
 
 def _hidden(path: Path, under: Path) -> bool:
@@ -169,7 +180,7 @@ def input_files(params: IngestParams, leave_out: Path | None = None) -> list[Pat
     if given.is_dir():
         files = sorted(
             p for p in given.rglob("*")
-            if p.is_file() and _suffix_format(p) is not None and not _hidden(p, given)
+            if p.is_file() and suffix_format(p) is not None and not _hidden(p, given)
             and not _under(p, leave_out)
         )
         if not files:
@@ -187,7 +198,7 @@ def resolve_source(params: IngestParams) -> tuple[Path, str]:
         raise IngestError(f"input {path} is a directory; give a .jsonl, .json, .parquet or .csv file")
     fmt = params.format
     if fmt == "auto":
-        fmt = _suffix_format(path)
+        fmt = suffix_format(path)
         if fmt is None:
             raise IngestError(
                 f"cannot tell the format of {path.name} from its suffix; set ingest.format "
@@ -255,6 +266,47 @@ def _read_bytes(path: Path) -> bytes:
 
 def _with_record_numbers(frame: pl.DataFrame) -> pl.DataFrame:
     return frame.with_row_index("source_record", offset=1).with_columns(pl.col("source_record").cast(pl.Int64))
+
+
+def read_records(path: Path, fmt: str) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Every readable record of a file of any ingest format, with a 1-based ``source_record``,
+    and the unreadable ones as quarantine rows (the reader's reason: malformed JSON, invalid
+    UTF-8, a ragged CSV row...). For files other than prompts: labelled pairs, judgments.
+
+    ``fmt`` "json" reads a JSON array with every value as text (numbers keep their JSON
+    spelling), so mixed types never fail; "jsonl", "csv" and "parquet" are read as ingest
+    reads them (a ``.json`` file of one object per line is read as JSONL)."""
+    source = str(path)
+    if fmt == "json":
+        data = _read_bytes(path).removeprefix(_BOM)
+        if not data.lstrip().startswith(b"["):
+            fmt = "jsonl"
+        else:
+            try:
+                items = json.loads(data)
+            except (ValueError, RecursionError) as error:
+                raise IngestError(f"cannot read {path} as a JSON array: {error}") from error
+            bad = [{"source_file": source, "source_record": n, "field": None, "reason": NOT_AN_OBJECT,
+                    "message": f"record {n}: expected a JSON object, got {type(item).__name__}",
+                    "raw": json.dumps(item, ensure_ascii=False)[:10_000]}
+                   for n, item in enumerate(items, start=1) if not isinstance(item, dict)]
+            rows = [{**{k: v if isinstance(v, str) or v is None else json.dumps(v, ensure_ascii=False)
+                        for k, v in item.items()}, "source_record": n}
+                    for n, item in enumerate(items, start=1) if isinstance(item, dict)]
+            frame = (pl.DataFrame(rows, infer_schema_length=None) if rows
+                     else pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)}))
+            return frame.with_columns(pl.col("source_record").cast(pl.Int64)), _quarantine_frame(bad)
+    records, unreadable, _ = _read(path, fmt, source, [])
+    return records, unreadable
+
+
+def as_text_columns(frame: pl.DataFrame, keep: Sequence[str] = ("source_record",)) -> pl.DataFrame:
+    """Every column but ``keep`` as text: scalars as they print, nested values as their JSON."""
+    nested = (pl.List, pl.Array, pl.Struct)
+    return frame.with_columns(
+        (_json_text(name) if isinstance(dtype, nested) else pl.col(name).cast(pl.String))
+        for name, dtype in frame.schema.items() if name not in keep
+    )
 
 
 def _read(path: Path, fmt: str, source: str, text_fields: list[str],

@@ -120,17 +120,18 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
     ``known_pairs``: the dataset's judged pairs (pair key). A blank ``winner`` is a pair
     nobody labelled yet (skipped, counted); quarantined with record and field: a missing id
     (``missing_field``), an unknown winner (``unknown_winner``), a pair the dataset does not
-    have (``unknown_pair``), the same pair twice (``duplicate_pair``). Ids given in the
+    have (``unknown_pair``), the same pair twice (``duplicate_pair``), a record the reader
+    cannot read (its reason: ``malformed_json``, ``ragged_row``...). Ids given in the
     other order are put in canonical order and the winner swapped with them."""
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"review import: {path} does not exist")
     source = str(path)
-    raw = read_labelled_file(path, "review import:")
+    raw, unreadable = read_labelled_file(path, "review import:")
     for column in [*ID_FIELDS, "winner", "annotator"]:
         if column not in raw.columns:
             raw = raw.with_columns(pl.lit(None, dtype=pl.String).alias(column))
-    frame = raw.with_row_index("_record", offset=1).with_columns(
+    frame = raw.with_columns(
         _raw=pl.struct(pl.exclude("_record")).struct.json_encode(),
         _blank=pl.col("winner").is_null() | (pl.col("winner").str.strip_chars() == ""),
         _winner=pl.col("winner").str.strip_chars().str.to_lowercase().replace_strict(WINNERS, default=None),
@@ -145,7 +146,7 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
             pl.col("_raw").alias("raw"),
         )
 
-    bad = []
+    bad = [unreadable]
     blank = [pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "") for c in ID_FIELDS]
     missing = frame.with_columns(
         _field=pl.coalesce([pl.when(b).then(pl.lit(c)) for b, c in zip(blank, ID_FIELDS)])

@@ -53,6 +53,35 @@ def test_gold_file_bad_rows_are_quarantined_with_record_and_field(tmp_path, suff
     assert quarantine["raw"].str.contains("p2").any()
 
 
+@pytest.mark.parametrize("name, text", [
+    ("gold.csv", "prompt;response_a;response_b;winner\np1;x, with a comma;y;A\np2;x;y;B;extra\np3;u;v;b\n"),
+    ("gold.tsv", "prompt\tresponse_a\tresponse_b\twinner\np1\tx, with a comma\ty\tA\np2\tx\ty\tB\textra\n"
+                 "p3\tu\tv\tb\n"),
+])
+def test_gold_file_separator_comes_from_the_header_and_a_ragged_row_is_quarantined(tmp_path, name, text):
+    """A spreadsheet in many locales saves ``;``; a .tsv holds tabs. A row with a field too
+    many is quarantined by record, the rest kept."""
+    path = tmp_path / name
+    path.write_text(text)
+    gold, quarantine = load_gold_file(path)
+    assert gold.select("prompt", "response_a", "winner").rows() == [("p1", "x, with a comma", "A"), ("p3", "u", "B")]
+    assert gold["source_record"].to_list() == [1, 3]
+    assert quarantine.select("source_record", "reason").rows() == [(2, "ragged_row")]
+
+
+def test_gold_file_malformed_line_is_quarantined_and_the_others_kept(tmp_path):
+    import gzip
+
+    lines = [json.dumps(GOLD_ROWS[0]), '{"prompt": "p9", "response_a": ', json.dumps({**GOLD_ROWS[4], "n": 3})]
+    path = tmp_path / "gold.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode()))
+    gold, quarantine = load_gold_file(path)
+    assert gold.select("prompt", "source_record").rows() == [("p1", 1), ("p4", 3)]
+    (row,) = quarantine.iter_rows(named=True)
+    assert (row["source_record"], row["reason"]) == (2, "malformed_json")
+    assert row["message"].startswith("record 2: malformed JSON") and "p9" in row["raw"]
+
+
 def test_gold_file_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="gold_path"):
         load_gold_file(tmp_path / "absent.jsonl")

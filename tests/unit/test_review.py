@@ -107,6 +107,13 @@ def test_review_file_checks(tmp_path):
     assert blank == 0
     assert {(r["source_record"], r["reason"]) for r in bad.iter_rows(named=True)} == {
         (2, "duplicate_pair"), (3, "unknown_pair"), (4, "duplicate_pair"), (5, "missing_field")}
+    # the same file saved by a spreadsheet that writes ";" (and a line it broke) reads the same
+    resaved = tmp_path / "labels-resaved.csv"
+    resaved.write_text(path.read_text().replace(",", ";") + "p;a;b;A;oops\n")
+    labels_again, bad_again, _ = read_review_labels(resaved, known)
+    assert labels_again.drop("label_id", "source_file").equals(labels.drop("label_id", "source_file"))
+    assert {(r["source_record"], r["reason"]) for r in bad_again.iter_rows(named=True)} == {
+        (2, "duplicate_pair"), (3, "unknown_pair"), (4, "duplicate_pair"), (5, "missing_field"), (6, "ragged_row")}
     with pytest.raises(ValueError, match="top"):
         from prefcurate.tasks.review import review_candidates
 
