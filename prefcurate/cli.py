@@ -51,7 +51,7 @@ NO_WAIT_OPTION = typer.Option(
          "up to $PREFCURATE_WRITER_TIMEOUT_S, 1 hour)",
 )
 SET_OPTION = typer.Option(
-    None, "--set", "-s", help="override a config value: --set ingest.limit=20 (YAML value syntax)"
+    None, "--set", "-s", metavar="KEY=VALUE", help="override a config value: --set ingest.limit=20 (YAML value syntax)"
 )
 
 
@@ -494,10 +494,10 @@ def import_judgments(
     dataset: Path | None = DATASET_OPTION,
     config: Path | None = CONFIG_OPTION,
     mapping: Path | None = typer.Option(None, "--mapping", "-m", help="YAML field mapping (see examples/import_pandalm.yaml)"),
-    map_: list[str] | None = typer.Option(None, "--map", help="native=source field or template: --map prompt=instruction"),
-    const: list[str] | None = typer.Option(None, "--const", help="native=fixed value: --const judge=gpt-4o"),
-    value: list[str] | None = typer.Option(None, "--value", help="recode a value: --value verdict_12:1=A"),
-    join: list[str] | None = typer.Option(None, "--join", help="FILE:KEY, a file joined on KEY (relative to PATH's folder)"),
+    map_: list[str] | None = typer.Option(None, "--map", metavar="FIELD=SOURCE", help="native=source field or template: --map prompt=instruction"),
+    const: list[str] | None = typer.Option(None, "--const", metavar="FIELD=VALUE", help="native=fixed value: --const judge=gpt-4o"),
+    value: list[str] | None = typer.Option(None, "--value", metavar="FIELD:FROM=TO", help="recode a value: --value verdict_12:1=A"),
+    join: list[str] | None = typer.Option(None, "--join", metavar="FILE:KEY", help="a file joined on KEY (relative to PATH's folder)"),
     score_scale: str | None = typer.Option(None, help="scale of score_* fields: LO,HI"),
     rating_scale: str | None = typer.Option(None, help="scale of rating_* fields: LO,HI"),
     format: str | None = typer.Option(None, "--format", help="auto | jsonl | json | parquet | csv"),
@@ -578,7 +578,7 @@ def review_export(
 
 @review_app.command("import")
 def review_import(
-    path: Path = typer.Argument(..., help="a labelled review file (.jsonl, .csv or .parquet)"),
+    path: Path = typer.Argument(..., help="a labelled review file: .jsonl, .json, .csv (its separator found), .tsv or .parquet, .gz too"),
     dataset: Path | None = DATASET_OPTION,
     config: Path | None = CONFIG_OPTION,
 ) -> None:
