@@ -46,7 +46,6 @@ Method (CritiQ; public code KYLN24/CritiQ), as we implement it:
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -167,10 +166,20 @@ def inputs_hash(
 
 
 def load_human_pairs(path: str | Path | None = None) -> pl.DataFrame:
-    """The human-labelled pairs (JSONL of {"id", "text_a", "text_b", "answer": "A"|"B"})."""
+    """The human-labelled pairs ({"id", "text_a", "text_b", "answer": "A"|"B"} records), read
+    as ingest reads files: JSONL (by default, whatever the suffix), a JSON array, CSV, TSV or
+    Parquet, ``.gz`` too. Mining needs every pair, so a record that cannot be read stops it
+    with its record number."""
+    from prefcurate.tasks.ingest import read_records, record_format
+
+    from prefcurate.errors import InputError
+
     path = Path(path) if path is not None else DEFAULT_HUMAN_PAIRS
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return as_pairs_frame(rows, require_answer=True)
+    records, unreadable = read_records(path, record_format(path) or "jsonl")
+    if unreadable.height:
+        raise InputError(f"score.critiq.human_pairs {path}: " + "; ".join(unreadable["message"].head(3))
+                         + (f" (and {unreadable.height - 3} more)" if unreadable.height > 3 else ""))
+    return as_pairs_frame(records.drop("source_record"), require_answer=True)
 
 
 def load_seed_criteria(path: str | Path | None = None) -> list[Criterion]:

@@ -31,7 +31,8 @@ class CritiQStageParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
     enabled: bool = Field(False, description="mine criteria from human pairs and score with them")
     pool: str = Field("judges", description="pool of the manager and worker agents")
-    human_pairs: str | None = Field(None, description="JSONL of (id, text_a, text_b, answer); default bundled")
+    human_pairs: str | None = Field(None, description="(id, text_a, text_b, answer) records: JSONL, JSON, CSV, "
+                                     "TSV or Parquet; default bundled")
     seed_criteria: str | None = Field(None, description="YAML knowledge base of criteria; default bundled")
     scorer_pairs: int = Field(64, ge=2, description="unlabelled response pairs judged with the final criteria")
     params: CritiQParams = Field(default_factory=CritiQParams)

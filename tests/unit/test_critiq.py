@@ -361,6 +361,18 @@ def test_bundled_files_load():
     assert len(kb) >= 5 and all(c.description for c in kb)
 
 
+def test_human_pairs_file_of_any_ingest_format(tmp_path):
+    bundled = load_human_pairs()
+    as_csv = tmp_path / "pairs.csv"
+    bundled.select("id", "text_a", "text_b", "answer").write_csv(as_csv, separator=";")
+    again = load_human_pairs(as_csv)
+    assert again.select("text_a", "text_b", "answer").equals(bundled.select("text_a", "text_b", "answer"))
+    broken = tmp_path / "pairs.jsonl"
+    broken.write_text('{"text_a": "x", "text_b": "y", "answer": "A"}\n{"text_a": "x", \n')
+    with pytest.raises(ValueError, match="record 2: malformed JSON"):
+        load_human_pairs(broken)
+
+
 # ------------------------------------------------------------------ scorer
 
 
