@@ -3,7 +3,8 @@
 Layout of a dataset directory::
 
     prefcurate.json            marker: format version (a directory without it is not ours)
-    catalog.duckdb             shard registry, runs, unit counts, views over the registered shards
+    catalog.duckdb             shard registry, runs, unit counts, the prompt key index (PROMPT_KEYS),
+                               views over the registered shards
     <table>/shard-<key>.parquet
     _units/<stage>/<key>.json  a finished unit's manifest: its shards and counts
     _tmp/                      a running stage's working copy (:meth:`Store.scratch_folder`)
@@ -70,9 +71,12 @@ class DatasetBusyError(StoreError):
     """Another process holds the dataset's writer lock."""
 
 
-#: tables whose rows have one id each: registration never adds an id already present, so
-#: two writers that bypass the writer lock still cannot duplicate a prompt
-UNIQUE_IDS = {"prompts": "prompt_id"}
+#: the catalog's index of registered prompts: a 64-bit key of each prompt id and source id
+#: (xxh3, a fixed spec, so every version computes the same), kept in the registration's
+#: transaction. Finding which of a unit's ids a dataset already holds joins the unit's keys
+#: against it (~7 ms at 1M prompts, where the id columns of the shards took ~80 ms); only
+#: keys that match are checked against the ids themselves, so the answer stays exact.
+PROMPT_KEYS = "_prompt_keys"
 WRITER_LOCK = ".writer.lock"
 SCRATCH_DIR = "_tmp"  # stages' temporary working copies (Store.scratch_folder)
 
@@ -207,12 +211,33 @@ def _catalog_fingerprint() -> str:
 
     from prefcurate.schemas.views import REPORT_VIEWS
 
-    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1", STAGE_REPORTS_DDL, "table_schema-1"])
+    text = json.dumps([[t, str(s)] for t, s in TABLES.items()] + sorted(REPORT_VIEWS.items()) + ["unit_counts-1", STAGE_REPORTS_DDL, "table_schema-1", "prompt_keys-1"])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _sql_list(paths: Sequence[str]) -> str:
     return "[" + ", ".join("'" + p.replace("'", "''") + "'" for p in paths) + "]"
+
+
+#: what the key index reads of a prompt shard
+_PROMPT_ID_COLUMNS = {"prompt_id": pl.String, "source_id": pl.String}
+
+
+def _insert_keys(con: duckdb.DuckDBPyConnection, keyed: pl.DataFrame) -> None:
+    con.register("_new_prompt_keys", keyed.select("prompt_key", "source_key").to_arrow())
+    try:
+        con.execute(f"INSERT INTO {PROMPT_KEYS} SELECT prompt_key, source_key FROM _new_prompt_keys")
+    finally:
+        con.unregister("_new_prompt_keys")
+
+
+def prompt_keys(frame: pl.DataFrame) -> pl.DataFrame:
+    """``frame`` (``prompt_id``, ``source_id``) with their :data:`PROMPT_KEYS` keys
+    ``prompt_key`` and ``source_key`` (null where the source id is)."""
+    import polars_hash as plh
+
+    return frame.with_columns(plh.col("prompt_id").nchash.xxh3_64().alias("prompt_key"),
+                              plh.col("source_id").nchash.xxh3_64().alias("source_key"))
 
 
 def run_is_alive(pid, host, process_started) -> bool | None:
@@ -506,6 +531,7 @@ class Store:
             """
         )
         con.execute(STAGE_REPORTS_DDL)
+        self._create_prompt_keys(con)
         for table, schema in TABLES.items():
             empty = pa.Table.from_pylist([], schema=schema)
             con.register("_arrow_empty", empty)
@@ -517,6 +543,19 @@ class Store:
         con.execute("INSERT OR REPLACE INTO _meta VALUES ('schema', ?)", [_catalog_fingerprint()])
         if self.instance_id():
             con.execute("INSERT OR IGNORE INTO _meta VALUES ('instance_id', ?)", [self.instance_id()])
+
+    def _create_prompt_keys(self, con: duckdb.DuckDBPyConnection) -> None:
+        """The :data:`PROMPT_KEYS` index; a catalog of a version without it gets it filled
+        from the registered prompt shards, once (``_meta`` key ``prompt_keys`` says it is)."""
+        con.execute(f"CREATE TABLE IF NOT EXISTS {PROMPT_KEYS} (prompt_key UBIGINT NOT NULL, source_key UBIGINT)")
+        if con.execute("SELECT count(*) FROM _meta WHERE key = 'prompt_keys'").fetchall()[0][0]:
+            return
+        paths = [path for (path,) in con.execute(
+            "SELECT path FROM _shards WHERE table_name = 'prompts' AND rows > 0").fetchall()]
+        if paths:
+            con.execute(f"DELETE FROM {PROMPT_KEYS}")
+            _insert_keys(con, prompt_keys(self._prompt_ids(paths)))
+        con.execute("INSERT OR REPLACE INTO _meta VALUES ('prompt_keys', 'complete')")
 
     def _create_report_views(self, con: duckdb.DuckDBPyConnection) -> None:
         from prefcurate.schemas.views import REPORT_VIEWS
@@ -618,7 +657,7 @@ class Store:
         ``unit`` (stage, unit key) with ``counts`` records the unit's counts in the same
         transaction, once per unit: a crash right after registration keeps its accounting,
         and a unit registered by a concurrent run is not counted twice. Ids of
-        :data:`UNIQUE_IDS` tables already present are left out of a new shard (its file is
+        prompts already present are left out of a new shard (its file is
         rewritten without them) and counted as duplicates.
         """
         shards = [s for s in shards if s is not None]
@@ -653,10 +692,11 @@ class Store:
                 registered.add((shard.table, shard.key))
                 fresh.append(shard)
         removed: dict[str, int] = {}  # shard path -> rows left out
-        for table in sorted({s.table for s in fresh} & set(UNIQUE_IDS)):
-            ours = [s for s in fresh if s.table == table and s.rows]
-            if ours:
-                removed.update(self._drop_present_ids(con, table, UNIQUE_IDS[table], ours, pending.get(table, [])))
+        # prompts have one id each: registration never adds one already present, so two
+        # writers that bypass the writer lock still cannot duplicate a prompt
+        prompts = [s for s in fresh if s.table == "prompts" and s.rows]
+        if prompts:
+            removed.update(self._drop_present_prompts(con, prompts, pending.get("prompts", [])))
         for shard in fresh:
             rows = shard.rows - removed.get(shard.path, 0)
             if removed.get(shard.path) and "accepted" in counts:
@@ -687,32 +727,51 @@ class Store:
             rows = con.execute("SELECT unit_key, counts FROM unit_counts WHERE stage = ?", [stage]).fetchall()
         return {key: json.loads(counts) for key, counts in rows}
 
-    def _drop_present_ids(self, con, table: str, id_column: str, shards: list[ShardInfo],
-                          pending: list[str]) -> dict[str, int]:
-        """Rewrite those of ``shards`` that hold ids the table, this transaction or an earlier
-        shard of the list already holds; returns {shard path: rows left out}.
+    def _prompt_ids(self, paths: Sequence[str]) -> pl.DataFrame:
+        """``prompt_id``, ``source_id`` and ``position`` (the shard's place in ``paths``) of
+        the rows of prompt shards. (polars reads the two columns in a third of the time
+        DuckDB's read_parquet took; a shard written before ``source_id`` existed reads null.)"""
+        return pl.concat([
+            pl.scan_parquet(self.shard_url(path), storage_options=self.storage_options(),
+                            schema=_PROMPT_ID_COLUMNS, missing_columns="insert", extra_columns="ignore")
+            .with_columns(pl.lit(position, pl.Int64).alias("position"))
+            for position, path in enumerate(paths)
+        ]).collect()
 
-        One query over all the new shards (not one per shard, which grew with their number).
+    def _drop_present_prompts(self, con, shards: list[ShardInfo], pending: list[str]) -> dict[str, int]:
+        """Rewrite those of the prompt ``shards`` that hold ids the table, this transaction or
+        an earlier shard of the list already holds, and add the kept rows to :data:`PROMPT_KEYS`;
+        returns {shard path: rows left out}.
+
+        Reads the new shards and the key index, never the table's shards: ids are compared
+        with the table's only where their key matches one it has (none, for new prompts).
         """
-        urls = [self.shard_url(s.path) for s in shards]
-        present = f"SELECT {id_column} FROM {table}"
-        if pending:
-            present += f" UNION ALL SELECT {id_column} FROM read_parquet({_sql_list(pending)})"
-        duplicated = con.execute(
-            f"""
-            WITH new AS (  -- (file_index: the file's place in the list, 0-based)
-                SELECT {id_column} AS id, file_index + 1 AS position FROM read_parquet(?)
-            ), repeated AS (SELECT id, min(position) AS first FROM new GROUP BY id HAVING count(*) > 1)
-            SELECT DISTINCT position, id FROM new WHERE id IN ({present})
-            UNION
-            SELECT new.position, new.id FROM new JOIN repeated USING (id) WHERE new.position > repeated.first
-            """,
-            [urls],
-        ).fetchall()
-        by_shard: dict[int, list[str]] = {}
-        for position, value in duplicated:
-            by_shard.setdefault(position - 1, []).append(value)
-        return {shards[i].path: self._rewrite_without(shards[i], id_column, ids) for i, ids in by_shard.items()}
+        new = prompt_keys(self._prompt_ids([shard.path for shard in shards]))
+        # an id in two of the new shards: the later shard leaves it out (distinct keys prove
+        # there is none: 0.02 s on 1M ids, where finding the repeated ones took 0.08 s)
+        repeated = new.clear()
+        if new["prompt_key"].n_unique() < new.height:
+            shared = new.filter(pl.col("prompt_key").is_duplicated())
+            repeated = shared.filter(pl.col("position") > pl.col("position").min().over("prompt_id"))
+        con.register("_unit_keys", new.select("prompt_key").unique().to_arrow())
+        try:
+            matched = con.sql(f"SELECT DISTINCT prompt_key FROM {PROMPT_KEYS} "
+                              "WHERE prompt_key IN (SELECT prompt_key FROM _unit_keys)").pl()
+        finally:
+            con.unregister("_unit_keys")
+        present = new.clear()
+        if matched.height:
+            candidates = new.join(matched, on="prompt_key", how="semi")["prompt_id"].unique().to_list()
+            held = "SELECT prompt_id AS id FROM prompts"
+            if pending:
+                held += f" UNION ALL SELECT prompt_id FROM read_parquet({_sql_list(pending)})"
+            found = con.sql(f"SELECT DISTINCT id FROM ({held}) WHERE id IN (SELECT unnest(?))",
+                            params=[candidates]).pl()
+            present = new.filter(pl.col("prompt_id").is_in(found["id"].implode()))
+        dropped = pl.concat([present, repeated]).select("position", "prompt_id").unique()
+        _insert_keys(con, new.join(dropped, on=["position", "prompt_id"], how="anti"))
+        by_shard = dict(dropped.group_by("position").agg("prompt_id").iter_rows())
+        return {shards[i].path: self._rewrite_without(shards[i], "prompt_id", ids) for i, ids in by_shard.items()}
 
     def _rewrite_without(self, shard: ShardInfo, id_column: str, ids: list[str]) -> int:
         path = self.shard_url(shard.path)
@@ -875,6 +934,46 @@ class Store:
 
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT count(*) AS n FROM {table}")["n"][0])
+
+    def prompts_sharing_an_id(self, candidates: pl.DataFrame) -> pl.DataFrame:
+        """(``prompt_id``, ``source_id``) of the dataset's prompts that share a prompt id or a
+        source id with one of ``candidates`` (the same two columns), exactly.
+
+        The candidates' keys are joined against :data:`PROMPT_KEYS` first; only candidates
+        whose key matches are looked up among the shards' ids (none, when a file brings new
+        prompts), so the cost follows the file, not the dataset.
+        """
+        candidates = candidates.select("prompt_id", "source_id")
+        with self.connect(read_only=True) as con:
+            indexed = con.execute("SELECT count(*) FROM _meta WHERE key = 'prompt_keys'").fetchall()[0][0]
+            # (an empty dataset: nothing to join, and joining 1M keys against nothing took 0.1 s)
+            if not con.execute(f"SELECT EXISTS (SELECT 1 FROM {PROMPT_KEYS if indexed else 'prompts'})"
+                               ).fetchall()[0][0]:
+                return candidates.clear()
+            if indexed:
+                keyed = prompt_keys(candidates)
+                con.register("_candidate_keys", keyed.select("prompt_key", "source_key").to_arrow())
+                # (two semi joins: half the time of one scan with two IN lists)
+                hits = con.sql(
+                    f"""SELECT DISTINCT prompt_key AS key, true AS by_prompt FROM {PROMPT_KEYS}
+                        SEMI JOIN _candidate_keys USING (prompt_key)
+                    UNION ALL
+                    SELECT DISTINCT source_key, false FROM {PROMPT_KEYS} SEMI JOIN _candidate_keys USING (source_key)"""
+                ).pl()
+                if not hits.height:
+                    return candidates.clear()
+                by_prompt = hits.filter("by_prompt")["key"].implode()
+                by_source = hits.filter(~pl.col("by_prompt"))["key"].implode()
+                candidates = keyed.filter(pl.col("prompt_key").is_in(by_prompt) | pl.col("source_key").is_in(by_source)
+                                          ).select("prompt_id", "source_id")
+            con.register("candidates", candidates.to_arrow())
+            return con.sql(
+                """
+                SELECT prompt_id, source_id FROM prompts
+                WHERE prompt_id IN (SELECT prompt_id FROM candidates)
+                   OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
+                """
+            ).pl()
 
     def ids(self, table: str, column: str) -> pl.Series:
         return self.query(f"SELECT DISTINCT {column} FROM {table}")[column]

@@ -56,39 +56,13 @@ class IngestStep(Step):
 
     def compute(self, unit: Unit, ctx: StageContext):
         params = IngestParams.model_validate(unit.payload["params"])
-        result = ingest_file(params, _sharing_an_id(ctx.store()))
+        result = ingest_file(params, ctx.store().prompts_sharing_an_id)
         quarantine = result.quarantine
         frames = {
             "prompts": shard_frames(result.accepted, params.shard_rows),
             "quarantine": quarantine,
         }
         return frames, dict(result.counts)
-
-
-def _sharing_an_id(store):
-    """A lookup of the dataset's prompts that share a prompt id or a source id with a file's.
-
-    DuckDB joins the file's ids against the table's two id columns, so only the matches come
-    back: reading every prompt into the unit made a 1,000-prompt file cost 4.6x as much in a
-    dataset of 1,000,000 prompts as in an empty one.
-    """
-
-    def lookup(candidates: pl.DataFrame) -> pl.DataFrame:
-        with store.connect(read_only=True) as con:
-            # (DuckDB hashes the IN lists, the file's ids, even when the table is empty:
-            # 0.1 s for a first file of 1M prompts)
-            if not con.sql("SELECT EXISTS (SELECT 1 FROM prompts)").fetchall()[0][0]:
-                return candidates.clear()
-            con.register("candidates", candidates.to_arrow())
-            return con.sql(
-                """
-                SELECT prompt_id, source_id FROM prompts
-                WHERE prompt_id IN (SELECT prompt_id FROM candidates)
-                   OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
-                """
-            ).pl()
-
-    return lookup
 
 
 def ingest_accounting(store) -> pl.DataFrame:

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from prefcurate import store as store_module
 from prefcurate.cli import app
 from prefcurate.steps.base import StageContext
-from prefcurate.steps.ingest import IngestStep, _sharing_an_id, ingest_accounting
+from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
 from tests.unit.bad_rows import write_bad_file
 
@@ -147,6 +147,10 @@ def test_repair_after_the_catalog_is_deleted_restores_every_row(tmp_path):
     assert set(repaired.runs()["status"]) == {"recovered"}
     assert set(repaired.runs()["run_id"]) == {"run-bad", "run-a", "run-b"}
     assert repaired.query("SELECT count(*) AS n FROM _shards WHERE path LIKE '%.tmp'")["n"][0] == 0
+    # the prompt key index is rebuilt with the registry: one key per prompt, and it finds them
+    assert repaired.query("SELECT count(*) AS n FROM _prompt_keys")["n"][0] == 403
+    _ingest(repaired, _jsonl(tmp_path / "c.jsonl", range(390, 410)), run_id="run-c")
+    assert repaired.count("prompts") == 413
 
 
 def test_repair_moves_a_corrupt_catalog_aside_and_deletes_nothing(tmp_path):
@@ -223,7 +227,19 @@ def test_registration_never_duplicates_an_id_even_without_the_lock(tmp_path):
     assert _accounting(store) == accounting
 
 
-def test_a_file_is_checked_against_the_dataset_through_the_rows_sharing_its_ids(tmp_path):
+@pytest.fixture(params=["xxh3 keys", "colliding keys"])
+def key_index(request, monkeypatch):
+    """The prompt key index as shipped, and with keys that collide for most ids: a key is a
+    filter, so every answer must stay exact."""
+    if request.param == "colliding keys":
+        def few_keys(frame):
+            return frame.with_columns(pl.col("prompt_id").str.len_bytes().cast(pl.UInt64).mod(2).alias("prompt_key"),
+                                      pl.col("source_id").str.len_bytes().cast(pl.UInt64).mod(2).alias("source_key"))
+        monkeypatch.setattr(store_module, "prompt_keys", few_keys)
+    return request.param
+
+
+def test_a_file_is_checked_against_the_dataset_through_the_rows_sharing_its_ids(tmp_path, key_index):
     store = Store.init(tmp_path / "ds")
     _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
     later = tmp_path / "b.jsonl"
@@ -243,7 +259,7 @@ def test_a_file_is_checked_against_the_dataset_through_the_rows_sharing_its_ids(
     prompts = store.read("prompts").sort("source_id")
     candidates = pl.DataFrame({"prompt_id": [prompts["prompt_id"][0], "0" * 16, "1" * 16],
                                "source_id": [None, "s1", "s7"]})
-    matches = _sharing_an_id(store)(candidates)
+    matches = store.prompts_sharing_an_id(candidates)
     assert sorted(matches["source_id"].to_list()) == ["s0", "s1"]
 
 
@@ -313,7 +329,45 @@ def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refus
 
 
 
-def test_one_registration_keeps_the_first_shard_of_an_id_and_rewrites_only_the_later_ones(tmp_path):
+def test_new_prompts_are_checked_and_registered_without_reading_the_tables_shards(tmp_path):
+    """The key index answers for prompts the dataset has not seen: with the dataset's shard
+    files unreadable, a file of new prompts still ingests (a scan would fail on them). (The
+    view's first file stays: DuckDB reads its footer for the view's columns.)"""
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(50)), run_id="a", shard_rows=10)
+    shards = [store.root / shard["path"] for shard in store.shards("prompts")[1:]]
+    assert len(shards) == 4
+    saved = {shard: shard.read_bytes() for shard in shards}
+    for shard in shards:
+        shard.write_bytes(b"not parquet")
+    _ingest(store, _jsonl(tmp_path / "b.jsonl", range(50, 80)), run_id="b")
+    for shard, data in saved.items():
+        shard.write_bytes(data)
+    prompts = store.read("prompts")
+    assert prompts.height == prompts["prompt_id"].n_unique() == 80
+    # a file that shares ids with the dataset is checked against its rows: duplicates found
+    _ingest(store, _jsonl(tmp_path / "c.jsonl", range(70, 90)), run_id="c")
+    assert store.count("prompts") == 90 and _accounting(store)["duplicates"] == 10
+
+
+def test_a_catalog_without_the_key_index_gets_it_filled_on_open(tmp_path):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(40)), run_id="a")
+    with duckdb.connect(str(store.catalog)) as con:  # what a version before the index left
+        con.execute("DROP TABLE _prompt_keys; DELETE FROM _meta WHERE key IN ('schema', 'prompt_keys')")
+    store_module._checked_catalogs.clear()  # a new process
+    reopened = Store.open(store.root)
+    assert reopened.query("SELECT count(*) AS n FROM _prompt_keys")["n"].item() == 40
+    later = tmp_path / "b.jsonl"
+    later.write_text("".join(json.dumps(record) + "\n" for record in [
+        {"id": "s2", "prompt": "prompt number 2"}, {"id": "s3", "prompt": "another text"},
+        {"id": "s99", "prompt": "prompt number 99"}]))
+    _ingest(reopened, later, run_id="b")
+    assert reopened.count("prompts") == 41
+    assert reopened.read("quarantine")["reason"].to_list() == ["duplicate_id_conflict"]
+
+
+def test_one_registration_keeps_the_first_shard_of_an_id_and_rewrites_only_the_later_ones(tmp_path, key_index):
     store = Store.init(tmp_path / "ds")
 
     def shard(key: str, ids: list[str]):
