@@ -508,3 +508,23 @@ def test_a_plan_refused_for_bad_input_is_said_before_prefect_starts(tmp_path, mo
         assert result.exit_code == 2, (command, result.output, result.exception)
         assert f"input file {tmp_path / 'missing.jsonl'} does not exist" in result.output
         assert "Traceback" not in result.output
+
+
+def test_a_catalog_this_process_wrote_is_not_checked_again_but_one_changed_elsewhere_is(tmp_path, monkeypatch):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
+    checks = []
+    connect = Store.connect
+
+    def counting(self, read_only=False, **kwargs):
+        checks.append(read_only)
+        return connect(self, read_only=read_only, **kwargs)
+
+    monkeypatch.setattr(Store, "connect", counting)
+    Store.open(store.root)
+    assert checks == []  # its own registration left it checked
+    with duckdb.connect(str(store.catalog)) as con:  # another process changes it
+        con.execute("DELETE FROM _meta WHERE key = 'schema'")
+    reopened = Store.open(store.root)
+    assert checks[0] is True  # read again, and upgraded
+    assert reopened.query("SELECT count(*) AS n FROM _meta WHERE key = 'schema'")["n"].item() == 1
