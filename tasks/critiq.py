@@ -55,10 +55,12 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+from prefcurate.tasks.ingest import read_records, record_format
 from prefcurate.tasks.judge_modes import ask_both_orders
 from prefcurate.tasks.qurating import NonBlank, make_excerpts
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from prefcurate.errors import InputError
 from prefcurate.inference.base import Engine, GenerateRequest, InferenceError, SamplingParams
 from prefcurate.templates import Template, load_template
 
@@ -170,10 +172,6 @@ def load_human_pairs(path: str | Path | None = None) -> pl.DataFrame:
     as ingest reads files: JSONL (by default, whatever the suffix), a JSON array, CSV, TSV or
     Parquet, ``.gz`` too. Mining needs every pair, so a record that cannot be read stops it
     with its record number."""
-    from prefcurate.tasks.ingest import read_records, record_format
-
-    from prefcurate.errors import InputError
-
     path = Path(path) if path is not None else DEFAULT_HUMAN_PAIRS
     records, unreadable = read_records(path, record_format(path) or "jsonl")
     if unreadable.height:

@@ -133,19 +133,21 @@ RECORD_SUFFIXES = ", ".join(_FORMAT_OF_SUFFIX) + " (.gz too)"
 _GLOB_CHARACTERS = "*?["
 
 
+def _suffix(path: Path) -> str:
+    return "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+
+
 def suffix_format(path: Path) -> str | None:
     """The format ``path``'s suffix says (``.gz`` looked through), or None. Every reader of
     user files (ingest, import, gold pairs, review labels) asks this one table."""
-    suffix = "".join(path.suffixes[-2:]).lower().removesuffix(".gz")
+    suffix = _suffix(path)
     return next((fmt for ending, fmt in _FORMAT_OF_SUFFIX.items() if suffix.endswith(ending)), None)
 
 
 def record_format(path: Path) -> str | None:
     """The ``fmt`` :func:`read_records` reads ``path`` with, by its suffix: as
     :func:`suffix_format`, but "json" for ``.json`` (an array's values read as text)."""
-    if "".join(path.suffixes[-2:]).lower().removesuffix(".gz").endswith(".json"):
-        return "json"
-    return suffix_format(path)
+    return "json" if _suffix(path).endswith(".json") else suffix_format(path)
 
 
 def _hidden(path: Path, under: Path) -> bool:
@@ -328,7 +330,7 @@ def _read_csv(path: Path, source: str, separator: str | None = None) -> tuple[pl
     if not data.strip():
         return pl.DataFrame({"source_record": pl.Series([], dtype=pl.Int64)}), _quarantine_frame([]), 0
     if separator is None:
-        tsv = path.name.lower().removesuffix(".gz").endswith(".tsv")
+        tsv = _suffix(path).endswith(".tsv")
         separator = "\t" if tsv else _header_separator(data)
     try:
         frame = pl.read_csv(io.BytesIO(data), infer_schema=False, separator=separator, encoding="utf8-lossy")

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import polars as pl
 from prefcurate.schemas.ids import content_id, file_sha256
-from prefcurate.tasks.calibration import WINNERS, read_labelled_file
+from prefcurate.tasks.calibration import WINNERS, _quarantine_rows, read_labelled_file
 from prefcurate.tasks.jury import PAIR_KEY, binary_entropy
 
 EXPORT_COLUMNS = ["prompt_id", "response_a_id", "response_b_id", "prompt", "response_a", "response_b",
@@ -140,11 +140,7 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
     frame = frame.filter(~pl.col("_blank"))
 
     def quarantine(part: pl.DataFrame, reason: str, field: str, message: pl.Expr) -> pl.DataFrame:
-        return part.select(
-            pl.lit(source).alias("source_file"), pl.col("_record").cast(pl.Int64).alias("source_record"),
-            pl.lit(field).alias("field"), pl.lit(reason).alias("reason"), message.alias("message"),
-            pl.col("_raw").alias("raw"),
-        )
+        return _quarantine_rows(part, source, reason, field, message)
 
     bad = [unreadable]
     blank = [pl.col(c).is_null() | (pl.col(c).str.strip_chars() == "") for c in ID_FIELDS]
@@ -189,10 +185,7 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
         pl.lit(source).alias("source_file"),
         pl.col("_record").cast(pl.Int64).alias("source_record"),
     )
-    quarantined = pl.concat([b for b in bad if b.height], how="vertical") if any(b.height for b in bad) else pl.DataFrame(
-        schema={"source_file": pl.String, "source_record": pl.Int64, "field": pl.String, "reason": pl.String,
-                "message": pl.String, "raw": pl.String})
-    return labels, quarantined.sort("source_record"), unlabelled
+    return labels, pl.concat(bad, how="vertical").sort("source_record"), unlabelled
 
 
 # --- store round-trip (the CLI's commands) ---------------------------------------------------
