@@ -42,6 +42,7 @@ from prefcurate.schemas.ids import ID_HEX_CHARS
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.errors import InputError
+from prefcurate.scratch_db import scratch_cursor
 
 BUNDLED = "bundled"
 _TYPE_PREFIX = "_type:"  # internal column per text field: the JSON type of a non-text value, else null
@@ -579,10 +580,7 @@ def _duckdb_lines(lines: pa.LargeBinaryArray, sql: str, parsed: bool = False):
     ``parsed``: polars has read these lines, so they are valid UTF-8 (its reader refuses a
     stream that is not) and DuckDB reads them as text over the same buffers, not decoded again.
     """
-    import duckdb
-
-    con = duckdb.connect()
-    try:
+    with scratch_cursor() as con:
         if parsed:
             text = pa.LargeStringArray.from_buffers(len(lines), lines.buffers()[1], lines.buffers()[2],
                                                     offset=lines.offset)
@@ -590,8 +588,6 @@ def _duckdb_lines(lines: pa.LargeBinaryArray, sql: str, parsed: bool = False):
             return con.sql(sql).fetchnumpy()
         con.register("raw_lines", pa.table({"line": lines}))
         return con.sql(f"WITH lines AS (SELECT try(decode(line)) AS line FROM raw_lines) {sql}").fetchnumpy()
-    finally:
-        con.close()
 
 
 def _valid_objects(lines: pa.LargeBinaryArray) -> np.ndarray:

@@ -17,6 +17,7 @@ import polars as pl
 
 from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.views import choice_columns, current_rows_sql
+from prefcurate.scratch_db import scratch_cursor
 from prefcurate.steps.base import StageContext, Step, Unit
 from prefcurate.tasks.calibration import gate_summary, prepare_jury
 from prefcurate.tasks.filter import aggregate_jury, apply_filters_sharded
@@ -77,26 +78,22 @@ class _PartitionedShards:
                 self.empty[table] = con.sql(f"SELECT {', '.join(columns)} FROM {table} LIMIT 0").pl()
 
     def read(self, response_ids: pl.Series) -> tuple[pl.DataFrame, pl.DataFrame]:
-        import duckdb
-
         known = self.part_of.filter(pl.col("response_id").is_in(response_ids.implode()))
         if known.height < response_ids.n_unique():  # (a response no judgment names: read from the tables)
             return tuple(_read_by_response(self.store, table, columns, order, response_ids)
                          for table, (columns, order) in _SHARD_TABLES.items())
         parts = known["part"].unique().sort()
         frames = []
-        con = duckdb.connect()
-        try:
+        with scratch_cursor() as con:
             for table, (columns, order) in _SHARD_TABLES.items():
                 files = [str(f) for part in parts for f in sorted((self.folder / table / f"part={part}").glob("*.parquet"))]
                 if not files:
                     frames.append(self.empty[table])
                     continue
                 listed = ", ".join("'" + name.replace("'", "''") + "'" for name in files)
-                con.execute(f"CREATE OR REPLACE VIEW {table} AS SELECT * FROM read_parquet([{listed}])")
+                # (a TEMP view is this cursor's own: the process's other cursors may hold one too)
+                con.execute(f"CREATE OR REPLACE TEMP VIEW {table} AS SELECT * FROM read_parquet([{listed}])")
                 frames.append(con.sql(_by_response_sql(table, columns, order), params=[response_ids.to_list()]).pl())
-        finally:
-            con.close()
         return frames[0], frames[1]
 
 
