@@ -119,7 +119,7 @@ def _unit_cache_key(context, arguments) -> str:
     ctx: StageContext = arguments["ctx"]
     unit: Unit = arguments["unit"]
     # the dataset's instance id keeps a re-created dataset from reusing stale results
-    return f"{Store.open(ctx.dataset).instance_id()}:{unit.stage}:{unit.key}"
+    return f"{ctx.store().instance_id()}:{unit.stage}:{unit.key}"
 
 
 def _is_transient(task, task_run, state) -> bool:
@@ -285,9 +285,10 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
                       parent_run: str | None, runner=None) -> dict:
     logger = get_run_logger()
     step: Step = get_step(stage)
+    store.check_catalog()  # under the lock, so that its units' workers need not (free when unchanged since)
     run_id = store.start_run(stage, {"config_path": config_path, "parent_run": parent_run,
                                      "config": config.model_dump(mode="json")})
-    ctx = context_for(store.root, config, run_id, config_path)
+    ctx = context_for(store.root, config, run_id, config_path, catalog_checked=True)
     started = time.perf_counter()
     stats = StageStats()
     results: list[UnitResult] = []

@@ -320,12 +320,17 @@ class Store:
                                     "instance_id": instance, **(objects.marker_fields() if objects else {})})
                     )
                     store.objects = objects
+                    _checked_catalogs.add(store._catalog_token())  # made just now, by this code
         return store
 
     @classmethod
-    def open(cls, root: str | Path, upgrade: bool = True) -> Store:
+    def open(cls, root: str | Path, upgrade: bool = True, check_catalog: bool = True) -> Store:
         """``upgrade=False`` (readers such as `prefcurate sql`): an earlier version's catalog is
-        checked but left as it is, so that reading never writes the dataset."""
+        checked but left as it is, so that reading never writes the dataset.
+
+        ``check_catalog=False``: the catalog is not checked here, because the process that
+        holds the dataset's writer lock has checked (and upgraded) it for the work at hand, as
+        a stage's coordinator does for its units' workers."""
         root = Path(root)
         if not root.is_dir():
             raise NotADatasetError(f"{root} does not exist; create it with `prefcurate init {root}`")
@@ -345,7 +350,8 @@ class Store:
                 f"{FORMAT_VERSION} (see {MARKER}); use the prefcurate version that wrote it"
             )
         store = cls(root)
-        store._check_catalog(upgrade)
+        if check_catalog:
+            store.check_catalog(upgrade)
         return store
 
     @classmethod
@@ -363,7 +369,7 @@ class Store:
         return (f"restore it from a backup, or re-create it from the shard files with "
                 f"`prefcurate repair -d {self.root}` (it moves a broken catalog aside, deleting nothing)")
 
-    def _check_catalog(self, upgrade: bool = True) -> None:
+    def check_catalog(self, upgrade: bool = True) -> None:
         """Refuse a missing, corrupt or foreign catalog; upgrade one written by an earlier
         version (missing tables created, views rebuilt). Checked again only when the file
         changed since this process last checked it."""

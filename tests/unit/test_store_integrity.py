@@ -528,3 +528,30 @@ def test_a_catalog_this_process_wrote_is_not_checked_again_but_one_changed_elsew
     reopened = Store.open(store.root)
     assert checks[0] is True  # read again, and upgraded
     assert reopened.query("SELECT count(*) AS n FROM _meta WHERE key = 'schema'")["n"].item() == 1
+
+
+def test_a_units_worker_does_not_check_the_catalog_its_coordinator_checked(tmp_path, monkeypatch):
+    store = Store.init(tmp_path / "ds")
+    _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
+    opened = []
+    connect = Store.connect
+
+    def counting(self, read_only=False, **kwargs):
+        opened.append(read_only)
+        return connect(self, read_only=read_only, **kwargs)
+
+    def run_in_a_fresh_worker(ctx: StageContext, file: str) -> int:
+        """Connections a worker that never saw this catalog opens for one unit."""
+        step = IngestStep(IngestParams(path=str(_jsonl(tmp_path / file, range(5, 9)))))
+        (unit,) = step.plan(ctx)
+        store_module._checked_catalogs.clear()  # the registrations since were the coordinator's
+        opened.clear()
+        step.run_unit(unit, ctx)
+        return len(opened)
+
+    monkeypatch.setattr(Store, "connect", counting)
+    checked = StageContext(str(store.root), {"contracts": False}, "b", catalog_checked=True)
+    unchecked = StageContext(str(store.root), {"contracts": False}, "b")
+    # the unit reads the catalog once (prompts sharing an id); the check would be one more
+    assert run_in_a_fresh_worker(checked, "b.jsonl") == 1
+    assert run_in_a_fresh_worker(unchecked, "c.jsonl") == 2
