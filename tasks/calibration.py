@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from statistics import NormalDist
 from typing import Literal
 
 import numpy as np
@@ -61,11 +62,11 @@ class CalibrationParams(BaseModel):
 
 def wilson_interval(correct: np.ndarray, n: np.ndarray, confidence: float = 0.95) -> tuple[np.ndarray, np.ndarray]:
     """Wilson score interval of a binomial proportion (vectorised; NaN where n = 0)."""
-    from scipy.stats import norm
-
     correct = np.asarray(correct, dtype=np.float64)
     n = np.asarray(n, dtype=np.float64)
-    z = float(norm.ppf(0.5 + confidence / 2.0))
+    # the standard library's normal quantile, not scipy.stats' (equal to within 1e-15;
+    # importing scipy.stats cost the filter stage's worker ~0.8 s)
+    z = NormalDist().inv_cdf(0.5 + confidence / 2.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         p = correct / n
         centre = (p + z * z / (2 * n)) / (1 + z * z / n)
