@@ -9,6 +9,7 @@ and its TEMP views are its own, so threads may hold cursors side by side.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import os
@@ -19,7 +20,16 @@ import duckdb
 
 @functools.cache
 def _database() -> duckdb.DuckDBPyConnection:
+    atexit.register(_close_at_exit)
     return duckdb.connect()
+
+
+def _close_at_exit() -> None:
+    # (one still referenced at exit can outlive the bindings' teardown, which then reports
+    # its objects leaked)
+    if _database.cache_info().currsize:
+        _database().close()
+        _database.cache_clear()
 
 
 @contextlib.contextmanager
