@@ -52,7 +52,7 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import yaml
-from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.ids import Column, content_ids
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, RATINGS
 from prefcurate.tasks.generate import (
     check_pools,
@@ -549,16 +549,6 @@ def _pair_jobs(
     )
 
 
-def judgment_id(
-    prompt_id: str, response_a: str, response_b: str, judge: str, judge_model: str,
-    criterion: str, criterion_description: str, template_hash: str, mode: dict,
-) -> str:
-    return content_id(
-        "judgment", prompt_id, response_a, response_b, judge, judge_model,
-        criterion, criterion_description, template_hash, mode,
-    )
-
-
 def judge_pairs(
     pairs: pl.DataFrame,
     responses: pl.DataFrame,
@@ -582,14 +572,12 @@ def judge_pairs(
     template_name, template_hash = mode.stored_template(mode.templates())
     identity = mode.identity()
     jobs = _pair_jobs(pairs, responses, prompts, criteria, params)
-    ids = [
-        judgment_id(p, a, b, judge.name, engine.model, c, d, template_hash, identity)
-        for p, a, b, c, d in jobs.select(
-            "prompt_id", "response_a", "response_b", "criterion", "criterion_description"
-        ).iter_rows()
-    ]
+    ids = content_ids(
+        jobs, "judgment", Column("prompt_id"), Column("response_a"), Column("response_b"), judge.name,
+        engine.model, Column("criterion"), Column("criterion_description"), template_hash, identity,
+    )
     jobs = _drop_existing(
-        jobs.with_columns(pl.Series("judgment_id", ids, dtype=pl.String)),
+        jobs.with_columns(ids.alias("judgment_id")),
         "judgment_id",
         existing_ids,
     ).with_row_index("job")
@@ -665,13 +653,10 @@ def rate_responses(
         .join(rubric_frame, how="cross")
     )
     definitions = {name: spec.model_dump() for name, spec in rubrics.items()}
-    ids = [
-        content_id("rating", r, judge.name, engine.model, a, definitions[a], template.hash)
-        for r, a in jobs.select("response_id", "aspect").iter_rows()
-    ]
-    jobs = _drop_existing(
-        jobs.with_columns(pl.Series("rating_id", ids, dtype=pl.String)), "rating_id", existing_ids
-    )
+    # content_id("rating", response_id, judge, model, aspect, its definition, template hash)
+    ids = content_ids(jobs, "rating", Column("response_id"), judge.name, engine.model,
+                      Column("aspect", lambda aspect: (aspect, definitions[aspect])), template.hash)
+    jobs = _drop_existing(jobs.with_columns(ids.alias("rating_id")), "rating_id", existing_ids)
     if jobs.is_empty():
         return pl.DataFrame(schema=RATING_COLUMNS)
     probs, errors = score_options(
@@ -680,7 +665,7 @@ def rate_responses(
     )
     valid = np.all(np.isfinite(probs), axis=1)
     expected = np.where(valid, np.nan_to_num(probs) @ _SCORE_VALUES, np.nan)
-    prob_lists = [row.tolist() if ok else None for row, ok in zip(probs, valid)]
+    prob_lists = pl.select(pl.when(pl.Series(valid)).then(pl.Series(probs).arr.to_list())).to_series()
     out = jobs.select(
         "rating_id",
         "prompt_id",
@@ -690,7 +675,7 @@ def rate_responses(
         "aspect",
         pl.lit(template.hash).alias("template_hash"),
     ).with_columns(
-        pl.Series("probs", prob_lists, dtype=pl.List(pl.Float64)),
+        prob_lists.alias("probs"),
         pl.Series("expected_score", expected).fill_nan(None),
         pl.Series("valid", valid),
         pl.Series("error", errors, dtype=pl.String),

@@ -47,7 +47,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 from prefcurate.schemas import tables
-from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.ids import Column, content_ids
 from prefcurate.tasks.bradley_terry import fit_bradley_terry
 from prefcurate.tasks.calibration import CalibrationParams
 from prefcurate.tasks.checks import (  # noqa: F401  (re-exported: the filter's public names)
@@ -617,16 +617,9 @@ def _select_pairs(survivors: pl.DataFrame, params: FilterParams) -> tuple[pl.Dat
 
 
 def _pairs_table(selected: pl.DataFrame, strategy: str) -> pl.DataFrame:
-    pair_ids = [
-        content_id(prompt, chosen, rejected)
-        for prompt, chosen, rejected in zip(
-            selected["prompt_id"].to_list(),
-            selected["chosen_id"].to_list(),
-            selected["rejected_id"].to_list(),
-        )
-    ]
+    pair_ids = content_ids(selected, Column("prompt_id"), Column("chosen_id"), Column("rejected_id"))
     out = selected.with_columns(
-        pair_id=pl.Series(pair_ids, dtype=pl.String),
+        pair_id=pair_ids,
         strategy=pl.lit(strategy),
     )
     return _conform(out, tables.PAIRS)

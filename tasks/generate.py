@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import polars as pl
-from prefcurate.schemas.ids import content_id
+from prefcurate.schemas.ids import Column, content_ids
 from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -143,7 +143,12 @@ def check_pools(specs: Iterable[Any], known_pools: Iterable[str], what: str = "g
 
 
 def response_id(prompt_id: str, spec: GeneratorSpec, sample_index: int) -> str:
-    return content_id("response", prompt_id, spec.identity(), int(sample_index))
+    return response_ids(pl.DataFrame({"prompt_id": [prompt_id], "sample_index": [int(sample_index)]}), spec).item()
+
+
+def response_ids(rows: pl.DataFrame, spec: GeneratorSpec) -> pl.Series:
+    """The response id of each (prompt_id, sample_index) row for this generator."""
+    return content_ids(rows, "response", Column("prompt_id"), spec.identity(), Column("sample_index"))
 
 
 def require_columns(frame: pl.DataFrame, columns: Sequence[str], what: str) -> None:
@@ -179,14 +184,9 @@ def plan_generation(
             pl.DataFrame({"sample_index": pl.int_range(spec.n, eager=True).cast(pl.Int32)}),
             how="cross",
         )
-        # sha256 per row has no vectorised form; it costs microseconds next to a sample.
-        ids = [
-            response_id(p, spec, i)
-            for p, i in zip(rows["prompt_id"].to_list(), rows["sample_index"].to_list())
-        ]
         planned.append(
             rows.with_columns(
-                pl.Series("response_id", ids, dtype=pl.String),
+                response_ids(rows, spec).alias("response_id"),
                 pl.lit(spec.name).alias("generator"),
                 pl.coalesce("prompt_system", pl.lit(spec.system_prompt, dtype=pl.String)).alias(
                     "system_prompt"
@@ -202,21 +202,21 @@ def plan_generation(
     return plan.join(existing, on="response_id", how="anti", maintain_order="left")
 
 
-def _derived_seed(seed: int, prompt_id: str, sample_index: int) -> int:
-    return int(content_id("seed", seed, prompt_id, sample_index)[:8], 16)
-
-
 def _requests_for(plan: pl.DataFrame, spec: GeneratorSpec) -> list[tuple[GenerateRequest, list]]:
     """Engine requests for one generator's plan, each with the plan rows it fills."""
     sampling = spec.sampling
+    if sampling.seed is not None:  # each sample's own seed, derived from the generator's
+        seeds = content_ids(plan, "seed", sampling.seed, Column("prompt_id"), Column("sample_index"))
+        plan = plan.with_columns(seeds.str.slice(0, 8).str.to_integer(base=16).alias("_seed"))
     grouped = plan.group_by("prompt_id", maintain_order=True).agg(
         pl.col("prompt").first(),
         pl.col("system_prompt").first(),
         pl.col("response_id"),
         pl.col("sample_index"),
+        pl.col("_seed") if sampling.seed is not None else pl.lit(None).alias("_seed"),
     )
     out = []
-    for prompt_id, prompt, system, ids, indices in grouped.iter_rows():
+    for _, prompt, system, ids, indices, seeds in grouped.iter_rows():
         slots = list(zip(ids, indices))
         if sampling.seed is None:
             params = SamplingParams(
@@ -228,14 +228,14 @@ def _requests_for(plan: pl.DataFrame, spec: GeneratorSpec) -> list[tuple[Generat
             )
             out.append((GenerateRequest(prompt, system, params, spec.chat_template), slots))
             continue
-        for slot in slots:
+        for slot, seed in zip(slots, seeds):
             params = SamplingParams(
                 n=1,
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_tokens,
                 stop=tuple(sampling.stop),
-                seed=_derived_seed(sampling.seed, prompt_id, slot[1]),
+                seed=seed,
             )
             out.append((GenerateRequest(prompt, system, params, spec.chat_template), [slot]))
     return out
@@ -261,7 +261,8 @@ def run_generation(
     requests = _requests_for(plan, spec)
     total = plan.height
     prompt_of = dict(zip(plan["response_id"].to_list(), plan["prompt_id"].to_list()))
-    columns: dict[str, list] = {name: [] for name in RESPONSE_COLUMNS}
+    constant = {"generator": spec.name, "model": engine.model, "sampling": spec.sampling_json()}
+    columns: dict[str, list] = {name: [] for name in RESPONSE_COLUMNS if name not in constant}
     done = 0
     for start in range(0, len(requests), batch_size):
         batch = requests[start : start + batch_size]
@@ -280,9 +281,6 @@ def run_generation(
                     )
                 columns["response_id"].append(rid)
                 columns["prompt_id"].append(prompt_of[rid])
-                columns["generator"].append(spec.name)
-                columns["model"].append(engine.model)
-                columns["sampling"].append(spec.sampling_json())
                 columns["sample_index"].append(sample_index)
                 columns["text"].append(None if completion is None else completion.text)
                 columns["finish_reason"].append(
@@ -300,7 +298,9 @@ def run_generation(
             done += len(slots)
         if progress is not None:
             progress(done, total)
-    return pl.DataFrame(columns, schema=RESPONSE_COLUMNS)
+    responses = pl.DataFrame(columns, schema={k: v for k, v in RESPONSE_COLUMNS.items() if k not in constant})
+    return responses.with_columns(pl.lit(v, dtype=RESPONSE_COLUMNS[k]).alias(k) for k, v in constant.items()
+                                  ).select(list(RESPONSE_COLUMNS))
 
 
 def run_generators(

@@ -9,6 +9,7 @@ import re
 import numpy as np
 import polars as pl
 import pytest
+from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import JUDGE_CALIBRATION, JUDGMENTS, PROVENANCE, RATINGS
 from prefcurate.tasks.annotate import (
     AnnotateParams,
@@ -21,11 +22,13 @@ from prefcurate.tasks.annotate import (
     calibration_metrics,
     check_judge_pools,
     find_unjudgeable,
+    judge_mode,
     judge_pairs,
     load_gold_pairs,
     load_template,
     rate_responses,
     resolve_criteria,
+    resolve_rubrics,
     schedule_pairs,
 )
 
@@ -433,3 +436,27 @@ def test_annotate_runs_every_judge_and_reports_unjudgeable_prompts():
     assert result.unjudgeable.select("prompt_id", "reason").rows() == [("p3", "fewer_than_two_responses")]
     with pytest.raises(ValueError, match="no engine given for judge"):
         annotate(responses, prompts, params, {"j1": engines["j1"]})
+
+
+def test_judgment_and_rating_ids_are_the_content_ids_of_what_defines_them():
+    """The formulas every stored judgment and rating id has had: made for all rows at once
+    now, they must give the ids the per-row code gave (a re-run must find its old rows)."""
+    prompts, responses = _frames()
+    engine = BatchRecorder(choice_fn=biased_pairwise)
+    out = judge_pairs(schedule_pairs(responses, "all"), responses, prompts, JUDGE, engine, PARAMS)
+    mode = judge_mode(JUDGE, PARAMS)
+    _, template_hash = mode.stored_template(mode.templates())
+    described = resolve_criteria(PARAMS.criteria)
+    assert out.height == 2 * 4 and out["judgment_id"].n_unique() == out.height
+    for row in out.iter_rows(named=True):
+        assert row["judgment_id"] == content_id(
+            "judgment", row["prompt_id"], row["response_a"], row["response_b"], "j1", "judge-model",
+            row["criterion"], described[row["criterion"]], template_hash, mode.identity())
+    params = AnnotateParams(judges=[JUDGE], rubric_aspects=["helpfulness", "honesty"])
+    ratings = rate_responses(responses, prompts, JUDGE, BatchRecorder(choice_fn=lambda p, o: [1.0] * 5), params)
+    definitions = {name: spec.model_dump() for name, spec in resolve_rubrics(params.rubric_aspects).items()}
+    template = load_template(JUDGE.rubric_template, "rubric")
+    assert ratings.height == 5 * 2  # every response, each aspect
+    for row in ratings.iter_rows(named=True):
+        assert row["rating_id"] == content_id("rating", row["response_id"], "j1", "judge-model", row["aspect"],
+                                              definitions[row["aspect"]], template.hash)

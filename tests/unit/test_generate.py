@@ -6,6 +6,7 @@ import json
 
 import polars as pl
 import pytest
+from prefcurate.schemas.ids import content_id
 from prefcurate.schemas.tables import PROVENANCE, RESPONSES
 from prefcurate.tasks.generate import (
     GenerateParams,
@@ -176,3 +177,18 @@ def test_run_generators_runs_each_generator_on_its_engine():
     assert dict(out.select("generator", "model").unique().iter_rows()) == {"a": "model-a", "b": "model-b"}
     with pytest.raises(ValueError, match="no engine given for generator"):
         run_generators(_prompts(), params, {"a": engines["a"]})
+
+
+def test_response_ids_and_seeds_are_the_content_ids_of_what_defines_them():
+    """The formulas every stored response id and derived seed has had: made for all rows at
+    once now, they must give what the per-row code gave (a re-run must find its old rows)."""
+    spec = GeneratorSpec(name="g", n=3, sampling=SamplingConfig(seed=7))
+    plan = plan_generation(_prompts(), [spec])
+    assert plan.height == 9
+    for row in plan.iter_rows(named=True):
+        assert row["response_id"] == content_id("response", row["prompt_id"], spec.identity(), row["sample_index"])
+        assert row["response_id"] == response_id(row["prompt_id"], spec, row["sample_index"])
+    engine = RecordingEngine()
+    run_generation(_prompts(), spec, engine)
+    sent = sorted(r.params.seed for b in engine.batches for r in b)
+    assert sent == sorted(int(content_id("seed", 7, p, i)[:8], 16) for p, i in plan.select("prompt_id", "sample_index").iter_rows())
