@@ -74,14 +74,22 @@ def _unit_rows(store, table: str, files: list[str] | None) -> str:
             (f" UNION ALL BY NAME SELECT * FROM read_parquet([{listed}], union_by_name = true)" if files else "") + ")")
 
 
+def _read_unit_rows(store, sql: str, params: list, files: dict[str, list[str] | None]) -> pl.DataFrame:
+    """``sql`` over ``_unit_rows`` of the tables in ``files``: without the catalog when every
+    table's files were planned (see :meth:`Store.query_shard_files`)."""
+    if any(listed is None for listed in files.values()):
+        return store.query(sql, params)
+    return store.query_shard_files(sql, params, tables=list(files))
+
+
 def _failed_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str],
                 files: list[str] | None = None) -> list[str]:
     """Ids in ``table`` for these prompts whose every stored row failed (``ok`` is false)."""
     if files == []:
         return []
-    return store.query(
-        f"SELECT {id_column} AS id FROM {_unit_rows(store, table, files)} WHERE prompt_id IN (SELECT unnest(?)) "
-        f"GROUP BY {id_column} HAVING NOT bool_or({ok})", [prompt_ids]
+    return _read_unit_rows(
+        store, f"SELECT {id_column} AS id FROM {_unit_rows(store, table, files)} WHERE prompt_id IN (SELECT unnest(?)) "
+        f"GROUP BY {id_column} HAVING NOT bool_or({ok})", [prompt_ids], {table: files}
     )["id"].to_list()
 
 
@@ -90,10 +98,9 @@ def _good_ids(store, table: str, id_column: str, ok: str, prompt_ids: list[str],
     """Ids in ``table`` for these prompts with at least one good row: not asked again."""
     if files == []:
         return []
-    return store.query(
-        f"SELECT DISTINCT {id_column} AS id FROM {_unit_rows(store, table, files)} "
-        f"WHERE prompt_id IN (SELECT unnest(?)) AND {ok}",
-        [prompt_ids],
+    return _read_unit_rows(
+        store, f"SELECT DISTINCT {id_column} AS id FROM {_unit_rows(store, table, files)} "
+        f"WHERE prompt_id IN (SELECT unnest(?)) AND {ok}", [prompt_ids], {table: files}
     )["id"].to_list()
 
 
@@ -316,11 +323,12 @@ class AnnotateStep(_PromptShardStep):
         # current_responses' rule (prefer a good row, then the newest), with the unit's prompt
         # filter applied before the de-duplication instead of after it over the whole table
         inputs = unit.payload.get("inputs", {})
-        responses = store.query(
-            f"SELECT * EXCLUDE (run_id, stage, code_version, created_at) FROM "
+        responses = _read_unit_rows(
+            store, f"SELECT * EXCLUDE (run_id, stage, code_version, created_at) FROM "
             f"{_unit_rows(store, 'responses', inputs.get('responses'))} "
             "WHERE prompt_id IN (SELECT unnest(?)) QUALIFY row_number() OVER "
-            "(PARTITION BY response_id ORDER BY finish_reason = 'error', created_at DESC) = 1", [ids]
+            "(PARTITION BY response_id ORDER BY finish_reason = 'error', created_at DESC) = 1", [ids],
+            {"responses": inputs.get("responses")}
         )
         existing_judgments = _good_ids(store, "judgments", "judgment_id", "valid", ids, inputs.get("judgments"))
         existing_ratings = _good_ids(store, "ratings", "rating_id", "valid", ids, inputs.get("ratings"))

@@ -170,3 +170,27 @@ def test_a_unit_reads_the_rows_current_responses_holds_for_its_prompts(built, tm
     ).sort("response_id")
     assert read.equals(expected.select(read.columns))
     assert (read["finish_reason"] != "error").all()  # the good row of a retried response is the one read
+
+
+@pytest.mark.parametrize("stage", ["generate", "annotate"])
+def test_a_planned_units_lookups_read_its_files_without_opening_the_catalog(built, tmp_path, monkeypatch, stage):
+    """A unit's reads of its own shard files need no catalog connection (15-25 ms each, and
+    the file lock a registration waits on); the plan that named the files did need it."""
+    store = Store.open(shutil.copytree(built[0].root, tmp_path / "ds"))
+    ctx = context_for(store.root, _config(), "r3", catalog_checked=True)
+    engine = FailsOnceEngine()
+    monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
+    step = get_step(stage)
+    units = [u for u in step.plan(ctx) if "prompts_path" in u.payload]
+    opened = []
+    connect = Store.connect
+
+    def counting(self, read_only=False, **kwargs):
+        opened.append(read_only)
+        return connect(self, read_only=read_only, **kwargs)
+
+    monkeypatch.setattr(Store, "connect", counting)
+    outputs = [step.compute(unit, ctx)[0] for unit in units]
+    assert len(units) >= 4 and opened == []  # (every prompt shard, and retries of failed rows)
+    table = "responses" if stage == "generate" else "judgments"
+    assert sum(out[table].height for out in outputs) > 0  # the units did read rows and asked the engine
