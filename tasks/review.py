@@ -28,7 +28,7 @@ import math
 from pathlib import Path
 
 import polars as pl
-from prefcurate.schemas.ids import content_id, file_sha256
+from prefcurate.schemas.ids import Column, content_id, content_ids, file_sha256
 from prefcurate.tasks.calibration import WINNERS, _quarantine_rows, read_labelled_file
 from prefcurate.tasks.jury import PAIR_KEY, binary_entropy
 
@@ -172,13 +172,11 @@ def read_review_labels(path: str | Path, known_pairs: pl.DataFrame) -> tuple[pl.
     bad.append(quarantine(duplicate, "duplicate_pair", "prompt_id,response_a_id,response_b_id",
                           pl.format("record {}: the same pair as record {}", pl.col("_record"), pl.col("_first"))))
     good = rest.filter(pl.col("_record") == pl.col("_first"))
-    label_ids = [
-        content_id("human_label", p, a, b, w, n or "", source)
-        for p, a, b, w, n in zip(good["prompt_id"], good["response_a"], good["response_b"], good["_winner"],
-                                 good["annotator"])
-    ]
+    label_ids = content_ids(good.with_columns(pl.col("annotator").fill_null("")), "human_label",
+                            Column("prompt_id"), Column("response_a"), Column("response_b"), Column("_winner"),
+                            Column("annotator"), source)
     labels = good.select(
-        pl.Series("label_id", label_ids, dtype=pl.String),
+        label_ids.alias("label_id"),
         *PAIR_KEY,
         pl.col("_winner").alias("winner"),
         pl.when(pl.col("annotator").str.strip_chars() == "").then(None).otherwise(pl.col("annotator")).alias("annotator"),

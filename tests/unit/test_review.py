@@ -7,6 +7,7 @@ import json
 
 import polars as pl
 import pytest
+from prefcurate.schemas.ids import content_id
 from prefcurate.tasks.review import export_for_review, import_review_labels, read_review_labels
 
 from prefcurate.config import PipelineConfig
@@ -75,6 +76,9 @@ def test_review_round_trip_overrides_the_jury_and_joins_calibration(tmp_path):
     assert (done["labels"], done["quarantined"], done["unlabelled"]) == (1, 1, 1)
     stored = store.query("SELECT prompt_id, winner, annotator, stage FROM human_labels")
     assert stored.row(0) == ("p0", "B", "ana", "review")
+    label = store.query("SELECT label_id, prompt_id, response_a, response_b, winner FROM human_labels").row(0)
+    # the id every stored label has had: of its pair, its winner, its annotator and its file
+    assert label[0] == content_id("human_label", *label[1:], "ana", str(labelled))
     bad = store.query("SELECT source_record, field, reason FROM quarantine WHERE stage = 'review'")
     assert bad.row(0) == (2, "winner", "unknown_winner")
 
