@@ -19,6 +19,7 @@ from prefcurate.steps import get_step, model_stages
 from prefcurate.steps.base import context_for
 from prefcurate.steps.engines import TimedEngine
 from prefcurate.store import Store
+from tests.support.catalog_opens import count_catalog_opens
 from tests.support.engines import ScriptedEngine
 from tests.unit.stage_runs import run_pending_units as _run_pending
 
@@ -182,14 +183,7 @@ def test_a_planned_units_lookups_read_its_files_without_opening_the_catalog(buil
     monkeypatch.setattr(model_stages, "engine_for", lambda pools, name: TimedEngine(engine))
     step = get_step(stage)
     units = [u for u in step.plan(ctx) if "prompts_path" in u.payload]
-    opened = []
-    connect = Store.connect
-
-    def counting(self, read_only=False, **kwargs):
-        opened.append(read_only)
-        return connect(self, read_only=read_only, **kwargs)
-
-    monkeypatch.setattr(Store, "connect", counting)
+    opened = count_catalog_opens(monkeypatch)
     outputs = [step.compute(unit, ctx)[0] for unit in units]
     assert len(units) >= 4 and opened == []  # (every prompt shard, and retries of failed rows)
     table = "responses" if stage == "generate" else "judgments"

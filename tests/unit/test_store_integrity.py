@@ -22,6 +22,7 @@ from prefcurate.cli import app
 from prefcurate.steps.base import StageContext
 from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
+from tests.support.catalog_opens import count_catalog_opens
 from tests.unit.bad_rows import write_bad_file
 
 
@@ -513,14 +514,7 @@ def test_a_plan_refused_for_bad_input_is_said_before_prefect_starts(tmp_path, mo
 def test_a_catalog_this_process_wrote_is_not_checked_again_but_one_changed_elsewhere_is(tmp_path, monkeypatch):
     store = Store.init(tmp_path / "ds")
     _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
-    checks = []
-    connect = Store.connect
-
-    def counting(self, read_only=False, **kwargs):
-        checks.append(read_only)
-        return connect(self, read_only=read_only, **kwargs)
-
-    monkeypatch.setattr(Store, "connect", counting)
+    checks = count_catalog_opens(monkeypatch)
     Store.open(store.root)
     assert checks == []  # its own registration left it checked
     with duckdb.connect(str(store.catalog)) as con:  # another process changes it
@@ -533,12 +527,7 @@ def test_a_catalog_this_process_wrote_is_not_checked_again_but_one_changed_elsew
 def test_a_units_worker_does_not_check_the_catalog_its_coordinator_checked(tmp_path, monkeypatch):
     store = Store.init(tmp_path / "ds")
     _ingest(store, _jsonl(tmp_path / "a.jsonl", range(5)), run_id="a")
-    opened = []
-    connect = Store.connect
-
-    def counting(self, read_only=False, **kwargs):
-        opened.append(read_only)
-        return connect(self, read_only=read_only, **kwargs)
+    opened = count_catalog_opens(monkeypatch)
 
     def run_in_a_fresh_worker(ctx: StageContext, file: str) -> int:
         """Connections a worker that never saw this catalog opens for one unit."""
@@ -549,7 +538,6 @@ def test_a_units_worker_does_not_check_the_catalog_its_coordinator_checked(tmp_p
         step.run_unit(unit, ctx)
         return len(opened)
 
-    monkeypatch.setattr(Store, "connect", counting)
     checked = StageContext(str(store.root), {"contracts": False}, "b", catalog_checked=True)
     unchecked = StageContext(str(store.root), {"contracts": False}, "b")
     # the unit reads the catalog once (prompts sharing an id); the check would be one more
