@@ -36,9 +36,8 @@ from typing import Literal
 import numpy as np
 import orjson
 import polars as pl
-import polars_hash as plh
 import pyarrow as pa
-from prefcurate.schemas.ids import ID_HEX_CHARS
+from prefcurate.schemas.ids import hex_ids
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from prefcurate.errors import InputError
@@ -936,12 +935,8 @@ def _is_text(dtype: pl.DataType) -> bool:
 
 
 def _hash_ids(keys: pl.Series) -> pl.Series:
-    """The first ID_HEX_CHARS hex digits of each key's sha256 (what ``hashlib`` gives), vectorised:
-    stable across versions, unlike polars' own hash; polars-hash's is ~2.5x DuckDB's ``sha256``
-    on 2 cores here (it uses the CPU's SHA instructions)."""
-    return keys.alias("k").to_frame().select(
-        plh.col("k").chash.sha2_256().str.slice(0, ID_HEX_CHARS).alias("prompt_id")
-    ).to_series()
+    """:func:`hex_ids` of each key, as a Series."""
+    return keys.alias("k").to_frame().select(hex_ids(pl.col("k")).alias("prompt_id")).to_series()
 
 
 def _deduplicate(
