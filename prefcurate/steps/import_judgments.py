@@ -36,8 +36,7 @@ class ImportJudgmentsStep(Step):
 
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
-        existing = {table: store.query(f"SELECT DISTINCT {column} FROM {table}")[column]
-                    for table, column in ID_COLUMNS.items()}
+        existing = {table: store.ids(table, column) for table, column in ID_COLUMNS.items()}
         result = import_file(unit.payload["path"], ImportMapping.model_validate(unit.payload["mapping"]), existing)
         frames = {"prompts": result.prompts, "responses": result.responses, "judgments": result.judgments,
                   "ratings": result.ratings, "quarantine": result.quarantine}
