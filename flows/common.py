@@ -221,19 +221,21 @@ def stage_pool_slots(pools: list[str], width: int | None) -> Iterator[None]:
 
 
 def submit_bounded(submit, units: list[Unit], width: int | None, in_order: bool = False):
-    """Futures of ``units`` as they finish, with at most ``width`` submitted and unfinished;
+    """Lists of the futures of ``units`` as they finish, each list every one finished by
+    then (so they are registered together), with at most ``width`` submitted and unfinished;
     ``in_order``: one at a time, the next submitted only once the caller asks for it (after
     it has registered the one before)."""
     if in_order:
         for unit in units:
-            yield submit(unit)
+            yield [submit(unit)]
         return
     pending = list(units)
     running = [submit(pending.pop(0)) for _ in range(min(width or len(pending), len(pending)))]
     while running:
-        finished = next(iter(as_completed(running)))
-        running.remove(finished)
-        if pending:
+        first = next(iter(as_completed(running)))
+        finished = [first, *(future for future in running if future is not first and future.wrapped_future.done())]
+        running = [future for future in running if future not in finished]
+        while pending and len(running) < (width or len(units)):
             running.append(submit(pending.pop(0)))
         yield finished
 
@@ -306,15 +308,19 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
         pools = step.pools(ctx) if todo else []
         width = stage_width(pools, config, len(todo))
         with stage_pool_slots(pools, width):
-            for finished, future in enumerate(submit_bounded(submit, todo, width, step.units_in_order), start=1):
-                result: UnitResult = future.result()
-                # visible as soon as it is complete; its counts are recorded in the same transaction
-                store.register(result.shards, unit=(stage, result.unit_key), counts=result.counts)
+            for futures in submit_bounded(submit, todo, width, step.units_in_order):
+                finished, failure = _results(futures)
+                # visible as soon as they are complete (every unit finished by now, in one
+                # transaction); their counts are recorded in the same transaction
+                store.register_units(stage, [(result.unit_key, result.shards, result.counts) for result in finished])
                 _test_kill_point("after_register")
-                results.append(result)
-                stats.add_unit(result)
+                for result in finished:
+                    results.append(result)
+                    stats.add_unit(result)
+                if failure is not None:
+                    raise failure
                 if progress is not None:
-                    update_progress_artifact(progress, progress=100.0 * finished / len(todo))
+                    update_progress_artifact(progress, progress=100.0 * len(results) / len(todo))
         stats.add(step.finalize(ctx, results) or {}, "finalize")
         stats.add({"units": len(units), "units_skipped": len(done)}, "run")
         stats.timings["seconds"] = time.perf_counter() - started
@@ -331,6 +337,18 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
         store.finish_run(run_id, "failed", stats.counts, {**stats.timings, "seconds": time.perf_counter() - started},
                          message=f"{type(error).__name__}: {error}")
         raise
+
+
+def _results(futures: list) -> tuple[list[UnitResult], BaseException | None]:
+    """The results of finished futures, and the first one's error of those that failed (the
+    others' results are kept: registered before that error is raised)."""
+    results, failure = [], None
+    for future in futures:
+        try:
+            results.append(future.result())
+        except BaseException as error:
+            failure = failure or error
+    return results, failure
 
 
 def _placement(step: Step, ctx: StageContext, config: PipelineConfig):

@@ -38,10 +38,10 @@ def test_bounded_submission_never_has_more_than_width_units_unfinished_and_yield
         return PrefectConcurrentFuture(uuid.uuid4(), executor.submit(work, seconds))
 
     units = [0.05, 0.01, 0.03, 0.02, 0.04, 0.01, 0.02]
-    finished = [future.wrapped_future.result() for future in submit_bounded(submit, units, width=2)]
+    finished = [future.wrapped_future.result() for batch in submit_bounded(submit, units, width=2) for future in batch]
     assert sorted(finished) == sorted(units) and most[0] == 2
     most[0] = 0
-    assert len(list(submit_bounded(submit, units, width=None))) == len(units) and most[0] > 2
+    assert sum(map(len, submit_bounded(submit, units, width=None))) == len(units) and most[0] > 2
     assert list(submit_bounded(submit, [], width=1)) == []
     executor.shutdown()
 
@@ -55,7 +55,29 @@ def test_in_order_submission_waits_for_the_caller_before_the_next_unit():
         events.append(f"submit {unit}")
         return PrefectConcurrentFuture(uuid.uuid4(), executor.submit(lambda: unit))
 
-    for future in submit_bounded(submit, ["a", "b", "c"], width=None, in_order=True):
-        events.append(f"register {future.wrapped_future.result()}")
+    for batch in submit_bounded(submit, ["a", "b", "c"], width=None, in_order=True):
+        assert len(batch) == 1
+        events.append(f"register {batch[0].wrapped_future.result()}")
     assert events == ["submit a", "register a", "submit b", "register b", "submit c", "register c"]
+    executor.shutdown()
+
+
+def test_units_that_finish_while_the_caller_registers_come_together_and_keep_the_width_full():
+    """A registration is one catalog transaction, whatever its size: units that finished
+    meanwhile are registered in the next one, and as many new units are submitted."""
+    executor = ThreadPoolExecutor(8)
+    submitted = []
+
+    def submit(seconds: float):
+        submitted.append(seconds)
+        return PrefectConcurrentFuture(uuid.uuid4(), executor.submit(time.sleep, seconds))
+
+    units = [0.0] + [0.01] * 3 + [0.0] * 4
+    batches = []
+    for batch in submit_bounded(submit, units, width=4):
+        batches.append(len(batch))
+        time.sleep(0.1)  # the caller registering: every unit running finishes meanwhile
+        assert len(submitted) == min(len(units), sum(batches) + 4)  # the width stays full
+    # the three 0.01 s units and the one submitted in the first one's place, then the last three
+    assert batches == [1, 4, 3]
     executor.shutdown()

@@ -392,6 +392,36 @@ def test_one_registration_keeps_the_first_shard_of_an_id_and_rewrites_only_the_l
     assert (recorded["accepted"], recorded["duplicates"]) == (4, 2)
 
 
+def test_units_registered_together_are_registered_as_one_after_the_other(tmp_path, key_index, monkeypatch):
+    """``register_units``: one connection for several finished units; a prompt in two of
+    them is kept by the first, counted a duplicate of the second; a unit without shards is
+    recorded; a missing file registers none of them."""
+    store = Store.init(tmp_path / "ds")
+
+    def shard(key: str, ids: list[str]):
+        frame = pl.DataFrame({"prompt_id": ids, "prompt": ids, "source_file": "f", "source_record": range(len(ids)),
+                              "char_len": [1] * len(ids)}, schema_overrides={"char_len": pl.Int32})
+        return store.write("prompts", frame, key=key, run_id="r", stage="ingest")
+
+    first, second = shard("k1", ["a", "b"]), shard("k2", ["b", "c", "d"])
+    missing = shard("k3", ["e"])
+    (store.root / missing.path).unlink()
+    with pytest.raises(store_module.StoreError, match="does not exist"):
+        store.register_units("ingest", [("u1", [first], {}), ("u3", [missing], {})])
+    assert store.count("prompts") == 0 and store.recorded_units("ingest") == {}
+
+    opened = count_catalog_opens(monkeypatch)
+    counts = {"rows_read": 3, "accepted": 3, "duplicates": 0}
+    assert store.register_units("ingest", [("u1", [first], {"accepted": 2, "duplicates": 0}),
+                                           ("u2", [second], counts), ("u0", [], {"files": 1})]) == 2
+    assert opened == [False]
+    assert sorted(store.read("prompts")["prompt_id"].to_list()) == ["a", "b", "c", "d"]
+    assert store.read_shard(second.path)["prompt_id"].to_list() == ["c", "d"]
+    recorded = store.recorded_units("ingest")
+    assert recorded["u1"]["accepted"] == 2 and (recorded["u2"]["accepted"], recorded["u2"]["duplicates"]) == (2, 1)
+    assert recorded["u0"] == {"files": 1}
+
+
 CONCURRENT_INGEST = textwrap.dedent("""
     import sys
     sys.path.insert(0, sys.argv[4])
