@@ -1033,6 +1033,24 @@ class Store:
     def ids(self, table: str, column: str) -> pl.Series:
         return self.query(f"SELECT DISTINCT {column} FROM {table}")[column]
 
+    def stored_ids(self, table: str, column: str, ids: pl.Series) -> pl.Series:
+        """Those of ``ids`` that ``table``'s ``column`` already holds, each once.
+
+        Prompts are found through the key index (:meth:`prompts_sharing_an_id`: the cost
+        follows ``ids``, not the dataset); other tables have no index, so DuckDB scans
+        their id column, but only the matches come back, not every id the table holds."""
+        ids = ids.drop_nulls().unique()
+        if not ids.len():
+            return ids.cast(pl.String)
+        if table == "prompts":
+            candidates = pl.DataFrame({"prompt_id": ids, "source_id": pl.Series([None] * ids.len(), dtype=pl.String)})
+            return self.prompts_sharing_an_id(candidates)["prompt_id"].unique()
+        with self.connect(read_only=True) as con:
+            con.register("_candidate_ids", pl.DataFrame({"id": ids}).to_arrow())
+            found = con.sql(f"SELECT DISTINCT {column} AS id FROM {table} "
+                            f"WHERE {column} IN (SELECT id FROM _candidate_ids)").pl()
+        return found["id"].alias(column)
+
     # ---- runs ------------------------------------------------------------------------
     def start_run(self, kind: str, parameters: dict | None = None, run_id: str | None = None) -> str:
         run_id = run_id or f"{now_utc():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}"

@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import math
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -361,14 +362,18 @@ class ImportResult:
     counts: dict
 
 
+#: (table, ids) -> those of the ids the dataset's table already holds
+StoredIds = Callable[[str, pl.Series], pl.Series]
+
+
 def import_frame(records: pl.DataFrame, mapping: ImportMapping, source: str, source_hash: str,
-                 existing: dict[str, pl.Series] | None = None) -> ImportResult:
+                 stored: StoredIds | None = None) -> ImportResult:
     """Validate, convert and de-duplicate the records of one file (see the module docstring).
 
-    ``existing``: ids already in the dataset per table (``prompts``, ``responses``,
-    ``judgments``, ``ratings``), left out of the result and counted as duplicates.
+    ``stored``: which of this file's ids the dataset already holds, asked per table
+    (``prompts``, ``responses``, ``judgments``, ``ratings``); those rows are left out of the
+    result, and a judgment's counted as a duplicate.
     """
-    existing = existing or {}
     long = to_long(records, mapping)
     for name, scale in (("score", mapping.score_scale), ("rating", mapping.rating_scale)):
         columns = [c for c in long.columns if c.startswith(f"{name}_")]
@@ -441,19 +446,19 @@ def import_frame(records: pl.DataFrame, mapping: ImportMapping, source: str, sou
         "p_first_ab", "p_first_ba", "p_a", "bpde", pl.lit(True).alias("valid"), pl.lit(None, pl.String).alias("error"),
         pl.lit(source).alias("source_file"), "source_record",
     )
-    judgments, duplicates = _new_rows(judgments, "judgment_id", existing.get("judgments"))
+    judgments, duplicates = _new_rows(judgments, "judgments", "judgment_id", stored)
 
     prompts = good.select(
         "prompt_id", "prompt", "system_prompt", pl.col("id").alias("source_id"), pl.lit(source).alias("source_file"),
         "source_record", pl.lit(None, pl.String).alias("category"), pl.lit(None, pl.String).alias("metadata"),
         pl.col("prompt").str.len_chars().cast(pl.Int32).alias("char_len"),
     )
-    prompts, _ = _new_rows(prompts, "prompt_id", existing.get("prompts"))
+    prompts, _ = _new_rows(prompts, "prompts", "prompt_id", stored)
     responses = pl.concat([_response_side(good, side, source) for side in ("1", "2")])
     responses = responses.sort("source_record", maintain_order=True).drop("source_record")
-    responses, _ = _new_rows(responses, "response_id", existing.get("responses"))
+    responses, _ = _new_rows(responses, "responses", "response_id", stored)
     ratings = _ratings(good, mapping)
-    ratings, _ = _new_rows(ratings, "rating_id", existing.get("ratings"))
+    ratings, _ = _new_rows(ratings, "ratings", "rating_id", stored)
     counts = {
         "records": records.height,
         "judgment_rows": long.height,
@@ -486,12 +491,12 @@ def _bpde(p_a_first: pl.Expr, p_a_second: pl.Expr) -> pl.Expr:
                               .otherwise(math.log(2))).otherwise(None)
 
 
-def _new_rows(frame: pl.DataFrame, key: str, existing: pl.Series | None) -> tuple[pl.DataFrame, int]:
-    """First row per id, without ids already stored; and how many rows that removed."""
+def _new_rows(frame: pl.DataFrame, table: str, key: str, stored: StoredIds | None) -> tuple[pl.DataFrame, int]:
+    """First row per id, without ids ``table`` already holds; and how many rows that removed."""
     before = frame.height
     frame = frame.unique(key, keep="first", maintain_order=True)
-    if existing is not None and existing.len():
-        frame = frame.filter(~pl.col(key).is_in(existing.implode()))
+    if stored is not None and frame.height:
+        frame = frame.filter(~pl.col(key).is_in(stored(table, frame[key]).implode()))
     return frame, before - frame.height
 
 
@@ -556,8 +561,7 @@ def _quarantine_rows(bad: pl.DataFrame, checks, records: pl.DataFrame, source: s
     )
 
 
-def import_file(path: str | Path, mapping: ImportMapping, existing: dict[str, pl.Series] | None = None
-                ) -> ImportResult:
+def import_file(path: str | Path, mapping: ImportMapping, stored: StoredIds | None = None) -> ImportResult:
     """Read one file (and the files it joins) and import it; see :func:`import_frame`."""
     from prefcurate.schemas.ids import file_sha256
 
@@ -576,7 +580,7 @@ def import_file(path: str | Path, mapping: ImportMapping, existing: dict[str, pl
         records = records.with_columns(pl.col(join.key).cast(pl.String)).join(
             other, on=join.key, how="left", suffix=f"_{other_path.stem}")
         hashes.append(file_sha256(other_path))
-    result = import_frame(records, mapping, str(path), "".join(hashes), existing)
+    result = import_frame(records, mapping, str(path), "".join(hashes), stored)
     if unreadable.height:  # each unreadable record counts as one quarantined row
         result.quarantine = pl.concat([unreadable, result.quarantine], how="vertical_relaxed")
         for key in ("records", "judgment_rows", "quarantined"):

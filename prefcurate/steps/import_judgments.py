@@ -36,8 +36,11 @@ class ImportJudgmentsStep(Step):
 
     def compute(self, unit: Unit, ctx: StageContext):
         store = ctx.store()
-        existing = {table: store.ids(table, column) for table, column in ID_COLUMNS.items()}
-        result = import_file(unit.payload["path"], ImportMapping.model_validate(unit.payload["mapping"]), existing)
+
+        def stored(table: str, ids):
+            return store.stored_ids(table, ID_COLUMNS[table], ids)
+
+        result = import_file(unit.payload["path"], ImportMapping.model_validate(unit.payload["mapping"]), stored)
         frames = {"prompts": result.prompts, "responses": result.responses, "judgments": result.judgments,
                   "ratings": result.ratings, "quarantine": result.quarantine}
         return frames, dict(result.counts)

@@ -22,7 +22,7 @@ from prefcurate.tasks.import_judgments import (
 )
 from prefcurate.tasks.ingest import IngestParams, ingest_file
 
-from prefcurate.steps.import_judgments import run_import
+from prefcurate.steps.import_judgments import ID_COLUMNS, run_import
 from prefcurate.store import Store
 
 PANDALM = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "pandalm"
@@ -183,6 +183,21 @@ def test_reimport_adds_nothing_and_an_overlapping_file_adds_only_what_is_new(tmp
     provenance = store.query("SELECT DISTINCT source_file, source_record FROM judgments ORDER BY ALL")
     assert provenance.height == 5 and provenance["source_file"].str.ends_with(".jsonl").all()
     assert store.query("SELECT count(*) AS n FROM runs WHERE kind = 'import' AND status = 'completed'")["n"][0] == 3
+
+
+def test_an_import_is_told_which_of_its_own_ids_the_dataset_holds(tmp_path):
+    """``Store.stored_ids``: the asked ids the table holds, each once (prompts through the key
+    index), never every id of the table."""
+    dataset = tmp_path / "ds"
+    run_import(dataset, _write_jsonl(tmp_path / "a.jsonl", _pairs(4, verdict_12="A", rating_1=4, rating_2=2)),
+               ImportMapping(rating_scale=(1, 5)))
+    store = Store.open(dataset)
+    for table, column in ID_COLUMNS.items():
+        held = store.ids(table, column).sort()
+        assert held.len() >= 4
+        asked = pl.concat([held.head(2), held.head(1), pl.Series(["not-an-id", None], dtype=pl.String)])
+        assert store.stored_ids(table, column, asked).sort().to_list() == held.head(2).to_list()
+        assert store.stored_ids(table, column, pl.Series([], dtype=pl.String)).len() == 0
 
 
 def test_judgment_ids_are_content_addressed_over_sample_index(tmp_path):
