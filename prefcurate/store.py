@@ -790,10 +790,12 @@ class Store:
         # an id in two of the new shards: the later shard leaves it out (distinct keys prove
         # there is none: 0.02 s on 1M ids, where finding the repeated ones took 0.08 s)
         repeated = new.clear()
-        if new["prompt_key"].n_unique() < new.height:
+        distinct_keys = new["prompt_key"].n_unique() == new.height
+        if not distinct_keys:
             shared = new.filter(pl.col("prompt_key").is_duplicated())
             repeated = shared.filter(pl.col("position") > pl.col("position").min().over("prompt_id"))
-        con.register("_unit_keys", new.select("prompt_key").unique().to_arrow())
+        unit_keys = new.select("prompt_key")
+        con.register("_unit_keys", (unit_keys if distinct_keys else unit_keys.unique()).to_arrow())
         try:
             matched = con.sql(f"SELECT DISTINCT prompt_key FROM {PROMPT_KEYS} "
                               "WHERE prompt_key IN (SELECT prompt_key FROM _unit_keys)").pl()
@@ -809,7 +811,7 @@ class Store:
                             params=[candidates]).pl()
             present = new.filter(pl.col("prompt_id").is_in(found["id"].implode()))
         dropped = pl.concat([present, repeated]).select("position", "prompt_id").unique()
-        _insert_keys(con, new.join(dropped, on=["position", "prompt_id"], how="anti"))
+        _insert_keys(con, new.join(dropped, on=["position", "prompt_id"], how="anti") if dropped.height else new)
         by_shard = dict(dropped.group_by("position").agg("prompt_id").iter_rows())
         return {shards[i].path: self._rewrite_without(shards[i], "prompt_id", ids) for i, ids in by_shard.items()}
 
