@@ -298,6 +298,7 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
         units = step.plan(ctx)
         todo, done = step.pending(ctx, units)
         logger.info("%s: %d units (%d already done)", stage, len(units), len(done))
+        todo = step.batched(todo)
         progress = create_progress_artifact(progress=0.0, description=f"{stage}: units done") if todo else None
 
         def submit(unit: Unit):
@@ -312,7 +313,7 @@ def _run_stage_locked(stage: str, config: PipelineConfig, store: Store, config_p
                 finished, failure = _results(futures)
                 # visible as soon as they are complete (every unit finished by now, in one
                 # transaction); their counts are recorded in the same transaction
-                store.register_units(stage, [(result.unit_key, result.shards, result.counts) for result in finished])
+                store.register_units(stage, [entry for result in finished for entry in result.registrations()])
                 _test_kill_point("after_register")
                 for result in finished:
                     results.append(result)

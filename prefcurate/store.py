@@ -232,6 +232,20 @@ def _insert_keys(con: duckdb.DuckDBPyConnection, keyed: pl.DataFrame) -> None:
         con.unregister("_new_prompt_keys")
 
 
+_SHARD_COLUMNS = ("table_name", "shard_key", "path", "rows", "run_id", "stage", "registered_at")
+_UNIT_COUNT_COLUMNS = ("stage", "unit_key", "run_id", "counts", "registered_at")
+
+
+def _insert_rows(con: duckdb.DuckDBPyConnection, insert: str, columns: Sequence[str], rows: list[list]) -> None:
+    """``insert`` (``INSERT INTO table``...) of many rows in one statement (``executemany``
+    runs one per row, ~1 ms each: a batch of 200 units' registrations spent 0.4 s there)."""
+    con.register("_new_rows", pa.Table.from_pylist([dict(zip(columns, row, strict=True)) for row in rows]))
+    try:
+        con.execute(f"{insert} ({', '.join(columns)}) SELECT {', '.join(columns)} FROM _new_rows")
+    finally:
+        con.unregister("_new_rows")
+
+
 def prompt_keys(frame: pl.DataFrame) -> pl.DataFrame:
     """``frame`` (``prompt_id``, ``source_id``) with their :data:`PROMPT_KEYS` keys
     ``prompt_key`` and ``source_key`` (null where the source id is)."""
@@ -571,7 +585,7 @@ class Store:
             "SELECT path FROM _shards WHERE table_name = 'prompts' AND rows > 0").fetchall()]
         if paths:
             con.execute(f"DELETE FROM {PROMPT_KEYS}")
-            _insert_keys(con, prompt_keys(self._prompt_ids(paths)))
+            _insert_keys(con, prompt_keys(self.prompt_ids_in(paths)))
         con.execute("INSERT OR REPLACE INTO _meta VALUES ('prompt_keys', 'complete')")
 
     def _create_report_views(self, con: duckdb.DuckDBPyConnection) -> None:
@@ -696,15 +710,12 @@ class Store:
             for shard in shards:
                 if not self.shard_exists(shard.path):
                     raise StoreError(f"cannot register {shard.path}: the file does not exist")
-        pending: dict[str, list[str]] = {}  # paths registered in this transaction, per table
-        new = 0
         with self.connect() as con:
             con.execute("BEGIN")
             try:
+                new = self._register_in(con, [entry for entry in batch if entry[0]])
                 for shards, unit, counts in batch:
-                    if shards:
-                        new += self._register_in(con, shards, unit, counts, pending)
-                    else:  # a unit that writes files, not tables (export): done all the same
+                    if not shards:  # a unit that writes files, not tables (export): done all the same
                         self._record_unit_in(con, unit, counts)
                 tables = sorted({shard.table for shards, _, _ in batch for shard in shards})
                 if tables:
@@ -715,40 +726,46 @@ class Store:
                 raise
         return new
 
-    def _register_in(self, con, shards: Sequence[ShardInfo], unit: tuple[str, str] | None,
-                     counts: dict | None, pending: dict[str, list[str]] | None = None) -> int:
-        pending = {} if pending is None else pending  # paths registered in this transaction, per table
-        counts = dict(counts or {})
+    def _register_in(self, con, batch: Sequence[tuple[Sequence[ShardInfo], tuple[str, str] | None, dict | None]],
+                     pending: dict[str, list[str]] | None = None) -> int:
+        """Register each (shards, unit, counts) of ``batch`` in ``con``'s transaction, in
+        order, as if one after the other; returns how many shards were new. ``pending``: the
+        shard URLs this transaction registered before, per table (added to)."""
+        pending = {} if pending is None else pending
         registered = {(table, key) for table, key in con.execute(
             "SELECT table_name, shard_key FROM _shards WHERE shard_key IN (SELECT unnest(?))",
-            [sorted({s.key for s in shards})]).fetchall()}
-        fresh = []
-        for shard in shards:  # (a shard listed twice is registered once)
-            if (shard.table, shard.key) not in registered:
-                registered.add((shard.table, shard.key))
-                fresh.append(shard)
-        removed: dict[str, int] = {}  # shard path -> rows left out
+            [sorted({s.key for shards, _, _ in batch for s in shards})]).fetchall()}
+        fresh_of_entry = []
+        for shards, _, _ in batch:
+            fresh = []
+            for shard in shards:  # (a shard listed twice is registered once)
+                if (shard.table, shard.key) not in registered:
+                    registered.add((shard.table, shard.key))
+                    fresh.append(shard)
+            fresh_of_entry.append(fresh)
         # prompts have one id each: registration never adds one already present, so two
-        # writers that bypass the writer lock still cannot duplicate a prompt
-        prompts = [s for s in fresh if s.table == "prompts" and s.rows]
-        if prompts:
-            removed.update(self._drop_present_prompts(con, prompts, pending.get("prompts", [])))
-        for shard in fresh:
-            rows = shard.rows - removed.get(shard.path, 0)
-            if removed.get(shard.path) and "accepted" in counts:
-                counts["accepted"] -= removed[shard.path]
-                counts["duplicates"] = counts.get("duplicates", 0) + removed[shard.path]
-            con.execute(
-                "INSERT INTO _shards VALUES (?, ?, ?, ?, ?, ?, ?)",
-                [shard.table, shard.key, shard.path, rows, shard.run_id, shard.stage, now_utc()],
-            )
-            pending.setdefault(shard.table, []).append(self.shard_url(shard.path))
-        if unit is not None and fresh:
-            con.execute(
-                "INSERT OR IGNORE INTO unit_counts VALUES (?, ?, ?, ?, ?)",
-                [unit[0], unit[1], shards[0].run_id, json.dumps(counts, default=str), now_utc()],
-            )
-        return len(fresh)
+        # writers that bypass the writer lock still cannot duplicate a prompt (all the
+        # batch's prompt shards at once, in order: an id in two of them stays in the first)
+        prompts = [s for fresh in fresh_of_entry for s in fresh if s.table == "prompts" and s.rows]
+        removed = self._drop_present_prompts(con, prompts, pending.get("prompts", [])) if prompts else {}
+        shard_rows, unit_rows = [], []
+        for (shards, unit, counts), fresh in zip(batch, fresh_of_entry, strict=True):
+            counts = dict(counts or {})
+            for shard in fresh:
+                rows = shard.rows - removed.get(shard.path, 0)
+                if removed.get(shard.path) and "accepted" in counts:
+                    counts["accepted"] -= removed[shard.path]
+                    counts["duplicates"] = counts.get("duplicates", 0) + removed[shard.path]
+                shard_rows.append([shard.table, shard.key, shard.path, rows, shard.run_id, shard.stage, now_utc()])
+                pending.setdefault(shard.table, []).append(self.shard_url(shard.path))
+            if unit is not None and fresh:
+                unit_rows.append([unit[0], unit[1], shards[0].run_id, json.dumps(counts, default=str), now_utc()])
+        if shard_rows:
+            _insert_rows(con, "INSERT INTO _shards", _SHARD_COLUMNS, shard_rows)
+        if unit_rows:  # (a unit listed twice is counted once, as INSERT OR IGNORE does across statements)
+            firsts = {(row[0], row[1]): row for row in reversed(unit_rows)}
+            _insert_rows(con, "INSERT OR IGNORE INTO unit_counts", _UNIT_COUNT_COLUMNS, list(firsts.values())[::-1])
+        return sum(map(len, fresh_of_entry))
 
     def record_unit(self, unit: tuple[str, str], counts: dict | None = None, run_id: str = "") -> None:
         """Record a unit (stage, unit key) as done, once, without shards (its output is files)."""
@@ -767,7 +784,7 @@ class Store:
             rows = con.execute("SELECT unit_key, counts FROM unit_counts WHERE stage = ?", [stage]).fetchall()
         return {key: json.loads(counts) for key, counts in rows}
 
-    def _prompt_ids(self, paths: Sequence[str]) -> pl.DataFrame:
+    def prompt_ids_in(self, paths: Sequence[str]) -> pl.DataFrame:
         """``prompt_id``, ``source_id`` and ``position`` (the shard's place in ``paths``) of
         the rows of prompt shards. (polars reads the two columns in a third of the time
         DuckDB's read_parquet took; a shard written before ``source_id`` existed reads null.)"""
@@ -786,7 +803,7 @@ class Store:
         Reads the new shards and the key index, never the table's shards: ids are compared
         with the table's only where their key matches one it has (none, for new prompts).
         """
-        new = prompt_keys(self._prompt_ids([shard.path for shard in shards]))
+        new = prompt_keys(self.prompt_ids_in([shard.path for shard in shards]))
         # an id in two of the new shards: the later shard leaves it out (distinct keys prove
         # there is none: 0.02 s on 1M ids, where finding the repeated ones took 0.08 s)
         repeated = new.clear()
@@ -943,8 +960,8 @@ class Store:
                 store._create_catalog(con)
                 registered = 0
                 for _, stage, unit_key, shards, counts in units:
-                    registered += store._register_in(con, shards, (stage, unit_key) if counts is not None else None,
-                                                     counts, pending)
+                    registered += store._register_in(
+                        con, [(shards, (stage, unit_key) if counts is not None else None, counts)], pending)
                     without_counts += counts is None
                     for shard in shards:
                         run_ids.setdefault(shard.run_id, shard.stage)
@@ -992,16 +1009,18 @@ class Store:
     def count(self, table: str) -> int:
         return int(self.query(f"SELECT count(*) AS n FROM {table}")["n"][0])
 
-    def prompts_sharing_an_id(self, candidates: pl.DataFrame) -> pl.DataFrame:
+    def prompts_sharing_an_id(self, candidates: pl.DataFrame,
+                              connection: duckdb.DuckDBPyConnection | None = None) -> pl.DataFrame:
         """(``prompt_id``, ``source_id``) of the dataset's prompts that share a prompt id or a
         source id with one of ``candidates`` (the same two columns), exactly.
 
         The candidates' keys are joined against :data:`PROMPT_KEYS` first; only candidates
         whose key matches are looked up among the shards' ids (none, when a file brings new
-        prompts), so the cost follows the file, not the dataset.
+        prompts), so the cost follows the file, not the dataset. ``connection``: a catalog
+        connection to use (several lookups in a row), else one is opened.
         """
         candidates = candidates.select("prompt_id", "source_id")
-        with self.connect(read_only=True) as con:
+        with contextlib.nullcontext(connection) if connection is not None else self.connect(read_only=True) as con:
             indexed = con.execute("SELECT count(*) FROM _meta WHERE key = 'prompt_keys'").fetchall()[0][0]
             # (an empty dataset: nothing to join, and joining 1M keys against nothing took 0.1 s)
             if not con.execute(f"SELECT EXISTS (SELECT 1 FROM {PROMPT_KEYS if indexed else 'prompts'})"
@@ -1024,13 +1043,16 @@ class Store:
                 candidates = keyed.filter(pl.col("prompt_key").is_in(by_prompt) | pl.col("source_key").is_in(by_source)
                                           ).select("prompt_id", "source_id")
             con.register("candidates", candidates.to_arrow())
-            return con.sql(
-                """
-                SELECT prompt_id, source_id FROM prompts
-                WHERE prompt_id IN (SELECT prompt_id FROM candidates)
-                   OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
-                """
-            ).pl()
+            try:
+                return con.sql(
+                    """
+                    SELECT prompt_id, source_id FROM prompts
+                    WHERE prompt_id IN (SELECT prompt_id FROM candidates)
+                       OR source_id IN (SELECT source_id FROM candidates WHERE source_id IS NOT NULL)
+                    """
+                ).pl()
+            finally:
+                con.unregister("candidates")
 
     def ids(self, table: str, column: str) -> pl.Series:
         return self.query(f"SELECT DISTINCT {column} FROM {table}")[column]

@@ -80,6 +80,14 @@ class UnitResult:
     seconds: float = 0.0
     model_seconds: float = 0.0  # time spent inside model calls (for bench/pipeline.py)
     skipped: bool = False
+    #: a batch unit's members (ingest's small files), each done under its own key
+    parts: list[UnitResult] = field(default_factory=list)
+
+    def registrations(self) -> list[tuple[str, list[ShardInfo], dict]]:
+        """(unit key, shards, counts) of each unit this result completes, for
+        :meth:`Store.register_units`: a batch's members under their own keys, so a re-run
+        finds each one done and the accounting stays per member."""
+        return [(part.unit_key, part.shards, part.counts) for part in self.parts or [self]]
 
 
 @dataclass
@@ -171,6 +179,12 @@ class Step:
             else:
                 todo.append(unit)
         return todo, done
+
+    def batched(self, units: list[Unit]) -> list[Unit]:
+        """The pending ``units`` as the task runner gets them: each alone here. A step with
+        many small units may join runs of them into one batch unit, whose ``run_unit`` does
+        each member as its own unit and returns their results as ``parts`` (ingest's files)."""
+        return units
 
     def run_unit(self, unit: Unit, ctx: StageContext) -> UnitResult:
         """Run one unit in any process; returns shard infos for the coordinator.

@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 
 from prefcurate import store as store_module
 from prefcurate.cli import app
+from prefcurate.steps import ingest as ingest_step
 from prefcurate.steps.base import StageContext
 from prefcurate.steps.ingest import IngestStep, ingest_accounting
 from prefcurate.store import CATALOG, CatalogError, DatasetBusyError, NotADatasetError, Store
@@ -311,6 +312,64 @@ def test_a_folder_is_ingested_file_by_file_and_a_file_added_later_alone(tmp_path
     assert list((folder / "ds").rglob("*.parquet"))
     assert [u.payload["params"]["path"] for u in step.plan(inner_ctx)] == [
         str(folder / name) for name in ("a.jsonl", "c.csv", "d.jsonl", "sub/b.parquet")]
+
+
+def _ingest_in_batches(store: Store, path, run_id: str) -> list[int]:
+    """As :func:`_ingest`, with the pending files in batch units as a stage flow runs them;
+    returns the files per unit."""
+    ctx = StageContext(str(store.root), {"contracts": False}, run_id)
+    step = IngestStep(IngestParams(path=str(path)))
+    store.start_run("ingest", {}, run_id=run_id)
+    todo, _ = step.pending(ctx, step.plan(ctx))
+    sizes = []
+    for unit in step.batched(todo):
+        result = step.run_unit(unit, ctx)
+        store.register_units("ingest", result.registrations())
+        sizes.append(len(result.parts) or 1)
+    store.finish_run(run_id, "completed", {})
+    return sizes
+
+
+def test_small_files_in_batch_units_ingest_exactly_as_file_by_file(tmp_path, monkeypatch):
+    """Duplicates and id conflicts across files of one batch, and against the dataset, come
+    out as they do one file at a time; each file is recorded under its own key."""
+    folder = _folder_of_prompts(tmp_path / "dumps")
+    for n in range(3):
+        _jsonl(folder / f"more-{n}.jsonl", range(4 * n, 4 * n + 6))  # overlapping each other and a.jsonl
+    # s1 clashes with a.jsonl in its batch, s7 with more-1.jsonl in the next one
+    (folder / "clash.csv").write_text("id,prompt\ns1,not prompt number 1\ns7,not prompt number 7\n")
+    one, batched = Store.init(tmp_path / "one"), Store.init(tmp_path / "batched")
+    _ingest(one, folder, run_id="first")
+    monkeypatch.setattr(ingest_step, "BATCH_FILES", 4)
+    assert _ingest_in_batches(batched, folder, "first") == [4, 3]
+    for table in ("prompts", "quarantine"):
+        rows = [store.query(f"SELECT * EXCLUDE (created_at) FROM {table} ORDER BY ALL").rows() for store in (one, batched)]
+        assert rows[0] == rows[1] and rows[0]
+    conflicts = batched.query("SELECT source_file, source_record FROM quarantine WHERE reason = 'duplicate_id_conflict'")
+    assert sorted(conflicts.rows()) == [(str(folder / "clash.csv"), 1), (str(folder / "more-1.jsonl"), 4),
+                                        (str(folder / "sub" / "b.parquet"), 2)]
+    assert _accounting(batched) == _accounting(one)
+    assert batched.recorded_units("ingest") == {key: counts for key, counts in one.recorded_units("ingest").items()}
+    # every file is done: nothing pending, nothing read again
+    (folder / "late.jsonl").write_text(json.dumps({"id": "late", "prompt": "a late prompt"}) + "\n")
+    assert _ingest_in_batches(batched, folder, "second") == [1]
+    assert batched.count("prompts") == one.count("prompts") + 1
+
+
+def test_a_batch_keeps_to_its_bounds_and_a_large_file_stays_alone(tmp_path, monkeypatch):
+    folder = tmp_path / "dumps"
+    folder.mkdir()
+    for n, rows in enumerate([5, 5, 400, 5, 5, 5]):
+        _jsonl(folder / f"{n}.jsonl", range(1000 * n, 1000 * n + rows))
+    ctx = StageContext(str(tmp_path / "ds"), {}, "plan")
+    step = IngestStep(IngestParams(path=str(folder)))
+    units = step.plan(ctx)
+    monkeypatch.setattr(ingest_step, "BATCH_BYTES", (folder / "2.jsonl").stat().st_size - 1)
+    monkeypatch.setattr(ingest_step, "BATCH_FILES", 2)
+    batches = step.batched(units)
+    assert [[member.key for member in step.members(unit)] for unit in batches] == [
+        [units[0].key, units[1].key], [units[2].key], [units[3].key, units[4].key], [units[5].key]]
+    assert step.batched(units[2:3]) == units[2:3]  # one file: its own unit, as planned
 
 
 def test_a_folder_or_pattern_that_names_no_file_or_a_limit_over_several_is_refused(tmp_path):
