@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import duckdb
 import polars as pl
@@ -354,6 +355,33 @@ def test_small_files_in_batch_units_ingest_exactly_as_file_by_file(tmp_path, mon
     (folder / "late.jsonl").write_text(json.dumps({"id": "late", "prompt": "a late prompt"}) + "\n")
     assert _ingest_in_batches(batched, folder, "second") == [1]
     assert batched.count("prompts") == one.count("prompts") + 1
+
+
+def test_a_batch_that_fails_midway_resumes_from_its_finished_files(tmp_path, monkeypatch):
+    """A batch is registered all at once or not at all; on the re-run its files that were
+    complete are adopted from their manifests, not read again, and nothing doubles."""
+    folder = _folder_of_prompts(tmp_path / "dumps")
+    reference, crashed = Store.init(tmp_path / "reference"), Store.init(tmp_path / "crashed")
+    _ingest_in_batches(reference, folder, "first")
+    read, ingest_file = [], ingest_step.ingest_file
+
+    def failing_on_the_csv(params, lookup):
+        read.append(Path(params.path).name)
+        if params.path.endswith(".csv") and read.count("c.csv") == 1:
+            raise OSError("the disk went away")
+        return ingest_file(params, lookup)
+
+    monkeypatch.setattr(ingest_step, "ingest_file", failing_on_the_csv)
+    with pytest.raises(OSError, match="went away"):
+        _ingest_in_batches(crashed, folder, "first")
+    assert crashed.count("prompts") == 0 and crashed.recorded_units("ingest") == {}
+    assert _ingest_in_batches(crashed, folder, "first") == [3]
+    assert read == ["a.jsonl", "c.csv", "c.csv", "b.parquet"]  # a.jsonl adopted, not read again
+    for table in ("prompts", "quarantine"):
+        rows = [store.query(f"SELECT * EXCLUDE (created_at) FROM {table} ORDER BY ALL").rows()
+                for store in (reference, crashed)]
+        assert rows[0] == rows[1]
+    assert _accounting(crashed) == _accounting(reference)
 
 
 def test_a_batch_keeps_to_its_bounds_and_a_large_file_stays_alone(tmp_path, monkeypatch):
