@@ -144,6 +144,30 @@ def test_ingest_stage_over_the_object_store_is_idempotent(store, tmp_path):
     assert (counts["rows_read"], counts["accepted"], counts["quarantined"], counts["duplicates"]) == (51, 40, 1, 10)
 
 
+def test_a_batch_of_files_over_the_object_store(store, tmp_path):
+    """Small files in one batch unit: the later file sees the earlier one's uploaded (not yet
+    registered) prompts, so a repeated prompt is a duplicate and a reused id a conflict."""
+    folder = tmp_path / "files"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text("".join(json.dumps({"id": f"s{i}", "prompt": f"prompt number {i}"}) + "\n"
+                                            for i in range(20)))
+    (folder / "b.jsonl").write_text(json.dumps({"id": "s3", "prompt": "another text"}) + "\n"
+                                    + json.dumps({"id": "t1", "prompt": "prompt number 1"}) + "\n"
+                                    + json.dumps({"id": "t2", "prompt": "a new prompt"}) + "\n")
+    ctx = StageContext(str(store.root), {"contracts": False}, "run-1")
+    step = IngestStep(IngestParams(path=str(folder)))
+    todo, _ = step.pending(ctx, step.plan(ctx))
+    (batch,) = step.batched(todo)
+    result = step.run_unit(batch, ctx)
+    assert len(result.parts) == 2
+    store.register_units("ingest", result.registrations())
+    assert store.count("prompts") == 21
+    assert store.query("SELECT source_record FROM quarantine WHERE reason = 'duplicate_id_conflict'").rows() == [(1,)]
+    counts = ingest_accounting(store).row(0, named=True)
+    assert (counts["rows_read"], counts["accepted"], counts["quarantined"], counts["duplicates"]) == (23, 21, 1, 1)
+    assert step.pending(ctx, step.plan(ctx))[0] == []
+
+
 def test_a_store_that_cannot_be_reached_is_refused_at_init(tmp_path, s3_endpoint):
     with pytest.raises(ObjectStoreError, match="s3://no-such-bucket"):
         Store.init(tmp_path / "ds", shards_uri="s3://no-such-bucket/x", endpoint_url=s3_endpoint)
