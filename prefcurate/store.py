@@ -763,23 +763,21 @@ class Store:
         if shard_rows:
             _insert_rows(con, "INSERT INTO _shards", _SHARD_COLUMNS, shard_rows)
         if unit_rows:  # (a unit listed twice is counted once, as INSERT OR IGNORE does across statements)
-            firsts = {(row[0], row[1]): row for row in reversed(unit_rows)}
-            _insert_rows(con, "INSERT OR IGNORE INTO unit_counts", _UNIT_COUNT_COLUMNS, list(firsts.values())[::-1])
+            firsts: dict[tuple[str, str], list] = {}
+            for row in unit_rows:
+                firsts.setdefault((row[0], row[1]), row)
+            _insert_rows(con, "INSERT OR IGNORE INTO unit_counts", _UNIT_COUNT_COLUMNS, list(firsts.values()))
         return sum(map(len, fresh_of_entry))
 
-    def record_unit(self, unit: tuple[str, str], counts: dict | None = None, run_id: str = "") -> None:
-        """Record a unit (stage, unit key) as done, once, without shards (its output is files)."""
-        with self.connect() as con:
-            self._record_unit_in(con, unit, counts, run_id)
-
     @staticmethod
-    def _record_unit_in(con, unit: tuple[str, str], counts: dict | None, run_id: str = "") -> None:
+    def _record_unit_in(con, unit: tuple[str, str], counts: dict | None) -> None:
+        """Record a unit (stage, unit key) as done, once, without shards (its output is files)."""
         con.execute("INSERT OR IGNORE INTO unit_counts VALUES (?, ?, ?, ?, ?)",
-                    [unit[0], unit[1], run_id, json.dumps(counts or {}, default=str), now_utc()])
+                    [unit[0], unit[1], "", json.dumps(counts or {}, default=str), now_utc()])
 
     def recorded_units(self, stage: str) -> dict[str, dict]:
         """{unit key: its counts} of the units of ``stage`` recorded as done (:meth:`register`,
-        :meth:`record_unit`)."""
+        :meth:`register_units`)."""
         with self.connect(read_only=True) as con:
             rows = con.execute("SELECT unit_key, counts FROM unit_counts WHERE stage = ?", [stage]).fetchall()
         return {key: json.loads(counts) for key, counts in rows}
