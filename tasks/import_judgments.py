@@ -72,7 +72,14 @@ from pathlib import Path
 from typing import Literal
 
 import polars as pl
-from prefcurate.tasks.ingest import _hash_ids, _normalise, _quarantine_frame, record_format
+from prefcurate.tasks.ingest import (
+    CONTROL_CHARACTER,
+    CONTROL_CHARACTERS,
+    _hash_ids,
+    _normalise,
+    _quarantine_frame,
+    record_format,
+)
 from prefcurate.tasks.ingest import read_records as read_record_file
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -293,6 +300,11 @@ def _checks(mapping: ImportMapping) -> list[tuple[str, str, pl.Expr, pl.Expr]]:
         add(MISSING_FIELD, name, pl.col(name).is_null(), f"{name} is missing")
     add(EMPTY_TEXT, "prompt", pl.col("_prompt") == "", "prompt is empty after normalisation")
     add(EMPTY_TEXT, "judge", pl.col("judge").str.strip_chars() == "", "judge is empty")
+    # (as ingest rejects them: a prompt's id joins the two texts with U+001F)
+    add(CONTROL_CHARACTER, "prompt", pl.col("_prompt").str.contains(CONTROL_CHARACTERS),
+        "prompt holds a control character")
+    add(CONTROL_CHARACTER, "system_prompt", pl.col("_system").str.contains(CONTROL_CHARACTERS),
+        "system_prompt holds a control character")
     add(IDENTICAL_RESPONSES, "response_2", pl.col("response_1") == pl.col("response_2"),
         "response_1 and response_2 are the same text: there is nothing to prefer")
     for order in ORDERS:

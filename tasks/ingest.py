@@ -60,7 +60,16 @@ WRONG_TYPE = "wrong_type"
 PROMPT_TOO_LONG = "prompt_too_long"
 PROMPT_TOO_SHORT = "prompt_too_short"
 DUPLICATE_ID_CONFLICT = "duplicate_id_conflict"
+CONTROL_CHARACTER = "control_character"
 WRONG_TYPE_SYSTEM = "_wrong_type_system"  # internal: reported as WRONG_TYPE on the system-prompt field
+CONTROL_CHARACTER_SYSTEM = "_control_character_system"  # internal: CONTROL_CHARACTER on the system prompt
+_ON_SYSTEM_PROMPT = {WRONG_TYPE_SYSTEM: WRONG_TYPE, CONTROL_CHARACTER_SYSTEM: CONTROL_CHARACTER}
+
+#: the C0 and C1 control characters that normalisation leaves (it makes tabs, form feeds and
+#: line breaks whitespace): a NUL, an escape sequence or mojibake means corrupt text, and a
+#: prompt's id joins its system prompt and text with U+001F, which must not occur in either or
+#: two different prompts could share one id
+CONTROL_CHARACTERS = r"[\x00-\x08\x0e-\x1f\x7f-\x84\x86-\x9f]"
 
 
 class IngestError(InputError):
@@ -872,6 +881,8 @@ def _validate_rows(
         pl.when(pl.col("_prompt_missing")).then(pl.lit(MISSING_PROMPT))
         .when(pl.col("_prompt_type").is_not_null()).then(pl.lit(WRONG_TYPE))
         .when(pl.col("_system_type").is_not_null()).then(pl.lit(WRONG_TYPE_SYSTEM))
+        .when(pl.col("prompt").str.contains(CONTROL_CHARACTERS)).then(pl.lit(CONTROL_CHARACTER))
+        .when(pl.col("system_prompt").str.contains(CONTROL_CHARACTERS)).then(pl.lit(CONTROL_CHARACTER_SYSTEM))
         .when(pl.col("char_len") == 0).then(pl.lit(EMPTY_PROMPT))
         .when(pl.col("char_len") < params.min_chars).then(pl.lit(PROMPT_TOO_SHORT))
         .when(pl.col("char_len") > params.max_chars).then(pl.lit(PROMPT_TOO_LONG))
@@ -882,6 +893,8 @@ def _validate_rows(
         MISSING_PROMPT: f"has no {mapping.prompt!r} field (or it is null)",
         WRONG_TYPE: f"field {mapping.prompt!r} is not text",
         WRONG_TYPE_SYSTEM: f"field {mapping.system_prompt!r} is not text",
+        CONTROL_CHARACTER: f"field {mapping.prompt!r} holds a control character",
+        CONTROL_CHARACTER_SYSTEM: f"field {mapping.system_prompt!r} holds a control character",
         EMPTY_PROMPT: f"field {mapping.prompt!r} is empty after normalisation",
         PROMPT_TOO_SHORT: f"field {mapping.prompt!r} is shorter than {params.min_chars} characters",
         PROMPT_TOO_LONG: f"field {mapping.prompt!r} is longer than {params.max_chars} characters",
@@ -889,9 +902,9 @@ def _validate_rows(
     rejected = frame.filter(pl.col("_reason").is_not_null()).with_columns(raw_json).select(
         pl.lit(source).alias("source_file"),
         "source_record",
-        pl.when(pl.col("_reason") == WRONG_TYPE_SYSTEM).then(pl.lit(mapping.system_prompt))
+        pl.when(pl.col("_reason").is_in(list(_ON_SYSTEM_PROMPT))).then(pl.lit(mapping.system_prompt))
         .otherwise(pl.lit(mapping.prompt)).alias("field"),
-        pl.col("_reason").replace(WRONG_TYPE_SYSTEM, WRONG_TYPE).alias("reason"),
+        pl.col("_reason").replace(_ON_SYSTEM_PROMPT).alias("reason"),
         (pl.lit("record ") + pl.col("source_record").cast(pl.String) + pl.lit(": ")
          + pl.col("_reason").replace_strict(messages, default="invalid")
          + pl.when(pl.col("_reason") == PROMPT_TOO_LONG)
@@ -900,6 +913,8 @@ def _validate_rows(
              .then(pl.lit(" (") + pl.col("_prompt_type") + pl.lit(")"))
              .when(pl.col("_reason") == WRONG_TYPE_SYSTEM)
              .then(pl.lit(" (") + pl.col("_system_type") + pl.lit(")"))
+             .when(pl.col("_reason") == CONTROL_CHARACTER).then(_first_control_character("prompt"))
+             .when(pl.col("_reason") == CONTROL_CHARACTER_SYSTEM).then(_first_control_character("system_prompt"))
              .otherwise(pl.lit(""))).alias("message"),
         "raw",
     )
@@ -923,6 +938,17 @@ def _validate_rows(
         "prompt_id", "prompt", "system_prompt", "source_id", "source_file", "source_record",
         "category", "metadata", "char_len",
     ), rejected
+
+
+def _first_control_character(name: str) -> pl.Expr:
+    """" (U+001B, character 12 after normalisation)": the first control character of column ``name`` and where.
+
+    Its code point is the last byte of its UTF-8 (one byte for C0 and DEL; C2 and the code
+    point for C1), so the hex of that byte names it."""
+    found = pl.col(name).str.extract(f"({CONTROL_CHARACTERS})")
+    before = pl.col(name).str.replace(f"(?s){CONTROL_CHARACTERS}.*", "").str.len_chars()
+    return (pl.lit(" (U+00") + found.str.encode("hex").str.slice(-2).str.to_uppercase()
+            + pl.lit(", character ") + (before + 1).cast(pl.String) + pl.lit(" after normalisation)"))
 
 
 def _raw_json(columns: list[str]) -> pl.Expr:

@@ -51,6 +51,11 @@ BAD_INPUTS = [
     ("wrong_types", "f.jsonl", _bytes(WRONG_TYPES),
      ({2: "wrong_type", 3: "wrong_type", 4: "wrong_type", 5: "wrong_type", 6: "missing_prompt"}, 1)),
     ("only_numbers", "f.jsonl", _bytes(b'{"prompt": 7}\n{"prompt": 8}\n'), ({1: "wrong_type", 2: "wrong_type"}, 0)),
+    # a NUL or an escape sequence is corrupt text; U+001F would make a prompt's id ambiguous
+    ("control_characters", "f.jsonl", _bytes(OK + b'{"prompt": "red \\u001b[31m text"}\n'
+                                             + b'{"prompt": "p", "system_prompt": "a\\u001fb"}\n'),
+     ({2: "control_character", 3: "control_character"}, 1)),
+    ("parquet_nul", "f.parquet", _parquet(["fine", "a\x00b"]), ({2: "control_character"}, 1)),
     ("system_prompt_number", "f.jsonl", _bytes(OK + b'{"prompt": "p", "system_prompt": 5}\n'), ({2: "wrong_type"}, 1)),
     ("ragged_csv", "f.csv", _bytes(b"prompt,x\nhello,1\nhi,2,3\nthree\n"), ({2: "ragged_row", 3: "ragged_row"}, 1)),
     # the separator is the one the header line holds most often: spreadsheets in many locales write ";"

@@ -107,7 +107,7 @@ def test_bad_inputs_of_every_kind_are_quarantined_or_refused_with_accounting(tmp
     assert dict(zip(quarantine["source_record"].to_list(), quarantine["reason"].to_list())) == reasons
     for record, field, reason, message in quarantine.rows():
         assert message.startswith(f"record {record}: ")
-        if reason in ("wrong_type", "missing_prompt"):
+        if reason in ("wrong_type", "missing_prompt", "control_character"):
             assert field in ("prompt", "system_prompt") and field in message
     counts = ingest_accounting(store).row(0, named=True)
     assert counts["accepted"] == accepted and counts["quarantined"] == len(reasons)
@@ -206,6 +206,24 @@ def test_prompt_ids_are_the_sha256_of_system_prompt_and_prompt(tmp_path):
     accepted = ingest_file(IngestParams(path=str(tmp_path / "p.jsonl"))).accepted.sort("source_record")
     want = [hashlib.sha256(key.encode()).hexdigest()[:24] for key in ("\x1fHello world", "Be brief.\x1fCaf\u00e9?")]
     assert accepted["prompt_id"].to_list() == want
+
+
+def test_control_characters_are_quarantined_so_no_two_prompts_share_an_id(tmp_path):
+    """U+001F joins the system prompt and the prompt in a prompt's key: were it allowed inside
+    either, ("a<US>b", "c") and ("a", "b<US>c") would be one prompt, the second a "duplicate"."""
+    rows = [{"system_prompt": "a\x1fb", "prompt": "c"}, {"system_prompt": "a", "prompt": "b\x1fc"},
+            {"prompt": "Caf\u00e9 \x85 au lait, \x1b[1mbold\x1b[0m"}, {"prompt": "tabs\tand\x0cfeeds are whitespace"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = ingest_file(IngestParams(path=str(tmp_path / "p.jsonl")))
+    assert result.duplicates == 0 and result.accepted["prompt"].to_list() == ["tabs and feeds are whitespace"]
+    found = result.quarantine.select("source_record", "field", "reason", "message").rows()
+    assert found == [
+        (1, "system_prompt", "control_character",
+         "record 1: field 'system_prompt' holds a control character (U+001F, character 2 after normalisation)"),
+        (2, "prompt", "control_character", "record 2: field 'prompt' holds a control character (U+001F, character 2 after normalisation)"),
+        # (U+0085, next line, is whitespace: the first control character left is the escape)
+        (3, "prompt", "control_character", "record 3: field 'prompt' holds a control character (U+001B, character 15 after normalisation)"),
+    ]
 
 
 def test_hashed_duplicate_checks_are_exact_even_when_hashes_collide(monkeypatch):
