@@ -177,6 +177,9 @@ def start_watchdog(dataset: Path) -> subprocess.Popen:
         [sys.executable, "-m", "prefcurate.procwatch", str(os.getpid()), str(start_time(os.getpid())),
          str(Path(dataset).resolve())],
         stdin=read_end, start_new_session=True, close_fds=True,
+        # it outlives the build by the moments it takes to end what is left: holding the build's
+        # stdout or stderr, it would keep `prefcurate build | tee log` waiting for it
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     os.close(read_end)
     os.set_inheritable(write_end, False)  # children must not keep the build's lifeline open

@@ -90,3 +90,19 @@ def test_a_new_build_ends_only_the_recorded_leftovers(tmp_path):
         for process in (leftover, stranger):
             process.kill()
             process.wait()
+
+
+def test_the_watchdog_holds_neither_output_of_the_build(tmp_path):
+    """`prefcurate build | tee log` ends when the build does, not when its watchdog, which
+    outlives the build while it ends what is left, lets go of the pipe."""
+    script = ("import sys; from pathlib import Path; from prefcurate.procwatch import start_watchdog; "
+              "print(start_watchdog(Path(sys.argv[1])).pid, flush=True); sys.stdin.readline()")
+    build = subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        watchdog = int(build.stdout.readline())
+        assert [os.readlink(f"/proc/{watchdog}/fd/{fd}") for fd in (1, 2)] == [os.devnull, os.devnull]
+    finally:
+        build.stdin.close()
+        build.wait(timeout=30)
+    assert build.stdout.read() == "" and build.stderr.read() == ""  # EOF: nothing else holds them
