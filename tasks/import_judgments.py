@@ -300,11 +300,11 @@ def _checks(mapping: ImportMapping) -> list[tuple[str, str, pl.Expr, pl.Expr]]:
         add(MISSING_FIELD, name, pl.col(name).is_null(), f"{name} is missing")
     add(EMPTY_TEXT, "prompt", pl.col("_prompt") == "", "prompt is empty after normalisation")
     add(EMPTY_TEXT, "judge", pl.col("judge").str.strip_chars() == "", "judge is empty")
-    # (as ingest rejects them: a prompt's id joins the two texts with U+001F)
-    add(CONTROL_CHARACTER, "prompt", pl.col("_prompt").str.contains(CONTROL_CHARACTERS),
-        "prompt holds a control character")
-    add(CONTROL_CHARACTER, "system_prompt", pl.col("_system").str.contains(CONTROL_CHARACTERS),
-        "system_prompt holds a control character")
+    # as ingest rejects them; the ids join these texts with U+001F, so one inside a text
+    # could make two different prompts (or judges) share an id
+    for name, text in (("prompt", "_prompt"), ("system_prompt", "_system"), ("judge", "judge"),
+                       ("judge_model", "judge_model"), ("criterion", "criterion")):
+        add(CONTROL_CHARACTER, name, pl.col(text).str.contains(CONTROL_CHARACTERS), f"{name} holds a control character")
     add(IDENTICAL_RESPONSES, "response_2", pl.col("response_1") == pl.col("response_2"),
         "response_1 and response_2 are the same text: there is nothing to prefer")
     for order in ORDERS:

@@ -100,6 +100,7 @@ def test_bad_rows_go_to_quarantine_with_record_and_field(tmp_path):
         {**good, "response_2": good["response_1"]},
         {**good, "prompt": "a\x00b"},
         {**good, "system_prompt": "be\x1fbrief"},
+        {**good, "judge": "gpt\x1f4"},
     ]
     path = _write_jsonl(tmp_path / "j.jsonl", rows)
     with path.open("a") as handle:
@@ -109,12 +110,13 @@ def test_bad_rows_go_to_quarantine_with_record_and_field(tmp_path):
     assert found == {
         (2, "prompt", MISSING_FIELD), (3, "verdict_12", INVALID_VERDICT), (4, "p_12", OUT_OF_RANGE),
         (5, "verdict_12", AMBIGUOUS_VERDICT), (6, "verdict_12", MISSING_VERDICT), (7, "response_2", IDENTICAL_RESPONSES),
-        (8, "prompt", CONTROL_CHARACTER), (9, "system_prompt", CONTROL_CHARACTER), (10, None, UNREADABLE),
+        (8, "prompt", CONTROL_CHARACTER), (9, "system_prompt", CONTROL_CHARACTER),
+        (10, "judge", CONTROL_CHARACTER), (11, None, UNREADABLE),
     }
     message = result.quarantine.filter(pl.col("source_record") == 3)["message"][0]
     assert "record 3" in message and "'maybe'" in message
     counts = result.counts
-    assert counts["judgments"] == 1 and counts["records"] == 10
+    assert counts["judgments"] == 1 and counts["records"] == 11
     assert counts["judgment_rows"] == counts["judgments"] + counts["quarantined"] + counts["duplicates"]
 
 
