@@ -637,7 +637,7 @@ def main() -> None:
         app()
     finally:
         # the interpreter's last collection walked every object Prefect, pydantic and polars
-        # made (~1 s of a command's exit); frozen, they are freed without it, by refcount
+        # made (~1 s of a command's exit); frozen, they are left for the process's end to reclaim
         gc.freeze()
 
 
