@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 import inspect
 import json
 import os
@@ -633,12 +632,7 @@ for _typer_app in (app, models_app, import_app, review_app):
 
 
 def main() -> None:
-    try:
-        app()
-    finally:
-        # the interpreter's last collection walked every object Prefect, pydantic and polars
-        # made (~1 s of a command's exit); frozen, they are left for the process's end to reclaim
-        gc.freeze()
+    app()
 
 
 if __name__ == "__main__":
