@@ -7,9 +7,13 @@ caches them by content, registers their shards as they finish, and records the r
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
+import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -413,25 +417,134 @@ SLOT_WAIT_ENV, SLOT_WAIT_S = "PREFECT_SERVER_CONCURRENCY_MAXIMUM_CONCURRENCY_SLO
 
 
 def ensure_prefect_api(config: PipelineConfig | None = None) -> None:
-    """Give this process and the Dask workers it starts one Prefect API.
+    """Give this process and the Dask workers it starts one Prefect API (see :func:`start_prefect_api`)."""
+    start_prefect_api().ready(config)
+
+
+class PrefectApi:
+    """The API a build talks to: the one PREFECT_API_URL names, or a temporary server of its
+    own that :meth:`ready` waits for (so a caller can import its flows while it starts)."""
+
+    def __init__(self, server: TemporaryPrefectServer | None = None):
+        self.server = server
+
+    def ready(self, config: PipelineConfig | None = None) -> None:
+        if self.server is None:
+            return
+        self.server.wait(float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
+        release_stale_pool_slots()
+        if config is not None:
+            create_pool_limits(config)
+        self.server = None
+
+
+def start_prefect_api() -> PrefectApi:
+    """Start a temporary Prefect server unless PREFECT_API_URL names one; returns at once.
 
     Without PREFECT_API_URL, Prefect starts a temporary server per process, so every Dask
     worker would start its own (slow, and their runs would not show in one place). We start
     the temporary server once and export its URL; workers inherit the environment. The
     temporary server gets the pools' concurrency limits that `make server` creates on a real
-    one, so stages take their pools' slots the same way everywhere.
+    one (in :meth:`PrefectApi.ready`), so stages take their pools' slots the same way everywhere.
     """
     if os.environ.get("PREFECT_API_URL"):
-        return
-    from prefect.server.api.server import SubprocessASGIServer
-
+        return PrefectApi()
     os.environ.setdefault(SLOT_WAIT_ENV, SLOT_WAIT_S)
-    server = SubprocessASGIServer()
-    server.start(timeout=int(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")))
-    os.environ["PREFECT_API_URL"] = server.api_url
-    release_stale_pool_slots()
-    if config is not None:
-        create_pool_limits(config)
+    server = TemporaryPrefectServer()
+    _use_api(server.api_url)
+    return PrefectApi(server)
+
+
+def _use_api(url: str) -> None:
+    """PREFECT_API_URL for this process and the ones it starts: Prefect read its settings from
+    the environment when it was imported, and would start a temporary server of its own."""
+    from prefect.context import refresh_global_settings_context
+
+    os.environ["PREFECT_API_URL"] = url
+    refresh_global_settings_context()
+
+
+class TemporaryPrefectServer:
+    """Prefect's temporary API server, started as ``prefect.server.api.server.SubprocessASGIServer``
+    starts it (the same uvicorn command and environment: ``tests/unit/test_prefect_clients.py``
+    holds them to Prefect's), without importing the server into this process. That import
+    (FastAPI, SQLAlchemy, the API's models) took ~1.7 s of every command here for a class whose
+    ``start`` then also waited for the server; this one returns at once and :meth:`wait` waits,
+    so the server's own ~4 s start overlaps the build's imports."""
+
+    #: uvicorn's exit status when the port it was given was taken first
+    PORT_TAKEN = 3
+
+    def __init__(self) -> None:
+        self.process: subprocess.Popen | None = None
+        self.port = 0
+        self._launch()
+        atexit.register(self.stop)
+
+    @property
+    def address(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        return f"{self.address}/api"
+
+    def command(self) -> list[str]:
+        import prefect
+
+        return [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
+                "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(self.port),
+                "--log-level", "error", "--lifespan", "on"]
+
+    def environment(self) -> dict[str, str]:
+        from prefect.settings import get_current_settings
+
+        return {**os.environ, "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1",
+                "PREFECT__SERVER_FINAL": "1", **get_current_settings().to_environment_variables(exclude_unset=True)}
+
+    def _launch(self) -> None:
+        with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = probe.getsockname()[1]
+        logging.getLogger("prefect").info("Starting temporary server on %s", self.address)
+        self.process = subprocess.Popen(self.command(), env=self.environment())
+
+    def wait(self, timeout_s: float) -> None:
+        """Until the server answers its health check; raises when it exits or ``timeout_s`` passes."""
+        import httpx
+
+        deadline = time.monotonic() + timeout_s
+        with httpx.Client(timeout=5) as client:
+            while time.monotonic() < deadline:
+                status = self.process.poll()
+                if status == self.PORT_TAKEN:
+                    self._launch()
+                    _use_api(self.api_url)
+                    continue
+                if status is not None:
+                    raise RuntimeError(f"Prefect's temporary server exited with status {status} before it "
+                                       "answered (its errors are above)")
+                try:
+                    if client.get(f"{self.api_url}/health").status_code == 200:
+                        return
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"Prefect's temporary server did not answer within {timeout_s:.0f} s "
+                           "(PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS sets how long to wait)")
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        logging.getLogger("prefect").info("Stopping temporary server on %s", self.address)
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process = None
 
 
 def release_stale_pool_slots() -> list[str]:

@@ -126,20 +126,22 @@ def _run_flow(stage: str | None, config: Path | None, dataset: Path | None, over
         finished = _finished_build(pipeline, store, config, stage)
         if finished is not None:  # nothing pending: neither Prefect nor Dask is started
             return finished
-        from prefcurate.flows.common import RunParameters, ensure_prefect_api
+        from prefcurate.flows.common import RunParameters, start_prefect_api
 
-        ensure_prefect_api(pipeline)
+        api = start_prefect_api()
         parameters = RunParameters(
             config_path=str(config) if config else None, dataset=str(dataset) if dataset else None,
             overrides=overrides,
         )
+        # imported while a temporary server starts
         if stage is None:
-            from prefcurate.flows.build_dataset import build_dataset
+            from prefcurate.flows.build_dataset import build_dataset as run
+        else:
+            from prefcurate.stages import load, stage_spec
 
-            return build_dataset(parameters)
-        from prefcurate.stages import load, stage_spec
-
-        return load(stage_spec(stage).flow)(parameters)  # the stage's own flow, as its deployment runs it
+            run = load(stage_spec(stage).flow)  # the stage's own flow, as its deployment runs it
+        api.ready(pipeline)
+        return run(parameters)
     except (StoreError, ConfigError) as error:
         fail(str(error))
     except Exception as error:  # surface the stage's own clear error without a traceback wall

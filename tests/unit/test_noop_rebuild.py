@@ -51,7 +51,7 @@ def no_prefect(monkeypatch):
     def started(*args, **kwargs):
         raise PrefectStarted()
 
-    monkeypatch.setattr(common, "ensure_prefect_api", started)
+    monkeypatch.setattr(common, "start_prefect_api", started)
     monkeypatch.setattr(common, "dask_cluster", started)
     monkeypatch.setattr(procwatch, "start_watchdog", lambda dataset: None)
 

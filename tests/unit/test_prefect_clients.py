@@ -44,3 +44,23 @@ def test_the_settings_prefect_reads_still_decide_verification(tmp_path):
     # a caller's own context is kept
     mine = ssl.create_default_context()
     assert _context(PrefectClient(API, httpx_settings={"verify": mine})) is mine
+
+
+def test_the_temporary_server_is_started_with_prefects_own_command_and_environment(monkeypatch):
+    """We start Prefect's temporary server ourselves (without importing the server into the
+    build's process): the command and environment must stay what Prefect's would be."""
+    import subprocess
+
+    from prefcurate.flows.common import TemporaryPrefectServer
+    from prefect.server.api.server import SubprocessASGIServer
+
+    launched = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, env: launched.append((args, env)))
+    prefects = SubprocessASGIServer(port=8123)
+    prefects._run_uvicorn_command()
+    ours = TemporaryPrefectServer.__new__(TemporaryPrefectServer)  # (without launching it)
+    ours.port = 8123
+    (args, env), = launched
+    assert ours.command() == args
+    assert ours.environment() == env
+    assert ours.api_url == prefects.api_url

@@ -599,7 +599,7 @@ def test_a_stage_run_alone_over_empty_inputs_is_refused_before_prefect_starts(tm
     def started(*args, **kwargs):
         raise AssertionError("Prefect was started")
 
-    monkeypatch.setattr(common, "ensure_prefect_api", started)
+    monkeypatch.setattr(common, "start_prefect_api", started)
     store = Store.init(tmp_path / "ds")
     _ingest(store, write_bad_file(tmp_path), max_chars=200)  # prompts, and nothing judged yet
     for command, reads, before in ((["run", "filter"], "judgments", "ingest -> generate -> annotate"),
@@ -618,7 +618,7 @@ def test_a_plan_refused_for_bad_input_is_said_before_prefect_starts(tmp_path, mo
     def started(*args, **kwargs):
         raise AssertionError("Prefect was started")
 
-    monkeypatch.setattr(common, "ensure_prefect_api", started)
+    monkeypatch.setattr(common, "start_prefect_api", started)
     store = Store.init(tmp_path / "ds")
     for command in (["ingest", str(tmp_path / "missing.jsonl")],
                     ["build", "--set", f"ingest.path={tmp_path / 'missing.jsonl'}"]):
