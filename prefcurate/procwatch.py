@@ -35,13 +35,16 @@ SHM_SCAN_EVERY = 10  # scans: a vLLM process maps thousands of regions
 
 
 def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot, or None when it does not exist."""
+    """The process's start time in clock ticks since boot, or None when it does not exist or
+    has exited (a zombie that its parent, or init, has yet to reap: ending it again waited out
+    both signals' grace, ~10 s, for nothing)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None
     # the command name (field 2) may hold spaces and parentheses: split after the last ')'
-    return int(stat[stat.rindex(")") + 2:].split()[19])
+    fields = stat[stat.rindex(")") + 2:].split()
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _parents() -> dict[int, int]:

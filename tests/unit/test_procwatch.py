@@ -106,3 +106,21 @@ def test_the_watchdog_holds_neither_output_of_the_build(tmp_path):
         build.stdin.close()
         build.wait(timeout=30)
     assert build.stdout.read() == "" and build.stderr.read() == ""  # EOF: nothing else holds them
+
+
+def test_an_exited_process_not_yet_reaped_counts_as_ended():
+    """A zombie keeps its /proc entry until its parent (or init) reaps it: counted alive, ending
+    it waited out the grace of both signals for a process that could not die."""
+    from prefcurate.procwatch import end_processes
+
+    child = subprocess.Popen(["sleep", "0.3"])
+    started = start_time(child.pid)
+    try:
+        deadline = time.monotonic() + 10
+        while not _zombie(child.pid) and time.monotonic() < deadline:  # exited; not reaped: no wait()
+            time.sleep(0.05)
+        assert _zombie(child.pid) and started is not None
+        assert start_time(child.pid) is None
+        assert end_processes({child.pid: started}) == []
+    finally:
+        child.wait()
