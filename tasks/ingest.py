@@ -922,15 +922,13 @@ def _validate_rows(
         [c for c in columns if c not in {mapping.prompt, mapping.system_prompt, mapping.id, mapping.category}]
         if mapping.metadata is None else [c for c in mapping.metadata if c in columns]
     )
-    metadata = (
-        pl.struct([pl.col(c) for c in metadata_cols]).struct.json_encode() if metadata_cols else pl.lit(None, pl.String)
-    )
     kept = frame.select(list(dict.fromkeys(["source_record", "prompt", "system_prompt", "source_id", "category",
                                             "char_len", *metadata_cols, "_reason"])))
-    accepted = (kept.filter(pl.col("_reason").is_null()) if rejected.height else kept).with_columns(
+    accepted = kept.filter(pl.col("_reason").is_null()) if rejected.height else kept
+    accepted = accepted.with_columns(
+        _metadata_json(accepted, metadata_cols),
         pl.concat_str([pl.col("system_prompt").fill_null(""), pl.lit("\x1f"), pl.col("prompt")])
         .alias("_key"),
-        metadata.alias("metadata"),
         pl.lit(source).alias("source_file"),
     )
     accepted = accepted.with_columns(_hash_ids(accepted["_key"]).alias("prompt_id"))
@@ -938,6 +936,30 @@ def _validate_rows(
         "prompt_id", "prompt", "system_prompt", "source_id", "source_file", "source_record",
         "category", "metadata", "char_len",
     ), rejected
+
+
+def _metadata_json(frame: pl.DataFrame, columns: list[str]) -> pl.Series:
+    """Each record's other fields (``columns``) as one JSON object, null when it has none, leaving out
+    the fields it lacks (or holds null): a reader fills the fields some records lack with null,
+    so encoding every column would give each record every key the file has. Records are
+    encoded a group at a time, one group per set of null fields (few in real files; one when
+    none is null), so each row is encoded once, as a whole-struct encode would."""
+    if not columns:
+        return pl.Series("metadata", [None] * frame.height, pl.String)
+    fields = frame.select(columns)
+    present = fields.select([pl.col(c).is_not_null() for c in columns])
+    if all(column.all() for column in present):
+        return fields.select(pl.struct(columns).struct.json_encode().alias("metadata")).to_series()
+    pattern = present.select(pl.concat_str([pl.col(c).cast(pl.UInt8) for c in columns])).to_series()
+    rows, encoded = [], []
+    for key in pattern.unique().to_list():
+        picked = pattern == key
+        kept = [c for c, bit in zip(columns, key) if bit == "1"]
+        rows.append(picked.arg_true())
+        encoded.append(fields.filter(picked).select(pl.struct(kept).struct.json_encode()).to_series()
+                       if kept else pl.Series([None] * int(picked.sum()), dtype=pl.String))
+    order = pl.concat(rows).arg_sort()
+    return pl.concat(encoded).gather(order).alias("metadata")
 
 
 def _first_control_character(name: str) -> pl.Expr:

@@ -29,6 +29,18 @@ def test_normalisation_nfc_and_whitespace(tmp_path):
     assert json.loads(result.accepted.filter(pl.col("source_id") == "a3")["metadata"][0]) == {"topic": "cs"}
 
 
+def test_metadata_holds_only_the_fields_each_record_has(tmp_path):
+    # the reader gives every record every field of the file, null where one lacks it
+    records = [{"prompt": "p1", "lang": "en"}, {"prompt": "p2", "source": "web", "lang": None},
+               {"prompt": "p3"}, {"prompt": "p4", "nested": {"a": 1}, "lang": "de", "source_file": "theirs"}]
+    path = tmp_path / "mixed_fields.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    accepted = ingest_file(IngestParams(path=str(path))).accepted.sort("source_record")
+    metadata = [None if m is None else json.loads(m) for m in accepted["metadata"]]
+    assert metadata == [{"lang": "en"}, {"source": "web"}, None, {"lang": "de", "nested": {"a": 1}, "source_file": "theirs"}]
+    assert accepted["source_file"].to_list() == [str(path)] * 4  # the record's own field stays in metadata
+
+
 def test_same_text_gets_the_same_id_in_any_format(tmp_path):
     frame = pl.DataFrame({"id": ["1", "2"], "prompt": ["Hello  world", "Second prompt"]})
     frame.write_parquet(tmp_path / "p.parquet")
