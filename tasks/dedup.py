@@ -539,7 +539,9 @@ def exact_duplicates(
 def pair_dedup_text(
     frame: pl.DataFrame, columns: Sequence[str] = ("prompt", "chosen", "rejected")
 ) -> pl.Series:
-    """The text whose normalised form defines an exact-duplicate pair: the columns joined by U+001F."""
-    return frame.select(
-        pl.concat_str([pl.col(c).cast(pl.String).fill_null("") for c in columns], separator="\x1f")
-    ).to_series()
+    """The text whose normalised form defines an exact-duplicate pair: each column normalised
+    on its own, then the columns as one JSON object. JSON keeps the columns apart whatever
+    they hold (a separator character inside a text could make two different pairs one key),
+    and normalising it again leaves it as it is."""
+    normalised = [normalize_texts(frame[c].cast(pl.String)).alias(c) for c in columns]
+    return pl.DataFrame(normalised).select(pl.struct(columns).struct.json_encode().alias("text")).to_series()

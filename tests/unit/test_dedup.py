@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import polars as pl
 import pytest
 from prefcurate.tasks.dedup import (
     DedupParams,
@@ -11,6 +12,7 @@ from prefcurate.tasks.dedup import (
     kmeans_partition,
     near_duplicate_pairs,
     normalize_texts,
+    pair_dedup_text,
     representatives,
     semantic_duplicates,
 )
@@ -148,3 +150,13 @@ def test_tiny_inputs(n):
     x = np.ones((n, 8), dtype=np.float32)
     keep, duplicate_of = semantic_duplicates(x, np.zeros(n))
     assert keep.shape == (n,) and keep.all() and (duplicate_of == -1).all()
+
+
+def test_pair_dedup_text_keeps_the_columns_apart():
+    pairs = pl.DataFrame({"prompt": ["p", "p", "p", "P "], "chosen": ["a\x1fb", "a", "x  y", "X y"],
+                          "rejected": ["c", "b\x1fc", "z", "Z"]})
+    text = pair_dedup_text(pairs)
+    keep, duplicate_of = exact_duplicates(text)
+    # a separator character inside a text no longer joins two different pairs; case and spaces still do
+    assert keep.tolist() == [True, True, True, False] and duplicate_of[3] == 2
+    assert normalize_texts(text).to_list() == text.to_list()
