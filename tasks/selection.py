@@ -603,7 +603,9 @@ def _facility_location_block(
                 break
             available = int(np.count_nonzero(bound > -np.inf))
             stale = (
-                np.argpartition(-bound, batch)[:batch]
+                # i itself too: among more than `batch` equal bounds the partition may leave
+                # it out, and refreshing only the others (whose bounds stay equal) never ends
+                np.append(np.argpartition(-bound, batch)[:batch], i)
                 if available > batch
                 else np.flatnonzero(bound > -np.inf)
             )

@@ -218,3 +218,16 @@ def test_params_validation_and_tau():
     x, quality, _ = clustered(n=200, seed=9)
     share = select_items(x, quality, SelectParams(method="top_k", budget_share=0.25, dedup_threshold=None))
     assert share.selected.sum() == 50
+
+
+@pytest.mark.timeout(60, method="thread")  # the loop runs in a worker thread: end the process
+def test_facility_location_ends_when_many_items_tie():
+    # 10 vectors 47 times each, one quality: once each is covered, 460 items share one bound,
+    # more than a refresh batch, and the lazy greedy once refreshed the others forever
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal((10, 32))
+    x = np.repeat(base / np.linalg.norm(base, axis=1, keepdims=True), 47, axis=0).astype(np.float32)
+    result = select_items(x, np.zeros(len(x)), SelectParams(method="facility_location", dedup_threshold=None))
+    assert result.selected.all() and sorted(result.rank.tolist()) == list(range(1, len(x) + 1))
+    # the first ten picks cover the ten vectors, one each
+    assert len({int(i) // 47 for i in result.order[:10]}) == 10
