@@ -10,8 +10,7 @@ Texts (seeded): what the score and select stages embed in a build.
   length drawn log-normally: median 160 words, 5-95 % about 55-460 words (~70-600 word
   pieces), clipped to 20-600 words: the "few hundred tokens" of a generator with a
   256-512 token budget. Most items reach the model's 256 word-piece limit.
-- ``n // 3`` pair texts (:func:`prefcurate.tasks.embed.pair_embedding_text`: prompt and a
-  chosen response), as the select stage embeds them.
+  The select stage embeds a pair's responses by the same rule (when the score stage has not).
 - No planted duplicates: the figure is for distinct texts; a build's repeated texts
   (low-temperature samples that came out the same) are embedded once on top of this.
 
@@ -87,8 +86,7 @@ def _sentences() -> list[str]:
 
 
 def response_like_texts(n: int, seed: int) -> tuple[list[str], dict]:
-    """Response items and pair texts as the score and select stages build them."""
-    from prefcurate.tasks.embed import pair_embedding_text
+    """Response items as the score and select stages build them."""
     from prefcurate.tasks.score import item_texts
 
     rng = np.random.default_rng(seed)
@@ -104,9 +102,7 @@ def response_like_texts(n: int, seed: int) -> tuple[list[str], dict]:
     prompt_ids = rng.choice(prompts["id"].to_numpy(), n)
     frame = pl.DataFrame({"response_id": [f"r{i:06d}" for i in range(n)], "prompt_id": prompt_ids, "text": responses})
     items = item_texts(frame, prompts.select(pl.col("id").alias("prompt_id"), "prompt"), 1500)
-    chosen = frame.head(n // 3).join(prompts.select(pl.col("id").alias("prompt_id"), "prompt"), on="prompt_id")
-    pairs = pair_embedding_text(chosen["prompt"], chosen["text"])
-    texts = items["text"].to_list() + pairs.to_list()
+    texts = items["text"].to_list()
     return texts, {"response_words_p5_p50_p95": np.percentile(targets, [5, 50, 95]).round().tolist()}
 
 
@@ -125,7 +121,7 @@ def model_flop(pieces: np.ndarray, hidden: int = 384, ffn: int = 1536, layers: i
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=480, help="response items (plus n // 3 pair texts)")
+    parser.add_argument("--n", type=int, default=640, help="response items")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
 

@@ -9,9 +9,9 @@ hub, and cached per process (one load per (path, device)).
 Vectors come back L2-normalised float32, so a dot product is the cosine similarity, which
 is what :mod:`prefcurate.tasks.dedup` and :mod:`prefcurate.tasks.selection` assume.
 
-What text stands for an item is the caller's choice; :func:`pair_embedding_text` gives the
-default for a preference pair (prompt, then the chosen response): the prompt carries the
-topic, the chosen response keeps two pairs of one prompt apart.
+What text stands for an item is the caller's choice: the score and select stages embed a
+response as its request and the response (:func:`prefcurate.tasks.score.response_item_text`),
+and a pair is its two responses' vectors.
 
 Caching: the ``embeddings`` table holds one vector per (item_id, model); a stage embeds only
 :func:`texts_needing_embeddings` and appends those rows.
@@ -360,16 +360,6 @@ def embed_with_params(texts: Sequence[str] | pl.Series, params: EmbedParams | No
     # EmbedParams's fields are embed_texts's keywords, one for one (a field embed_texts
     # does not take is a TypeError here, on the first call)
     return embed_texts(texts, **dict(params or EmbedParams()))
-
-
-def pair_embedding_text(prompt: pl.Series | Sequence[str], chosen: pl.Series | Sequence[str]) -> pl.Series:
-    """The text embedded for a preference pair: prompt, a blank line, the chosen response."""
-    frame = pl.DataFrame(
-        {"prompt": pl.Series(prompt, dtype=pl.String), "chosen": pl.Series(chosen, dtype=pl.String)}
-    )
-    return frame.select(
-        pl.concat_str([pl.col("prompt").fill_null(""), pl.col("chosen").fill_null("")], separator="\n\n")
-    ).to_series()
 
 
 def texts_needing_embeddings(

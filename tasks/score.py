@@ -97,14 +97,16 @@ def item_texts(responses: pl.DataFrame, prompts: pl.DataFrame, max_chars: int) -
     return (
         responses.filter(pl.col("text").is_not_null() & (pl.col("text").str.len_chars() > 0))
         .join(prompts.select("prompt_id", "prompt"), on="prompt_id", how="inner")
-        .select(
-            pl.col("response_id").alias("item_id"),
-            (pl.lit("Request: ") + pl.col("prompt") + pl.lit("\nResponse: ") + pl.col("text"))
-            .str.slice(0, max_chars)
-            .alias("text"),
-        )
+        .select(pl.col("response_id").alias("item_id"), response_item_text(max_chars))
         .sort("item_id")
     )
+
+
+def response_item_text(max_chars: int) -> pl.Expr:
+    """The text a response is embedded as (kind ``response``), from columns ``prompt`` and
+    ``text``: one rule, so the score and select stages share each other's cached vectors."""
+    return (pl.lit("Request: ") + pl.col("prompt") + pl.lit("\nResponse: ") + pl.col("text").fill_null("")) \
+        .str.slice(0, max_chars).alias("text")
 
 
 def unlabelled_pair_positions(count: int, n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

@@ -9,9 +9,11 @@ SELECTIONS table's columns. :func:`selection_report` compares the selected set a
 random set of the same size (quality, pairwise cosine distance, cluster coverage).
 
 De-duplication (:mod:`prefcurate.tasks.dedup`)
-    Exact duplicates (normalised text) and near-duplicates (cosine >= ``dedup_threshold``)
-    form one graph; each connected group keeps its highest-quality item and the others point
-    at it (``duplicate_of`` is always a kept item). A dropped item is an ``exact_duplicate``
+    Exact duplicates (normalised text) and near-duplicates (cosine >= ``dedup_threshold``;
+    with ``second_embeddings``, in both vectors: a pair is a near-duplicate of another only
+    when its chosen and its rejected response are near theirs) form one graph; each
+    connected group keeps its highest-quality item and the others point at it
+    (``duplicate_of`` is always a kept item). A dropped item is an ``exact_duplicate``
     when its normalised text equals its representative's, else a ``near_duplicate``.
 
 The knob: ``diversity_weight`` = lambda in [0, 1]. 0 is pure quality top-k for every method;
@@ -196,17 +198,35 @@ class SelectionResult:
 # --- entry point ------------------------------------------------------------------------
 
 
+def row_cosines(x: np.ndarray, pairs: np.ndarray, chunk: int = 1 << 16) -> np.ndarray:
+    """Cosine similarity of rows ``pairs[:, 0]`` and ``pairs[:, 1]`` of unit vectors ``x``,
+    a chunk of pairs at a time (so only a chunk's rows are gathered)."""
+    out = np.empty(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), chunk):
+        part = pairs[start:start + chunk]
+        out[start:start + chunk] = np.einsum("ij,ij->i", x[part[:, 0]], x[part[:, 1]])
+    return out
+
+
 def select_items(
     embeddings: np.ndarray,
     quality: np.ndarray | Sequence[float],
     params: SelectParams | None = None,
     *,
     texts: Sequence[str | None] | pl.Series | None = None,
+    second_embeddings: np.ndarray | None = None,
 ) -> SelectionResult:
-    """De-duplicate and select ``params.budget`` items; see the module docstring."""
+    """De-duplicate and select ``params.budget`` items; see the module docstring.
+
+    ``second_embeddings``: a second vector per item that must be near as well for two items
+    to be near-duplicates (a pair's rejected response, beside its chosen one in
+    ``embeddings``); diversity and clusters use ``embeddings`` alone."""
     params = params or SelectParams()
     x = as_unit_float32(embeddings)
     n = x.shape[0]
+    second = None if second_embeddings is None else as_unit_float32(second_embeddings)
+    if second is not None and second.shape != x.shape:
+        raise ValueError(f"second_embeddings must have the shape of embeddings {x.shape}")
     raw_quality = np.asarray(quality, dtype=np.float64)
     if raw_quality.shape != (n,):
         raise ValueError(f"quality must have one value per item ({n})")
@@ -226,6 +246,8 @@ def select_items(
     partition: Partition | None = None
     if params.dedup_threshold is not None and n > 1:
         pairs, _, partition = near_duplicate_pairs(x, params.dedup_threshold, params.dedup)
+        if second is not None:
+            pairs = pairs[row_cosines(second, pairs) >= params.dedup_threshold]
         edges.append(pairs)
     keep, duplicate_of = representatives(groups_from_pairs(n, np.concatenate(edges)), q)
     reason = np.full(n, BUDGET, dtype=object)

@@ -298,7 +298,7 @@ def _candidate_pairs(store) -> pl.DataFrame:
         f"""
         WITH p AS (SELECT pair_id, prompt_id, chosen_id, rejected_id FROM current_pairs),
         response AS (SELECT response_id, text FROM ({responses}))
-        SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id
+        SELECT p.pair_id, p.prompt_id, pr.prompt, c.text AS chosen, r.text AS rejected, p.chosen_id, p.rejected_id
         FROM p
         JOIN (SELECT DISTINCT ON (prompt_id) prompt_id, prompt FROM prompts) pr USING (prompt_id)
         JOIN response c ON c.response_id = p.chosen_id
@@ -308,20 +308,26 @@ def _candidate_pairs(store) -> pl.DataFrame:
     )
 
 
+#: what a pair's vectors are (in the select unit's key, so a dataset selected under an earlier
+#: rule is selected again): its responses' vectors, as the score stage embeds them
+_PAIR_VECTORS = "pair = chosen response's vector (kind response); near-duplicate: rejected near too"
+
+
 class SelectStep(Step):
     name = "select"
     whole_dataset = True
 
     def plan(self, ctx: StageContext) -> list[Unit]:
-        params = ctx.pipeline_config().select
-        key = content_id("select", self.input_fingerprint(ctx, ["pairs", "quality"]), params.model_dump(mode="json"))
+        config = ctx.pipeline_config()
+        key = content_id("select", self.input_fingerprint(ctx, ["pairs", "quality"]),
+                         config.select.model_dump(mode="json"), _PAIR_VECTORS, config.score.max_text_chars)
         return [Unit(self.name, key, ("selections", "embeddings"))]
 
     def compute(self, unit: Unit, ctx: StageContext):
         from prefcurate.inference.models import EMBEDDING_MODEL_NAME
         from prefcurate.tasks.dedup import pair_dedup_text
-        from prefcurate.tasks.embed import embed_texts, pair_embedding_text
-        from prefcurate.tasks.score import pair_quality
+        from prefcurate.tasks.embed import embed_texts
+        from prefcurate.tasks.score import pair_quality, response_item_text
         from prefcurate.tasks.selection import select_items, selection_report
 
         store = ctx.store()
@@ -334,12 +340,23 @@ class SelectStep(Step):
             "SELECT item_id, criterion, method, z_score FROM quality WHERE item_id IN (SELECT unnest($1::VARCHAR[]))",
             [pairs["chosen_id"].unique().to_list()]))
         pairs = pairs.join(quality, on="pair_id", how="left").with_columns(pl.col("quality").fill_null(0.0))
-        items = pl.DataFrame({"item_id": pairs["pair_id"], "text": pair_embedding_text(pairs["prompt"], pairs["chosen"])})
-        vectors, new_embeddings, embed_seconds = embed_with_cache(store, items, "pair", EMBEDDING_MODEL_NAME, embed_texts)
+        # each response's vector as the score stage makes and stores it (kind "response"), so
+        # a build's select embeds nothing the score stage did not; a pair is its chosen
+        # response's vector, and its rejected one's must be near too for a near-duplicate
+        sides = pl.concat([pairs.select(pl.col(f"{side}_id").alias("item_id"), "prompt", pl.col(side).alias("text"))
+                           for side in ("chosen", "rejected")]).unique("item_id", maintain_order=True)
+        items = sides.select("item_id", response_item_text(ctx.pipeline_config().score.max_text_chars))
+        matrix, new_embeddings, embed_seconds = embed_with_cache(store, items, "response", EMBEDDING_MODEL_NAME,
+                                                                 embed_texts)
+        row = items.select("item_id").with_row_index("row")
+        chosen, rejected = (matrix[pairs.select(pl.col(f"{side}_id").alias("item_id"))
+                                   .join(row, on="item_id", how="left", maintain_order="left")["row"].to_numpy()]
+                            for side in ("chosen", "rejected"))
+        del matrix
         quality_values = pairs["quality"].to_numpy()
-        # exact duplicates: same prompt, chosen and rejected (the semantic check uses the embedding)
-        result = select_items(vectors, quality_values, params, texts=pair_dedup_text(pairs))
-        report = selection_report(vectors, quality_values, result, seed=params.seed)
+        # exact duplicates: same prompt, chosen and rejected texts
+        result = select_items(chosen, quality_values, params, texts=pair_dedup_text(pairs), second_embeddings=rejected)
+        report = selection_report(chosen, quality_values, result, seed=params.seed)
         selections = result.to_frame(pairs["pair_id"])
         counts = {"pairs": pairs.height, "selected": int(result.selected.sum()),
                   "near_duplicates": result.info.get("n_near_duplicates", 0),

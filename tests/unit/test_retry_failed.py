@@ -167,7 +167,7 @@ def test_curated_pairs_and_select_candidates_read_the_current_rows_of_their_pair
     candidates = _candidate_pairs(store)
     assert candidates.equals(
         expected.filter(pl.col("pair_id").is_in(latest_pairs)).sort("pair_id")
-        .select("pair_id", "prompt_id", "prompt", "chosen", "rejected", "chosen_id"))
+        .select("pair_id", "prompt_id", "prompt", "chosen", "rejected", "chosen_id", "rejected_id"))
 
 
 def test_the_filter_shards_read_from_the_partitioned_copy_what_the_tables_hold(tmp_path, monkeypatch):

@@ -220,6 +220,23 @@ def test_params_validation_and_tau():
     assert share.selected.sum() == 50
 
 
+def test_second_embeddings_must_be_near_too_for_a_near_duplicate():
+    x, quality, _ = clustered(n=200, seed=9)
+    second, _, _ = clustered(n=200, seed=10)
+    # items 200-209 repeat items 0-9 in both vectors; items 210-219 only in the first
+    first = np.vstack([x, x[:10], x[10:20]])
+    other = np.vstack([second, second[:10], clustered(n=10, seed=11)[0]])
+    quality = np.concatenate([quality, quality[:10] - 1.0, quality[10:20] - 1.0])
+    params = SelectParams(method="top_k", budget=None)
+    alone = select_items(first, quality, params)
+    assert (alone.reason[200:220] == NEAR_DUPLICATE).all()  # one vector: both copies are duplicates
+    both = select_items(first, quality, params, second_embeddings=other)
+    assert (both.reason[200:210] == NEAR_DUPLICATE).all() and (both.duplicate_of[200:210] == np.arange(10)).all()
+    assert (both.reason[210:220] == SELECTED).all() and (both.reason[10:20] == SELECTED).all()
+    with pytest.raises(ValueError, match="second_embeddings"):
+        select_items(first, quality, params, second_embeddings=other[:5])
+
+
 @pytest.mark.timeout(60, method="thread")  # the loop runs in a worker thread: end the process
 def test_facility_location_ends_when_many_items_tie():
     # 10 vectors 47 times each, one quality: once each is covered, 460 items share one bound,
