@@ -84,10 +84,14 @@ def instant_embed_texts(texts: Sequence[str], **_ignored) -> np.ndarray:
     if not texts:
         return np.zeros((0, 384), np.float32)
     seeds = np.array([_digest(t) for t in texts], dtype=np.uint64)
-    # a cheap deterministic expansion of each seed to 384 numbers (no per-text RNG objects)
-    columns = np.arange(1, 385, dtype=np.uint64)
-    mixed = (seeds[:, None] * np.uint64(0x9E3779B97F4A7C15)) ^ (columns[None, :] * np.uint64(0xBF58476D1CE4E5B9))
-    mixed ^= mixed >> np.uint64(31)
-    vectors = ((mixed & np.uint64(0xFFFF)).astype(np.float32) / 32768.0) - 1.0
+    # each seed expanded to 384 numbers by splitmix64 (no per-text RNG objects): distinct texts
+    # get independent vectors, cosine ~ N(0, 1/384), as a real model's unrelated texts are far
+    # apart (a weaker mix once gave unrelated texts cosines near 0.97: everything a duplicate)
+    with np.errstate(over="ignore"):
+        mixed = seeds[:, None] + np.arange(1, 385, dtype=np.uint64)[None, :] * np.uint64(0x9E3779B97F4A7C15)
+        mixed = (mixed ^ (mixed >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        mixed = (mixed ^ (mixed >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        mixed ^= mixed >> np.uint64(31)
+    vectors = (mixed >> np.uint64(40)).astype(np.float32) / float(1 << 23) - 1.0
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     return vectors
