@@ -349,36 +349,51 @@ def check_integrity(frame: pl.DataFrame, tokenizer, max_length: int,
     completion gets an EOS. The prompt keeps its last ``max_prompt_length`` tokens, the
     completions their first ``max_length - prompt tokens``.
     """
-    def encode(texts: pl.Series) -> pl.Series:
-        ids = tokenizer(texts.fill_null("").to_list(), add_special_tokens=False)["input_ids"] if texts.len() else []
-        return pl.Series(ids, dtype=pl.List(pl.Int64))
-
     eos = int(getattr(tokenizer, "eos_token_id", None) is not None)
     templated = _chat_prompts(frame, tokenizer)
     if templated is not None:  # the template writes its own BOS and turn markers
-        prompt_ids, bos = encode(templated), 0
+        prompts, bos = templated, 0
     else:
-        prompt_ids, bos = encode(prompt_texts(frame)), int(getattr(tokenizer, "bos_token_id", None) is not None)
-    ids = pl.DataFrame({"_p": prompt_ids, "_c": encode(frame["chosen"]), "_r": encode(frame["rejected"])})
-    prompt_kept = pl.col("_p").list.len() + bos
+        prompts, bos = prompt_texts(frame), int(getattr(tokenizer, "bos_token_id", None) is not None)
+    prompt_tokens = np.concatenate([np.zeros(0, np.int64), *map(_lengths, _token_ids(tokenizer, prompts))]) + bos
     if max_prompt_length is not None:
-        prompt_kept = pl.min_horizontal(prompt_kept, pl.lit(max_prompt_length))
-    ids = ids.with_columns(prompt_kept.alias("prompt_tokens"))
-    budget = pl.max_horizontal(pl.lit(max_length) - pl.col("prompt_tokens") - eos, pl.lit(0))
-    ids = ids.with_columns(pl.col("_c").list.head(budget).alias("_ck"), pl.col("_r").list.head(budget).alias("_rk"))
-    issue = (
+        prompt_tokens = np.minimum(prompt_tokens, max_prompt_length)
+    budget = np.maximum(max_length - prompt_tokens - eos, 0)
+    chosen_tokens, rejected_tokens = np.zeros(frame.height, np.int64), np.zeros(frame.height, np.int64)
+    identical = np.zeros(frame.height, dtype=bool)
+    start = 0
+    for chosen, rejected in zip(_token_ids(tokenizer, frame["chosen"]), _token_ids(tokenizer, frame["rejected"])):
+        rows = slice(start, start + len(chosen))
+        chosen_tokens[rows] = np.minimum(_lengths(chosen), budget[rows])
+        rejected_tokens[rows] = np.minimum(_lengths(rejected), budget[rows])
+        # the same tokens after truncation: only pairs that keep as many of each can be, few
+        for k in np.flatnonzero(chosen_tokens[rows] == rejected_tokens[rows]):
+            keep = int(chosen_tokens[start + k])
+            identical[start + k] = list(chosen[k][:keep]) == list(rejected[k][:keep])
+        start += len(chosen)
+    checked = pl.DataFrame({"prompt_tokens": prompt_tokens, "chosen_tokens": chosen_tokens,
+                            "rejected_tokens": rejected_tokens}).with_columns(
         pl.when(pl.col("prompt_tokens") + eos >= max_length).then(pl.lit(PROMPT_FILLS_BUDGET))
-        .when((pl.col("_ck").list.len() == 0) | (pl.col("_rk").list.len() == 0)).then(pl.lit(EMPTY_AFTER_TRUNCATION))
-        .when(pl.col("_ck") == pl.col("_rk")).then(pl.lit(IDENTICAL_AFTER_TRUNCATION))
-        .otherwise(None)
-    )
-    checked = ids.select(
-        "prompt_tokens",
-        pl.col("_ck").list.len().cast(pl.Int64).alias("chosen_tokens"),
-        pl.col("_rk").list.len().cast(pl.Int64).alias("rejected_tokens"),
-        issue.alias("integrity_issue"),
-    )
+        .when((pl.col("chosen_tokens") == 0) | (pl.col("rejected_tokens") == 0)).then(pl.lit(EMPTY_AFTER_TRUNCATION))
+        .when(pl.Series(identical)).then(pl.lit(IDENTICAL_AFTER_TRUNCATION))
+        .otherwise(None).alias("integrity_issue"))
     return pl.concat([frame.drop([c for c in INTEGRITY_COLUMNS if c in frame.columns]), checked], how="horizontal")
+
+
+#: texts a tokenizer encodes at once in the integrity check: its encodings (ids, offsets,
+#: token strings) take ~100x the text's size, so a whole export at once took gigabytes
+ENCODE_CHUNK = 4096
+
+
+def _token_ids(tokenizer, texts: pl.Series):
+    """The token ids of ``texts`` (no special tokens), :data:`ENCODE_CHUNK` texts at a time."""
+    values = texts.fill_null("").to_list()
+    for start in range(0, len(values), ENCODE_CHUNK):
+        yield tokenizer(values[start:start + ENCODE_CHUNK], add_special_tokens=False)["input_ids"]
+
+
+def _lengths(ids: list) -> np.ndarray:
+    return np.fromiter(map(len, ids), dtype=np.int64, count=len(ids))
 
 
 def _chat_prompts(frame: pl.DataFrame, tokenizer) -> pl.Series | None:

@@ -199,3 +199,16 @@ def test_folders_the_token_counter_cannot_read_whole_go_to_transformers(tmp_path
     separate = _tokenizer_folder(tmp_path / "separate")
     (separate / "chat_template.jinja").write_text(GEMMA_LIKE_TEMPLATE)
     assert TokenCounter.from_folder(separate).chat_template == GEMMA_LIKE_TEMPLATE
+
+
+@needs_tokenizer
+def test_integrity_encodes_in_chunks_with_the_same_result(tokenizer, monkeypatch):
+    from prefcurate.tasks import export
+
+    frame = pl.concat([_pairs().with_columns(pl.col("pair_id") + f"-{k}") for k in range(3)])
+    whole = check_integrity(frame, tokenizer, max_length=64)
+    monkeypatch.setattr(export, "ENCODE_CHUNK", 5)  # chunks that cut the repeats at other rows each time
+    chunked = check_integrity(frame, tokenizer, max_length=64)
+    assert chunked.equals(whole)
+    assert chunked["integrity_issue"].to_list() == [None, PROMPT_FILLS_BUDGET, IDENTICAL_AFTER_TRUNCATION,
+                                                    EMPTY_AFTER_TRUNCATION] * 3
