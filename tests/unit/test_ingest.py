@@ -41,6 +41,16 @@ def test_metadata_holds_only_the_fields_each_record_has(tmp_path):
     assert accepted["source_file"].to_list() == [str(path)] * 4  # the record's own field stays in metadata
 
 
+def test_metadata_of_records_with_many_different_sets_of_fields(tmp_path):
+    # 8 optional fields, each record a different subset: more sets than are encoded set by set
+    records = [{"prompt": f"p{i}", **{f"f{k}": i * 10 + k for k in range(8) if i >> k & 1}} for i in range(256)]
+    path = tmp_path / "sparse.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    accepted = ingest_file(IngestParams(path=str(path))).accepted.sort("source_record")
+    expected = [{k: v for k, v in r.items() if k != "prompt"} or None for r in records]
+    assert [None if m is None else json.loads(m) for m in accepted["metadata"]] == expected
+
+
 def test_same_text_gets_the_same_id_in_any_format(tmp_path):
     frame = pl.DataFrame({"id": ["1", "2"], "prompt": ["Hello  world", "Second prompt"]})
     frame.write_parquet(tmp_path / "p.parquet")
