@@ -108,9 +108,11 @@ def _run_flow(stage: str | None, config: Path | None, dataset: Path | None, over
 
     # a broken catalog or a busy dataset is said before Prefect starts
     root = Path(dataset or pipeline.dataset)
-    existed = root.exists()  # (a dataset this command creates is not refused for being empty)
-    store = _open_store(root, create=True)
     command = command or f"prefcurate {'build' if stage is None else 'run ' + stage}"
+    existed = root.exists()  # (a dataset this command creates is not refused for being empty)
+    if stage is not None and not existed:
+        _require_dataset(stage, root, command)
+    store = _open_store(root, create=True)
     lock = store.writer_lock(command, wait=not no_wait, notify=lambda text: typer.echo(text, err=True))
     try:
         lock.__enter__()
@@ -315,6 +317,17 @@ def run(
     overrides = _overrides(set_)
     summary = _run_flow(stage, config, dataset, overrides, no_wait)
     typer.echo(json.dumps(summary, indent=2, default=str))
+
+
+def _require_dataset(stage: str, root: Path, command: str) -> None:
+    """`error:` when a stage that reads tables is run on a dataset that does not exist (a
+    mistyped -d or config ``dataset``): it would create an empty one and report nothing done."""
+    from prefcurate.stages import stage_spec
+
+    reads = stage_spec(stage).reads
+    if reads:
+        fail(f"`{command}` reads {' and '.join(reads)}, and there is no dataset at {root.resolve()}: "
+             "check -d or the config's `dataset` (`prefcurate build` creates one and runs every stage)")
 
 
 def _require_inputs(stage: str, store, command: str) -> None:

@@ -610,6 +610,12 @@ def test_a_stage_run_alone_over_empty_inputs_is_refused_before_prefect_starts(tm
         assert f"reads {reads}, and the dataset {store.root} has no rows there" in result.output
         assert before in result.output and "Traceback" not in result.output
     assert [run["kind"] for run in store.runs().to_dicts()] == ["ingest"]  # no run was started
+    # a dataset that is not there (a mistyped -d) is not created empty for a stage that reads one
+    missing = tmp_path / "mistyped"
+    for command in (["run", "select"], ["export"]):
+        result = CliRunner().invoke(app, [*command, "-d", str(missing)])
+        assert result.exit_code == 2 and f"there is no dataset at {missing}" in result.output, result.output
+    assert not missing.exists()
 
 
 def test_a_plan_refused_for_bad_input_is_said_before_prefect_starts(tmp_path, monkeypatch):
