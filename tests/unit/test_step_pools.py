@@ -60,7 +60,8 @@ def test_a_units_request_metrics_drain_each_engine_once():
 
 def test_build_workers_leave_thread_counts_to_vllm():
     """Dask's nanny pins OMP/MKL/OpenBLAS to 1 thread; in a build's LocalCluster the model
-    engine must get the machine's cores, and Dask's other worker settings stay."""
+    engine must get the machine's cores, Dask's other worker settings stay, and the mmap
+    threshold its trim setting froze is raised."""
     import os
 
     from distributed import Client
@@ -69,7 +70,7 @@ def test_build_workers_leave_thread_counts_to_vllm():
     threads = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
 
     def worker_environ():
-        return {name: os.environ.get(name) for name in (*threads, "MALLOC_TRIM_THRESHOLD_")}
+        return {name: os.environ.get(name) for name in (*threads, "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")}
 
     config = load_config("examples/quickstart.yaml")
     here = worker_environ()  # before the nanny starts: it writes its settings into this process too
@@ -78,3 +79,5 @@ def test_build_workers_leave_thread_counts_to_vllm():
     # the workers inherit this process's settings, and Dask adds none
     assert {name: seen[name] for name in threads} == {name: here[name] for name in threads}
     assert seen["MALLOC_TRIM_THRESHOLD_"] == "65536"
+    # and large numpy temporaries come from the heap, not a fresh mapping each time
+    assert seen["MALLOC_MMAP_THRESHOLD_"] == str(16 << 20)
